@@ -1,0 +1,171 @@
+//! IR emission without hardware: a kernel definition compiled to CUDA C++, HIP C++, WGSL or SPIR-V by the
+//! same compilers the runtimes use, against a representative device of each target.
+use crate::BackendError;
+use cubecl::features::{Plane, TypeUsage};
+use cubecl::ir::{
+    AddressType, DeviceIdentity, DeviceProperties, ElemType, FloatKind, HardwareProperties, IntKind,
+    MemoryDeviceProperties, TargetProperties, UIntKind,
+};
+use cubecl::prelude::KernelDefinition;
+use cubecl_runtime::runtime::Runtime;
+use std::fmt;
+use std::sync::Arc;
+
+use cubecl::Compiler;
+
+/// A code-generation target of `nsa ir`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IrTarget {
+    Cuda,
+    Hip,
+    Wgsl,
+    Spirv,
+}
+
+impl IrTarget {
+    pub const ALL: [IrTarget; 4] = [IrTarget::Cuda, IrTarget::Hip, IrTarget::Wgsl, IrTarget::Spirv];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            IrTarget::Cuda => "cuda",
+            IrTarget::Hip => "hip",
+            IrTarget::Wgsl => "wgsl",
+            IrTarget::Spirv => "spirv",
+        }
+    }
+
+    /// File extension of a snapshot of this target's code.
+    pub const fn extension(self) -> &'static str {
+        match self {
+            IrTarget::Cuda => "cu",
+            IrTarget::Hip => "hip",
+            IrTarget::Wgsl => "wgsl",
+            IrTarget::Spirv => "spvasm",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<IrTarget> {
+        IrTarget::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// Whether the representative device of this target has plane (warp/subgroup) operations.
+    pub const fn plane_ops(self) -> bool {
+        true
+    }
+
+    pub const fn plane_size(self) -> u32 {
+        match self {
+            IrTarget::Hip => 64,
+            _ => 32,
+        }
+    }
+}
+
+impl fmt::Display for IrTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The device and target properties kernels are expanded against for `target`: an sm_90-like CUDA device,
+/// a gfx942-like HIP device (64-wide planes), a Vulkan-class wgpu device with subgroups.
+pub fn ir_properties(target: IrTarget) -> (Arc<DeviceProperties>, Arc<TargetProperties>) {
+    let plane = target.plane_size();
+    let hardware = HardwareProperties {
+        load_width: 128,
+        vector_register_count: None,
+        plane_size_min: plane,
+        plane_size_max: plane,
+        max_bindings: 64,
+        max_shared_memory_size: 48 * 1024,
+        max_cube_count: (u32::MAX, u16::MAX as u32, u16::MAX as u32),
+        max_units_per_cube: 1024,
+        max_cube_dim: (1024, 1024, 64),
+        num_streaming_multiprocessors: None,
+        num_cpu_cores: None,
+        last_level_cache_size: None,
+        num_tensor_cores: None,
+        min_tensor_cores_dim: None,
+        max_vector_size: 4,
+        cube_mma_reserved_shared_memory: 0,
+    };
+    let identity = DeviceIdentity {
+        name: format!("nsa-ir-{}", target.name()),
+        fingerprint: format!("nsa-ir-{}", target.name()),
+        physical: None,
+    };
+    let mut props = DeviceProperties::new(
+        Default::default(),
+        MemoryDeviceProperties::new(u32::MAX as u64, 32),
+        hardware,
+        cubecl::profile::TimingMethod::System,
+        identity,
+    );
+    match target {
+        IrTarget::Cuda | IrTarget::Hip => cubecl_cpp::register_supported_types(&mut props),
+        IrTarget::Wgsl | IrTarget::Spirv => {
+            props.register_address_type(AddressType::U32);
+            for elem in [
+                ElemType::Float(FloatKind::F32),
+                ElemType::Float(FloatKind::F16),
+                ElemType::UInt(UIntKind::U32),
+                ElemType::Int(IntKind::I32),
+                ElemType::Bool,
+            ] {
+                props.register_type_usage(elem, TypeUsage::all());
+            }
+        }
+    }
+    if target.plane_ops() {
+        props.features.plane.insert(Plane::Ops);
+    }
+    let target_props = match target {
+        IrTarget::Cuda => cubecl::cuda::CudaRuntime::target_properties(),
+        IrTarget::Hip => cubecl::hip::HipRuntime::target_properties(),
+        IrTarget::Wgsl | IrTarget::Spirv => <cubecl::wgpu::WgpuRuntime>::target_properties(),
+    };
+    (Arc::new(props), Arc::new(target_props))
+}
+
+/// The source `target`'s compiler makes of `kernel` (SPIR-V as a disassembly).
+pub fn emit_ir(target: IrTarget, kernel: KernelDefinition) -> Result<String, BackendError> {
+    let error = |reason: String| BackendError::Compile {
+        target: target.name(),
+        reason,
+    };
+    match target {
+        IrTarget::Cuda => {
+            let mut compiler = cubecl_cpp::shared::CppCompiler::<cubecl_cpp::target::Cuda>::default();
+            let options = cubecl_cpp::shared::CompilationOptions::default();
+            compiler
+                .compile(kernel, &options)
+                .map(|k| k.to_string())
+                .map_err(|e| error(format!("{e:?}")))
+        }
+        IrTarget::Hip => {
+            let mut compiler = cubecl_cpp::shared::CppCompiler::<cubecl_cpp::target::Hip>::default();
+            let options = cubecl_cpp::shared::CompilationOptions {
+                warp_size: 64,
+                ..Default::default()
+            };
+            compiler
+                .compile(kernel, &options)
+                .map(|k| k.to_string())
+                .map_err(|e| error(format!("{e:?}")))
+        }
+        IrTarget::Wgsl => {
+            let mut compiler = cubecl_wgpu::WgslCompiler::default();
+            compiler
+                .compile(kernel, &Default::default())
+                .map(|k| k.to_string())
+                .map_err(|e| error(format!("{e:?}")))
+        }
+        IrTarget::Spirv => {
+            let mut compiler = cubecl_spirv::SpirvCompiler::default();
+            compiler
+                .compile(kernel, &Default::default())
+                .map(|k| k.to_string())
+                .map_err(|e| error(format!("{e:?}")))
+        }
+    }
+}

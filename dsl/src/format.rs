@@ -1,0 +1,132 @@
+//! Storage formats decoded from raw bits inside kernels.
+//!
+//! Elements are packed little-endian in 32-bit words: element `i` of a bf16 buffer is bits
+//! `16·(i mod 2) ..` of word `i / 2`; of an e4m3 buffer, bits `8·(i mod 4) ..` of word `i / 4`.
+//! Arithmetic is always f32; decoding is exact and encoding (f32 → bf16) rounds to nearest even.
+use cubecl::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// How a tensor's elements are stored. A kernel's comptime parameter: each format compiles its own kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Format {
+    F32,
+    Bf16,
+}
+
+impl Format {
+    pub const ALL: [Format; 2] = [Format::F32, Format::Bf16];
+
+    /// Elements in one 32-bit word.
+    pub const fn per_word(self) -> u32 {
+        match self {
+            Format::F32 => 1,
+            Format::Bf16 => 2,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Format::F32 => "f32",
+            Format::Bf16 => "bf16",
+        }
+    }
+
+    /// The safetensors dtype name (`F32`, `BF16`).
+    pub const fn safetensors_name(self) -> &'static str {
+        match self {
+            Format::F32 => "F32",
+            Format::Bf16 => "BF16",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Format> {
+        Format::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Relative tolerance for results stored in this format (bf16 keeps 8 mantissa bits).
+    pub const fn tolerance(self) -> f64 {
+        match self {
+            Format::F32 => 1e-5,
+            Format::Bf16 => 1e-2,
+        }
+    }
+}
+
+impl core::fmt::Display for Format {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// bf16 bits (low 16 bits of `bits`) widened to f32: the bf16 is the top half of an f32.
+#[cube]
+pub fn bf16_to_f32(bits: u32) -> f32 {
+    f32::reinterpret(bits << 16)
+}
+
+/// f32 narrowed to bf16 bits, rounding to nearest even; NaN stays NaN (quiet).
+#[cube]
+pub fn f32_to_bf16(value: f32) -> u32 {
+    let bits = u32::reinterpret(value);
+    let is_nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
+    // Adding 0x7fff plus the lowest kept bit rounds half to even.
+    let rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+    select(is_nan, (bits >> 16) | 0x40, rounded)
+}
+
+/// Element `lane` of a storage word, as f32.
+#[cube]
+pub fn unpack(word: u32, #[comptime] lane: u32, #[comptime] format: Format) -> f32 {
+    match format {
+        Format::F32 => f32::reinterpret(word),
+        Format::Bf16 => bf16_to_f32((word >> (16 * lane)) & 0xffff),
+    }
+}
+
+/// A storage word from `format.per_word()` values (`hi` is ignored for f32).
+#[cube]
+pub fn pack(lo: f32, hi: f32, #[comptime] format: Format) -> u32 {
+    match format {
+        Format::F32 => u32::reinterpret(lo),
+        Format::Bf16 => f32_to_bf16(lo) | (f32_to_bf16(hi) << 16),
+    }
+}
+
+/// Element `index` of a buffer in `format`, as f32 (random access; reads the word holding it).
+#[cube]
+pub fn read_element(buffer: &[u32], index: usize, #[comptime] format: Format) -> f32 {
+    match format {
+        Format::F32 => f32::reinterpret(buffer[index]),
+        Format::Bf16 => {
+            let word = buffer[index / 2];
+            bf16_to_f32((word >> (16 * (index % 2) as u32)) & 0xffff)
+        }
+    }
+}
+
+/// FP8 e4m3 (the "fn" variant: no infinities, 0x7f/0xff are NaN) bits widened to f32.
+#[cube]
+pub fn e4m3_to_f32(bits: u32) -> f32 {
+    let sign = (bits & 0x80) << 24;
+    let exponent = (bits >> 3) & 0xf;
+    let mantissa = bits & 0x7;
+    // Normal: rebias the exponent (7 → 127) and move the 3 mantissa bits to the top of f32's 23.
+    let normal = f32::reinterpret(sign | ((exponent + 120) << 23) | (mantissa << 20));
+    // Subnormal: mantissa · 2⁻⁹, signed.
+    let magnitude = f32::cast_from(mantissa) * 0.001953125;
+    let subnormal = select(sign != 0, -magnitude, magnitude);
+    let is_nan = (bits & 0x7f) == 0x7f;
+    select(
+        is_nan,
+        f32::reinterpret(0x7fc0_0000u32),
+        select(exponent == 0, subnormal, normal),
+    )
+}
+
+/// Element `index` of an e4m3 buffer times its block's scale: `scales[index / block]`.
+#[cube]
+pub fn read_e4m3_scaled(buffer: &[u32], scales: &[f32], index: usize, #[comptime] block: usize) -> f32 {
+    let word = buffer[index / 4];
+    let bits = (word >> (8 * (index % 4) as u32)) & 0xff;
+    e4m3_to_f32(bits) * scales[index / block]
+}

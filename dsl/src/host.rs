@@ -1,0 +1,79 @@
+//! Host-side twins of the storage formats: packing test data into words and reading results back.
+use crate::Format;
+use half::bf16;
+
+/// Packs `values` into storage words (bf16 rounds to nearest even; an odd count is padded with 0).
+pub fn pack(values: &[f32], format: Format) -> Vec<u32> {
+    match format {
+        Format::F32 => values.iter().map(|v| v.to_bits()).collect(),
+        Format::Bf16 => values
+            .chunks(2)
+            .map(|pair| {
+                let lo = bf16::from_f32(pair[0]).to_bits() as u32;
+                let hi = pair.get(1).map_or(0, |v| bf16::from_f32(*v).to_bits() as u32);
+                lo | (hi << 16)
+            })
+            .collect(),
+    }
+}
+
+/// The first `len` elements of storage words, as f32.
+pub fn unpack(words: &[u32], format: Format, len: usize) -> Vec<f32> {
+    match format {
+        Format::F32 => words[..len].iter().map(|w| f32::from_bits(*w)).collect(),
+        Format::Bf16 => (0..len)
+            .map(|i| bf16::from_bits((words[i / 2] >> (16 * (i % 2))) as u16).to_f32())
+            .collect(),
+    }
+}
+
+/// Values as the format stores them (what a kernel reads after `pack`).
+pub fn quantize(values: &[f32], format: Format) -> Vec<f32> {
+    unpack(&pack(values, format), format, values.len())
+}
+
+/// Words of a storage buffer holding `len` elements.
+pub fn words_for(len: usize, format: Format) -> usize {
+    len.div_ceil(format.per_word() as usize)
+}
+
+/// FP8 e4m3fn bits as f32, computed from the definition (the reference for the kernel decoder).
+pub fn e4m3_to_f32(bits: u8) -> f32 {
+    let sign = if bits & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exponent = ((bits >> 3) & 0xf) as i32;
+    let mantissa = (bits & 0x7) as f32;
+    if bits & 0x7f == 0x7f {
+        f32::NAN
+    } else if exponent == 0 {
+        sign * mantissa / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + mantissa / 8.0) * 2f32.powi(exponent - 7)
+    }
+}
+
+/// Bytes packed four to a word, little-endian.
+pub fn pack_bytes(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks(4)
+        .map(|c| {
+            c.iter()
+                .enumerate()
+                .fold(0u32, |w, (i, b)| w | ((*b as u32) << (8 * i)))
+        })
+        .collect()
+}
+
+/// The words as little-endian bytes (a safetensors payload).
+pub fn words_to_bytes(words: &[u32]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Little-endian bytes as words; `None` if the length is not a whole number of words.
+pub fn bytes_to_words(bytes: &[u8]) -> Option<Vec<u32>> {
+    (bytes.len() % 4 == 0).then(|| {
+        bytes
+            .chunks(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
+}

@@ -1,0 +1,17 @@
+//! nsa's layer on CubeCL: the building blocks every kernel is made of.
+//!
+//! - [`format`]: storage formats decoded from raw bits (f32, bf16, FP8 e4m3 with block scales), so one kernel
+//!   runs where the runtime has no such types (WGSL has no bf16).
+//! - [`load`]: vectorized word loads and index-gathered row loads.
+//! - [`reduce`]: cube-wide reductions with a plane (warp/subgroup) path and a shared-memory fallback.
+//! - [`softmax`]: online-softmax state (running max and sum of exponentials).
+//!
+//! Every buffer is addressed as 32-bit words (`&[u32]`): a bf16 word holds two elements, an e4m3 word four.
+pub mod format;
+pub mod host;
+pub mod load;
+pub mod reduce;
+pub mod softmax;
+
+pub use format::Format;
+pub use reduce::Reduction;

@@ -1,0 +1,36 @@
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error("unknown kernel `{given}`; valid kernels: {valid}")]
+    UnknownKernel { given: String, valid: String },
+    #[error("kernel `{kernel}` has no variant `{given}`; valid variants: {valid}")]
+    UnknownVariant {
+        kernel: &'static str,
+        given: String,
+        valid: String,
+    },
+    #[error("{kernel}: invalid problem: {field} must be {expected}, got {got}")]
+    InvalidProblem {
+        kernel: &'static str,
+        field: &'static str,
+        expected: String,
+        got: String,
+    },
+    #[error("{kernel}/{variant} is not supported on this device: {reason}")]
+    Unsupported {
+        kernel: &'static str,
+        variant: &'static str,
+        reason: String,
+    },
+    #[error("tensor `{name}`: expected {expected}, got {got}")]
+    BadTensor {
+        name: String,
+        expected: String,
+        got: String,
+    },
+    #[error("missing tensor `{name}` (expected {expected})")]
+    MissingTensor { name: String, expected: String },
+    #[error(transparent)]
+    Backend(#[from] nsa_backends::BackendError),
+}

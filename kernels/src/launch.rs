@@ -1,0 +1,36 @@
+//! Small host helpers shared by the families' `launch`/`define` functions.
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use nsa_backends::IrTarget;
+
+/// Cubes for `n` independent work items, spread over x and y so no dimension passes 65535 (wgpu's limit);
+/// kernels read the linear `CUBE_POS` and skip positions past `n`.
+pub fn grid(n: usize) -> CubeCount {
+    let x = n.clamp(1, 65535);
+    CubeCount::Static(x as u32, n.div_ceil(x).max(1) as u32, 1)
+}
+
+/// The widest vector (4, 2 or 1 words) that divides `words`.
+pub fn vector_size(words: usize) -> usize {
+    [4, 2, 1].into_iter().find(|n| words % n == 0).unwrap_or(1)
+}
+
+/// A slice argument over `handle` seen as `len` elements (vectors) of the kernel's slice type.
+pub fn buffer(handle: &Handle, len: usize) -> BufferArg {
+    // SAFETY: every caller passes the length the buffer was created with, in the slice's element size.
+    unsafe { BufferArg::from_raw_parts(handle.clone(), len) }
+}
+
+/// Kernel settings for defining (not launching) a kernel for `target`.
+pub fn ir_settings(cube_dim: CubeDim) -> KernelSettings {
+    KernelSettings::new(*cube_dim, ExecutionMode::Checked, AddressType::U32)
+}
+
+/// The compilation argument of a plain (not aliased) slice.
+pub fn slice_arg() -> BufferCompilationArg {
+    BufferCompilationArg { inplace: None }
+}
+
+pub fn ir_props(target: IrTarget) -> (std::sync::Arc<DeviceProperties>, std::sync::Arc<TargetProperties>) {
+    nsa_backends::ir_properties(target)
+}

@@ -1,0 +1,19 @@
+//! nsa's kernel families. Each family file holds its `#[cube]` kernels, its f64 reference and its
+//! registration ([`Kernel`]); [`registry::KERNELS`] lists every family, and tests, snapshots, `nsa ir`,
+//! `nsa selftest` and `nsa run-kernel` all walk that one list.
+pub mod check;
+pub mod error;
+pub mod ir;
+pub mod launch;
+pub mod norm;
+pub mod registry;
+pub mod rope;
+pub mod silu_mul;
+pub mod spec;
+pub mod tensor;
+
+pub use check::{CheckResult, check};
+pub use error::KernelError;
+pub use registry::{KERNELS, find_kernel, find_variant};
+pub use spec::{Kernel, KernelSpec, Problem, TensorSpec, Variant};
+pub use tensor::{DType, HostTensor};

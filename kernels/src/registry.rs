@@ -1,0 +1,33 @@
+//! The one list of kernel families.
+use crate::{Kernel, KernelError, Variant};
+
+pub static KERNELS: &[&dyn Kernel] = &[
+    &crate::norm::RmsNorm,
+    &crate::norm::LayerNorm,
+    &crate::rope::RopeInterleaved,
+    &crate::rope::RopeNeox,
+    &crate::silu_mul::SiluMul,
+];
+
+pub fn find_kernel(name: &str) -> Result<&'static dyn Kernel, KernelError> {
+    KERNELS
+        .iter()
+        .copied()
+        .find(|k| k.name() == name)
+        .ok_or_else(|| KernelError::UnknownKernel {
+            given: name.into(),
+            valid: KERNELS.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
+        })
+}
+
+pub fn find_variant(kernel: &dyn Kernel, name: &str) -> Result<&'static Variant, KernelError> {
+    kernel
+        .variants()
+        .iter()
+        .find(|v| v.name == name)
+        .ok_or_else(|| KernelError::UnknownVariant {
+            kernel: kernel.name(),
+            given: name.into(),
+            valid: kernel.variants().iter().map(|v| v.name).collect::<Vec<_>>().join(", "),
+        })
+}

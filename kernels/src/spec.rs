@@ -1,0 +1,206 @@
+//! What a kernel is, independent of how it runs: problems (shapes), tensor specs, FLOP and byte counts,
+//! and the [`Kernel`] trait every family registers through.
+use crate::{DType, HostTensor, KernelError};
+use cubecl::prelude::KernelDefinition;
+use cubecl::server::Handle;
+use nsa_backends::{Device, DeviceFeatures, IrTarget};
+use nsa_dsl::Format;
+use std::fmt;
+
+/// A problem: the storage format, named sizes and scalar parameters (e.g. `eps`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    pub format: Format,
+    pub dims: Vec<(&'static str, usize)>,
+    pub params: Vec<(&'static str, f64)>,
+}
+
+impl Problem {
+    pub fn new(format: Format, dims: &[(&'static str, usize)], params: &[(&'static str, f64)]) -> Problem {
+        Problem {
+            format,
+            dims: dims.to_vec(),
+            params: params.to_vec(),
+        }
+    }
+
+    /// The size named `name`. Panics on a name the kernel did not declare (a bug, not bad input).
+    pub fn dim(&self, name: &str) -> usize {
+        self.dims
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no dim `{name}`"))
+    }
+
+    pub fn param(&self, name: &str) -> f64 {
+        self.params
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no param `{name}`"))
+    }
+
+    pub fn set_param(&mut self, name: &str, value: f64) -> bool {
+        self.params
+            .iter_mut()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v = value)
+            .is_some()
+    }
+
+    /// A symbolic size: a dim name, optionally times a constant (`2*d`).
+    pub fn eval(&self, symbol: &str) -> usize {
+        match symbol.split_once('*') {
+            Some((k, name)) => k.parse::<usize>().expect("coefficient") * self.dim(name),
+            None => self.dim(symbol),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.format)?;
+        for (name, value) in &self.dims {
+            write!(f, " {name}={value}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How a tensor's elements are stored relative to the problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// The problem's format (f32 or bf16).
+    Problem,
+    F32,
+    I32,
+}
+
+/// An input or output: its name and symbolic shape (`["rows", "hidden"]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    pub name: &'static str,
+    pub dims: &'static [&'static str],
+    pub storage: Storage,
+}
+
+impl TensorSpec {
+    pub const fn new(name: &'static str, dims: &'static [&'static str], storage: Storage) -> TensorSpec {
+        TensorSpec { name, dims, storage }
+    }
+
+    pub fn shape(&self, problem: &Problem) -> Vec<usize> {
+        self.dims.iter().map(|d| problem.eval(d)).collect()
+    }
+
+    pub fn dtype(&self, problem: &Problem) -> DType {
+        match self.storage {
+            Storage::Problem => DType::of(problem.format),
+            Storage::F32 => DType::F32,
+            Storage::I32 => DType::I32,
+        }
+    }
+
+    pub fn len(&self, problem: &Problem) -> usize {
+        self.shape(problem).iter().product()
+    }
+
+    /// Words on the device (bf16 packs two elements per word).
+    pub fn words(&self, problem: &Problem) -> usize {
+        let len = self.len(problem);
+        match self.dtype(problem) {
+            DType::Bf16 => len.div_ceil(2),
+            _ => len,
+        }
+    }
+
+    pub fn bytes(&self, problem: &Problem) -> u64 {
+        (self.len(problem) * self.dtype(problem).bytes_per_element()) as u64
+    }
+
+    /// `x [3, 7168] bf16`.
+    pub fn describe(&self, problem: &Problem) -> String {
+        format!(
+            "{} {:?} {}",
+            self.name,
+            self.shape(problem),
+            self.dtype(problem).safetensors_name()
+        )
+    }
+}
+
+/// A kernel variant: one implementation of the family's math.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub name: &'static str,
+    pub summary: &'static str,
+    /// Needs plane (warp/subgroup) operations.
+    pub needs_plane_ops: bool,
+}
+
+impl Variant {
+    pub fn supports(&self, features: &DeviceFeatures) -> bool {
+        !self.needs_plane_ops || features.plane_ops
+    }
+
+    pub fn supports_target(&self, target: IrTarget) -> bool {
+        !self.needs_plane_ops || target.plane_ops()
+    }
+}
+
+/// A kernel run's description: what bench, autotune and selftest report.
+#[derive(Clone, Debug)]
+pub struct KernelSpec {
+    pub kernel: &'static str,
+    pub variant: &'static str,
+    pub problem: Problem,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub flops: u64,
+    /// Fewest bytes moved: each input read once, each output written once.
+    pub bytes: u64,
+}
+
+/// One kernel family's registration.
+pub trait Kernel: Sync {
+    fn name(&self) -> &'static str;
+    /// The math, one line.
+    fn summary(&self) -> &'static str;
+    fn variants(&self) -> &'static [Variant];
+    fn inputs(&self) -> &'static [TensorSpec];
+    fn outputs(&self) -> &'static [TensorSpec];
+    /// Scalar parameters and their defaults (`eps`, `rope_offset`).
+    fn default_params(&self) -> &'static [(&'static str, f64)];
+    /// The test and selftest catalogue: small, ragged and model-sized shapes, every format.
+    fn problems(&self) -> Vec<Problem>;
+    /// The shape `nsa ir` and the snapshots compile for (sizes are runtime values; only the format and
+    /// comptime tunables change the code).
+    fn ir_problem(&self, format: Format) -> Problem;
+    fn validate(&self, problem: &Problem) -> Result<(), KernelError>;
+    /// FLOPs of one run.
+    fn flops(&self, problem: &Problem) -> u64;
+    /// The f64 reference: one `Vec` per output, from inputs as stored.
+    fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>>;
+    /// Random inputs (normal, as stored). Families with index or position inputs override this.
+    fn random_inputs(&self, problem: &Problem, rng: &mut rand::rngs::StdRng) -> Vec<HostTensor> {
+        crate::check::random_normal_inputs(self.inputs(), problem, rng)
+    }
+    fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]);
+    fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition;
+
+    fn spec(&self, variant: &Variant, problem: &Problem) -> KernelSpec {
+        let inputs = self.inputs().to_vec();
+        let outputs = self.outputs().to_vec();
+        let bytes = inputs.iter().chain(&outputs).map(|t| t.bytes(problem)).sum();
+        KernelSpec {
+            kernel: self.name(),
+            variant: variant.name,
+            problem: problem.clone(),
+            inputs,
+            outputs,
+            flops: self.flops(problem),
+            bytes,
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Every registered kernel variant against its f64 reference, on every catalogue problem, on the test
+//! device (`NSA_TEST_DEVICE`, default: the best found — lavapipe's Vulkan in CI). Variants the device
+//! cannot run (plane ops on lavapipe) are reported, and must be checked where they run (`nsa selftest`).
+use cubecl::prelude::KernelDefinition;
+use cubecl::server::Handle;
+use nsa_backends::{Device, IrTarget};
+use nsa_dsl::Format;
+use nsa_kernels::norm::{LayerNorm, RmsNorm};
+use nsa_kernels::{HostTensor, KERNELS, Kernel, KernelError, Problem, TensorSpec, Variant, check};
+
+fn test_device() -> nsa_backends::Device {
+    let spec = std::env::var("NSA_TEST_DEVICE").ok();
+    nsa_backends::select(spec.as_deref()).expect("a test device (install mesa-vulkan-drivers for lavapipe)")
+}
+
+#[test]
+fn every_kernel_variant_matches_its_reference() {
+    let device = test_device();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for kernel in KERNELS {
+        for variant in kernel.variants().iter().filter(|v| v.supports(device.features())) {
+            for (i, problem) in kernel.problems().iter().enumerate() {
+                let result = check(*kernel, variant, &device, problem, 7 + i as u64).expect("kernel runs");
+                checked += 1;
+                println!(
+                    "{}::{}::{} max error {:.2e} (tolerance {:.0e})",
+                    kernel.name(),
+                    variant.name,
+                    problem,
+                    result.max_error,
+                    result.tolerance
+                );
+                if !result.passed() {
+                    failures.push(format!(
+                        "{}::{}::{}: {:?}",
+                        kernel.name(),
+                        variant.name,
+                        problem,
+                        result
+                    ));
+                }
+            }
+        }
+    }
+    assert!(checked > 0, "no kernel variant ran on {:?}", device);
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// RMSNorm whose launch does nothing, or runs RMSNorm where LayerNorm's reference is expected: the check
+/// must fail both, or it could not catch an unwritten output or a wrong result.
+struct Broken {
+    launch: bool,
+}
+
+impl Kernel for Broken {
+    fn name(&self) -> &'static str {
+        "broken"
+    }
+    fn summary(&self) -> &'static str {
+        "test double"
+    }
+    fn variants(&self) -> &'static [Variant] {
+        RmsNorm.variants()
+    }
+    fn inputs(&self) -> &'static [TensorSpec] {
+        LayerNorm.inputs()
+    }
+    fn outputs(&self) -> &'static [TensorSpec] {
+        RmsNorm.outputs()
+    }
+    fn default_params(&self) -> &'static [(&'static str, f64)] {
+        RmsNorm.default_params()
+    }
+    fn problems(&self) -> Vec<Problem> {
+        RmsNorm.problems()
+    }
+    fn ir_problem(&self, format: Format) -> Problem {
+        RmsNorm.ir_problem(format)
+    }
+    fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
+        RmsNorm.validate(problem)
+    }
+    fn flops(&self, problem: &Problem) -> u64 {
+        RmsNorm.flops(problem)
+    }
+    fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>> {
+        LayerNorm.reference(problem, inputs)
+    }
+    fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
+        if self.launch {
+            RmsNorm.launch(variant, device, problem, &inputs[..2], outputs);
+        }
+    }
+    fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
+        RmsNorm.define(variant, target, problem)
+    }
+}
+
+#[test]
+fn the_check_fails_unwritten_and_wrong_outputs() {
+    let device = test_device();
+    let variant = RmsNorm
+        .variants()
+        .iter()
+        .find(|v| v.supports(device.features()))
+        .unwrap();
+    let problem = Problem::new(Format::F32, &[("rows", 3), ("hidden", 64)], &[("eps", 1e-6)]);
+    let unwritten = check(&Broken { launch: false }, variant, &device, &problem, 1).unwrap();
+    assert!(!unwritten.passed());
+    assert_eq!(
+        unwritten.nan_count,
+        3 * 64,
+        "every poisoned element must count as unwritten"
+    );
+    let wrong = check(&Broken { launch: true }, variant, &device, &problem, 1).unwrap();
+    assert_eq!(wrong.nan_count, 0);
+    assert!(
+        !wrong.passed(),
+        "RMSNorm passed as LayerNorm: max error {}",
+        wrong.max_error
+    );
+}

@@ -1,0 +1,181 @@
+//! The `nsa` command end to end: listing, IR without a GPU, bad input, and a run-kernel round trip on
+//! the best device found (lavapipe in CI).
+use std::process::Command;
+
+fn nsa(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nsa"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", "/tmp")
+        .output()
+        .expect("nsa runs")
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn ir_list_names_every_kernel_first() {
+    let output = nsa(&["ir", "--list"]);
+    assert!(output.status.success());
+    let names: Vec<String> = stdout(&output)
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    for kernel in ["rms_norm", "layer_norm", "rope_interleaved", "rope_neox", "silu_mul"] {
+        assert!(names.iter().any(|n| n == kernel), "{kernel} missing from {names:?}");
+    }
+}
+
+#[test]
+fn ir_prints_source_for_every_target() {
+    for (target, marker) in [
+        ("cuda", "__global__"),
+        ("hip", "__global__"),
+        ("wgsl", "@compute"),
+        ("spirv", "OpEntryPoint"),
+    ] {
+        let output = nsa(&["ir", "rms_norm", "--variant", "shared", "--target", target]);
+        assert!(output.status.success(), "{target}: {}", stderr(&output));
+        assert!(stdout(&output).contains(marker), "{target} source lacks {marker}");
+    }
+}
+
+#[test]
+fn bad_input_is_one_line_naming_the_choices_with_exit_code_2() {
+    for (args, mentions) in [
+        (vec!["ir", "no_such_kernel"], "rms_norm"),
+        (vec!["ir", "rms_norm", "--variant", "nope"], "plane, shared"),
+        (vec!["ir", "rms_norm", "--target", "ptx"], "cuda, hip, wgsl, spirv"),
+        (vec!["ir", "rms_norm", "--dtype", "f8"], "f32, bf16"),
+        (vec!["selftest", "--device", "tpu:0"], "cuda[:N]"),
+        (vec!["selftest", "--device", "cuda:7"], "cuda"),
+    ] {
+        let output = nsa(&args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        let message = stderr(&output);
+        assert_eq!(message.trim().lines().count(), 1, "{args:?}: {message}");
+        assert!(message.contains(mentions), "{args:?}: {message}");
+    }
+}
+
+fn write_safetensors(path: &std::path::Path, tensors: &[(&str, Vec<usize>, safetensors::Dtype, Vec<u8>)]) {
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(name, shape, dtype, data)| {
+            (
+                name.to_string(),
+                safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[test]
+fn run_kernel_round_trip_matches_the_reference() {
+    let dir = std::env::temp_dir().join(format!("nsa-run-kernel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (rows, hidden) = (3usize, 96usize);
+    let x: Vec<f32> = (0..rows * hidden)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+        .collect();
+    let weight: Vec<f32> = (0..hidden).map(|i| 0.5 + (i % 7) as f32 / 10.0).collect();
+    let inputs = dir.join("in.safetensors");
+    write_safetensors(
+        &inputs,
+        &[
+            ("x", vec![rows, hidden], safetensors::Dtype::F32, f32_bytes(&x)),
+            ("weight", vec![hidden], safetensors::Dtype::F32, f32_bytes(&weight)),
+        ],
+    );
+    let out = dir.join("out.safetensors");
+    let output = nsa(&[
+        "run-kernel",
+        "rms_norm",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--param",
+        "eps=1e-5",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let bytes = std::fs::read(&out).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = file.tensor("out").unwrap();
+    assert_eq!(view.shape(), &[rows, hidden]);
+    let got: Vec<f32> = view
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    for r in 0..rows {
+        let row = &x[r * hidden..][..hidden];
+        let inv = 1.0 / (row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / hidden as f64 + 1e-5).sqrt();
+        for i in 0..hidden {
+            let want = row[i] as f64 * inv * weight[i] as f64;
+            assert!(
+                (got[r * hidden + i] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "[{r}, {i}]"
+            );
+        }
+    }
+}
+
+#[test]
+fn run_kernel_names_a_missing_or_misshaped_tensor() {
+    let dir = std::env::temp_dir().join(format!("nsa-run-kernel-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let inputs = dir.join("in.safetensors");
+    write_safetensors(
+        &inputs,
+        &[("x", vec![2, 8], safetensors::Dtype::F32, f32_bytes(&[1.0; 16]))],
+    );
+    let out = dir.join("out.safetensors");
+    let output = nsa(&[
+        "run-kernel",
+        "rms_norm",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("weight") && stderr(&output).contains("[hidden]"),
+        "{}",
+        stderr(&output)
+    );
+
+    write_safetensors(
+        &inputs,
+        &[
+            ("x", vec![2, 8], safetensors::Dtype::F32, f32_bytes(&[1.0; 16])),
+            ("weight", vec![9], safetensors::Dtype::F32, f32_bytes(&[1.0; 9])),
+        ],
+    );
+    let output = nsa(&[
+        "run-kernel",
+        "rms_norm",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("weight") && stderr(&output).contains("[8] F32"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -1,0 +1,1 @@
+//! Paged caches, scheduler, sampling (issue 7): not built yet.

@@ -1,0 +1,1 @@
+//! OpenAI-compatible HTTP server (issue 7): not built yet.

@@ -1,0 +1,45 @@
+//! Every (kernel, variant, format) × target compiled with no device present and pinned as a snapshot in
+//! `snapshots/<target>/<kernel>-<variant>-<format>.snap`. A change to generated code shows up as a diff to
+//! review (`cargo insta review`); CI fails on any pending `.snap.new`.
+use nsa_backends::IrTarget;
+use nsa_dsl::Format;
+use nsa_kernels::KERNELS;
+
+fn settings(target: IrTarget) -> insta::Settings {
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(format!("../{}", target.name()));
+    settings.set_prepend_module_to_snapshot(false);
+    settings.set_omit_expression(true);
+    // Entry names end in a hash of the kernel id, which moves with every cubecl release.
+    settings.add_filter(r"([a-z0-9])_[0-9a-f]{8}\b", "${1}_<hash>");
+    settings
+}
+
+#[test]
+fn generated_code_matches_snapshots() {
+    for target in IrTarget::ALL {
+        let _guard = settings(target).bind_to_scope();
+        for kernel in KERNELS {
+            for variant in kernel.variants().iter().filter(|v| v.supports_target(target)) {
+                for format in Format::ALL {
+                    let problem = kernel.ir_problem(format);
+                    let source = nsa_kernels::ir::emit(*kernel, variant, target, &problem)
+                        .unwrap_or_else(|e| panic!("{}/{} {format} for {target}: {e}", kernel.name(), variant.name));
+                    insta::assert_snapshot!(format!("{}-{}-{}", kernel.name(), variant.name, format), source);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn generation_is_deterministic() {
+    let kernel = KERNELS[0];
+    let variant = &kernel.variants()[0];
+    let problem = kernel.ir_problem(Format::Bf16);
+    for target in IrTarget::ALL {
+        let first = nsa_kernels::ir::emit(kernel, variant, target, &problem).unwrap();
+        let second = nsa_kernels::ir::emit(kernel, variant, target, &problem).unwrap();
+        assert_eq!(first, second, "{target}");
+    }
+}
