@@ -8,7 +8,7 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 # Snapshots never update silently: a mismatch fails and leaves a .snap.new to review.
 export INSTA_UPDATE=no
 cargo fmt --all --check
-cargo test --release --workspace --locked
+cargo test --release --workspace --locked --no-fail-fast
 if find . -name '*.snap.new' -not -path './target/*' | grep -q .; then
   echo "pending snapshot changes (.snap.new) — review with cargo insta review" >&2
   exit 1

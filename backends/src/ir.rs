@@ -162,8 +162,14 @@ pub fn emit_ir(target: IrTarget, kernel: KernelDefinition) -> Result<String, Bac
         }
         IrTarget::Spirv => {
             let mut compiler = cubecl_spirv::SpirvCompiler::default();
+            // A Vulkan 1.3-class device: 4-wide vectors, SPIR-V 1.6.
+            let mut options = cubecl::WgpuCompilationOptions::default();
+            options.vulkan.max_vector_size = 4;
+            options.vulkan.max_spirv_version = (1, 6);
+            options.vulkan.supports_arbitrary_bitwise = true;
+            options.vulkan.supports_uniform_standard_layout = true;
             compiler
-                .compile(kernel, &Default::default())
+                .compile(kernel, &options)
                 .map(|k| k.to_string())
                 .map_err(|e| error(format!("{e:?}")))
         }

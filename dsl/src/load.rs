@@ -7,11 +7,17 @@ pub fn vector_word<N: Size>(vector: Vector<u32, N>, #[comptime] lane: usize) -> 
     vector.extract(lane)
 }
 
-/// The word offset of row `indices[slot]` in a row-major buffer of `row_words` words per row: the
-/// index gather sparse attention does over top-k positions. Negative indices (−1 = "no position",
-/// as DeepSeek's top-k pads) return `None`-like `u32::MAX` for the caller to skip.
+/// Whether slot `slot` of a gather list names a row: DeepSeek's top-k pads with −1 ("no position").
 #[cube]
-pub fn gathered_row_offset(indices: &[i32], slot: usize, row_words: usize) -> usize {
+pub fn gathered_row_valid(indices: &[i32], slot: usize) -> bool {
+    indices[slot] >= 0
+}
+
+/// The offset of row `indices[slot]` in a row-major buffer of `row_len` elements (words, vectors) per
+/// row: the index gather sparse attention does over top-k positions. A −1 slot maps to row 0; callers
+/// skip it with [`gathered_row_valid`].
+#[cube]
+pub fn gathered_row_offset(indices: &[i32], slot: usize, row_len: usize) -> usize {
     let row = indices[slot];
-    select(row < 0, usize::MAX, row as usize * row_words)
+    select(row < 0, 0, row) as usize * row_len
 }

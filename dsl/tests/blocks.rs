@@ -2,7 +2,7 @@
 //! the best found: lavapipe in CI) and compared with a host computation on random inputs.
 use cubecl::prelude::*;
 use nsa_dsl::format::{bf16_to_f32, f32_to_bf16, read_e4m3_scaled, read_element};
-use nsa_dsl::load::gathered_row_offset;
+use nsa_dsl::load::{gathered_row_offset, gathered_row_valid};
 use nsa_dsl::reduce::cube_sum;
 use nsa_dsl::softmax::{online_softmax_logsumexp, online_softmax_merge, online_softmax_new, online_softmax_push};
 use nsa_dsl::{Format, Reduction, host};
@@ -126,7 +126,8 @@ fn sum_per_cube(input: &[f32], out: &mut [f32], #[comptime] cube_size: u32, #[co
     // Every unit must get the total, not only unit 0.
     let agrees = total == cube_sum(input[ABSOLUTE_POS], cube_size, reduction);
     if UNIT_POS == CUBE_DIM - 1 {
-        out[CUBE_POS] = select(agrees, total, f32::NAN);
+        // A sentinel far from any sum of 256 values in [−1, 1] (WGSL has no NaN literal).
+        out[CUBE_POS] = select(agrees, total, -1.0e6f32);
     }
 }
 
@@ -228,10 +229,9 @@ fn gather_rows<N: Size>(rows: &[Vector<u32, N>], indices: &[i32], out: &mut [Vec
     let slot = CUBE_POS;
     let v = UNIT_POS as usize;
     if v < row_vectors {
-        let offset = gathered_row_offset(indices, slot, row_vectors);
         let mut value = Vector::<u32, N>::new(0u32);
-        if offset != usize::MAX {
-            value = rows[offset + v];
+        if gathered_row_valid(indices, slot) {
+            value = rows[gathered_row_offset(indices, slot, row_vectors) + v];
         }
         out[slot * row_vectors + v] = value;
     }
