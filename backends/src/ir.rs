@@ -127,8 +127,39 @@ pub fn ir_properties(target: IrTarget) -> (Arc<DeviceProperties>, Arc<TargetProp
     (Arc::new(props), Arc::new(target_props))
 }
 
-/// The source `target`'s compiler makes of `kernel` (SPIR-V as a disassembly).
+/// The source `target`'s compiler makes of `kernel` (SPIR-V as a disassembly), with its `v<N>` value names
+/// renumbered in order of first appearance: cubecl's C++ backends number some values differently from one
+/// process to the next, and a snapshot or a diff must only change when the code does.
 pub fn emit_ir(target: IrTarget, kernel: KernelDefinition) -> Result<String, BackendError> {
+    compile_ir(target, kernel).map(|source| renumber_values(&source))
+}
+
+/// Renames every `v<digits>` that does not continue an identifier or number (`v12`, `flag_v12_store`) to
+/// `v<k>`, k counting distinct names in order of first appearance.
+pub fn renumber_values(source: &str) -> String {
+    let bytes = source.as_bytes();
+    let mut names: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut out = String::with_capacity(source.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let starts_name = bytes[i] == b'v' && (i == 0 || !bytes[i - 1].is_ascii_alphanumeric());
+        let digits = bytes[i + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
+        if starts_name && digits > 0 {
+            let name = &source[i..i + 1 + digits];
+            let next = names.len();
+            let k = *names.entry(name).or_insert(next);
+            out.push_str(&format!("v{k}"));
+            i += 1 + digits;
+        } else {
+            let c = source[i..].chars().next().expect("in bounds");
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    out
+}
+
+fn compile_ir(target: IrTarget, kernel: KernelDefinition) -> Result<String, BackendError> {
     let error = |reason: String| BackendError::Compile {
         target: target.name(),
         reason,
@@ -173,5 +204,19 @@ pub fn emit_ir(target: IrTarget, kernel: KernelDefinition) -> Result<String, Bac
                 .map(|k| k.to_string())
                 .map_err(|e| error(format!("{e:?}")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::renumber_values;
+
+    #[test]
+    fn renumbering_is_consistent_and_leaves_other_names() {
+        let source = "float v12 = v7 + v12; bool* flag_v7_store; vec4<u32> uv3 = v4x;";
+        assert_eq!(
+            renumber_values(source),
+            "float v0 = v1 + v0; bool* flag_v1_store; vec4<u32> uv3 = v2x;"
+        );
     }
 }
