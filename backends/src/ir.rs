@@ -206,17 +206,3 @@ fn compile_ir(target: IrTarget, kernel: KernelDefinition) -> Result<String, Back
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::renumber_values;
-
-    #[test]
-    fn renumbering_is_consistent_and_leaves_other_names() {
-        let source = "float v12 = v7 + v12; bool* flag_v7_store; vec4<u32> uv3 = v4x;";
-        assert_eq!(
-            renumber_values(source),
-            "float v0 = v1 + v0; bool* flag_v1_store; vec4<u32> uv3 = v2x;"
-        );
-    }
-}

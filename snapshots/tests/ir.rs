@@ -43,3 +43,12 @@ fn generation_is_deterministic() {
         assert_eq!(first, second, "{target}");
     }
 }
+
+#[test]
+fn value_renumbering_is_consistent_and_leaves_other_names() {
+    let source = "float v12 = v7 + v12; bool* flag_v7_store; vec4<u32> uv3 = v4x;";
+    assert_eq!(
+        nsa_backends::ir::renumber_values(source),
+        "float v0 = v1 + v0; bool* flag_v1_store; vec4<u32> uv3 = v2x;"
+    );
+}
