@@ -1,11 +1,9 @@
-//! Loads: vectorized word loads and index-gathered rows.
+//! Loads beyond a plain index: index-gathered rows.
+//!
+//! Vectorized loads are the slice type itself: a kernel takes `&[Vector<u32, N>]` (N words, up to 16 bytes,
+//! per load instruction; the host picks N from the row length) and decodes each word with
+//! [`crate::format::unpack`].
 use cubecl::prelude::*;
-
-/// Word `lane` of a vectorized load (`N` words = N·4 bytes in one instruction).
-#[cube]
-pub fn vector_word<N: Size>(vector: Vector<u32, N>, #[comptime] lane: usize) -> u32 {
-    vector.extract(lane)
-}
 
 /// Whether slot `slot` of a gather list names a row: DeepSeek's top-k pads with −1 ("no position").
 #[cube]

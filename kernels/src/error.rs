@@ -31,6 +31,12 @@ pub enum KernelError {
     },
     #[error("missing tensor `{name}` (expected {expected})")]
     MissingTensor { name: String, expected: String },
+    #[error("{kernel}/{variant} failed on the device: {reason}")]
+    Device {
+        kernel: &'static str,
+        variant: &'static str,
+        reason: String,
+    },
     #[error(transparent)]
     Backend(#[from] nsa_backends::BackendError),
 }

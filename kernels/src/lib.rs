@@ -1,16 +1,20 @@
 //! nsa's kernel families. Each family file holds its `#[cube]` kernels, its f64 reference and its
 //! registration ([`Kernel`]); [`registry::KERNELS`] lists every family, and tests, snapshots, `nsa ir`,
 //! `nsa selftest` and `nsa run-kernel` all walk that one list.
+pub mod bench;
 pub mod check;
 pub mod error;
+pub mod indexer;
 pub mod ir;
 pub mod launch;
 pub mod norm;
 pub mod registry;
 pub mod rope;
 pub mod silu_mul;
+pub mod sparse_mla_prefill;
 pub mod spec;
 pub mod tensor;
+pub mod topk;
 
 pub use check::{CheckResult, check};
 pub use error::KernelError;

@@ -4,9 +4,12 @@ use crate::{Kernel, KernelError, Variant};
 pub static KERNELS: &[&dyn Kernel] = &[
     &crate::norm::RmsNorm,
     &crate::norm::LayerNorm,
-    &crate::rope::RopeInterleaved,
-    &crate::rope::RopeNeox,
+    &crate::rope::ROPE_INTERLEAVED,
+    &crate::rope::ROPE_NEOX,
     &crate::silu_mul::SiluMul,
+    &crate::indexer::IndexerLogits,
+    &crate::topk::TopK,
+    &crate::sparse_mla_prefill::SparseMlaPrefill,
 ];
 
 pub fn find_kernel(name: &str) -> Result<&'static dyn Kernel, KernelError> {

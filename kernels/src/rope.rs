@@ -118,12 +118,54 @@ const OUTPUTS: &[TensorSpec] = &[TensorSpec::new(
     Storage::Problem,
 )];
 
-/// RoPE with the layout fixed per registered kernel (`interleaved` or NeoX).
-struct Rope {
+/// RoPE with its pair layout fixed per registered kernel: [`ROPE_INTERLEAVED`] and [`ROPE_NEOX`].
+pub struct Rope {
+    name: &'static str,
+    summary: &'static str,
     interleaved: bool,
 }
 
-impl Rope {
+pub static ROPE_INTERLEAVED: Rope = Rope {
+    name: "rope_interleaved",
+    summary: "RoPE on interleaved pairs (2i, 2i+1), as MLA uses",
+    interleaved: true,
+};
+pub static ROPE_NEOX: Rope = Rope {
+    name: "rope_neox",
+    summary: "RoPE on halves (i, i + rope_dim/2), NeoX style, as the indexer uses",
+    interleaved: false,
+};
+
+impl Kernel for Rope {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn summary(&self) -> &'static str {
+        self.summary
+    }
+    fn variants(&self) -> &'static [Variant] {
+        VARIANTS
+    }
+    fn inputs(&self) -> &'static [TensorSpec] {
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [TensorSpec] {
+        OUTPUTS
+    }
+    fn default_params(&self) -> &'static [(&'static str, f64)] {
+        &[("rope_offset", 0.0)]
+    }
+    fn ir_problem(&self, format: Format) -> Problem {
+        self.problems()
+            .into_iter()
+            .find(|p| p.format == format)
+            .expect("catalogue")
+    }
+    fn flops(&self, problem: &Problem) -> u64 {
+        // Two multiplies and an add per rotated element.
+        3 * (problem.dim("tokens") * problem.dim("heads") * problem.dim("rope_dim")) as u64
+    }
+
     fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         for format in Format::ALL {
@@ -151,7 +193,8 @@ impl Rope {
         problems
     }
 
-    fn validate(&self, name: &'static str, problem: &Problem) -> Result<(), KernelError> {
+    fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
+        let name = self.name;
         let (head_dim, rope_dim) = (problem.dim("head_dim"), problem.dim("rope_dim"));
         let offset = problem.param("rope_offset");
         let invalid = |field, expected: String, got: String| KernelError::InvalidProblem {
@@ -227,8 +270,7 @@ impl Rope {
         vec![out]
     }
 
-    fn launch(&self, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
-        let elements = OUTPUTS[0].len(problem);
+    fn launch(&self, _: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
         let total_words = OUTPUTS[0].words(problem);
         rope_kernel::launch(
             &device.client,
@@ -246,10 +288,9 @@ impl Rope {
             self.interleaved,
             problem.format,
         );
-        let _ = elements;
     }
 
-    fn define(&self, target: IrTarget, problem: &Problem) -> KernelDefinition {
+    fn define(&self, _: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         let (props, target_props) = ir_props(target);
         rope_kernel::RopeKernel::new(
             ir_settings(CubeDim::new_1d(UNITS)),
@@ -284,92 +325,3 @@ pub fn cos_sin_table(max_pos: usize, rope_dim: usize, theta: f64) -> Vec<f32> {
     }
     table
 }
-
-macro_rules! rope_kernel_entry {
-    ($ty:ident, $name:literal, $interleaved:literal, $summary:literal) => {
-        pub struct $ty;
-
-        impl Kernel for $ty {
-            fn name(&self) -> &'static str {
-                $name
-            }
-            fn summary(&self) -> &'static str {
-                $summary
-            }
-            fn variants(&self) -> &'static [Variant] {
-                VARIANTS
-            }
-            fn inputs(&self) -> &'static [TensorSpec] {
-                INPUTS
-            }
-            fn outputs(&self) -> &'static [TensorSpec] {
-                OUTPUTS
-            }
-            fn default_params(&self) -> &'static [(&'static str, f64)] {
-                &[("rope_offset", 0.0)]
-            }
-            fn problems(&self) -> Vec<Problem> {
-                Rope {
-                    interleaved: $interleaved,
-                }
-                .problems()
-            }
-            fn ir_problem(&self, format: Format) -> Problem {
-                Rope {
-                    interleaved: $interleaved,
-                }
-                .problems()
-                .into_iter()
-                .find(|p| p.format == format)
-                .expect("catalogue")
-            }
-            fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
-                Rope {
-                    interleaved: $interleaved,
-                }
-                .validate($name, problem)
-            }
-            fn flops(&self, problem: &Problem) -> u64 {
-                // Two multiplies and an add per rotated element.
-                3 * (problem.dim("tokens") * problem.dim("heads") * problem.dim("rope_dim")) as u64
-            }
-            fn random_inputs(&self, problem: &Problem, rng: &mut rand::rngs::StdRng) -> Vec<HostTensor> {
-                Rope {
-                    interleaved: $interleaved,
-                }
-                .random_inputs(problem, rng)
-            }
-            fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>> {
-                Rope {
-                    interleaved: $interleaved,
-                }
-                .reference(problem, inputs)
-            }
-            fn launch(&self, _: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
-                Rope {
-                    interleaved: $interleaved,
-                }
-                .launch(device, problem, inputs, outputs)
-            }
-            fn define(&self, _: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
-                Rope {
-                    interleaved: $interleaved,
-                }
-                .define(target, problem)
-            }
-        }
-    };
-}
-
-rope_kernel_entry!(
-    RopeInterleaved,
-    "rope_interleaved",
-    true,
-    "RoPE on interleaved pairs (2i, 2i+1), as MLA uses"
-);
-rope_kernel_entry!(
-    RopeNeox,
-    "rope_neox",
-    false,
-    "RoPE on halves (i, i + rope_dim/2), NeoX style, as the indexer uses"
-);

@@ -83,11 +83,22 @@ pub struct TensorSpec {
     pub name: &'static str,
     pub dims: &'static [&'static str],
     pub storage: Storage,
+    /// An input that may be left out; [`Kernel::default_input`] supplies it.
+    pub optional: bool,
 }
 
 impl TensorSpec {
     pub const fn new(name: &'static str, dims: &'static [&'static str], storage: Storage) -> TensorSpec {
-        TensorSpec { name, dims, storage }
+        TensorSpec {
+            name,
+            dims,
+            storage,
+            optional: false,
+        }
+    }
+
+    pub const fn optional(self) -> TensorSpec {
+        TensorSpec { optional: true, ..self }
     }
 
     pub fn shape(&self, problem: &Problem) -> Vec<usize> {
@@ -174,6 +185,14 @@ pub trait Kernel: Sync {
     fn default_params(&self) -> &'static [(&'static str, f64)];
     /// The test and selftest catalogue: small, ragged and model-sized shapes, every format.
     fn problems(&self) -> Vec<Problem>;
+    /// The storage formats the kernel's code depends on (one snapshot each).
+    fn formats(&self) -> &'static [Format] {
+        &Format::ALL
+    }
+    /// The shapes `nsa bench` measures by default (the model's sizes).
+    fn bench_problems(&self) -> Vec<Problem> {
+        vec![self.ir_problem(Format::Bf16)]
+    }
     /// The shape `nsa ir` and the snapshots compile for (sizes are runtime values; only the format and
     /// comptime tunables change the code).
     fn ir_problem(&self, format: Format) -> Problem;
@@ -185,6 +204,39 @@ pub trait Kernel: Sync {
     /// Random inputs (normal, as stored). Families with index or position inputs override this.
     fn random_inputs(&self, problem: &Problem, rng: &mut rand::rngs::StdRng) -> Vec<HostTensor> {
         crate::check::random_normal_inputs(self.inputs(), problem, rng)
+    }
+    /// Shared memory a launch of `variant` on `problem` needs, in bytes (checked against the device).
+    fn shared_memory_bytes(&self, _variant: &Variant, _problem: &Problem) -> usize {
+        0
+    }
+    /// Whether `variant` can run `problem` on a device with `features`; the reason when not.
+    fn supports(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        if !variant.supports(features) {
+            return Err("needs plane (warp/subgroup) operations".into());
+        }
+        let bytes = self.shared_memory_bytes(variant, problem);
+        if bytes > features.max_shared_memory {
+            return Err(format!(
+                "needs {bytes} B of shared memory, the device has {}",
+                features.max_shared_memory
+            ));
+        }
+        Ok(())
+    }
+    /// Tolerance of an output under the check's metric |out − ref| / (1 + |ref|): by default the storage
+    /// format's (bf16 1e-2, f32 1e-5).
+    fn tolerance(&self, output: &TensorSpec, problem: &Problem) -> f64 {
+        match output.storage {
+            Storage::Problem => problem.format.tolerance(),
+            _ => 1e-5,
+        }
+    }
+    /// Puts an output (or its reference) in the order the comparison needs; e.g. top-k sorts each row,
+    /// since any order of the selected set is correct.
+    fn canonicalize(&self, _output: &TensorSpec, _problem: &Problem, _values: &mut [f64]) {}
+    /// The value of an optional input left out (e.g. "every key allowed").
+    fn default_input(&self, spec: &TensorSpec, problem: &Problem) -> HostTensor {
+        unreachable!("{} has no optional input {}", self.name(), spec.describe(problem))
     }
     fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]);
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition;

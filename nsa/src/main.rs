@@ -1,4 +1,5 @@
 //! `nsa`: the one binary. Each subcommand is a thin layer over the crates.
+mod bench;
 mod devices;
 mod ir;
 mod run_kernel;
@@ -28,6 +29,8 @@ enum Command {
     Selftest(selftest::Args),
     /// Run one kernel on tensors from a safetensors file and write its outputs to another.
     RunKernel(run_kernel::Args),
+    /// Time kernel variants on a device beside a PyTorch reference.
+    Bench(bench::Args),
 }
 
 /// A command's failure: bad input (exit code 2, one line naming the valid choices) or a failed run (1).
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Ir(args) => ir::run(args),
         Command::Selftest(args) => selftest::run(args),
         Command::RunKernel(args) => run_kernel::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

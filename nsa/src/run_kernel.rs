@@ -117,11 +117,16 @@ fn describe(kernel: &dyn Kernel) {
                 Storage::F32 => "F32",
                 Storage::I32 => "I32",
             };
-            println!("  {role:<6} {:<10} [{}] {dtype}", spec.name, spec.dims.join(", "));
+            let optional = if spec.optional { " (optional)" } else { "" };
+            println!(
+                "  {role:<6} {:<10} [{}] {dtype}{optional}",
+                spec.name,
+                spec.dims.join(", ")
+            );
         }
     }
     for (name, default) in kernel.default_params() {
-        println!("  param  {name} = {default}");
+        println!("  param  {name} = {default} (--param {name}=..., or a scalar tensor `{name}`)");
     }
 }
 
@@ -134,16 +139,23 @@ fn st_dtype(dtype: DType) -> Dtype {
 }
 
 /// The problem the file's tensors describe: the format from the first problem-format input, each
-/// symbolic dim bound from the first tensor that carries it.
+/// symbolic dim bound from the first tensor that carries it; dims no input shape carries (top-k's `k`)
+/// and scalar parameters (`sm_scale`) from 0-d or 1-element tensors of that name.
 fn problem_from_file(kernel: &dyn Kernel, file: &SafeTensors) -> Result<Problem, KernelError> {
     let mut format = None;
     let mut dims: Vec<(&'static str, usize)> = Vec::new();
     for spec in kernel.inputs() {
         let expected = format!("[{}]", spec.dims.join(", "));
-        let view = file.tensor(spec.name).map_err(|_| KernelError::MissingTensor {
-            name: spec.name.into(),
-            expected: expected.clone(),
-        })?;
+        let view = match file.tensor(spec.name) {
+            Ok(view) => view,
+            Err(_) if spec.optional => continue,
+            Err(_) => {
+                return Err(KernelError::MissingTensor {
+                    name: spec.name.into(),
+                    expected,
+                });
+            }
+        };
         if view.shape().len() != spec.dims.len() {
             return Err(KernelError::BadTensor {
                 name: spec.name.into(),
@@ -173,11 +185,43 @@ fn problem_from_file(kernel: &dyn Kernel, file: &SafeTensors) -> Result<Problem,
             }
         }
     }
-    Ok(Problem::new(
-        format.unwrap_or(Format::F32),
-        &dims,
-        kernel.default_params(),
-    ))
+    for name in kernel.outputs().iter().flat_map(|spec| spec.dims.iter()) {
+        if !dims.iter().any(|(n, _)| n == name) {
+            let value = scalar(file, name)?.ok_or_else(|| KernelError::MissingTensor {
+                name: (*name).into(),
+                expected: "a 0-d or 1-element integer tensor".into(),
+            })?;
+            dims.push((name, value as usize));
+        }
+    }
+    let mut problem = Problem::new(format.unwrap_or(Format::F32), &dims, kernel.default_params());
+    for (name, _) in kernel.default_params() {
+        if let Some(value) = scalar(file, name)? {
+            problem.set_param(name, value);
+        }
+    }
+    Ok(problem)
+}
+
+/// The value of a 0-d or 1-element tensor `name`, if the file has one.
+fn scalar(file: &SafeTensors, name: &str) -> Result<Option<f64>, KernelError> {
+    let Ok(view) = file.tensor(name) else { return Ok(None) };
+    let bad = |got: String| KernelError::BadTensor {
+        name: name.into(),
+        expected: "a 0-d or 1-element tensor".into(),
+        got,
+    };
+    if view.shape().iter().product::<usize>() != 1 {
+        return Err(bad(format!("{:?}", view.shape())));
+    }
+    let data = view.data();
+    Ok(Some(match view.dtype() {
+        Dtype::I32 => i32::from_le_bytes(data[..4].try_into().expect("4 bytes")) as f64,
+        Dtype::I64 => i64::from_le_bytes(data[..8].try_into().expect("8 bytes")) as f64,
+        Dtype::F32 => f32::from_le_bytes(data[..4].try_into().expect("4 bytes")) as f64,
+        Dtype::F64 => f64::from_le_bytes(data[..8].try_into().expect("8 bytes")),
+        other => return Err(bad(format!("{other:?}"))),
+    }))
 }
 
 /// Each input, checked against the shape and dtype the problem gives it.
@@ -188,10 +232,31 @@ fn load_inputs(kernel: &dyn Kernel, problem: &Problem, file: &SafeTensors) -> Re
         .map(|spec| {
             let (shape, dtype) = (spec.shape(problem), spec.dtype(problem));
             let expected = format!("{shape:?} {}", dtype.safetensors_name());
-            let view = file.tensor(spec.name).map_err(|_| KernelError::MissingTensor {
-                name: spec.name.into(),
-                expected: expected.clone(),
-            })?;
+            let view = match file.tensor(spec.name) {
+                Ok(view) => view,
+                Err(_) if spec.optional => return Ok(kernel.default_input(spec, problem)),
+                Err(_) => {
+                    return Err(KernelError::MissingTensor {
+                        name: spec.name.into(),
+                        expected,
+                    });
+                }
+            };
+            // Float tensors in the problem's format may come as F32 or BF16: converted on load.
+            let convertible = spec.storage == Storage::Problem && matches!(view.dtype(), Dtype::F32 | Dtype::BF16);
+            if view.shape() == shape.as_slice() && convertible && view.dtype() != st_dtype(dtype) {
+                let source = if view.dtype() == Dtype::F32 {
+                    DType::F32
+                } else {
+                    DType::Bf16
+                };
+                let values: Vec<f32> = HostTensor::from_bytes(spec.name, &shape, source, view.data())
+                    .to_f64()
+                    .iter()
+                    .map(|v| *v as f32)
+                    .collect();
+                return Ok(HostTensor::from_f32(spec.name, &shape, dtype, &values));
+            }
             if view.shape() != shape.as_slice() || view.dtype() != st_dtype(dtype) {
                 return Err(KernelError::BadTensor {
                     name: spec.name.into(),

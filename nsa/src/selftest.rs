@@ -14,6 +14,10 @@ pub struct Args {
     seed: u64,
 }
 
+fn row(kernel: &str, variant: &str, shape: &str, error: &str, tolerance: &str, verdict: &str) {
+    println!("{kernel:<18} {variant:<14} {shape:<66} {error:>10} {tolerance:>9}  {verdict}");
+}
+
 pub fn run(args: Args) -> Result<(), Failure> {
     let device = open_device(args.device.as_deref())?;
     if let Some(name) = &args.kernel {
@@ -25,39 +29,49 @@ pub fn run(args: Args) -> Result<(), Failure> {
         device.info.name,
         device.info.arch
     );
-    println!(
-        "{:<18} {:<8} {:<40} {:>10} {:>9}  result",
-        "kernel", "variant", "shape", "max error", "tolerance"
-    );
+    row("kernel", "variant", "shape", "max error", "tolerance", "result");
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     for kernel in KERNELS
         .iter()
         .filter(|k| args.kernel.as_deref().is_none_or(|n| n == k.name()))
     {
         for variant in kernel.variants() {
-            if !variant.supports(device.features()) {
-                println!(
-                    "{:<18} {:<8} {:<40} {:>10} {:>9}  SKIP (needs plane ops)",
-                    kernel.name(),
-                    variant.name,
-                    "-",
-                    "-",
-                    "-"
-                );
-                skipped += 1;
-                continue;
-            }
             for (i, problem) in kernel.problems().iter().enumerate() {
-                let result = check(*kernel, variant, &device, problem, args.seed + i as u64)?;
+                let shape = problem.to_string();
+                if let Err(reason) = kernel.supports(variant, problem, device.features()) {
+                    row(
+                        kernel.name(),
+                        variant.name,
+                        &shape,
+                        "-",
+                        "-",
+                        &format!("SKIP ({reason})"),
+                    );
+                    skipped += 1;
+                    continue;
+                }
+                let result = match check(*kernel, variant, &device, problem, args.seed + i as u64) {
+                    Ok(result) => result,
+                    Err(error) => {
+                        row(
+                            kernel.name(),
+                            variant.name,
+                            &shape,
+                            "-",
+                            "-",
+                            &format!("FAIL ({error})"),
+                        );
+                        failed += 1;
+                        continue;
+                    }
+                };
                 let verdict = if result.passed() {
                     passed += 1;
                     "PASS".to_string()
                 } else {
                     failed += 1;
                     match &result.worst {
-                        _ if result.nan_count > 0 => {
-                            format!("FAIL ({} NaN/unwritten)", result.nan_count)
-                        }
+                        _ if result.nan_count > 0 => format!("FAIL ({} NaN/unwritten)", result.nan_count),
                         Some(w) => format!(
                             "FAIL ({}[{}] = {:.6}, expected {:.6})",
                             w.output, w.index, w.got, w.expected
@@ -65,19 +79,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
                         None => "FAIL".into(),
                     }
                 };
-                println!(
-                    "{:<18} {:<8} {:<40} {:>10.2e} {:>9.0e}  {verdict}",
-                    kernel.name(),
-                    variant.name,
-                    problem.to_string(),
-                    result.max_error,
-                    result.tolerance
-                );
+                let (error, tolerance) = (format!("{:.2e}", result.max_error), format!("{:.0e}", result.tolerance));
+                row(kernel.name(), variant.name, &shape, &error, &tolerance, &verdict);
             }
         }
     }
     println!(
-        "\n{passed} passed, {failed} failed, {skipped} variants skipped on {}",
+        "\n{passed} passed, {failed} failed, {skipped} skipped (not supported here) on {}",
         device.info.id()
     );
     if failed > 0 {

@@ -1,0 +1,308 @@
+//! Top-k per row: the `k` largest of `scores[t, 0..=limit[t]]`, as int32 positions, −1 padded.
+//!
+//! scores [t, s] f32, limit [t] i32 (last allowed position, inclusive; −1 = none; optional, default s − 1)
+//! → indices [t, k] i32, unordered. A row with ≤ k allowed positions returns all of them. Ties (equal f32
+//! bits) go to the lower position; values are ordered by IEEE total order (−0 < +0).
+//! Variant `radix2`: one cube per row; a bit-by-bit radix select finds the k-th largest key (32 counting
+//! passes, each a cube reduction), then an in-order compaction (cube prefix sums) writes the selection.
+//! Exact: index sets must equal the reference's. Rows of up to 2²⁴ scores (counts are summed in f32).
+use crate::launch::{buffer, grid, ir_props, ir_settings, slice_arg};
+use crate::spec::{Storage, TensorSpec};
+use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use nsa_backends::{Device, IrTarget};
+use nsa_dsl::Format;
+use nsa_dsl::Reduction;
+use nsa_dsl::reduce::cube_sum;
+use nsa_dsl::select::{cube_exclusive_scan, ordered_key};
+use rand::Rng;
+
+pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "radix2",
+        summary: "bit-by-bit radix select, plane reductions",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "radix2_shared",
+        summary: "bit-by-bit radix select, shared-memory reductions",
+        needs_plane_ops: false,
+    },
+];
+
+const UNITS: u32 = 256;
+
+/// Counts, over this cube's row, the keys at or above `candidate` (or strictly above, with `strict`).
+#[cube]
+fn count_keys(
+    scores: &[f32],
+    base: usize,
+    allowed: usize,
+    candidate: u32,
+    #[comptime] strict: bool,
+    #[comptime] reduction: Reduction,
+) -> f32 {
+    let mut count = 0u32;
+    let mut i = UNIT_POS as usize;
+    while i < allowed {
+        let key = ordered_key(scores[base + i]);
+        if strict {
+            count += u32::cast_from(key > candidate);
+        } else {
+            count += u32::cast_from(key >= candidate);
+        }
+        i += CUBE_DIM as usize;
+    }
+    cube_sum(f32::cast_from(count), UNITS, reduction)
+}
+
+#[cube(launch)]
+fn topk_kernel(
+    scores: &[f32],
+    limits: &[i32],
+    indices: &mut [i32],
+    rows: usize,
+    s: usize,
+    k: usize,
+    #[comptime] reduction: Reduction,
+) {
+    let row = CUBE_POS;
+    if row >= rows {
+        terminate!();
+    }
+    let limit = limits[row];
+    let mut allowed = 0usize;
+    if limit >= 0 {
+        allowed = select(limit as usize + 1 < s, limit as usize + 1, s);
+    }
+    let base = row * s;
+    let take_all = allowed <= k;
+
+    // Radix select: the largest key `threshold` with at least k keys ≥ it is the k-th largest.
+    let mut threshold = 0u32;
+    let mut equals_needed = 0usize;
+    if !take_all {
+        for b in 0..32u32 {
+            let candidate = threshold | (0x8000_0000u32 >> b);
+            if count_keys(scores, base, allowed, candidate, false, reduction) >= f32::cast_from(k) {
+                threshold = candidate;
+            }
+        }
+        let greater = count_keys(scores, base, allowed, threshold, true, reduction);
+        equals_needed = k - usize::cast_from(greater);
+    }
+
+    // Compaction in position order: every key above the threshold, and the first `equals_needed` equal to it.
+    let mut written = 0usize;
+    let mut equals_seen = 0usize;
+    let mut chunk = 0usize;
+    while chunk < allowed {
+        let i = chunk + UNIT_POS as usize;
+        let mut key = 0u32;
+        if i < allowed {
+            key = ordered_key(scores[base + i]);
+        }
+        let valid = i < allowed;
+        let above = valid && (take_all || key > threshold);
+        let equal = valid && !take_all && key == threshold;
+        let equal_rank = cube_exclusive_scan(u32::cast_from(equal), UNITS);
+        let selected = above || (equal && equals_seen + (equal_rank.prefix as usize) < equals_needed);
+        let slot = cube_exclusive_scan(u32::cast_from(selected), UNITS);
+        if selected {
+            indices[row * k + written + slot.prefix as usize] = i as i32;
+        }
+        written += slot.total as usize;
+        equals_seen += equal_rank.total as usize;
+        chunk += CUBE_DIM as usize;
+    }
+    let mut j = written + UNIT_POS as usize;
+    while j < k {
+        indices[row * k + j] = -1;
+        j += CUBE_DIM as usize;
+    }
+}
+
+/// The order keys are compared by: IEEE total order of the f32 bits.
+fn host_key(value: f32) -> u32 {
+    let bits = value.to_bits();
+    if bits >> 31 == 1 { !bits } else { bits | 0x8000_0000 }
+}
+
+const INPUTS: &[TensorSpec] = &[
+    TensorSpec::new("scores", &["t", "s"], Storage::F32),
+    TensorSpec::new("limit", &["t"], Storage::I32).optional(),
+];
+const OUTPUTS: &[TensorSpec] = &[TensorSpec::new("indices", &["t", "k"], Storage::I32)];
+
+fn reduction(variant: &Variant) -> Reduction {
+    if variant.needs_plane_ops {
+        Reduction::Plane
+    } else {
+        Reduction::Shared
+    }
+}
+
+pub struct TopK;
+
+impl Kernel for TopK {
+    fn name(&self) -> &'static str {
+        "topk"
+    }
+    fn summary(&self) -> &'static str {
+        "indices of the k largest scores[t, 0..=limit[t]], −1 padded"
+    }
+    fn variants(&self) -> &'static [Variant] {
+        VARIANTS
+    }
+    fn inputs(&self) -> &'static [TensorSpec] {
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [TensorSpec] {
+        OUTPUTS
+    }
+    fn default_params(&self) -> &'static [(&'static str, f64)] {
+        // data: the test catalogue's input kind (0 normal, 1 few distinct values, 2 negative and denormal,
+        // 3 normal with every position allowed).
+        &[("data", 0.0)]
+    }
+    fn problems(&self) -> Vec<Problem> {
+        // (t, s, k, data): tie-free, s < k, the model's k = 2048 over 8K keys, ties, negative/denormal scores.
+        [
+            (9, 300, 16, 0),
+            (6, 1000, 2048, 0),
+            (4, 8192, 2048, 0),
+            (5, 3000, 100, 1),
+            (5, 2000, 64, 2),
+        ]
+        .into_iter()
+        .map(|(t, s, k, data)| Problem::new(Format::F32, &[("t", t), ("s", s), ("k", k)], &[("data", data as f64)]))
+        .collect()
+    }
+    fn formats(&self) -> &'static [Format] {
+        &[Format::F32]
+    }
+    fn bench_problems(&self) -> Vec<Problem> {
+        // 2048 prefill rows over 8K / 32K / 128K keys, k = 2048, every position allowed.
+        [8192, 32768, 131072]
+            .into_iter()
+            .map(|s| Problem::new(Format::F32, &[("t", 2048), ("s", s), ("k", 2048)], &[("data", 3.0)]))
+            .collect()
+    }
+    fn ir_problem(&self, _: Format) -> Problem {
+        Problem::new(Format::F32, &[("t", 4), ("s", 8192), ("k", 2048)], &[("data", 0.0)])
+    }
+    fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
+        let (s, k) = (problem.dim("s"), problem.dim("k"));
+        if k == 0 || s >= 1 << 24 {
+            return Err(KernelError::InvalidProblem {
+                kernel: self.name(),
+                field: if k == 0 { "k" } else { "s" },
+                expected: "k ≥ 1 and s < 2²⁴".into(),
+                got: format!("k = {k}, s = {s}"),
+            });
+        }
+        Ok(())
+    }
+    fn flops(&self, problem: &Problem) -> u64 {
+        // 33 counting passes and the compaction: ~34 key comparisons per score.
+        34 * (problem.dim("t") * problem.dim("s")) as u64
+    }
+    fn tolerance(&self, _: &TensorSpec, _: &Problem) -> f64 {
+        0.0
+    }
+    fn canonicalize(&self, _: &TensorSpec, problem: &Problem, values: &mut [f64]) {
+        for row in values.chunks_mut(problem.dim("k")) {
+            row.sort_by(f64::total_cmp);
+        }
+    }
+    fn default_input(&self, _: &TensorSpec, problem: &Problem) -> HostTensor {
+        let (t, s) = (problem.dim("t"), problem.dim("s"));
+        HostTensor::from_i32("limit", &[t], &vec![s as i32 - 1; t])
+    }
+    fn random_inputs(&self, problem: &Problem, rng: &mut rand::rngs::StdRng) -> Vec<HostTensor> {
+        let (t, s, k) = (problem.dim("t"), problem.dim("s"), problem.dim("k"));
+        let normal = crate::check::normal(rng, t * s);
+        let scores: Vec<f32> = match problem.param("data") as u32 {
+            // Few distinct values: many exact ties at the threshold.
+            1 => normal.iter().map(|v| (v * 4.0).round() / 4.0).collect(),
+            // Negative, tiny and denormal magnitudes, and both zeros.
+            2 => normal
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match i % 4 {
+                    0 => -v.abs() - 1.0,
+                    1 => f32::from_bits(rng.random_range(1..0x0080_0000)) * v.signum(),
+                    2 => {
+                        if v > &0.0 {
+                            0.0
+                        } else {
+                            -0.0
+                        }
+                    }
+                    _ => v * 1e-30,
+                })
+                .collect(),
+            _ => normal,
+        };
+        // Limits: whole rows, fewer allowed than k, none, and random prefixes (data 3, for bench: whole rows).
+        let limits: Vec<i32> = (0..t)
+            .map(|r| match if problem.param("data") == 3.0 { 0 } else { r % 4 } {
+                0 => s as i32 - 1,
+                1 => rng.random_range(0..k.min(s)) as i32,
+                2 if r % 8 == 2 => -1,
+                _ => rng.random_range(0..s) as i32,
+            })
+            .collect();
+        vec![
+            HostTensor::from_f32("scores", &[t, s], crate::DType::F32, &scores),
+            HostTensor::from_i32("limit", &[t], &limits),
+        ]
+    }
+    fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>> {
+        let (s, k) = (problem.dim("s"), problem.dim("k"));
+        let scores: Vec<f32> = inputs[0].words.iter().map(|w| f32::from_bits(*w)).collect();
+        let limits = inputs[1].to_f64();
+        let mut out = Vec::new();
+        for (row, limit) in scores.chunks(s).zip(limits) {
+            let allowed = if limit < 0.0 { 0 } else { (limit as usize + 1).min(s) };
+            let mut order: Vec<usize> = (0..allowed).collect();
+            order.sort_by_key(|&i| (std::cmp::Reverse(host_key(row[i])), i));
+            order.truncate(k);
+            out.extend(order.iter().map(|&i| i as f64));
+            out.extend(std::iter::repeat_n(-1.0, k - order.len()));
+        }
+        vec![out]
+    }
+    fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
+        let (t, s, k) = (problem.dim("t"), problem.dim("s"), problem.dim("k"));
+        topk_kernel::launch(
+            &device.client,
+            grid(t),
+            CubeDim::new_1d(UNITS),
+            buffer(&inputs[0], t * s),
+            buffer(&inputs[1], t),
+            buffer(&outputs[0], t * k),
+            t,
+            s,
+            k,
+            reduction(variant),
+        );
+    }
+    fn define(&self, variant: &Variant, target: IrTarget, _: &Problem) -> KernelDefinition {
+        let (props, target_props) = ir_props(target);
+        topk_kernel::TopkKernel::new(
+            ir_settings(CubeDim::new_1d(UNITS)),
+            props,
+            target_props,
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            (),
+            (),
+            (),
+            reduction(variant),
+        )
+        .define()
+    }
+}

@@ -1,0 +1,151 @@
+//! `nsa bench`: time kernel variants on a device; print time, TFLOP/s, GB/s and % of the roofline, and
+//! beside them a PyTorch reference timed by `bench/torch_reference.py` on the same device.
+use crate::{Failure, open_device, usage};
+use nsa_kernels::{Kernel, Problem, find_kernel, find_variant};
+use rand::SeedableRng;
+use std::process::Command;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Kernel name (`nsa ir --list`).
+    kernel: String,
+    /// Variant, or `all` (default: every variant the device supports).
+    #[arg(long, default_value = "all")]
+    variant: String,
+    /// Override sizes of every bench shape, e.g. `--shape s_kv=8192 --shape s_q=1024`.
+    #[arg(long = "shape", value_name = "DIM=SIZE")]
+    shapes: Vec<String>,
+    /// auto | cuda[:N] | hip[:N] | wgpu[:N]
+    #[arg(long)]
+    device: Option<String>,
+    /// Time the PyTorch reference with this script (`python3 SCRIPT <kernel> dim=size ...`).
+    #[arg(long)]
+    torch: Option<String>,
+    /// Peak TFLOP/s and GB/s of the device for % of roofline (default: measured H200 figures on sm_90).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    #[arg(long)]
+    peak_gbps: Option<f64>,
+}
+
+/// Measured on the lent H200 (../shared/notes/platform-facts.md): bf16 matmul and device copy.
+fn default_peaks(arch: &str) -> Option<(f64, f64)> {
+    (arch == "sm_90").then_some((790.0, 4240.0))
+}
+
+fn problems(kernel: &dyn Kernel, overrides: &[String]) -> Result<Vec<Problem>, Failure> {
+    let mut problems = kernel.bench_problems();
+    for o in overrides {
+        let Some((name, size)) = o.split_once('=').and_then(|(n, v)| Some((n, v.parse::<usize>().ok()?))) else {
+            return Err(usage(format!("bad --shape `{o}`: expected DIM=SIZE")));
+        };
+        for problem in &mut problems {
+            let Some(dim) = problem.dims.iter_mut().find(|(n, _)| *n == name) else {
+                let valid: Vec<_> = problem.dims.iter().map(|(n, _)| *n).collect();
+                return Err(usage(format!(
+                    "{} has no dim `{name}`; dims: {}",
+                    kernel.name(),
+                    valid.join(", ")
+                )));
+            };
+            dim.1 = size;
+        }
+    }
+    problems.dedup();
+    Ok(problems)
+}
+
+fn torch_ms(script: &str, kernel: &str, problem: &Problem) -> Result<f64, String> {
+    let mut args = vec![
+        script.to_string(),
+        kernel.to_string(),
+        format!("dtype={}", problem.format),
+    ];
+    args.extend(problem.dims.iter().map(|(n, v)| format!("{n}={v}")));
+    let output = Command::new("python3")
+        .args(&args)
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("torch_ms="))
+        .ok_or_else(|| {
+            format!(
+                "no torch_ms from {script}: {}",
+                String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("")
+            )
+        })?;
+    line["torch_ms=".len()..].trim().parse().map_err(|e| format!("{e}"))
+}
+
+pub fn run(args: Args) -> Result<(), Failure> {
+    let kernel = find_kernel(&args.kernel).map_err(usage)?;
+    let variants: Vec<_> = match args.variant.as_str() {
+        "all" => kernel.variants().iter().collect(),
+        name => vec![find_variant(kernel, name).map_err(usage)?],
+    };
+    let problems = problems(kernel, &args.shapes)?;
+    let device = open_device(args.device.as_deref())?;
+    let peaks = match (args.peak_tflops, args.peak_gbps) {
+        (Some(f), Some(b)) => Some((f, b)),
+        _ => default_peaks(&device.info.arch),
+    };
+    println!(
+        "bench {} on {} — {} ({})",
+        kernel.name(),
+        device.info.id(),
+        device.info.name,
+        device.info.arch
+    );
+    if let Some((f, b)) = peaks {
+        println!("roofline: {f} TFLOP/s (bf16 tensor-core peak), {b} GB/s");
+    }
+    println!(
+        "{:<14} {:<58} {:>10} {:>9} {:>9} {:>9} {:>11} {:>9}",
+        "variant", "shape", "time ms", "TFLOP/s", "GB/s", "roofline", "torch ms", "speedup"
+    );
+    for problem in &problems {
+        eprintln!("preparing inputs for {problem} ...");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let inputs = kernel.random_inputs(problem, &mut rng);
+        let torch = args
+            .torch
+            .as_deref()
+            .map(|script| torch_ms(script, kernel.name(), problem));
+        for variant in variants
+            .iter()
+            .filter(|v| kernel.supports(v, problem, device.features()).is_ok())
+        {
+            let timing = nsa_kernels::bench::time(kernel, variant, &device, problem, &inputs, 200.0)?;
+            let spec = kernel.spec(variant, problem);
+            let seconds = timing.median_ms / 1e3;
+            let (tflops, gbps) = (spec.flops as f64 / seconds / 1e12, spec.bytes as f64 / seconds / 1e9);
+            let roofline = peaks.map_or("-".to_string(), |(f, b)| {
+                let floor = (spec.flops as f64 / (f * 1e12)).max(spec.bytes as f64 / (b * 1e9));
+                format!("{:.1}%", 100.0 * floor / seconds)
+            });
+            let (torch_col, speedup) = match &torch {
+                Some(Ok(ms)) => (format!("{ms:.3}"), format!("{:.2}x", ms / timing.median_ms)),
+                Some(Err(e)) => {
+                    eprintln!("torch reference failed: {e}");
+                    ("error".into(), "-".into())
+                }
+                None => ("-".into(), "-".into()),
+            };
+            println!(
+                "{:<14} {:<58} {:>10.3} {:>9.2} {:>9.1} {:>9} {:>11} {:>9}",
+                variant.name,
+                problem.to_string(),
+                timing.median_ms,
+                tflops,
+                gbps,
+                roofline,
+                torch_col,
+                speedup
+            );
+        }
+    }
+    Ok(())
+}
