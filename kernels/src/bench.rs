@@ -15,11 +15,17 @@ pub struct Timing {
     pub launches: usize,
 }
 
-fn sync(device: &Device) -> Result<(), KernelError> {
-    cubecl::future::block_on(device.client.sync()).map_err(|e| KernelError::Unsupported {
-        kernel: "bench",
-        variant: "sync",
-        reason: format!("{e:?}"),
+fn sync(kernel: &dyn Kernel, variant: &Variant, device: &Device) -> Result<(), KernelError> {
+    cubecl::future::block_on(device.client.sync()).map_err(|e| KernelError::Device {
+        kernel: kernel.name(),
+        variant: variant.name,
+        reason: e
+            .to_string()
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string(),
     })
 }
 
@@ -47,10 +53,10 @@ pub fn time(
 
     // Warm-up: compile, then measure one launch to size the batches.
     launch();
-    sync(device)?;
+    sync(kernel, variant, device)?;
     let start = Instant::now();
     launch();
-    sync(device)?;
+    sync(kernel, variant, device)?;
     let single_ms = start.elapsed().as_secs_f64() * 1e3;
     let per_batch = ((target_batch_ms / single_ms.max(1e-3)) as usize).clamp(1, 1000);
     let mut samples = Vec::new();
@@ -59,7 +65,7 @@ pub fn time(
         for _ in 0..per_batch {
             launch();
         }
-        sync(device)?;
+        sync(kernel, variant, device)?;
         samples.push(start.elapsed().as_secs_f64() * 1e3 / per_batch as f64);
     }
     samples.sort_by(f64::total_cmp);

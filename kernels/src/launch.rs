@@ -2,11 +2,20 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nsa_backends::IrTarget;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static MAX_CUBES_X: AtomicUsize = AtomicUsize::new(65535);
+
+/// Lowers the x extent of grids, so tests make every kernel spill into y (and meet the bound checks that
+/// the last, partial row of cubes needs) with small problems.
+pub fn set_max_cubes_x(max: usize) {
+    MAX_CUBES_X.store(max.clamp(1, 65535), Ordering::Relaxed);
+}
 
 /// Cubes for `n` independent work items, spread over x and y so no dimension passes 65535 (wgpu's limit);
-/// kernels read the linear `CUBE_POS` and skip positions past `n`.
+/// kernels read the linear `CUBE_POS` and must skip positions past `n`.
 pub fn grid(n: usize) -> CubeCount {
-    let x = n.clamp(1, 65535);
+    let x = n.clamp(1, MAX_CUBES_X.load(Ordering::Relaxed));
     CubeCount::Static(x as u32, n.div_ceil(x).max(1) as u32, 1)
 }
 

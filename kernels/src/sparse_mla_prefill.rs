@@ -53,6 +53,7 @@ fn sparse_mla_prefill_kernel(
     out: &mut [u32],
     lse: &mut [f32],
     max_logit: &mut [f32],
+    s_q: usize,
     h_q: usize,
     s_kv: usize,
     topk: usize,
@@ -70,6 +71,10 @@ fn sparse_mla_prefill_kernel(
     let token = CUBE_POS / head_blocks;
     let head0 = (CUBE_POS % head_blocks) * heads as usize;
     let unit = UNIT_POS as usize;
+    // The grid is rounded up to whole rows of 65535 cubes: cubes past the last token do nothing.
+    if token >= s_q {
+        terminate!();
+    }
 
     let mut kv_smem = Shared::<[u32]>::new_slice(comptime!((block * d_qk / per_word) as usize));
     let mut valid_smem = Shared::<[u32]>::new_slice(block as usize);
@@ -441,6 +446,7 @@ impl Kernel for SparseMlaPrefill {
             buffer(&outputs[0], s_q * h_q * 512 / per_word),
             buffer(&outputs[1], s_q * h_q),
             buffer(&outputs[2], s_q * h_q),
+            s_q,
             h_q,
             s_kv,
             topk,
@@ -465,6 +471,7 @@ impl Kernel for SparseMlaPrefill {
             slice_arg(),
             slice_arg(),
             slice_arg(),
+            (),
             (),
             (),
             (),

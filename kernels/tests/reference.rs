@@ -14,6 +14,33 @@ fn test_device() -> nsa_backends::Device {
 }
 
 #[test]
+fn kernels_skip_the_cubes_past_the_end_of_a_spilled_grid() {
+    // Grids of at most 2 cubes across: every multi-cube launch spills into y with a partial last row, so
+    // a kernel that indexes by CUBE_POS_X, or computes past the last row, gets wrong answers here. (Writes
+    // past a buffer's end are dropped by wgpu's robust buffer access; `nsa selftest` repeats this geometry
+    // on CUDA, where they fault.) The catalogue test beside it passes under either geometry.
+    nsa_kernels::launch::set_max_cubes_x(2);
+    let device = test_device();
+    for kernel in KERNELS {
+        for variant in kernel.variants() {
+            let problem = &kernel.problems()[1];
+            if kernel.supports(variant, problem, device.features()).is_err() {
+                continue;
+            }
+            let result = check(*kernel, variant, &device, problem, 11).expect("kernel runs");
+            assert!(
+                result.passed(),
+                "{}::{}::{} on a spilled grid: {result:?}",
+                kernel.name(),
+                variant.name,
+                problem
+            );
+        }
+    }
+    nsa_kernels::launch::set_max_cubes_x(65535);
+}
+
+#[test]
 fn every_kernel_variant_matches_its_reference() {
     let device = test_device();
     let mut failures = Vec::new();
