@@ -130,3 +130,46 @@ pub fn read_e4m3_scaled(buffer: &[u32], scales: &[f32], index: usize, #[comptime
     let bits = (word >> (8 * (index % 4) as u32)) & 0xff;
     e4m3_to_f32(bits) * scales[index / block]
 }
+
+/// f32 narrowed to FP8 e4m3 bits (0..=0xff), rounding to nearest even in integer arithmetic (the same
+/// result on every backend, fast-math or not). `value` must be finite with |value| ≤ 448 (callers scale
+/// first); f32 subnormals become ±0.
+#[cube]
+pub fn f32_to_e4m3(value: f32) -> u32 {
+    let bits = u32::reinterpret(value);
+    let sign = (bits >> 24) & 0x80;
+    let biased = (bits >> 23) & 0xff;
+    let mantissa = bits & 0x7f_ffff;
+    let mut code = 0u32;
+    if biased >= 121 {
+        // Normal in e4m3 (|value| ≥ 2⁻⁶): keep 3 of 23 mantissa bits; a carry moves into the exponent.
+        let dropped = mantissa & 0xf_ffff;
+        let kept = mantissa >> 20;
+        let up = dropped > 0x8_0000 || (dropped == 0x8_0000 && (kept & 1) == 1);
+        code = ((biased - 120) << 3) + kept + u32::cast_from(up);
+    } else if biased >= 117 {
+        // Subnormal in e4m3: value = q·2⁻⁹ with q = round(significand · 2^(biased − 141)); below 2⁻¹⁰
+        // everything rounds to 0 (and the shift stays ≤ 24).
+        let significand = mantissa | 0x80_0000;
+        let shift = 141 - biased;
+        let kept = significand >> shift;
+        let dropped = significand & ((1u32 << shift) - 1);
+        let half = 1u32 << (shift - 1);
+        let up = dropped > half || (dropped == half && (kept & 1) == 1);
+        code = kept + u32::cast_from(up);
+    }
+    sign | code
+}
+
+/// The power-of-two scale DeepSeek's FP8 KV cache uses for a group with absolute maximum `amax`:
+/// 2^ceil(log2(amax / 448)), computed exactly from the bits (amax = m·2^E, m ∈ [1, 2): 2^(E−8), or
+/// 2^(E−7) when m > 1.75). A zero group gets scale 1.
+#[cube]
+pub fn e4m3_group_scale(amax: f32) -> f32 {
+    let bits = u32::reinterpret(amax);
+    let biased = (bits >> 23) & 0xff;
+    let exponent = biased + u32::cast_from((bits & 0x7f_ffff) > 0x60_0000);
+    // 2^(E − 8 (+1)) as f32 bits: biased exponent − 8 (+1), clamped to the normal range.
+    let scale_biased = select(exponent > 9, exponent - 8, 1u32);
+    select(amax > 0.0, f32::reinterpret(scale_biased << 23), 1.0)
+}

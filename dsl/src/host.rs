@@ -77,3 +77,28 @@ pub fn bytes_to_words(bytes: &[u8]) -> Option<Vec<u32>> {
             .collect()
     })
 }
+
+/// Nearest e4m3 code to `value` (|value| ≤ 448), ties to the even code: by search over the 127 positive
+/// codes, independent of the kernel's bit arithmetic.
+pub fn f32_to_e4m3(value: f32) -> u8 {
+    let sign = if value.is_sign_negative() { 0x80 } else { 0 };
+    let magnitude = value.abs() as f64;
+    let mut best = 0u8;
+    for code in 1..=0x7eu8 {
+        let (candidate, current) = (e4m3_to_f32(code) as f64, e4m3_to_f32(best) as f64);
+        let (d_candidate, d_current) = ((candidate - magnitude).abs(), (current - magnitude).abs());
+        if d_candidate < d_current || (d_candidate == d_current && code % 2 == 0) {
+            best = code;
+        }
+    }
+    sign | best
+}
+
+/// The FP8 KV cache's group scale: 2^ceil(log2(amax / 448)) (1 for a zero group), in f64.
+pub fn e4m3_group_scale(amax: f32) -> f32 {
+    if amax == 0.0 {
+        1.0
+    } else {
+        2f64.powi((amax as f64 / 448.0).log2().ceil() as i32) as f32
+    }
+}

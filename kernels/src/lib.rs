@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod check;
 pub mod error;
+pub mod fp8_kv;
 pub mod indexer;
 pub mod ir;
 pub mod launch;

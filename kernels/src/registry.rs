@@ -10,6 +10,7 @@ pub static KERNELS: &[&dyn Kernel] = &[
     &crate::indexer::IndexerLogits,
     &crate::topk::TopK,
     &crate::sparse_mla_prefill::SparseMlaPrefill,
+    &crate::fp8_kv::Fp8KvQuantize,
 ];
 
 pub fn find_kernel(name: &str) -> Result<&'static dyn Kernel, KernelError> {

@@ -75,6 +75,7 @@ pub enum Storage {
     Problem,
     F32,
     I32,
+    U8,
 }
 
 /// An input or output: its name and symbolic shape (`["rows", "hidden"]`).
@@ -110,6 +111,7 @@ impl TensorSpec {
             Storage::Problem => DType::of(problem.format),
             Storage::F32 => DType::F32,
             Storage::I32 => DType::I32,
+            Storage::U8 => DType::U8,
         }
     }
 
@@ -122,6 +124,7 @@ impl TensorSpec {
         let len = self.len(problem);
         match self.dtype(problem) {
             DType::Bf16 => len.div_ceil(2),
+            DType::U8 => len.div_ceil(4),
             _ => len,
         }
     }

@@ -6,6 +6,8 @@ pub enum DType {
     F32,
     Bf16,
     I32,
+    /// Bytes, four to a word (the FP8 KV cache).
+    U8,
 }
 
 impl DType {
@@ -21,12 +23,14 @@ impl DType {
             DType::F32 => "F32",
             DType::Bf16 => "BF16",
             DType::I32 => "I32",
+            DType::U8 => "U8",
         }
     }
 
     pub const fn bytes_per_element(self) -> usize {
         match self {
             DType::Bf16 => 2,
+            DType::U8 => 1,
             _ => 4,
         }
     }
@@ -55,6 +59,7 @@ impl HostTensor {
             DType::F32 => host::pack(values, Format::F32),
             DType::Bf16 => host::pack(values, Format::Bf16),
             DType::I32 => values.iter().map(|v| *v as i32 as u32).collect(),
+            DType::U8 => host::pack_bytes(&values.iter().map(|v| *v as u8).collect::<Vec<_>>()),
         };
         HostTensor {
             name: name.into(),
@@ -86,6 +91,9 @@ impl HostTensor {
                 .map(|v| *v as f64)
                 .collect(),
             DType::I32 => self.words[..self.len()].iter().map(|w| *w as i32 as f64).collect(),
+            DType::U8 => (0..self.len())
+                .map(|i| ((self.words[i / 4] >> (8 * (i % 4))) & 0xff) as f64)
+                .collect(),
         }
     }
 

@@ -3,7 +3,8 @@
 //! scores [t, s] f32, limit [t] i32 (last allowed position, inclusive; −1 = none; optional, default s − 1)
 //! → indices [t, k] i32, unordered. A row with ≤ k allowed positions returns all of them. Ties (equal f32
 //! bits) go to the lower position; values are ordered by IEEE total order (−0 < +0).
-//! Variant `radix2`: one cube per row; a bit-by-bit radix select finds the k-th largest key (32 counting
+//! Variant `radix256`: one cube per row; 4 passes of 8-bit digit histograms (shared-memory atomics)
+//! narrow the k-th largest key down, then the same compaction. Variants `radix2*`: one cube per row; a bit-by-bit radix select finds the k-th largest key (32 counting
 //! passes, each a cube reduction), then an in-order compaction (cube prefix sums) writes the selection.
 //! Exact: index sets must equal the reference's. Rows of up to 2²⁴ scores (counts are summed in f32).
 use crate::launch::{buffer, grid, ir_props, ir_settings, slice_arg};
@@ -19,6 +20,11 @@ use nsa_dsl::select::{cube_exclusive_scan, ordered_key};
 use rand::Rng;
 
 pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "radix256",
+        summary: "8-bit radix select: 4 histogram passes (shared atomics)",
+        needs_plane_ops: false,
+    },
     Variant {
         name: "radix2",
         summary: "bit-by-bit radix select, plane reductions",
@@ -93,7 +99,34 @@ fn topk_kernel(
         equals_needed = k - usize::cast_from(greater);
     }
 
-    // Compaction in position order: every key above the threshold, and the first `equals_needed` equal to it.
+    write_selection(
+        scores,
+        indices,
+        row,
+        base,
+        allowed,
+        k,
+        take_all,
+        threshold,
+        equals_needed,
+    );
+}
+
+/// Writes row `row`'s selection in position order: every allowed key above `threshold` and the first
+/// `equals_needed` equal to it (all allowed keys with `take_all`), then −1 up to k.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_selection(
+    scores: &[f32],
+    indices: &mut [i32],
+    row: usize,
+    base: usize,
+    allowed: usize,
+    k: usize,
+    take_all: bool,
+    threshold: u32,
+    equals_needed: usize,
+) {
     let mut written = 0usize;
     let mut equals_seen = 0usize;
     let mut chunk = 0usize;
@@ -121,6 +154,76 @@ fn topk_kernel(
         indices[row * k + j] = -1;
         j += CUBE_DIM as usize;
     }
+}
+
+/// Radix select with 8-bit digits: per pass a 256-bin histogram (shared atomics) of the keys that match
+/// the digits chosen so far, then a suffix sum over the bins picks the digit holding the k-th largest key.
+#[cube(launch)]
+fn topk_radix256_kernel(scores: &[f32], limits: &[i32], indices: &mut [i32], rows: usize, s: usize, k: usize) {
+    let row = CUBE_POS;
+    if row >= rows {
+        terminate!();
+    }
+    let limit = limits[row];
+    let mut allowed = 0usize;
+    if limit >= 0 {
+        allowed = select(limit as usize + 1 < s, limit as usize + 1, s);
+    }
+    let base = row * s;
+    let take_all = allowed <= k;
+    let unit = UNIT_POS as usize;
+    let histogram = Shared::<[Atomic<u32>]>::new_slice(256usize);
+    // The chosen digit and how many keys are still to be taken below the digits chosen so far.
+    let mut choice = Shared::<[u32]>::new_slice(2usize);
+
+    let mut prefix = 0u32;
+    let mut prefix_mask = 0u32;
+    let mut remaining = k as u32;
+    if !take_all {
+        #[unroll]
+        for pass in 0..4u32 {
+            let shift = 24 - 8 * pass;
+            if unit < 256 {
+                histogram[unit].store(0u32);
+            }
+            sync_cube();
+            let mut i = unit;
+            while i < allowed {
+                let key = ordered_key(scores[base + i]);
+                if (key & prefix_mask) == prefix {
+                    histogram[((key >> shift) & 255) as usize].fetch_add(1u32);
+                }
+                i += CUBE_DIM as usize;
+            }
+            sync_cube();
+            // Unit u looks at digit 255 − u: the exclusive prefix over units counts the keys in higher digits.
+            let mut count = 0u32;
+            if unit < 256 {
+                count = histogram[255 - unit].load();
+            }
+            let above = cube_exclusive_scan(count, UNITS);
+            if unit < 256 && above.prefix < remaining && above.prefix + count >= remaining {
+                choice[0] = (255 - unit) as u32;
+                choice[1] = remaining - above.prefix;
+            }
+            sync_cube();
+            prefix |= choice[0] << shift;
+            prefix_mask |= 255u32 << shift;
+            remaining = choice[1];
+            sync_cube();
+        }
+    }
+    write_selection(
+        scores,
+        indices,
+        row,
+        base,
+        allowed,
+        k,
+        take_all,
+        prefix,
+        remaining as usize,
+    );
 }
 
 /// The order keys are compared by: IEEE total order of the f32 bits.
@@ -276,6 +379,19 @@ impl Kernel for TopK {
     }
     fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
         let (t, s, k) = (problem.dim("t"), problem.dim("s"), problem.dim("k"));
+        if variant.name == "radix256" {
+            return topk_radix256_kernel::launch(
+                &device.client,
+                grid(t),
+                CubeDim::new_1d(UNITS),
+                buffer(&inputs[0], t * s),
+                buffer(&inputs[1], t),
+                buffer(&outputs[0], t * k),
+                t,
+                s,
+                k,
+            );
+        }
         topk_kernel::launch(
             &device.client,
             grid(t),
@@ -291,8 +407,23 @@ impl Kernel for TopK {
     }
     fn define(&self, variant: &Variant, target: IrTarget, _: &Problem) -> KernelDefinition {
         let (props, target_props) = ir_props(target);
+        let settings = ir_settings(CubeDim::new_1d(UNITS));
+        if variant.name == "radix256" {
+            return topk_radix256_kernel::TopkRadix256Kernel::new(
+                settings,
+                props,
+                target_props,
+                slice_arg(),
+                slice_arg(),
+                slice_arg(),
+                (),
+                (),
+                (),
+            )
+            .define();
+        }
         topk_kernel::TopkKernel::new(
-            ir_settings(CubeDim::new_1d(UNITS)),
+            settings,
             props,
             target_props,
             slice_arg(),

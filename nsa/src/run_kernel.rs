@@ -116,6 +116,7 @@ fn describe(kernel: &dyn Kernel) {
                 Storage::Problem => "F32 or BF16 (all alike)",
                 Storage::F32 => "F32",
                 Storage::I32 => "I32",
+                Storage::U8 => "U8",
             };
             let optional = if spec.optional { " (optional)" } else { "" };
             println!(
@@ -135,6 +136,7 @@ fn st_dtype(dtype: DType) -> Dtype {
         DType::F32 => Dtype::F32,
         DType::Bf16 => Dtype::BF16,
         DType::I32 => Dtype::I32,
+        DType::U8 => Dtype::U8,
     }
 }
 
