@@ -46,6 +46,49 @@ def sparse_mla_prefill(d, dtype):
     return median_ms(run, reps=5)
 
 
+def sparse_mla_decode(d, dtype):
+    b, s_q, h_q, topk, max_pages, pages = d["b"], d["s_q"], d["h_q"], d["topk"], d["max_pages"], d["pages"]
+    d_qk, d_v = d["d_qk"], d["d_v"]
+    q = torch.randn(b, s_q, h_q, d_qk, dtype=dtype, device="cuda")
+    cache = torch.randint(0, 0x7E, (pages, 64, 656), dtype=torch.uint8, device="cuda")
+    cache[..., 512:528] = torch.tensor([0, 0, 0, 0x3C], dtype=torch.uint8, device="cuda").repeat(4)
+    table = torch.randperm(pages, device="cuda")[: b * max_pages].view(b, max_pages).int()
+    idx = torch.randint(0, max_pages * 64, (b, s_q, topk), device="cuda")
+    scale = d_qk ** -0.5
+
+    def run():
+        page = torch.gather(table, 1, (idx // 64).view(b, -1)).view(b, s_q, topk)
+        tok = cache[page.long(), (idx % 64).long()]  # [b, s_q, topk, 656]
+        scales = tok[..., 512:528].contiguous().view(torch.float32)  # [b, s_q, topk, 4]
+        latent = tok[..., :512].contiguous().view(torch.float8_e4m3fn).float()
+        latent = (latent.view(b, s_q, topk, 4, 128) * scales[..., None]).view(b, s_q, topk, 512)
+        rope = tok[..., 528:].contiguous().view(torch.bfloat16).float()
+        kv = torch.cat([latent, rope], dim=-1).to(dtype)  # [b, s_q, topk, 576]
+        s = torch.einsum("bqhd,bqkd->bqhk", q, kv).float() * scale
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[..., None]).to(dtype)
+        torch.einsum("bqhk,bqkd->bqhd", p, kv[..., :d_v])
+
+    return median_ms(run)
+
+
+def fp8_kv_quantize(d, dtype):
+    n = d["n"]
+    kv = torch.randn(n, 576, dtype=dtype, device="cuda")
+
+    def run():
+        latent = kv[:, :512].float().view(n, 4, 128)
+        amax = latent.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+        scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
+        codes = (latent / scale).to(torch.float8_e4m3fn).view(torch.uint8).view(n, 512)
+        out = torch.empty(n, 656, dtype=torch.uint8, device="cuda")
+        out[:, :512] = codes
+        out[:, 512:528] = scale.view(n, 4).contiguous().view(torch.uint8)
+        out[:, 528:] = kv[:, 512:].to(torch.bfloat16).contiguous().view(torch.uint8)
+
+    return median_ms(run, reps=50)
+
+
 def indexer_logits(d, dtype):
     t, h, dd, s = d["t"], d["h"], d["d"], d["s"]
     q = torch.randn(t, h, dd, dtype=dtype, device="cuda")

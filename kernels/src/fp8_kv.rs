@@ -126,6 +126,14 @@ impl Kernel for Fp8KvQuantize {
         }
         problems
     }
+    fn bench_problems(&self) -> Vec<Problem> {
+        // One prefill chunk of 16K tokens written into the cache.
+        vec![Problem::new(
+            Format::Bf16,
+            &[("n", 16384), ("d_qk", 576), ("token_bytes", 656)],
+            &[],
+        )]
+    }
     fn ir_problem(&self, format: Format) -> Problem {
         Problem::new(format, &[("n", 64), ("d_qk", 576), ("token_bytes", 656)], &[])
     }

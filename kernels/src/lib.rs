@@ -12,6 +12,8 @@ pub mod norm;
 pub mod registry;
 pub mod rope;
 pub mod silu_mul;
+pub mod sparse_mla;
+pub mod sparse_mla_decode;
 pub mod sparse_mla_prefill;
 pub mod spec;
 pub mod tensor;

@@ -10,6 +10,7 @@ pub static KERNELS: &[&dyn Kernel] = &[
     &crate::indexer::IndexerLogits,
     &crate::topk::TopK,
     &crate::sparse_mla_prefill::SparseMlaPrefill,
+    &crate::sparse_mla_decode::SparseMlaDecode,
     &crate::fp8_kv::Fp8KvQuantize,
 ];
 

@@ -202,6 +202,15 @@ pub trait Kernel: Sync {
     fn validate(&self, problem: &Problem) -> Result<(), KernelError>;
     /// FLOPs of one run.
     fn flops(&self, problem: &Problem) -> u64;
+    /// Fewest bytes one run must move: by default every input read once and every output written once;
+    /// kernels that read only part of an input (a sparse gather from a cache) say so.
+    fn bytes(&self, problem: &Problem) -> u64 {
+        self.inputs()
+            .iter()
+            .chain(self.outputs())
+            .map(|t| t.bytes(problem))
+            .sum()
+    }
     /// The f64 reference: one `Vec` per output, from inputs as stored.
     fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>>;
     /// Random inputs (normal, as stored). Families with index or position inputs override this.
@@ -247,7 +256,6 @@ pub trait Kernel: Sync {
     fn spec(&self, variant: &Variant, problem: &Problem) -> KernelSpec {
         let inputs = self.inputs().to_vec();
         let outputs = self.outputs().to_vec();
-        let bytes = inputs.iter().chain(&outputs).map(|t| t.bytes(problem)).sum();
         KernelSpec {
             kernel: self.name(),
             variant: variant.name,
@@ -255,7 +263,7 @@ pub trait Kernel: Sync {
             inputs,
             outputs,
             flops: self.flops(problem),
-            bytes,
+            bytes: self.bytes(problem),
         }
     }
 }

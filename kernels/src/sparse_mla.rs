@@ -1,0 +1,366 @@
+//! The sparse MLA attention core shared by prefill (bf16/f32 kv rows) and decode (the paged FP8 cache).
+//!
+//! For each query row r and head h, over the valid entries i of indices[r, :]:
+//!   S_i = sm_scale · q[r, h, :] · kv_i          (576 = 512 latent + 64 rope)
+//!   out[r, h, :] = Σ_i softmax(S)_i · kv_i[:512]
+//!   lse[r, h] = log Σ_i exp(S_i) (natural), max_logit[r, h] = max_i S_i
+//! An empty row gives out = 0, lse = +∞, max_logit = −∞.
+//! Variants `simt_h{HB}`: a cube holds HB heads of one row; per block of BI indices it gathers (and for
+//! FP8, dequantizes) the kv rows into shared memory as f32, computes the HB×BI scores, updates each head's
+//! online softmax, and accumulates P·V in per-unit registers (each unit owns d_v / 128 columns of every
+//! head). Scalar FMAs; tensor cores are issue 8.
+use crate::Variant;
+use crate::launch::{ir_props, ir_settings, slice_arg};
+use cubecl::prelude::*;
+use nsa_backends::IrTarget;
+use nsa_dsl::Format;
+use nsa_dsl::format::{bf16_to_f32, e4m3_to_f32, pack, read_element, unpack};
+use serde::{Deserialize, Serialize};
+
+pub const UNITS: u32 = 128;
+pub const D_QK: usize = 576;
+pub const D_V: usize = 512;
+/// Tokens per page of the FP8 cache, and 32-bit words per cached token (656 bytes).
+pub const PAGE_SIZE: usize = 64;
+pub const TOKEN_WORDS: usize = 164;
+
+pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "simt_h16",
+        summary: "16 heads per cube, 8 indices per block",
+        needs_plane_ops: false,
+    },
+    Variant {
+        name: "simt_h8",
+        summary: "8 heads per cube, 8 indices per block",
+        needs_plane_ops: false,
+    },
+];
+
+/// (heads per cube, indices per block) of a variant.
+pub fn tiles(variant: &Variant) -> (u32, u32) {
+    match variant.name {
+        "simt_h16" => (16, 8),
+        _ => (8, 8),
+    }
+}
+
+/// Shared memory of a variant: the f32 kv tile, valid flags, P, and three floats per head.
+pub fn shared_memory_bytes(variant: &Variant) -> usize {
+    let (heads, block) = tiles(variant);
+    4 * (block as usize * D_QK + block as usize + (heads * block) as usize + 3 * heads as usize)
+}
+
+/// Where the kv rows come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KvSource {
+    /// kv [s_kv, 576] in the problem's format; index i is row i.
+    Rows,
+    /// The paged FP8 cache [pages, 64, 656 B]; index i is the sequence's token i, found through
+    /// block_table[batch, i / 64] (page) and i % 64 (slot).
+    Fp8Paged,
+}
+
+/// Word offset of the kv row `index` names, or 0xffff_ffff ("invalid": u32, as WGSL has no 64-bit integers).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn kv_row_offset(
+    index: i32,
+    block_table: &[i32],
+    batch: usize,
+    s_kv: usize,
+    max_pages: usize,
+    pages: usize,
+    #[comptime] source: KvSource,
+    #[comptime] format: Format,
+) -> u32 {
+    let mut offset = 0xffff_ffffu32;
+    match source {
+        KvSource::Rows => {
+            if index >= 0 && (index as usize) < s_kv {
+                offset = (index as usize * comptime!(D_QK / format.per_word() as usize)) as u32;
+            }
+        }
+        KvSource::Fp8Paged => {
+            if index >= 0 && (index as usize) < max_pages * PAGE_SIZE {
+                let page = block_table[batch * max_pages + index as usize / PAGE_SIZE];
+                if page >= 0 && (page as usize) < pages {
+                    offset = ((page as usize * PAGE_SIZE + index as usize % PAGE_SIZE) * TOKEN_WORDS) as u32;
+                }
+            }
+        }
+    }
+    offset
+}
+
+/// Element `e` (0..576) of the kv row at word `offset`, as f32.
+#[cube]
+#[allow(unused_assignments)]
+fn kv_element(kv: &[u32], offset: usize, e: usize, #[comptime] source: KvSource, #[comptime] format: Format) -> f32 {
+    let mut value = 0.0f32;
+    match source {
+        KvSource::Rows => {
+            value = read_element(kv, offset * comptime!(format.per_word() as usize) + e, format);
+        }
+        KvSource::Fp8Paged => {
+            if e < D_V {
+                // Latent: an e4m3 byte times its 128-group's scale.
+                let byte = (kv[offset + e / 4] >> (8 * (e % 4)) as u32) & 0xff;
+                value = e4m3_to_f32(byte) * f32::reinterpret(kv[offset + 128 + e / 128]);
+            } else {
+                let r = e - D_V;
+                value = bf16_to_f32((kv[offset + 132 + r / 2] >> (16 * (r % 2)) as u32) & 0xffff);
+            }
+        }
+    }
+    value
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_mla_kernel(
+    q: &[u32],
+    kv: &[u32],
+    block_table: &[i32],
+    indices: &[i32],
+    out: &mut [u32],
+    lse: &mut [f32],
+    max_logit: &mut [f32],
+    rows: usize,
+    rows_per_batch: usize,
+    h_q: usize,
+    s_kv: usize,
+    max_pages: usize,
+    pages: usize,
+    topk: usize,
+    sm_scale: f32,
+    #[comptime] heads: u32,
+    #[comptime] block: u32,
+    #[comptime] source: KvSource,
+    #[comptime] format: Format,
+) {
+    let per_word = comptime!(format.per_word());
+    let q_words = comptime!(D_QK as u32 / per_word) as usize;
+    let v_words_per_unit = comptime!(D_V as u32 / per_word / UNITS);
+    let head_blocks = h_q / heads as usize;
+    let row = CUBE_POS / head_blocks;
+    let head0 = (CUBE_POS % head_blocks) * heads as usize;
+    let unit = UNIT_POS as usize;
+    // The grid is rounded up to whole rows of cubes: cubes past the last query row do nothing.
+    if row >= rows {
+        terminate!();
+    }
+    let batch = row / rows_per_batch;
+
+    let mut kv_smem = Shared::<[f32]>::new_slice(comptime!(block as usize * D_QK));
+    let mut offset_smem = Shared::<[u32]>::new_slice(block as usize);
+    // Scores, then probabilities, of the block: [heads, block].
+    let mut p_smem = Shared::<[f32]>::new_slice(comptime!((heads * block) as usize));
+    // Per head: running max, running sum, and this block's rescale factor.
+    let mut m_smem = Shared::<[f32]>::new_slice(heads as usize);
+    let mut l_smem = Shared::<[f32]>::new_slice(heads as usize);
+    let mut alpha_smem = Shared::<[f32]>::new_slice(heads as usize);
+    // acc_o[head][word][lane]: this unit's output columns.
+    let mut acc_o = Array::<f32>::new(comptime!((heads * v_words_per_unit * per_word) as usize));
+    #[unroll]
+    for i in 0..comptime!(heads * v_words_per_unit * per_word) {
+        acc_o[i as usize] = 0.0f32;
+    }
+    if unit < heads as usize {
+        // −2³⁰ rather than −∞: exp(m_old − m_new) stays finite while no index was valid.
+        m_smem[unit] = -1073741824.0f32;
+        l_smem[unit] = 0.0f32;
+    }
+
+    let mut start = 0usize;
+    while start < topk {
+        // Resolve this block's indices to kv rows (0xffff_ffff: invalid or past topk).
+        if unit < block as usize {
+            let mut offset = 0xffff_ffffu32;
+            if start + unit < topk {
+                let index = indices[row * topk + start + unit];
+                offset = kv_row_offset(index, block_table, batch, s_kv, max_pages, pages, source, format);
+            }
+            offset_smem[unit] = offset;
+        }
+        sync_cube();
+        // Gather (and dequantize) the rows into shared memory as f32; invalid rows read as 0.
+        let mut i = unit;
+        while i < comptime!(block as usize * D_QK) {
+            let offset = offset_smem[i / D_QK];
+            let mut value = 0.0f32;
+            if offset != 0xffff_ffffu32 {
+                value = kv_element(kv, offset as usize, i % D_QK, source, format);
+            }
+            kv_smem[i] = value;
+            i += UNITS as usize;
+        }
+        sync_cube();
+
+        // S = sm_scale · Q·Kᵀ for the block: one (head, slot) pair per unit and step.
+        let mut pair = unit;
+        while pair < comptime!((heads * block) as usize) {
+            let head = pair / block as usize;
+            let slot = pair % block as usize;
+            let q_base = (row * h_q + head0 + head) * q_words;
+            let mut dot = 0.0f32;
+            for w in 0..q_words {
+                let qw = q[q_base + w];
+                let e = slot * D_QK + w * per_word as usize;
+                dot += unpack(qw, 0u32, format) * kv_smem[e];
+                if comptime!(per_word == 2) {
+                    dot += unpack(qw, 1u32, format) * kv_smem[e + 1];
+                }
+            }
+            p_smem[pair] = dot * sm_scale;
+            pair += UNITS as usize;
+        }
+        sync_cube();
+
+        // Online softmax per head: new max, rescale factor, P = exp(S − m) on valid slots.
+        if unit < heads as usize {
+            let m_old = m_smem[unit];
+            let mut m_new = m_old;
+            #[unroll]
+            for slot in 0..block {
+                if offset_smem[slot as usize] != 0xffff_ffffu32 {
+                    m_new = f32::max(m_new, p_smem[unit * block as usize + slot as usize]);
+                }
+            }
+            let alpha = f32::exp(m_old - m_new);
+            let mut sum = 0.0f32;
+            #[unroll]
+            for slot in 0..block {
+                let index = unit * block as usize + slot as usize;
+                let p = select(
+                    offset_smem[slot as usize] != 0xffff_ffffu32,
+                    f32::exp(p_smem[index] - m_new),
+                    0.0f32,
+                );
+                p_smem[index] = p;
+                sum += p;
+            }
+            m_smem[unit] = m_new;
+            l_smem[unit] = l_smem[unit] * alpha + sum;
+            alpha_smem[unit] = alpha;
+        }
+        sync_cube();
+
+        // O = O·alpha + P·V on this unit's columns.
+        #[unroll]
+        for head in 0..heads {
+            let alpha = alpha_smem[head as usize];
+            #[unroll]
+            for vw in 0..v_words_per_unit {
+                #[unroll]
+                for lane in 0..per_word {
+                    let a = ((head * v_words_per_unit + vw) * per_word + lane) as usize;
+                    let d = (unit + (vw * UNITS) as usize) * per_word as usize + lane as usize;
+                    let mut value = acc_o[a] * alpha;
+                    #[unroll]
+                    for slot in 0..block {
+                        value += p_smem[(head * block + slot) as usize] * kv_smem[slot as usize * D_QK + d];
+                    }
+                    acc_o[a] = value;
+                }
+            }
+        }
+        sync_cube();
+        start += block as usize;
+    }
+
+    // out = O / l; an empty row (l = 0) gives 0, lse +∞ and max logit −∞.
+    let v_words = comptime!(D_V as u32 / per_word) as usize;
+    #[unroll]
+    for head in 0..heads {
+        let l = l_smem[head as usize];
+        let inv_l = select(l > 0.0f32, 1.0f32 / l, 0.0f32);
+        let out_row = row * h_q + head0 + head as usize;
+        #[unroll]
+        for vw in 0..v_words_per_unit {
+            let a = ((head * v_words_per_unit + vw) * per_word) as usize;
+            let mut hi = 0.0f32;
+            if comptime!(per_word == 2) {
+                hi = acc_o[a + 1] * inv_l;
+            }
+            out[out_row * v_words + unit + (vw * UNITS) as usize] = pack(acc_o[a] * inv_l, hi, format);
+        }
+        if unit == 0 {
+            let empty = l == 0.0f32;
+            lse[out_row] = select(
+                empty,
+                f32::reinterpret(0x7f80_0000u32),
+                m_smem[head as usize] + f32::ln(l),
+            );
+            max_logit[out_row] = select(empty, f32::reinterpret(0xff80_0000u32), m_smem[head as usize]);
+        }
+    }
+}
+
+/// The f64 reference: attention of each query row over its valid kv rows (`kv_row(r, i)` gives row r's
+/// index i as 576 values, or None when invalid). Returns (out, lse, max_logit), row-major [rows, h_q, …].
+pub fn reference(
+    q: &[f64],
+    h_q: usize,
+    topk: usize,
+    indices: &[f64],
+    scale: f64,
+    kv_row: impl Fn(usize, i64) -> Option<Vec<f64>>,
+) -> Vec<Vec<f64>> {
+    let rows = indices.len() / topk;
+    let (mut out, mut lse, mut max_logit) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rows {
+        let valid: Vec<Vec<f64>> = indices[r * topk..][..topk]
+            .iter()
+            .filter_map(|i| kv_row(r, *i as i64))
+            .collect();
+        for h in 0..h_q {
+            let q_row = &q[(r * h_q + h) * D_QK..][..D_QK];
+            let scores: Vec<f64> = valid
+                .iter()
+                .map(|kv| scale * q_row.iter().zip(kv).map(|(a, b)| a * b).sum::<f64>())
+                .collect();
+            let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let l: f64 = weights.iter().sum();
+            for d in 0..D_V {
+                let o: f64 = valid.iter().zip(&weights).map(|(kv, w)| w * kv[d]).sum();
+                out.push(if valid.is_empty() { 0.0 } else { o / l });
+            }
+            lse.push(if valid.is_empty() { f64::INFINITY } else { m + l.ln() });
+            max_logit.push(m);
+        }
+    }
+    vec![out, lse, max_logit]
+}
+
+/// The kernel definition of a variant for `nsa ir` and the snapshots.
+pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: Format) -> KernelDefinition {
+    let (heads, block) = tiles(variant);
+    let (props, target_props) = ir_props(target);
+    sparse_mla_kernel::SparseMlaKernel::new(
+        ir_settings(CubeDim::new_1d(UNITS)),
+        props,
+        target_props,
+        slice_arg(),
+        slice_arg(),
+        slice_arg(),
+        slice_arg(),
+        slice_arg(),
+        slice_arg(),
+        slice_arg(),
+        (),
+        (),
+        (),
+        (),
+        (),
+        (),
+        (),
+        (),
+        heads,
+        block,
+        source,
+        format,
+    )
+    .define()
+}
