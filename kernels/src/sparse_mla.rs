@@ -6,7 +6,7 @@
 //!   lse[r, h] = log Σ_i exp(S_i) (natural), max_logit[r, h] = max_i S_i
 //! An empty row gives out = 0, lse = +∞, max_logit = −∞.
 //! Variants `simt_h{HB}`: a cube holds HB heads of one row; per block of BI indices it gathers (and for
-//! FP8, dequantizes) the kv rows into shared memory as f32, computes the HB×BI scores, updates each head's
+//! FP8, dequantizes exactly) the kv rows into shared memory in the problem's format, computes the HB×BI scores, updates each head's
 //! online softmax, and accumulates P·V in per-unit registers (each unit owns d_v / 128 columns of every
 //! head). Scalar FMAs; tensor cores are issue 8.
 use crate::Variant;
@@ -14,7 +14,7 @@ use crate::launch::{ir_props, ir_settings, slice_arg};
 use cubecl::prelude::*;
 use nsa_backends::IrTarget;
 use nsa_dsl::Format;
-use nsa_dsl::format::{bf16_to_f32, e4m3_to_f32, pack, read_element, unpack};
+use nsa_dsl::format::{bf16_to_f32, e4m3_to_f32, pack, unpack};
 use serde::{Deserialize, Serialize};
 
 pub const UNITS: u32 = 128;
@@ -45,10 +45,11 @@ pub fn tiles(variant: &Variant) -> (u32, u32) {
     }
 }
 
-/// Shared memory of a variant: the f32 kv tile, valid flags, P, and three floats per head.
-pub fn shared_memory_bytes(variant: &Variant) -> usize {
+/// Shared memory of a variant: the kv tile (storage words), row offsets, P, and three floats per head.
+pub fn shared_memory_bytes(variant: &Variant, format: Format) -> usize {
     let (heads, block) = tiles(variant);
-    4 * (block as usize * D_QK + block as usize + (heads * block) as usize + 3 * heads as usize)
+    let words = block as usize * D_QK / format.per_word() as usize;
+    4 * (words + block as usize + (heads * block) as usize + 3 * heads as usize)
 }
 
 /// Where the kv rows come from.
@@ -93,27 +94,41 @@ fn kv_row_offset(
     offset
 }
 
-/// Element `e` (0..576) of the kv row at word `offset`, as f32.
+/// Word `w` of the kv row at word `offset`, in the problem's storage format (bf16: elements 2w, 2w+1).
+/// FP8 latent values are dequantized to it exactly: an e4m3 value times a power-of-two scale has at most
+/// 4 significant bits, which bf16 keeps.
 #[cube]
 #[allow(unused_assignments)]
-fn kv_element(kv: &[u32], offset: usize, e: usize, #[comptime] source: KvSource, #[comptime] format: Format) -> f32 {
-    let mut value = 0.0f32;
+fn kv_word(kv: &[u32], offset: usize, w: usize, #[comptime] source: KvSource, #[comptime] format: Format) -> u32 {
+    let per_word = comptime!(format.per_word() as usize);
+    let mut word = 0u32;
     match source {
         KvSource::Rows => {
-            value = read_element(kv, offset * comptime!(format.per_word() as usize) + e, format);
+            word = kv[offset + w];
         }
         KvSource::Fp8Paged => {
+            let e = w * per_word;
             if e < D_V {
-                // Latent: an e4m3 byte times its 128-group's scale.
-                let byte = (kv[offset + e / 4] >> (8 * (e % 4)) as u32) & 0xff;
-                value = e4m3_to_f32(byte) * f32::reinterpret(kv[offset + 128 + e / 128]);
+                let bytes = kv[offset + e / 4];
+                let scale = f32::reinterpret(kv[offset + 128 + e / 128]);
+                let lo = e4m3_to_f32((bytes >> (8 * (e % 4)) as u32) & 0xff) * scale;
+                let mut hi = 0.0f32;
+                if comptime!(per_word == 2) {
+                    hi = e4m3_to_f32((bytes >> (8 * (e % 4 + 1)) as u32) & 0xff) * scale;
+                }
+                word = pack(lo, hi, format);
             } else {
                 let r = e - D_V;
-                value = bf16_to_f32((kv[offset + 132 + r / 2] >> (16 * (r % 2)) as u32) & 0xffff);
+                let rope = kv[offset + 132 + r / 2];
+                match format {
+                    // bf16 pairs are already the storage words.
+                    Format::Bf16 => word = rope,
+                    Format::F32 => word = u32::reinterpret(bf16_to_f32((rope >> (16 * (r % 2)) as u32) & 0xffff)),
+                }
             }
         }
     }
-    value
+    word
 }
 
 #[cube(launch)]
@@ -152,7 +167,8 @@ pub fn sparse_mla_kernel(
     }
     let batch = row / rows_per_batch;
 
-    let mut kv_smem = Shared::<[f32]>::new_slice(comptime!(block as usize * D_QK));
+    // The block's kv rows in the problem's storage format (words).
+    let mut kv_smem = Shared::<[u32]>::new_slice(comptime!(block as usize) * q_words);
     let mut offset_smem = Shared::<[u32]>::new_slice(block as usize);
     // Scores, then probabilities, of the block: [heads, block].
     let mut p_smem = Shared::<[f32]>::new_slice(comptime!((heads * block) as usize));
@@ -184,15 +200,15 @@ pub fn sparse_mla_kernel(
             offset_smem[unit] = offset;
         }
         sync_cube();
-        // Gather (and dequantize) the rows into shared memory as f32; invalid rows read as 0.
+        // Gather (and dequantize) the rows into shared memory; invalid rows read as 0.
         let mut i = unit;
-        while i < comptime!(block as usize * D_QK) {
-            let offset = offset_smem[i / D_QK];
-            let mut value = 0.0f32;
+        while i < comptime!(block as usize) * q_words {
+            let offset = offset_smem[i / q_words];
+            let mut word = 0u32;
             if offset != 0xffff_ffffu32 {
-                value = kv_element(kv, offset as usize, i % D_QK, source, format);
+                word = kv_word(kv, offset as usize, i % q_words, source, format);
             }
-            kv_smem[i] = value;
+            kv_smem[i] = word;
             i += UNITS as usize;
         }
         sync_cube();
@@ -206,10 +222,10 @@ pub fn sparse_mla_kernel(
             let mut dot = 0.0f32;
             for w in 0..q_words {
                 let qw = q[q_base + w];
-                let e = slot * D_QK + w * per_word as usize;
-                dot += unpack(qw, 0u32, format) * kv_smem[e];
+                let kw = kv_smem[slot * q_words + w];
+                dot += unpack(qw, 0u32, format) * unpack(kw, 0u32, format);
                 if comptime!(per_word == 2) {
-                    dot += unpack(qw, 1u32, format) * kv_smem[e + 1];
+                    dot += unpack(qw, 1u32, format) * unpack(kw, 1u32, format);
                 }
             }
             p_smem[pair] = dot * sm_scale;
@@ -255,11 +271,12 @@ pub fn sparse_mla_kernel(
                 #[unroll]
                 for lane in 0..per_word {
                     let a = ((head * v_words_per_unit + vw) * per_word + lane) as usize;
-                    let d = (unit + (vw * UNITS) as usize) * per_word as usize + lane as usize;
+                    let word = unit + (vw * UNITS) as usize;
                     let mut value = acc_o[a] * alpha;
                     #[unroll]
                     for slot in 0..block {
-                        value += p_smem[(head * block + slot) as usize] * kv_smem[slot as usize * D_QK + d];
+                        let v = unpack(kv_smem[slot as usize * q_words + word], lane, format);
+                        value += p_smem[(head * block + slot) as usize] * v;
                     }
                     acc_o[a] = value;
                 }

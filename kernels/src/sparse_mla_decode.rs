@@ -142,8 +142,8 @@ impl Kernel for SparseMlaDecode {
         }
         Ok(())
     }
-    fn shared_memory_bytes(&self, variant: &Variant, _: &Problem) -> usize {
-        sparse_mla::shared_memory_bytes(variant)
+    fn shared_memory_bytes(&self, variant: &Variant, problem: &Problem) -> usize {
+        sparse_mla::shared_memory_bytes(variant, problem.format)
     }
     fn flops(&self, problem: &Problem) -> u64 {
         (2 * problem.dim("h_q") * problem.dim("b") * problem.dim("s_q") * problem.dim("topk") * (D_QK + D_V)) as u64

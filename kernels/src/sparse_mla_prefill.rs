@@ -121,8 +121,8 @@ impl Kernel for SparseMlaPrefill {
         }
         Ok(())
     }
-    fn shared_memory_bytes(&self, variant: &Variant, _: &Problem) -> usize {
-        sparse_mla::shared_memory_bytes(variant)
+    fn shared_memory_bytes(&self, variant: &Variant, problem: &Problem) -> usize {
+        sparse_mla::shared_memory_bytes(variant, problem.format)
     }
     fn flops(&self, problem: &Problem) -> u64 {
         // FlashMLA's count: 2·h_q·Σtopk·(d_qk + d_v).
