@@ -1,7 +1,7 @@
 //! Devices across runtimes, the features kernels choose variants by, and the start-up choice.
 use crate::BackendError;
 use cubecl::device::WgpuDeviceKind;
-use cubecl::features::Plane;
+use cubecl::features::{MmaConfig, Plane};
 use cubecl::ir::{ElemType, FloatKind};
 use serde::Serialize;
 use std::fmt;
@@ -49,6 +49,8 @@ pub struct DeviceFeatures {
     pub max_shared_memory: usize,
     pub max_units_per_cube: u32,
     pub multiprocessors: Option<u32>,
+    /// Cooperative matrix multiply (wmma-style) on bf16 operands with f32 accumulation, 16×16×16.
+    pub cmma_bf16: bool,
 }
 
 /// A device as listed by `nsa devices`.
@@ -136,6 +138,14 @@ fn open(runtime: RuntimeKind, index: usize, device: cubecl::Device) -> Option<De
         max_shared_memory: hardware.max_shared_memory_size,
         max_units_per_cube: hardware.max_units_per_cube,
         multiprocessors: hardware.num_streaming_multiprocessors,
+        cmma_bf16: props.features.matmul.cmma.contains(&MmaConfig {
+            a_type: ElemType::Float(FloatKind::BF16),
+            b_type: ElemType::Float(FloatKind::BF16),
+            cd_type: ElemType::Float(FloatKind::F32),
+            m: 16,
+            k: 16,
+            n: 16,
+        }),
     };
     let info = DeviceInfo {
         runtime,

@@ -1,7 +1,7 @@
 //! IR emission without hardware: a kernel definition compiled to CUDA C++, HIP C++, WGSL or SPIR-V by the
 //! same compilers the runtimes use, against a representative device of each target.
 use crate::BackendError;
-use cubecl::features::{Plane, TypeUsage};
+use cubecl::features::{MmaConfig, Plane, TypeUsage};
 use cubecl::ir::{
     AddressType, DeviceIdentity, DeviceProperties, ElemType, FloatKind, HardwareProperties, IntKind,
     MemoryDeviceProperties, TargetProperties, UIntKind,
@@ -118,6 +118,19 @@ pub fn ir_properties(target: IrTarget) -> (Arc<DeviceProperties>, Arc<TargetProp
     }
     if target.plane_ops() {
         props.features.plane.insert(Plane::Ops);
+    }
+    if matches!(target, IrTarget::Cuda | IrTarget::Hip) {
+        // Tensor-core tiles as on sm_90 / gfx942: 16×16×16, f16/bf16 in, f32 accumulate.
+        for input in [FloatKind::F16, FloatKind::BF16] {
+            props.features.matmul.cmma.insert(MmaConfig {
+                a_type: ElemType::Float(input),
+                b_type: ElemType::Float(input),
+                cd_type: ElemType::Float(FloatKind::F32),
+                m: 16,
+                k: 16,
+                n: 16,
+            });
+        }
     }
     let target_props = match target {
         IrTarget::Cuda => cubecl::cuda::CudaRuntime::target_properties(),

@@ -10,18 +10,29 @@ use crate::spec::{Storage, TensorSpec};
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use nsa_backends::{Device, IrTarget};
+use half::bf16;
+use nsa_backends::{Device, DeviceFeatures, IrTarget};
 use nsa_dsl::Format;
 use nsa_dsl::format::unpack;
 use rand::Rng;
 
 const UNITS: u32 = 128;
 
-pub const VARIANTS: &[Variant] = &[Variant {
-    name: "key_per_unit",
-    summary: "one unit per key, heads looped",
-    needs_plane_ops: false,
-}];
+pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "cmma",
+        summary: "tensor cores: 16×16×16 bf16 tiles, 64 keys per cube",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "key_per_unit",
+        summary: "one unit per key, heads looped",
+        needs_plane_ops: false,
+    },
+];
+
+/// Keys per cube of the `cmma` variant.
+const KEYS_PER_CUBE: usize = 64;
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -98,7 +109,7 @@ impl Kernel for IndexerLogits {
         let mut problems = Vec::new();
         for format in Format::ALL {
             // (t, h, d, s): the model's 64 heads × 128, the tiny golden model's 8 × 32, ragged key counts.
-            for (t, h, d, s) in [(3, 64, 128, 300), (16, 8, 32, 16), (5, 4, 64, 1000)] {
+            for (t, h, d, s) in [(3, 64, 128, 300), (16, 8, 32, 16), (5, 4, 64, 1000), (5, 16, 64, 1000)] {
                 problems.push(Problem::new(format, &[("t", t), ("h", h), ("d", d), ("s", s)], &[]));
             }
         }
@@ -125,6 +136,36 @@ impl Kernel for IndexerLogits {
             });
         }
         Ok(())
+    }
+    fn supports(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        if variant.name == "cmma" {
+            if !features.cmma_bf16 || !features.plane_ops {
+                return Err("needs bf16 tensor cores (cmma)".into());
+            }
+            let (h, d) = (problem.dim("h"), problem.dim("d"));
+            if problem.format != Format::Bf16 || h % 16 != 0 || d % 16 != 0 {
+                return Err(format!(
+                    "needs bf16 with h and d multiples of 16, got {} h={h} d={d}",
+                    problem.format
+                ));
+            }
+            if (h / 16) as u32 * features.plane_size > features.max_units_per_cube {
+                return Err(format!(
+                    "{} heads need more than {} units per cube",
+                    h, features.max_units_per_cube
+                ));
+            }
+        }
+        if !variant.supports(features) {
+            return Err("needs plane (warp/subgroup) operations".into());
+        }
+        Ok(())
+    }
+    fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
+        variant.name != "cmma" || matches!(target, IrTarget::Cuda | IrTarget::Hip)
+    }
+    fn formats(&self) -> &'static [Format] {
+        &Format::ALL
     }
     fn flops(&self, problem: &Problem) -> u64 {
         // Causal rows see on average half the keys; count every (t, s) pair: 2·d per head plus ReLU·w.
@@ -179,8 +220,26 @@ impl Kernel for IndexerLogits {
         }
         vec![logits]
     }
-    fn launch(&self, _: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
+    fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
         let (t, h, d, s) = (problem.dim("t"), problem.dim("h"), problem.dim("d"), problem.dim("s"));
+        if variant.name == "cmma" {
+            // bf16 buffers seen as bf16 slices: element counts, not words.
+            let units = (h / 16) as u32 * device.features().plane_size;
+            return indexer_logits_cmma_kernel::launch(
+                &device.client,
+                grid(t * s.div_ceil(KEYS_PER_CUBE)),
+                CubeDim::new_1d(units),
+                buffer(&inputs[0], t * h * d),
+                buffer(&inputs[1], t * h),
+                buffer(&inputs[2], s * d),
+                buffer(&inputs[3], t),
+                buffer(&outputs[0], t * s),
+                t,
+                s,
+                h as u32,
+                d as u32,
+            );
+        }
         let row_words = d / problem.format.per_word() as usize;
         indexer_logits_kernel::launch(
             &device.client,
@@ -198,8 +257,26 @@ impl Kernel for IndexerLogits {
             problem.format,
         );
     }
-    fn define(&self, _: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
+    fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         let (props, target_props) = ir_props(target);
+        if variant.name == "cmma" {
+            let (h, d) = (problem.dim("h") as u32, problem.dim("d") as u32);
+            return indexer_logits_cmma_kernel::IndexerLogitsCmmaKernel::new(
+                ir_settings(CubeDim::new_1d(h / 16 * target.plane_size())),
+                props,
+                target_props,
+                slice_arg(),
+                slice_arg(),
+                slice_arg(),
+                slice_arg(),
+                slice_arg(),
+                (),
+                (),
+                h,
+                d,
+            )
+            .define();
+        }
         indexer_logits_kernel::IndexerLogitsKernel::new(
             ir_settings(CubeDim::new_1d(UNITS)),
             props,
@@ -216,5 +293,103 @@ impl Kernel for IndexerLogits {
             problem.format,
         )
         .define()
+    }
+}
+
+/// Tensor-core variant: a cube holds one token and 64 keys; plane p computes the scores of heads
+/// 16p..16p+16 with 16×16×16 bf16 matrix multiplies (Q rows from global memory, the key block staged in
+/// shared memory with zeros past the last key), then one unit per key applies ReLU, the weights and the
+/// sum over heads. CUDA/HIP only (cmma); bf16 inputs, heads and d multiples of 16.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn indexer_logits_cmma_kernel(
+    q: &[bf16],
+    w: &[f32],
+    k: &[bf16],
+    q_pos: &[i32],
+    logits: &mut [f32],
+    t: usize,
+    s: usize,
+    #[comptime] heads: u32,
+    #[comptime] dim: u32,
+) {
+    let blocks_per_token = s.div_ceil(KEYS_PER_CUBE);
+    let token = CUBE_POS / blocks_per_token;
+    let key0 = (CUBE_POS % blocks_per_token) * KEYS_PER_CUBE;
+    if token >= t {
+        terminate!();
+    }
+    let d = dim as usize;
+    let mut k_smem = Shared::<[bf16]>::new_slice(comptime!(KEYS_PER_CUBE * dim as usize));
+    let mut scores = Shared::<[f32]>::new_slice(comptime!(heads as usize * KEYS_PER_CUBE));
+    let mut i = UNIT_POS as usize;
+    while i < comptime!(KEYS_PER_CUBE * dim as usize) {
+        let key = key0 + i / d;
+        let mut value = bf16::from_int(0);
+        if key < s {
+            value = k[key * d + i % d];
+        }
+        k_smem[i] = value;
+        i += CUBE_DIM as usize;
+    }
+    sync_cube();
+
+    // S[h, j] = q[token, h, :] · k[key0 + j, :] for this plane's 16 heads.
+    let plane = (UNIT_POS / PLANE_DIM) as usize;
+    let q_base = (token * heads as usize + plane * 16) * d;
+    #[unroll]
+    for n_tile in 0..comptime!(KEYS_PER_CUBE as u32 / 16) {
+        let acc = cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0f32,
+        );
+        #[unroll]
+        for step in 0..comptime!(dim / 16) {
+            let a = cmma::Matrix::<bf16>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &q[q_base + step as usize * 16..q.len()],
+                dim,
+            );
+            let b = cmma::Matrix::<bf16>::from_slice(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::ColMajor,
+                &k_smem[(n_tile as usize * 16) * d + step as usize * 16..comptime!(KEYS_PER_CUBE * dim as usize)],
+                dim,
+            );
+            cmma::execute(&a, &b, &acc, &acc);
+        }
+        cmma::store(
+            &mut scores[plane * 16 * KEYS_PER_CUBE + n_tile as usize * 16..comptime!(heads as usize * KEYS_PER_CUBE)],
+            &acc,
+            KEYS_PER_CUBE as u32,
+            cmma::MatrixLayout::RowMajor,
+        );
+    }
+    sync_cube();
+
+    // logits[token, key] = Σ_h w[token, h] · ReLU(S[h, j]), −∞ past q_pos.
+    let j = UNIT_POS as usize;
+    let key = key0 + j;
+    if j < KEYS_PER_CUBE && key < s {
+        let limit = q_pos[token];
+        let mut score = f32::reinterpret(0xff80_0000u32);
+        if limit >= 0 && key <= limit as usize {
+            score = 0.0f32;
+            for h in 0..heads as usize {
+                score += w[token * heads as usize + h] * f32::max(scores[h * KEYS_PER_CUBE + j], 0.0f32);
+            }
+        }
+        logits[token * s + key] = score;
     }
 }

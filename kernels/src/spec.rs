@@ -235,6 +235,10 @@ pub trait Kernel: Sync {
         }
         Ok(())
     }
+    /// Whether `variant` compiles for `target` (`nsa ir`, the snapshots).
+    fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
+        variant.supports_target(target)
+    }
     /// Tolerance of an output under the check's metric |out − ref| / (1 + |ref|): by default the storage
     /// format's (bf16 1e-2, f32 1e-5).
     fn tolerance(&self, output: &TensorSpec, problem: &Problem) -> f64 {

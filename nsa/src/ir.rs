@@ -48,9 +48,23 @@ pub fn run(args: Args) -> Result<(), Failure> {
         None => kernel
             .variants()
             .iter()
-            .find(|v| v.supports_target(target))
+            .find(|v| kernel.supports_target(v, target))
             .expect("a variant per target"),
     };
+    if !kernel.supports_target(variant, target) {
+        let valid: Vec<_> = kernel
+            .variants()
+            .iter()
+            .filter(|v| kernel.supports_target(v, target))
+            .map(|v| v.name)
+            .collect();
+        return Err(usage(format!(
+            "{}/{} does not compile for {target}; variants for {target}: {}",
+            kernel.name(),
+            variant.name,
+            valid.join(", ")
+        )));
+    }
     let problem = kernel.ir_problem(format);
     let source = nsa_kernels::ir::emit(kernel, variant, target, &problem)?;
     // A closed pipe (`nsa ir ... | head`) is not an error worth a panic.

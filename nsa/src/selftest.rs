@@ -92,10 +92,15 @@ pub fn run(args: Args) -> Result<(), Failure> {
         .filter(|k| args.kernel.as_deref().is_none_or(|n| n == k.name()))
     {
         for variant in kernel.variants() {
-            let problem = &kernel.problems()[1];
-            if kernel.supports(variant, problem, device.features()).is_err() {
+            // The second problem the device supports (the first is often a single cube).
+            let supported: Vec<_> = kernel
+                .problems()
+                .into_iter()
+                .filter(|p| kernel.supports(variant, p, device.features()).is_ok())
+                .collect();
+            let Some(problem) = supported.get(1).or(supported.first()) else {
                 continue;
-            }
+            };
             let shape = format!("{problem} (spilled grid)");
             let verdict = match check(*kernel, variant, &device, problem, args.seed) {
                 Ok(result) if result.passed() => format!("PASS ({:.2e})", result.max_error),

@@ -20,7 +20,7 @@ fn generated_code_matches_snapshots() {
     for target in IrTarget::ALL {
         let _guard = settings(target).bind_to_scope();
         for kernel in KERNELS {
-            for variant in kernel.variants().iter().filter(|v| v.supports_target(target)) {
+            for variant in kernel.variants().iter().filter(|v| kernel.supports_target(v, target)) {
                 for &format in kernel.formats() {
                     let problem = kernel.ir_problem(format);
                     let source = nsa_kernels::ir::emit(*kernel, variant, target, &problem)
