@@ -31,8 +31,9 @@ pub const VARIANTS: &[Variant] = &[
     },
 ];
 
-/// Keys per cube of the `cmma` variant.
+/// Keys and tokens per cube of the `cmma` variant.
 const KEYS_PER_CUBE: usize = 64;
+const TOKENS_PER_CUBE: usize = 2;
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -149,7 +150,7 @@ impl Kernel for IndexerLogits {
                     problem.format
                 ));
             }
-            if (h / 16) as u32 * features.plane_size > features.max_units_per_cube {
+            if (TOKENS_PER_CUBE * h / 16) as u32 * features.plane_size > features.max_units_per_cube {
                 return Err(format!(
                     "{} heads need more than {} units per cube",
                     h, features.max_units_per_cube
@@ -159,7 +160,21 @@ impl Kernel for IndexerLogits {
         if !variant.supports(features) {
             return Err("needs plane (warp/subgroup) operations".into());
         }
+        let bytes = self.shared_memory_bytes(variant, problem);
+        if bytes > features.max_shared_memory {
+            return Err(format!(
+                "needs {bytes} B of shared memory, the device has {}",
+                features.max_shared_memory
+            ));
+        }
         Ok(())
+    }
+    fn shared_memory_bytes(&self, variant: &Variant, problem: &Problem) -> usize {
+        match variant.name {
+            // The bf16 key block and the f32 scores.
+            "cmma" => KEYS_PER_CUBE * problem.dim("d") * 2 + TOKENS_PER_CUBE * problem.dim("h") * KEYS_PER_CUBE * 4,
+            _ => 0,
+        }
     }
     fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
         variant.name != "cmma" || matches!(target, IrTarget::Cuda | IrTarget::Hip)
@@ -224,10 +239,10 @@ impl Kernel for IndexerLogits {
         let (t, h, d, s) = (problem.dim("t"), problem.dim("h"), problem.dim("d"), problem.dim("s"));
         if variant.name == "cmma" {
             // bf16 buffers seen as bf16 slices: element counts, not words.
-            let units = (h / 16) as u32 * device.features().plane_size;
+            let units = (TOKENS_PER_CUBE * h / 16) as u32 * device.features().plane_size;
             return indexer_logits_cmma_kernel::launch(
                 &device.client,
-                grid(t * s.div_ceil(KEYS_PER_CUBE)),
+                grid(t.div_ceil(TOKENS_PER_CUBE) * s.div_ceil(KEYS_PER_CUBE)),
                 CubeDim::new_1d(units),
                 buffer(&inputs[0], t * h * d),
                 buffer(&inputs[1], t * h),
@@ -262,7 +277,7 @@ impl Kernel for IndexerLogits {
         if variant.name == "cmma" {
             let (h, d) = (problem.dim("h") as u32, problem.dim("d") as u32);
             return indexer_logits_cmma_kernel::IndexerLogitsCmmaKernel::new(
-                ir_settings(CubeDim::new_1d(h / 16 * target.plane_size())),
+                ir_settings(CubeDim::new_1d(TOKENS_PER_CUBE as u32 * h / 16 * target.plane_size())),
                 props,
                 target_props,
                 slice_arg(),
@@ -296,10 +311,38 @@ impl Kernel for IndexerLogits {
     }
 }
 
-/// Tensor-core variant: a cube holds one token and 64 keys; plane p computes the scores of heads
-/// 16p..16p+16 with 16×16×16 bf16 matrix multiplies (Q rows from global memory, the key block staged in
-/// shared memory with zeros past the last key), then one unit per key applies ReLU, the weights and the
-/// sum over heads. CUDA/HIP only (cmma); bf16 inputs, heads and d multiples of 16.
+#[cube]
+fn zero_accumulator() -> cmma::Matrix<f32> {
+    cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    )
+}
+
+/// The 16 keys × 16 dims B tile starting at element `start` of the staged key block (keys are rows of
+/// `dim` elements, so Kᵀ reads column-major).
+#[cube]
+fn key_tile(k_smem: &[bf16], start: usize, #[comptime] dim: u32) -> cmma::Matrix<bf16> {
+    cmma::Matrix::<bf16>::from_slice(
+        cmma::MatrixIdent::B,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::ColMajor,
+        &k_smem[start..k_smem.len()],
+        dim,
+    )
+}
+
+/// Tensor-core variant: a cube holds TOKENS_PER_CUBE tokens and 64 keys; each plane computes the scores
+/// of 16 heads of one token against the 64 keys with 16×16×16 bf16 matrix multiplies (Q from global
+/// memory, reused across the four key tiles; the key block staged once in shared memory, zeros past the
+/// last key), then units apply ReLU, the weights and the sum over heads. CUDA/HIP only (cmma); bf16
+/// inputs, heads and d multiples of 16.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn indexer_logits_cmma_kernel(
@@ -313,15 +356,16 @@ fn indexer_logits_cmma_kernel(
     #[comptime] heads: u32,
     #[comptime] dim: u32,
 ) {
-    let blocks_per_token = s.div_ceil(KEYS_PER_CUBE);
-    let token = CUBE_POS / blocks_per_token;
-    let key0 = (CUBE_POS % blocks_per_token) * KEYS_PER_CUBE;
-    if token >= t {
+    let blocks_per_row = s.div_ceil(KEYS_PER_CUBE);
+    let token0 = (CUBE_POS / blocks_per_row) * TOKENS_PER_CUBE;
+    let key0 = (CUBE_POS % blocks_per_row) * KEYS_PER_CUBE;
+    if token0 >= t {
         terminate!();
     }
     let d = dim as usize;
+    let h = heads as usize;
     let mut k_smem = Shared::<[bf16]>::new_slice(comptime!(KEYS_PER_CUBE * dim as usize));
-    let mut scores = Shared::<[f32]>::new_slice(comptime!(heads as usize * KEYS_PER_CUBE));
+    let mut scores = Shared::<[f32]>::new_slice(comptime!(TOKENS_PER_CUBE * heads as usize * KEYS_PER_CUBE));
     let mut i = UNIT_POS as usize;
     while i < comptime!(KEYS_PER_CUBE * dim as usize) {
         let key = key0 + i / d;
@@ -334,62 +378,80 @@ fn indexer_logits_cmma_kernel(
     }
     sync_cube();
 
-    // S[h, j] = q[token, h, :] · k[key0 + j, :] for this plane's 16 heads.
+    // S[token, h, j] = q[token, h, :] · k[key0 + j, :] for this plane's token and 16 heads.
     let plane = (UNIT_POS / PLANE_DIM) as usize;
-    let q_base = (token * heads as usize + plane * 16) * d;
+    let tok = plane / comptime!(heads as usize / 16);
+    let head0 = (plane % comptime!(heads as usize / 16)) * 16;
+    // A last, partial token block computes a valid token's scores again and does not write them.
+    let token = select(token0 + tok < t, token0 + tok, t - 1);
+    let q_base = (token * h + head0) * d;
+    let acc0 = zero_accumulator();
+    let acc1 = zero_accumulator();
+    let acc2 = zero_accumulator();
+    let acc3 = zero_accumulator();
     #[unroll]
-    for n_tile in 0..comptime!(KEYS_PER_CUBE as u32 / 16) {
-        let acc = cmma::Matrix::<f32>::from_value(
-            cmma::MatrixIdent::Accumulator,
+    for step in 0..comptime!(dim / 16) {
+        let a = cmma::Matrix::<bf16>::from_slice(
+            cmma::MatrixIdent::A,
             16usize,
             16usize,
             16usize,
-            cmma::MatrixLayout::Undefined,
-            0.0f32,
-        );
-        #[unroll]
-        for step in 0..comptime!(dim / 16) {
-            let a = cmma::Matrix::<bf16>::from_slice(
-                cmma::MatrixIdent::A,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &q[q_base + step as usize * 16..q.len()],
-                dim,
-            );
-            let b = cmma::Matrix::<bf16>::from_slice(
-                cmma::MatrixIdent::B,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::ColMajor,
-                &k_smem[(n_tile as usize * 16) * d + step as usize * 16..comptime!(KEYS_PER_CUBE * dim as usize)],
-                dim,
-            );
-            cmma::execute(&a, &b, &acc, &acc);
-        }
-        cmma::store(
-            &mut scores[plane * 16 * KEYS_PER_CUBE + n_tile as usize * 16..comptime!(heads as usize * KEYS_PER_CUBE)],
-            &acc,
-            KEYS_PER_CUBE as u32,
             cmma::MatrixLayout::RowMajor,
+            &q[q_base + step as usize * 16..q.len()],
+            dim,
         );
+        let column = step as usize * 16;
+        cmma::execute(&a, &key_tile(&k_smem, column, dim), &acc0, &acc0);
+        cmma::execute(&a, &key_tile(&k_smem, 16 * d + column, dim), &acc1, &acc1);
+        cmma::execute(&a, &key_tile(&k_smem, 32 * d + column, dim), &acc2, &acc2);
+        cmma::execute(&a, &key_tile(&k_smem, 48 * d + column, dim), &acc3, &acc3);
     }
+    let row = (tok * h + head0) * KEYS_PER_CUBE;
+    let end = comptime!(TOKENS_PER_CUBE * heads as usize * KEYS_PER_CUBE);
+    cmma::store(
+        &mut scores[row..end],
+        &acc0,
+        KEYS_PER_CUBE as u32,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut scores[row + 16..end],
+        &acc1,
+        KEYS_PER_CUBE as u32,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut scores[row + 32..end],
+        &acc2,
+        KEYS_PER_CUBE as u32,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut scores[row + 48..end],
+        &acc3,
+        KEYS_PER_CUBE as u32,
+        cmma::MatrixLayout::RowMajor,
+    );
     sync_cube();
 
-    // logits[token, key] = Σ_h w[token, h] · ReLU(S[h, j]), −∞ past q_pos.
-    let j = UNIT_POS as usize;
-    let key = key0 + j;
-    if j < KEYS_PER_CUBE && key < s {
-        let limit = q_pos[token];
-        let mut score = f32::reinterpret(0xff80_0000u32);
-        if limit >= 0 && key <= limit as usize {
-            score = 0.0f32;
-            for h in 0..heads as usize {
-                score += w[token * heads as usize + h] * f32::max(scores[h * KEYS_PER_CUBE + j], 0.0f32);
+    // logits[token, key] = Σ_h w[token, h] · ReLU(S[token, h, j]), −∞ past q_pos.
+    let mut pair = UNIT_POS as usize;
+    while pair < comptime!(TOKENS_PER_CUBE * KEYS_PER_CUBE) {
+        let tok = pair / KEYS_PER_CUBE;
+        let j = pair % KEYS_PER_CUBE;
+        let token = token0 + tok;
+        let key = key0 + j;
+        if token < t && key < s {
+            let limit = q_pos[token];
+            let mut score = f32::reinterpret(0xff80_0000u32);
+            if limit >= 0 && key <= limit as usize {
+                score = 0.0f32;
+                for head in 0..h {
+                    score += w[token * h + head] * f32::max(scores[(tok * h + head) * KEYS_PER_CUBE + j], 0.0f32);
+                }
             }
+            logits[token * s + key] = score;
         }
-        logits[token * s + key] = score;
+        pair += CUBE_DIM as usize;
     }
 }

@@ -38,6 +38,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         )];
         for (name, on) in [
             ("tensor-cores", f.tensor_cores),
+            ("cmma-bf16", f.cmma_bf16),
             ("tma", f.tma),
             ("bf16", f.bf16),
             ("fp8", f.fp8),
