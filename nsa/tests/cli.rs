@@ -179,3 +179,43 @@ fn run_kernel_names_a_missing_or_misshaped_tensor() {
         stderr(&output)
     );
 }
+
+#[test]
+fn run_kernel_takes_scalars_and_optional_inputs() {
+    // topk with `k` as a 0-d I32 tensor and no `limit` (every position allowed).
+    let dir = std::env::temp_dir().join(format!("nsa-run-kernel-topk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scores: Vec<f32> = vec![0.5, -1.0, 3.0, 2.0, 0.0, 9.0, -4.0, 1.0, 8.0, 7.0, 6.5, 0.25];
+    let inputs = dir.join("in.safetensors");
+    write_safetensors(
+        &inputs,
+        &[
+            ("scores", vec![2, 6], safetensors::Dtype::F32, f32_bytes(&scores)),
+            ("k", vec![], safetensors::Dtype::I32, 3i32.to_le_bytes().to_vec()),
+        ],
+    );
+    let out = dir.join("out.safetensors");
+    let output = nsa(&[
+        "run-kernel",
+        "topk",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let bytes = std::fs::read(&out).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = file.tensor("indices").unwrap();
+    assert_eq!(view.shape(), &[2, 3]);
+    let got: Vec<i32> = view
+        .data()
+        .chunks(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let (mut first, mut second) = (got[..3].to_vec(), got[3..].to_vec());
+    first.sort();
+    second.sort();
+    assert_eq!(first, vec![2, 3, 5]);
+    assert_eq!(second, vec![2, 3, 4]);
+}
