@@ -9,8 +9,9 @@
 //! FP8, dequantizes exactly) the kv rows into shared memory in the problem's format, computes the HB×BI scores, updates each head's
 //! online softmax, and accumulates P·V in per-unit registers (each unit owns d_v / 128 columns of every
 //! head). Scalar FMAs; tensor cores are issue 8.
-use crate::Variant;
 use crate::launch::{ir_props, ir_settings, slice_arg};
+use crate::spec::TensorSpec;
+use crate::{KernelError, Problem, Variant};
 use cubecl::prelude::*;
 use nsa_backends::IrTarget;
 use nsa_dsl::Format;
@@ -50,6 +51,36 @@ pub fn shared_memory_bytes(variant: &Variant, format: Format) -> usize {
     let (heads, block) = tiles(variant);
     let words = block as usize * D_QK / format.per_word() as usize;
     4 * (words + block as usize + (heads * block) as usize + 3 * heads as usize)
+}
+
+/// The checks both registrations share: the MLA head layout and whole 16-head cubes.
+pub fn validate(kernel: &'static str, problem: &Problem) -> Result<(), KernelError> {
+    let invalid = |field, expected: &str, got: usize| KernelError::InvalidProblem {
+        kernel,
+        field,
+        expected: expected.into(),
+        got: got.to_string(),
+    };
+    if problem.dim("d_qk") != D_QK {
+        return Err(invalid("d_qk", "576 (512 latent + 64 rope)", problem.dim("d_qk")));
+    }
+    if problem.dim("d_v") != D_V {
+        return Err(invalid("d_v", "512", problem.dim("d_v")));
+    }
+    if problem.dim("h_q") == 0 || problem.dim("h_q") % 16 != 0 {
+        return Err(invalid("h_q", "a multiple of 16", problem.dim("h_q")));
+    }
+    Ok(())
+}
+
+/// Tolerances: `out` to `out_tolerance` (plus the bf16 output rounding, 2⁻⁹ relative, for bf16), lse and
+/// max_logit to 1e-5.
+pub fn tolerance(output: &TensorSpec, problem: &Problem, out_tolerance: f64) -> f64 {
+    match (output.name, problem.format) {
+        ("out", Format::Bf16) => out_tolerance + 1.0 / 512.0,
+        ("out", Format::F32) => out_tolerance,
+        _ => 1e-5,
+    }
 }
 
 /// Where the kv rows come from.

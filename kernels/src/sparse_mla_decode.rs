@@ -125,20 +125,18 @@ impl Kernel for SparseMlaDecode {
         )
     }
     fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
-        let invalid = |field, expected: &str, got: usize| KernelError::InvalidProblem {
-            kernel: "sparse_mla_decode",
-            field,
-            expected: expected.into(),
-            got: got.to_string(),
-        };
-        if problem.dim("d_qk") != D_QK {
-            return Err(invalid("d_qk", "576 (512 latent + 64 rope)", problem.dim("d_qk")));
-        }
+        sparse_mla::validate(self.name(), problem)?;
         if problem.dim("page_size") != PAGE_SIZE || problem.dim("token_bytes") != 656 {
-            return Err(invalid("page_size", "64 tokens of 656 bytes", problem.dim("page_size")));
-        }
-        if problem.dim("h_q") == 0 || problem.dim("h_q") % 16 != 0 {
-            return Err(invalid("h_q", "a multiple of 16", problem.dim("h_q")));
+            return Err(KernelError::InvalidProblem {
+                kernel: self.name(),
+                field: "page_size",
+                expected: "64 tokens of 656 bytes".into(),
+                got: format!(
+                    "{} tokens of {} bytes",
+                    problem.dim("page_size"),
+                    problem.dim("token_bytes")
+                ),
+            });
         }
         Ok(())
     }
@@ -155,11 +153,7 @@ impl Kernel for SparseMlaDecode {
         gathered + touched + OUTPUTS.iter().map(|t| t.bytes(problem)).sum::<u64>()
     }
     fn tolerance(&self, output: &TensorSpec, problem: &Problem) -> f64 {
-        match (output.name, problem.format) {
-            ("out", Format::Bf16) => 1e-3 + 1.0 / 512.0,
-            ("out", Format::F32) => 1e-3,
-            _ => 1e-5,
-        }
+        sparse_mla::tolerance(output, problem, 1e-3)
     }
     fn random_inputs(&self, problem: &Problem, rng: &mut rand::rngs::StdRng) -> Vec<HostTensor> {
         let (b, s_q, h_q) = (problem.dim("b"), problem.dim("s_q"), problem.dim("h_q"));

@@ -104,22 +104,7 @@ impl Kernel for SparseMlaPrefill {
         )
     }
     fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
-        let invalid = |field, expected: &str, got: usize| KernelError::InvalidProblem {
-            kernel: "sparse_mla_prefill",
-            field,
-            expected: expected.into(),
-            got: got.to_string(),
-        };
-        if problem.dim("d_qk") != 576 {
-            return Err(invalid("d_qk", "576 (512 latent + 64 rope)", problem.dim("d_qk")));
-        }
-        if problem.dim("d_v") != 512 {
-            return Err(invalid("d_v", "512", problem.dim("d_v")));
-        }
-        if problem.dim("h_q") == 0 || problem.dim("h_q") % 16 != 0 {
-            return Err(invalid("h_q", "a multiple of 16", problem.dim("h_q")));
-        }
-        Ok(())
+        sparse_mla::validate(self.name(), problem)
     }
     fn shared_memory_bytes(&self, variant: &Variant, problem: &Problem) -> usize {
         sparse_mla::shared_memory_bytes(variant, problem.format)
@@ -130,11 +115,7 @@ impl Kernel for SparseMlaPrefill {
             as u64
     }
     fn tolerance(&self, output: &TensorSpec, problem: &Problem) -> f64 {
-        match (output.name, problem.format) {
-            ("out", Format::Bf16) => 8e-4 + 1.0 / 512.0,
-            ("out", Format::F32) => 8e-4,
-            _ => 1e-5,
-        }
+        sparse_mla::tolerance(output, problem, 8e-4)
     }
     fn random_inputs(&self, problem: &Problem, rng: &mut rand::rngs::StdRng) -> Vec<HostTensor> {
         let mut inputs = crate::check::random_normal_inputs(&INPUTS[..2], problem, rng);

@@ -39,6 +39,17 @@ pub const VARIANTS: &[Variant] = &[
 
 const UNITS: u32 = 256;
 
+/// How many leading positions of row `row` may be selected: limit + 1, at most s (none for limit < 0).
+#[cube]
+fn allowed_positions(limits: &[i32], row: usize, s: usize) -> usize {
+    let limit = limits[row];
+    let mut allowed = 0usize;
+    if limit >= 0 {
+        allowed = select(limit as usize + 1 < s, limit as usize + 1, s);
+    }
+    allowed
+}
+
 /// Counts, over this cube's row, the keys at or above `candidate` (or strictly above, with `strict`).
 #[cube]
 fn count_keys(
@@ -77,11 +88,7 @@ fn topk_kernel(
     if row >= rows {
         terminate!();
     }
-    let limit = limits[row];
-    let mut allowed = 0usize;
-    if limit >= 0 {
-        allowed = select(limit as usize + 1 < s, limit as usize + 1, s);
-    }
+    let allowed = allowed_positions(limits, row, s);
     let base = row * s;
     let take_all = allowed <= k;
 
@@ -164,11 +171,7 @@ fn topk_radix256_kernel(scores: &[f32], limits: &[i32], indices: &mut [i32], row
     if row >= rows {
         terminate!();
     }
-    let limit = limits[row];
-    let mut allowed = 0usize;
-    if limit >= 0 {
-        allowed = select(limit as usize + 1 < s, limit as usize + 1, s);
-    }
+    let allowed = allowed_positions(limits, row, s);
     let base = row * s;
     let take_all = allowed <= k;
     let unit = UNIT_POS as usize;
