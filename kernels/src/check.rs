@@ -86,20 +86,32 @@ pub fn run(
         .map(|spec| client.create_from_slice(bytemuck::cast_slice(&vec![POISON; spec.words(problem).max(1)])))
         .collect();
     kernel.launch(variant, device, problem, &input_handles, &output_handles);
-    Ok(output_specs
+    output_specs
         .iter()
         .zip(output_handles)
         .map(|(spec, handle)| {
-            let bytes = client.read_one_unchecked(handle);
+            // A kernel that failed to compile or launch surfaces here, as an error rather than a panic.
+            let bytes = client.read_one(handle).map_err(|e| KernelError::Device {
+                kernel: kernel.name(),
+                variant: variant.name,
+                reason: e
+                    .to_string()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .last()
+                    .unwrap_or("")
+                    .to_string(),
+            })?;
             let words: Vec<u32> = bytemuck::cast_slice::<u8, u32>(&bytes)[..spec.words(problem)].to_vec();
-            HostTensor {
+            Ok(HostTensor {
                 name: spec.name.into(),
                 shape: spec.shape(problem),
                 dtype: spec.dtype(problem),
                 words,
-            }
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// Checks `variant` on `problem` with inputs drawn from `seed`.
