@@ -9,11 +9,13 @@
 //! FP8, dequantizes exactly) the kv rows into shared memory in the problem's format, computes the HB×BI scores, updates each head's
 //! online softmax, and accumulates P·V in per-unit registers (each unit owns d_v / 128 columns of every
 //! head). Scalar FMAs; tensor cores are issue 8.
-use crate::launch::{ir_props, ir_settings, slice_arg};
+use crate::launch::{buffer, grid, ir_props, ir_settings, slice_arg};
 use crate::spec::TensorSpec;
 use crate::{KernelError, Problem, Variant};
 use cubecl::prelude::*;
-use nsa_backends::IrTarget;
+use cubecl::server::Handle;
+use half::bf16;
+use nsa_backends::{Device, DeviceFeatures, IrTarget};
 use nsa_dsl::Format;
 use nsa_dsl::format::{bf16_to_f32, e4m3_to_f32, pack, unpack};
 use serde::{Deserialize, Serialize};
@@ -26,6 +28,11 @@ pub const PAGE_SIZE: usize = 64;
 pub const TOKEN_WORDS: usize = 164;
 
 pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "cmma_h16",
+        summary: "tensor cores: 16 heads, 16 indices per block (bf16)",
+        needs_plane_ops: true,
+    },
     Variant {
         name: "simt_h16",
         summary: "16 heads per cube, 8 indices per block",
@@ -41,13 +48,19 @@ pub const VARIANTS: &[Variant] = &[
 /// (heads per cube, indices per block) of a variant.
 pub fn tiles(variant: &Variant) -> (u32, u32) {
     match variant.name {
+        "cmma_h16" => (16, 16),
         "simt_h16" => (16, 8),
         _ => (8, 8),
     }
 }
 
-/// Shared memory of a variant: the kv tile (storage words), row offsets, P, and three floats per head.
+/// Shared memory of a variant: the kv tile (storage words), row offsets, P, and three floats per head; for
+/// `cmma_h16`, bf16 Q and kv tiles, P, the split-k scores and the block's P·V.
 pub fn shared_memory_bytes(variant: &Variant, format: Format) -> usize {
+    if variant.name == "cmma_h16" {
+        let bf16_tiles = 2 * (CMMA_HEADS * D_QK + CMMA_BLOCK * D_QK + CMMA_HEADS * CMMA_BLOCK);
+        return bf16_tiles + 4 * (4 * CMMA_HEADS * CMMA_BLOCK + CMMA_HEADS * D_V + CMMA_BLOCK + 3 * CMMA_HEADS);
+    }
     let (heads, block) = tiles(variant);
     let words = block as usize * D_QK / format.per_word() as usize;
     4 * (words + block as usize + (heads * block) as usize + 3 * heads as usize)
@@ -80,6 +93,110 @@ pub fn tolerance(output: &TensorSpec, problem: &Problem, out_tolerance: f64) -> 
         ("out", Format::Bf16) => out_tolerance + 1.0 / 512.0,
         ("out", Format::F32) => out_tolerance,
         _ => 1e-5,
+    }
+}
+
+/// What the tensor-core variant needs beyond the default checks: bf16 tensor cores and bf16 tensors.
+pub fn supports(variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+    if variant.name == "cmma_h16" {
+        if !features.cmma_bf16 {
+            return Err("needs bf16 tensor cores (cmma)".into());
+        }
+        if problem.format != Format::Bf16 {
+            return Err(format!("needs bf16 tensors, got {}", problem.format));
+        }
+    }
+    Ok(())
+}
+
+pub fn supports_target(variant: &Variant, target: IrTarget) -> bool {
+    variant.name != "cmma_h16" || matches!(target, IrTarget::Cuda | IrTarget::Hip)
+}
+
+/// Sizes a launch needs besides the buffers.
+pub struct Launch {
+    pub rows: usize,
+    pub rows_per_batch: usize,
+    pub h_q: usize,
+    pub s_kv: usize,
+    pub max_pages: usize,
+    pub pages: usize,
+    pub topk: usize,
+    pub sm_scale: f32,
+}
+
+/// Launches `variant` with buffers (q, kv, block_table, indices, out, lse, max_logit) given as
+/// (handle, length in words).
+pub fn launch(
+    variant: &Variant,
+    device: &Device,
+    buffers: [(&Handle, usize); 7],
+    sizes: Launch,
+    source: KvSource,
+    format: Format,
+) {
+    let (heads, block) = tiles(variant);
+    let [q, kv, table, indices, out, lse, max_logit] = buffers.map(|(handle, len)| buffer(handle, len));
+    let count = grid(sizes.rows * sizes.h_q / heads as usize);
+    let Launch {
+        rows,
+        rows_per_batch,
+        h_q,
+        s_kv,
+        max_pages,
+        pages,
+        topk,
+        sm_scale,
+    } = sizes;
+    let dim = CubeDim::new_1d(UNITS);
+    let client = &device.client;
+    if variant.name == "cmma_h16" {
+        sparse_mla_cmma_kernel::launch(
+            client,
+            count,
+            dim,
+            q,
+            kv,
+            table,
+            indices,
+            out,
+            lse,
+            max_logit,
+            rows,
+            rows_per_batch,
+            h_q,
+            s_kv,
+            max_pages,
+            pages,
+            topk,
+            sm_scale,
+            source,
+        );
+    } else {
+        sparse_mla_kernel::launch(
+            client,
+            count,
+            dim,
+            q,
+            kv,
+            table,
+            indices,
+            out,
+            lse,
+            max_logit,
+            rows,
+            rows_per_batch,
+            h_q,
+            s_kv,
+            max_pages,
+            pages,
+            topk,
+            sm_scale,
+            heads,
+            block,
+            source,
+            format,
+        );
     }
 }
 
@@ -386,6 +503,31 @@ pub fn reference(
 pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: Format) -> KernelDefinition {
     let (heads, block) = tiles(variant);
     let (props, target_props) = ir_props(target);
+    if variant.name == "cmma_h16" {
+        let a = slice_arg;
+        return sparse_mla_cmma_kernel::SparseMlaCmmaKernel::new(
+            ir_settings(CubeDim::new_1d(UNITS)),
+            props,
+            target_props,
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            source,
+        )
+        .define();
+    }
     sparse_mla_kernel::SparseMlaKernel::new(
         ir_settings(CubeDim::new_1d(UNITS)),
         props,
@@ -411,4 +553,253 @@ pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: For
         format,
     )
     .define()
+}
+
+/// Rows of kv per block and heads per cube of the tensor-core variant.
+const CMMA_BLOCK: usize = 16;
+const CMMA_HEADS: usize = 16;
+
+/// Tensor-core variant (`cmma_h16`, CUDA/HIP, bf16): per cube one query row and 16 heads; per block of 16
+/// indices the kv rows are gathered into shared memory as bf16 (FP8 dequantized exactly); S = Q·Kᵀ runs
+/// as 16×16×16 matrix multiplies split over the four planes along d (36 steps), the online softmax runs on
+/// the 16×16 scores, P·V runs as 32 column tiles (8 per plane) into shared memory, and each unit folds its
+/// columns into O = O·alpha + P·V in registers (per-row rescaling of fragments is not expressible).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_mla_cmma_kernel(
+    q: &[u32],
+    kv: &[u32],
+    block_table: &[i32],
+    indices: &[i32],
+    out: &mut [u32],
+    lse: &mut [f32],
+    max_logit: &mut [f32],
+    rows: usize,
+    rows_per_batch: usize,
+    h_q: usize,
+    s_kv: usize,
+    max_pages: usize,
+    pages: usize,
+    topk: usize,
+    sm_scale: f32,
+    #[comptime] source: KvSource,
+) {
+    let format = comptime!(Format::Bf16);
+    let q_words = D_QK / 2;
+    let head_blocks = h_q / CMMA_HEADS;
+    let row = CUBE_POS / head_blocks;
+    let head0 = (CUBE_POS % head_blocks) * CMMA_HEADS;
+    let unit = UNIT_POS as usize;
+    let plane = (UNIT_POS / PLANE_DIM) as usize;
+    if row >= rows {
+        terminate!();
+    }
+    let batch = row / rows_per_batch;
+
+    let mut q_tile = Shared::<[bf16]>::new_slice(CMMA_HEADS * D_QK);
+    let mut kv_tile = Shared::<[bf16]>::new_slice(CMMA_BLOCK * D_QK);
+    let mut p_tile = Shared::<[bf16]>::new_slice(CMMA_HEADS * CMMA_BLOCK);
+    // Split-k partial scores of the four planes, then P·V of the block: [16 heads, 512].
+    let mut s_parts = Shared::<[f32]>::new_slice(4 * CMMA_HEADS * CMMA_BLOCK);
+    let mut pv = Shared::<[f32]>::new_slice(CMMA_HEADS * D_V);
+    let mut offset_smem = Shared::<[u32]>::new_slice(CMMA_BLOCK);
+    let mut m_smem = Shared::<[f32]>::new_slice(CMMA_HEADS);
+    let mut l_smem = Shared::<[f32]>::new_slice(CMMA_HEADS);
+    let mut alpha_smem = Shared::<[f32]>::new_slice(CMMA_HEADS);
+    // acc_o[head][c]: this unit's columns d = unit + 128·c.
+    let mut acc_o = Array::<f32>::new(CMMA_HEADS * 4);
+    #[unroll]
+    for i in 0..CMMA_HEADS * 4 {
+        acc_o[i] = 0.0f32;
+    }
+    // Q of the 16 heads, once, as bf16.
+    let mut i = unit;
+    while i < CMMA_HEADS * q_words {
+        let word = q[(row * h_q + head0) * q_words + i];
+        q_tile[2 * i] = bf16::cast_from(unpack(word, 0u32, format));
+        q_tile[2 * i + 1] = bf16::cast_from(unpack(word, 1u32, format));
+        i += CUBE_DIM as usize;
+    }
+    if unit < CMMA_HEADS {
+        m_smem[unit] = -1073741824.0f32;
+        l_smem[unit] = 0.0f32;
+    }
+
+    let mut start = 0usize;
+    while start < topk {
+        if unit < CMMA_BLOCK {
+            let mut offset = 0xffff_ffffu32;
+            if start + unit < topk {
+                let index = indices[row * topk + start + unit];
+                offset = kv_row_offset(index, block_table, batch, s_kv, max_pages, pages, source, format);
+            }
+            offset_smem[unit] = offset;
+        }
+        sync_cube();
+        let mut i = unit;
+        while i < CMMA_BLOCK * q_words {
+            let offset = offset_smem[i / q_words];
+            let mut word = 0u32;
+            if offset != 0xffff_ffffu32 {
+                word = kv_word(kv, offset as usize, i % q_words, source, format);
+            }
+            let e = (i / q_words) * D_QK + (i % q_words) * 2;
+            kv_tile[e] = bf16::cast_from(unpack(word, 0u32, format));
+            kv_tile[e + 1] = bf16::cast_from(unpack(word, 1u32, format));
+            i += CUBE_DIM as usize;
+        }
+        sync_cube();
+
+        // S = Q·Kᵀ: plane p sums d in [144p, 144p + 144).
+        let acc = cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0f32,
+        );
+        #[unroll]
+        for step in 0..9usize {
+            let d0 = plane * 144 + step * 16;
+            let a = cmma::Matrix::<bf16>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &q_tile[d0..CMMA_HEADS * D_QK],
+                D_QK as u32,
+            );
+            let b = cmma::Matrix::<bf16>::from_slice(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::ColMajor,
+                &kv_tile[d0..CMMA_BLOCK * D_QK],
+                D_QK as u32,
+            );
+            cmma::execute(&a, &b, &acc, &acc);
+        }
+        cmma::store(
+            &mut s_parts[plane * CMMA_HEADS * CMMA_BLOCK..4 * CMMA_HEADS * CMMA_BLOCK],
+            &acc,
+            CMMA_BLOCK as u32,
+            cmma::MatrixLayout::RowMajor,
+        );
+        sync_cube();
+
+        // Online softmax per head on the block's 16 scores; P to shared memory as bf16.
+        if unit < CMMA_HEADS {
+            let m_old = m_smem[unit];
+            let mut m_new = m_old;
+            #[unroll]
+            for slot in 0..CMMA_BLOCK {
+                let x = unit * CMMA_BLOCK + slot;
+                let score = (s_parts[x] + s_parts[x + 256] + s_parts[x + 512] + s_parts[x + 768]) * sm_scale;
+                s_parts[x] = score;
+                if offset_smem[slot] != 0xffff_ffffu32 {
+                    m_new = f32::max(m_new, score);
+                }
+            }
+            let alpha = f32::exp(m_old - m_new);
+            let mut sum = 0.0f32;
+            #[unroll]
+            for slot in 0..CMMA_BLOCK {
+                let x = unit * CMMA_BLOCK + slot;
+                let p = select(
+                    offset_smem[slot] != 0xffff_ffffu32,
+                    f32::exp(s_parts[x] - m_new),
+                    0.0f32,
+                );
+                // P enters the matrix multiply as bf16; the sum (and so lse) keeps f32, as FlashMLA does.
+                p_tile[x] = bf16::cast_from(p);
+                sum += p;
+            }
+            m_smem[unit] = m_new;
+            l_smem[unit] = l_smem[unit] * alpha + sum;
+            alpha_smem[unit] = alpha;
+        }
+        sync_cube();
+
+        // P·V: plane p computes column tiles 8p..8p+8 of the 512.
+        let a = cmma::Matrix::<bf16>::from_slice(
+            cmma::MatrixIdent::A,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::RowMajor,
+            &p_tile[0..CMMA_HEADS * CMMA_BLOCK],
+            CMMA_BLOCK as u32,
+        );
+        #[unroll]
+        for tile in 0..8usize {
+            let n0 = (plane * 8 + tile) * 16;
+            let b = cmma::Matrix::<bf16>::from_slice(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &kv_tile[n0..CMMA_BLOCK * D_QK],
+                D_QK as u32,
+            );
+            let o = cmma::Matrix::<f32>::from_value(
+                cmma::MatrixIdent::Accumulator,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::Undefined,
+                0.0f32,
+            );
+            cmma::execute(&a, &b, &o, &o);
+            cmma::store(
+                &mut pv[n0..CMMA_HEADS * D_V],
+                &o,
+                D_V as u32,
+                cmma::MatrixLayout::RowMajor,
+            );
+        }
+        sync_cube();
+
+        // O = O·alpha + P·V on this unit's columns.
+        #[unroll]
+        for head in 0..CMMA_HEADS {
+            let alpha = alpha_smem[head];
+            #[unroll]
+            for c in 0..4usize {
+                let a = head * 4 + c;
+                acc_o[a] = acc_o[a] * alpha + pv[head * D_V + unit + c * 128];
+            }
+        }
+        sync_cube();
+        start += CMMA_BLOCK;
+    }
+
+    // out = O / l (pairs of columns meet through shared memory, reusing `pv`); empty rows: 0, +∞, −∞.
+    #[unroll]
+    for head in 0..CMMA_HEADS {
+        let l = l_smem[head];
+        let inv_l = select(l > 0.0f32, 1.0f32 / l, 0.0f32);
+        #[unroll]
+        for c in 0..4usize {
+            pv[head * D_V + unit + c * 128] = acc_o[head * 4 + c] * inv_l;
+        }
+    }
+    sync_cube();
+    let mut w = unit;
+    while w < CMMA_HEADS * D_V / 2 {
+        let head = w / (D_V / 2);
+        let out_row = row * h_q + head0 + head;
+        out[out_row * (D_V / 2) + w % (D_V / 2)] = pack(pv[2 * w], pv[2 * w + 1], format);
+        w += CUBE_DIM as usize;
+    }
+    if unit < CMMA_HEADS {
+        let l = l_smem[unit];
+        let out_row = row * h_q + head0 + unit;
+        let empty = l == 0.0f32;
+        lse[out_row] = select(empty, f32::reinterpret(0x7f80_0000u32), m_smem[unit] + f32::ln(l));
+        max_logit[out_row] = select(empty, f32::reinterpret(0xff80_0000u32), m_smem[unit]);
+    }
 }

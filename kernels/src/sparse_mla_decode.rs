@@ -7,13 +7,12 @@
 //! table, or an unmapped page: skipped); sm_scale → out [b, s_q, h_q, 512] (q's format), lse and max_logit
 //! [b, s_q, h_q] f32. Tolerances: out 1e-3 (FlashMLA's decode test; plus bf16 output rounding), lse 1e-5.
 use crate::fp8_kv::quantize_token;
-use crate::launch::{buffer, grid};
-use crate::sparse_mla::{self, D_QK, D_V, KvSource, PAGE_SIZE, TOKEN_WORDS, UNITS, sparse_mla_kernel, tiles};
+use crate::sparse_mla::{self, D_QK, D_V, KvSource, Launch, PAGE_SIZE, TOKEN_WORDS};
 use crate::spec::{Storage, TensorSpec};
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use nsa_backends::{Device, IrTarget};
+use nsa_backends::{Device, DeviceFeatures, IrTarget};
 use nsa_dsl::{Format, host};
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -140,6 +139,23 @@ impl Kernel for SparseMlaDecode {
         }
         Ok(())
     }
+    fn supports(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        sparse_mla::supports(variant, problem, features)?;
+        if !variant.supports(features) {
+            return Err("needs plane (warp/subgroup) operations".into());
+        }
+        let bytes = self.shared_memory_bytes(variant, problem);
+        if bytes > features.max_shared_memory {
+            return Err(format!(
+                "needs {bytes} B of shared memory, the device has {}",
+                features.max_shared_memory
+            ));
+        }
+        Ok(())
+    }
+    fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
+        sparse_mla::supports_target(variant, target)
+    }
     fn shared_memory_bytes(&self, variant: &Variant, problem: &Problem) -> usize {
         sparse_mla::shared_memory_bytes(variant, problem.format)
     }
@@ -263,35 +279,30 @@ impl Kernel for SparseMlaDecode {
         sparse_mla::reference(&q, h_q, topk, &indices, problem.param("sm_scale"), row)
     }
     fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
-        let (heads, _) = tiles(variant);
         let (b, s_q, h_q) = (problem.dim("b"), problem.dim("s_q"), problem.dim("h_q"));
         let (pages, max_pages, topk) = (problem.dim("pages"), problem.dim("max_pages"), problem.dim("topk"));
         let rows = b * s_q;
         let per_word = problem.format.per_word() as usize;
-        sparse_mla_kernel::launch(
-            &device.client,
-            grid(rows * h_q / heads as usize),
-            CubeDim::new_1d(UNITS),
-            buffer(&inputs[0], rows * h_q * D_QK / per_word),
-            buffer(&inputs[1], pages * PAGE_SIZE * TOKEN_WORDS),
-            buffer(&inputs[2], b * max_pages),
-            buffer(&inputs[3], rows * topk),
-            buffer(&outputs[0], rows * h_q * D_V / per_word),
-            buffer(&outputs[1], rows * h_q),
-            buffer(&outputs[2], rows * h_q),
+        let sizes = Launch {
             rows,
-            s_q,
+            rows_per_batch: s_q,
             h_q,
-            0,
+            s_kv: 0,
             max_pages,
             pages,
             topk,
-            problem.param("sm_scale") as f32,
-            heads,
-            tiles(variant).1,
-            KvSource::Fp8Paged,
-            problem.format,
-        );
+            sm_scale: problem.param("sm_scale") as f32,
+        };
+        let buffers = [
+            (&inputs[0], rows * h_q * D_QK / per_word),
+            (&inputs[1], pages * PAGE_SIZE * TOKEN_WORDS),
+            (&inputs[2], b * max_pages),
+            (&inputs[3], rows * topk),
+            (&outputs[0], rows * h_q * D_V / per_word),
+            (&outputs[1], rows * h_q),
+            (&outputs[2], rows * h_q),
+        ];
+        sparse_mla::launch(variant, device, buffers, sizes, KvSource::Fp8Paged, problem.format);
     }
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         sparse_mla::define(variant, target, KvSource::Fp8Paged, problem.format)

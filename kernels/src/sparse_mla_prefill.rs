@@ -4,13 +4,12 @@
 //! q [s_q, h_q, 576], kv [s_kv, 576] (bf16 or f32), indices [s_q, topk] i32 (−1 or ≥ s_kv: skipped),
 //! sm_scale → out [s_q, h_q, 512] (q's format), lse [s_q, h_q] f32 (natural log), max_logit [s_q, h_q] f32.
 //! Tolerances (FlashMLA's tests): out 8e-4 (plus bf16 output rounding, 2⁻⁹ relative), lse 1e-5.
-use crate::launch::{buffer, grid};
-use crate::sparse_mla::{self, D_QK, D_V, KvSource, UNITS, sparse_mla_kernel, tiles};
+use crate::sparse_mla::{self, D_QK, D_V, KvSource, Launch};
 use crate::spec::{Storage, TensorSpec};
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use nsa_backends::{Device, IrTarget};
+use nsa_backends::{Device, DeviceFeatures, IrTarget};
 use nsa_dsl::Format;
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -106,6 +105,23 @@ impl Kernel for SparseMlaPrefill {
     fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
         sparse_mla::validate(self.name(), problem)
     }
+    fn supports(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        sparse_mla::supports(variant, problem, features)?;
+        if !variant.supports(features) {
+            return Err("needs plane (warp/subgroup) operations".into());
+        }
+        let bytes = self.shared_memory_bytes(variant, problem);
+        if bytes > features.max_shared_memory {
+            return Err(format!(
+                "needs {bytes} B of shared memory, the device has {}",
+                features.max_shared_memory
+            ));
+        }
+        Ok(())
+    }
+    fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
+        sparse_mla::supports_target(variant, target)
+    }
     fn shared_memory_bytes(&self, variant: &Variant, problem: &Problem) -> usize {
         sparse_mla::shared_memory_bytes(variant, problem.format)
     }
@@ -165,7 +181,6 @@ impl Kernel for SparseMlaPrefill {
         sparse_mla::reference(&q, h_q, topk, &indices, problem.param("sm_scale"), row)
     }
     fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
-        let (heads, block) = tiles(variant);
         let (s_q, h_q, s_kv, topk) = (
             problem.dim("s_q"),
             problem.dim("h_q"),
@@ -175,30 +190,26 @@ impl Kernel for SparseMlaPrefill {
         let per_word = problem.format.per_word() as usize;
         // kv rows need no block table: a one-entry placeholder fills the binding.
         let no_block_table = device.client.create_from_slice(&[0u8; 4]);
-        sparse_mla_kernel::launch(
-            &device.client,
-            grid(s_q * h_q / heads as usize),
-            CubeDim::new_1d(UNITS),
-            buffer(&inputs[0], s_q * h_q * D_QK / per_word),
-            buffer(&inputs[1], s_kv * D_QK / per_word),
-            buffer(&no_block_table, 1),
-            buffer(&inputs[2], s_q * topk),
-            buffer(&outputs[0], s_q * h_q * D_V / per_word),
-            buffer(&outputs[1], s_q * h_q),
-            buffer(&outputs[2], s_q * h_q),
-            s_q,
-            s_q,
+        let sizes = Launch {
+            rows: s_q,
+            rows_per_batch: s_q,
             h_q,
             s_kv,
-            0,
-            0,
+            max_pages: 0,
+            pages: 0,
             topk,
-            problem.param("sm_scale") as f32,
-            heads,
-            block,
-            KvSource::Rows,
-            problem.format,
-        );
+            sm_scale: problem.param("sm_scale") as f32,
+        };
+        let buffers = [
+            (&inputs[0], s_q * h_q * D_QK / per_word),
+            (&inputs[1], s_kv * D_QK / per_word),
+            (&no_block_table, 1),
+            (&inputs[2], s_q * topk),
+            (&outputs[0], s_q * h_q * D_V / per_word),
+            (&outputs[1], s_q * h_q),
+            (&outputs[2], s_q * h_q),
+        ];
+        sparse_mla::launch(variant, device, buffers, sizes, KvSource::Rows, problem.format);
     }
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         sparse_mla::define(variant, target, KvSource::Rows, problem.format)
