@@ -138,7 +138,7 @@ impl Kernel for IndexerLogits {
         }
         Ok(())
     }
-    fn supports(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+    fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
         if variant.name == "cmma" {
             if !features.cmma_bf16 || !features.plane_ops {
                 return Err("needs bf16 tensor cores (cmma)".into());
@@ -156,16 +156,6 @@ impl Kernel for IndexerLogits {
                     h, features.max_units_per_cube
                 ));
             }
-        }
-        if !variant.supports(features) {
-            return Err("needs plane (warp/subgroup) operations".into());
-        }
-        let bytes = self.shared_memory_bytes(variant, problem);
-        if bytes > features.max_shared_memory {
-            return Err(format!(
-                "needs {bytes} B of shared memory, the device has {}",
-                features.max_shared_memory
-            ));
         }
         Ok(())
     }

@@ -279,6 +279,44 @@ fn kv_word(kv: &[u32], offset: usize, w: usize, #[comptime] source: KvSource, #[
     word
 }
 
+/// Resolves the block of indices starting at `start` of the row starting at `base` to kv row offsets in
+/// `offsets` (0xffff_ffff: invalid, or past topk); units below `block` take one each.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn resolve_block(
+    indices: &[i32],
+    block_table: &[i32],
+    offsets: &mut [u32],
+    base: usize,
+    start: usize,
+    topk: usize,
+    batch: usize,
+    s_kv: usize,
+    max_pages: usize,
+    pages: usize,
+    #[comptime] block: usize,
+    #[comptime] source: KvSource,
+    #[comptime] format: Format,
+) {
+    let unit = UNIT_POS as usize;
+    if unit < block {
+        let mut offset = 0xffff_ffffu32;
+        if start + unit < topk {
+            let index = indices[base + start + unit];
+            offset = kv_row_offset(index, block_table, batch, s_kv, max_pages, pages, source, format);
+        }
+        offsets[unit] = offset;
+    }
+}
+
+/// lse = m + ln l (natural) and the max logit of one (row, head); an empty row (l = 0) gets +∞ and −∞.
+#[cube]
+fn write_row_stats(lse: &mut [f32], max_logit: &mut [f32], out_row: usize, m: f32, l: f32) {
+    let empty = l == 0.0f32;
+    lse[out_row] = select(empty, f32::reinterpret(0x7f80_0000u32), m + f32::ln(l));
+    max_logit[out_row] = select(empty, f32::reinterpret(0xff80_0000u32), m);
+}
+
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_mla_kernel(
@@ -339,14 +377,21 @@ pub fn sparse_mla_kernel(
     let mut start = 0usize;
     while start < topk {
         // Resolve this block's indices to kv rows (0xffff_ffff: invalid or past topk).
-        if unit < block as usize {
-            let mut offset = 0xffff_ffffu32;
-            if start + unit < topk {
-                let index = indices[row * topk + start + unit];
-                offset = kv_row_offset(index, block_table, batch, s_kv, max_pages, pages, source, format);
-            }
-            offset_smem[unit] = offset;
-        }
+        resolve_block(
+            indices,
+            block_table,
+            &mut offset_smem,
+            row * topk,
+            start,
+            topk,
+            batch,
+            s_kv,
+            max_pages,
+            pages,
+            block as usize,
+            source,
+            format,
+        );
         sync_cube();
         // Gather (and dequantize) the rows into shared memory; invalid rows read as 0.
         let mut i = unit;
@@ -451,13 +496,7 @@ pub fn sparse_mla_kernel(
             out[out_row * v_words + unit + (vw * UNITS) as usize] = pack(acc_o[a] * inv_l, hi, format);
         }
         if unit == 0 {
-            let empty = l == 0.0f32;
-            lse[out_row] = select(
-                empty,
-                f32::reinterpret(0x7f80_0000u32),
-                m_smem[head as usize] + f32::ln(l),
-            );
-            max_logit[out_row] = select(empty, f32::reinterpret(0xff80_0000u32), m_smem[head as usize]);
+            write_row_stats(lse, max_logit, out_row, m_smem[head as usize], l);
         }
     }
 }
@@ -627,14 +666,21 @@ pub fn sparse_mla_cmma_kernel(
 
     let mut start = 0usize;
     while start < topk {
-        if unit < CMMA_BLOCK {
-            let mut offset = 0xffff_ffffu32;
-            if start + unit < topk {
-                let index = indices[row * topk + start + unit];
-                offset = kv_row_offset(index, block_table, batch, s_kv, max_pages, pages, source, format);
-            }
-            offset_smem[unit] = offset;
-        }
+        resolve_block(
+            indices,
+            block_table,
+            &mut offset_smem,
+            row * topk,
+            start,
+            topk,
+            batch,
+            s_kv,
+            max_pages,
+            pages,
+            CMMA_BLOCK,
+            source,
+            format,
+        );
         sync_cube();
         let mut i = unit;
         while i < CMMA_BLOCK * q_words {
@@ -798,8 +844,6 @@ pub fn sparse_mla_cmma_kernel(
     if unit < CMMA_HEADS {
         let l = l_smem[unit];
         let out_row = row * h_q + head0 + unit;
-        let empty = l == 0.0f32;
-        lse[out_row] = select(empty, f32::reinterpret(0x7f80_0000u32), m_smem[unit] + f32::ln(l));
-        max_logit[out_row] = select(empty, f32::reinterpret(0xff80_0000u32), m_smem[unit]);
+        write_row_stats(lse, max_logit, out_row, m_smem[unit], l);
     }
 }

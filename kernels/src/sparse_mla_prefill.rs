@@ -105,19 +105,8 @@ impl Kernel for SparseMlaPrefill {
     fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
         sparse_mla::validate(self.name(), problem)
     }
-    fn supports(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
-        sparse_mla::supports(variant, problem, features)?;
-        if !variant.supports(features) {
-            return Err("needs plane (warp/subgroup) operations".into());
-        }
-        let bytes = self.shared_memory_bytes(variant, problem);
-        if bytes > features.max_shared_memory {
-            return Err(format!(
-                "needs {bytes} B of shared memory, the device has {}",
-                features.max_shared_memory
-            ));
-        }
-        Ok(())
+    fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        sparse_mla::supports(variant, problem, features)
     }
     fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
         sparse_mla::supports_target(variant, target)

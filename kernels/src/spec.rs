@@ -221,8 +221,13 @@ pub trait Kernel: Sync {
     fn shared_memory_bytes(&self, _variant: &Variant, _problem: &Problem) -> usize {
         0
     }
+    /// What `variant` needs beyond plane ops and shared memory (tensor cores, a storage format, ...).
+    fn requirements(&self, _variant: &Variant, _problem: &Problem, _features: &DeviceFeatures) -> Result<(), String> {
+        Ok(())
+    }
     /// Whether `variant` can run `problem` on a device with `features`; the reason when not.
     fn supports(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        self.requirements(variant, problem, features)?;
         if !variant.supports(features) {
             return Err("needs plane (warp/subgroup) operations".into());
         }
