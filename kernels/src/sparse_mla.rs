@@ -29,6 +29,11 @@ pub const TOKEN_WORDS: usize = 164;
 
 pub const VARIANTS: &[Variant] = &[
     Variant {
+        name: "cmma_h32",
+        summary: "tensor cores: 32 heads (one kv gather for both tiles), 16 indices per block (bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
         name: "cmma_h16",
         summary: "tensor cores: 16 heads, 16 indices per block (bf16)",
         needs_plane_ops: true,
@@ -48,6 +53,7 @@ pub const VARIANTS: &[Variant] = &[
 /// (heads per cube, indices per block) of a variant.
 pub fn tiles(variant: &Variant) -> (u32, u32) {
     match variant.name {
+        "cmma_h32" => (32, 16),
         "cmma_h16" => (16, 16),
         "simt_h16" => (16, 8),
         _ => (8, 8),
@@ -57,9 +63,10 @@ pub fn tiles(variant: &Variant) -> (u32, u32) {
 /// Shared memory of a variant: the kv tile (storage words), row offsets, P, and three floats per head; for
 /// `cmma_h16`, bf16 Q and kv tiles, P, the split-k scores and the block's P·V.
 pub fn shared_memory_bytes(variant: &Variant, format: Format) -> usize {
-    if variant.name == "cmma_h16" {
-        let bf16_tiles = 2 * (CMMA_HEADS * D_QK + CMMA_BLOCK * D_QK + CMMA_HEADS * CMMA_BLOCK);
-        return bf16_tiles + 4 * (4 * CMMA_HEADS * CMMA_BLOCK + CMMA_HEADS * D_V + CMMA_BLOCK + 3 * CMMA_HEADS);
+    if is_cmma(variant) {
+        let heads = tiles(variant).0 as usize;
+        let bf16_tiles = 2 * (heads * D_QK + CMMA_BLOCK * D_QK + heads * CMMA_BLOCK);
+        return bf16_tiles + 4 * (4 * heads * CMMA_BLOCK + heads * D_V + CMMA_BLOCK + 3 * heads);
     }
     let (heads, block) = tiles(variant);
     let words = block as usize * D_QK / format.per_word() as usize;
@@ -97,8 +104,16 @@ pub fn tolerance(output: &TensorSpec, problem: &Problem, out_tolerance: f64) -> 
 }
 
 /// What the tensor-core variant needs beyond the default checks: bf16 tensor cores and bf16 tensors.
+/// The tensor-core variants.
+fn is_cmma(variant: &Variant) -> bool {
+    variant.name.starts_with("cmma")
+}
+
 pub fn supports(variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
-    if variant.name == "cmma_h16" {
+    if is_cmma(variant) {
+        if problem.dim("h_q") % tiles(variant).0 as usize != 0 {
+            return Err(format!("needs h_q a multiple of {}", tiles(variant).0));
+        }
         if !features.cmma_bf16 {
             return Err("needs bf16 tensor cores (cmma)".into());
         }
@@ -110,7 +125,7 @@ pub fn supports(variant: &Variant, problem: &Problem, features: &DeviceFeatures)
 }
 
 pub fn supports_target(variant: &Variant, target: IrTarget) -> bool {
-    variant.name != "cmma_h16" || matches!(target, IrTarget::Cuda | IrTarget::Hip)
+    !is_cmma(variant) || matches!(target, IrTarget::Cuda | IrTarget::Hip)
 }
 
 /// Sizes a launch needs besides the buffers.
@@ -148,13 +163,14 @@ pub fn launch(
         topk,
         sm_scale,
     } = sizes;
-    let dim = CubeDim::new_1d(UNITS);
     let client = &device.client;
-    if variant.name == "cmma_h16" {
+    if is_cmma(variant) {
+        // Four planes per head tile.
+        let head_tiles = heads as usize / CMMA_HEADS;
         sparse_mla_cmma_kernel::launch(
             client,
             count,
-            dim,
+            CubeDim::new_1d(4 * head_tiles as u32 * device.features().plane_size),
             q,
             kv,
             table,
@@ -170,13 +186,14 @@ pub fn launch(
             pages,
             topk,
             sm_scale,
+            head_tiles,
             source,
         );
     } else {
         sparse_mla_kernel::launch(
             client,
             count,
-            dim,
+            CubeDim::new_1d(UNITS),
             q,
             kv,
             table,
@@ -542,10 +559,11 @@ pub fn reference(
 pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: Format) -> KernelDefinition {
     let (heads, block) = tiles(variant);
     let (props, target_props) = ir_props(target);
-    if variant.name == "cmma_h16" {
+    if is_cmma(variant) {
         let a = slice_arg;
+        let head_tiles = heads as usize / CMMA_HEADS;
         return sparse_mla_cmma_kernel::SparseMlaCmmaKernel::new(
-            ir_settings(CubeDim::new_1d(UNITS)),
+            ir_settings(CubeDim::new_1d(4 * head_tiles as u32 * target.plane_size())),
             props,
             target_props,
             a(),
@@ -563,6 +581,7 @@ pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: For
             (),
             (),
             (),
+            head_tiles,
             source,
         )
         .define();
@@ -594,15 +613,17 @@ pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: For
     .define()
 }
 
-/// Rows of kv per block and heads per cube of the tensor-core variant.
+/// Rows of kv per block and heads per tile of the tensor-core variants.
 const CMMA_BLOCK: usize = 16;
 const CMMA_HEADS: usize = 16;
 
-/// Tensor-core variant (`cmma_h16`, CUDA/HIP, bf16): per cube one query row and 16 heads; per block of 16
-/// indices the kv rows are gathered into shared memory as bf16 (FP8 dequantized exactly); S = Q·Kᵀ runs
-/// as 16×16×16 matrix multiplies split over the four planes along d (36 steps), the online softmax runs on
-/// the 16×16 scores, P·V runs as 32 column tiles (8 per plane) into shared memory, and each unit folds its
-/// columns into O = O·alpha + P·V in registers (per-row rescaling of fragments is not expressible).
+/// Tensor-core variants (`cmma_h16`, `cmma_h32`; CUDA/HIP, bf16): a cube holds one query row and
+/// `head_tiles` tiles of 16 heads, with four planes per head tile. Per block of 16 indices the kv rows are
+/// gathered once into shared memory as bf16 (FP8 dequantized exactly) for all the cube's heads; S = Q·Kᵀ
+/// runs as 16×16×16 matrix multiplies split four ways along d (9 steps per plane); the online softmax runs
+/// on the 16×16 scores of each head tile; P·V runs as 32 column tiles per head tile (8 per plane) into
+/// shared memory, and each unit folds its columns into O = O·alpha + P·V in registers (CubeCL's cmma
+/// fragments cannot be rescaled per row).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_mla_cmma_kernel(
@@ -621,45 +642,53 @@ pub fn sparse_mla_cmma_kernel(
     pages: usize,
     topk: usize,
     sm_scale: f32,
+    #[comptime] head_tiles: usize,
     #[comptime] source: KvSource,
 ) {
     let format = comptime!(Format::Bf16);
+    let heads = comptime!(head_tiles * CMMA_HEADS);
     let q_words = D_QK / 2;
-    let head_blocks = h_q / CMMA_HEADS;
+    let head_blocks = h_q / heads;
     let row = CUBE_POS / head_blocks;
-    let head0 = (CUBE_POS % head_blocks) * CMMA_HEADS;
+    let head0 = (CUBE_POS % head_blocks) * heads;
     let unit = UNIT_POS as usize;
     let plane = (UNIT_POS / PLANE_DIM) as usize;
+    // Plane p works on head tile p / 4 and quarter p % 4 (of d for S, of the 32 column tiles for P·V).
+    let tile = plane / 4;
+    let quarter = plane % 4;
+    // Unit u folds head tile u / 128, columns u % 128 + 128·c, into its registers.
+    let my_tile = unit / 128;
+    let column = unit % 128;
     if row >= rows {
         terminate!();
     }
     let batch = row / rows_per_batch;
 
-    let mut q_tile = Shared::<[bf16]>::new_slice(CMMA_HEADS * D_QK);
+    let mut q_tile = Shared::<[bf16]>::new_slice(comptime!(heads * D_QK));
     let mut kv_tile = Shared::<[bf16]>::new_slice(CMMA_BLOCK * D_QK);
-    let mut p_tile = Shared::<[bf16]>::new_slice(CMMA_HEADS * CMMA_BLOCK);
-    // Split-k partial scores of the four planes, then P·V of the block: [16 heads, 512].
-    let mut s_parts = Shared::<[f32]>::new_slice(4 * CMMA_HEADS * CMMA_BLOCK);
-    let mut pv = Shared::<[f32]>::new_slice(CMMA_HEADS * D_V);
+    let mut p_tile = Shared::<[bf16]>::new_slice(comptime!(heads * CMMA_BLOCK));
+    // Split-k partial scores ([head tile][quarter][16 × 16]), then P·V of the block ([heads, 512]).
+    let mut s_parts = Shared::<[f32]>::new_slice(comptime!(4 * heads * CMMA_BLOCK));
+    let mut pv = Shared::<[f32]>::new_slice(comptime!(heads * D_V));
     let mut offset_smem = Shared::<[u32]>::new_slice(CMMA_BLOCK);
-    let mut m_smem = Shared::<[f32]>::new_slice(CMMA_HEADS);
-    let mut l_smem = Shared::<[f32]>::new_slice(CMMA_HEADS);
-    let mut alpha_smem = Shared::<[f32]>::new_slice(CMMA_HEADS);
-    // acc_o[head][c]: this unit's columns d = unit + 128·c.
+    let mut m_smem = Shared::<[f32]>::new_slice(heads);
+    let mut l_smem = Shared::<[f32]>::new_slice(heads);
+    let mut alpha_smem = Shared::<[f32]>::new_slice(heads);
+    // acc_o[head][c]: head my_tile·16 + head, column `column` + 128·c.
     let mut acc_o = Array::<f32>::new(CMMA_HEADS * 4);
     #[unroll]
     for i in 0..CMMA_HEADS * 4 {
         acc_o[i] = 0.0f32;
     }
-    // Q of the 16 heads, once, as bf16.
+    // Q of the cube's heads, once, as bf16.
     let mut i = unit;
-    while i < CMMA_HEADS * q_words {
+    while i < comptime!(heads * D_QK / 2) {
         let word = q[(row * h_q + head0) * q_words + i];
         q_tile[2 * i] = bf16::cast_from(unpack(word, 0u32, format));
         q_tile[2 * i + 1] = bf16::cast_from(unpack(word, 1u32, format));
         i += CUBE_DIM as usize;
     }
-    if unit < CMMA_HEADS {
+    if unit < heads {
         m_smem[unit] = -1073741824.0f32;
         l_smem[unit] = 0.0f32;
     }
@@ -696,7 +725,7 @@ pub fn sparse_mla_cmma_kernel(
         }
         sync_cube();
 
-        // S = Q·Kᵀ: plane p sums d in [144p, 144p + 144).
+        // S = Q·Kᵀ of head tile `tile` over d in [144·quarter, 144·quarter + 144).
         let acc = cmma::Matrix::<f32>::from_value(
             cmma::MatrixIdent::Accumulator,
             16usize,
@@ -707,14 +736,14 @@ pub fn sparse_mla_cmma_kernel(
         );
         #[unroll]
         for step in 0..9usize {
-            let d0 = plane * 144 + step * 16;
+            let d0 = quarter * 144 + step * 16;
             let a = cmma::Matrix::<bf16>::from_slice(
                 cmma::MatrixIdent::A,
                 16usize,
                 16usize,
                 16usize,
                 cmma::MatrixLayout::RowMajor,
-                &q_tile[d0..CMMA_HEADS * D_QK],
+                &q_tile[tile * CMMA_HEADS * D_QK + d0..comptime!(heads * D_QK)],
                 D_QK as u32,
             );
             let b = cmma::Matrix::<bf16>::from_slice(
@@ -729,7 +758,7 @@ pub fn sparse_mla_cmma_kernel(
             cmma::execute(&a, &b, &acc, &acc);
         }
         cmma::store(
-            &mut s_parts[plane * CMMA_HEADS * CMMA_BLOCK..4 * CMMA_HEADS * CMMA_BLOCK],
+            &mut s_parts[plane * CMMA_HEADS * CMMA_BLOCK..comptime!(4 * heads * CMMA_BLOCK)],
             &acc,
             CMMA_BLOCK as u32,
             cmma::MatrixLayout::RowMajor,
@@ -737,12 +766,13 @@ pub fn sparse_mla_cmma_kernel(
         sync_cube();
 
         // Online softmax per head on the block's 16 scores; P to shared memory as bf16.
-        if unit < CMMA_HEADS {
+        if unit < heads {
+            let parts = (unit / CMMA_HEADS) * 4 * 256 + (unit % CMMA_HEADS) * CMMA_BLOCK;
             let m_old = m_smem[unit];
             let mut m_new = m_old;
             #[unroll]
             for slot in 0..CMMA_BLOCK {
-                let x = unit * CMMA_BLOCK + slot;
+                let x = parts + slot;
                 let score = (s_parts[x] + s_parts[x + 256] + s_parts[x + 512] + s_parts[x + 768]) * sm_scale;
                 s_parts[x] = score;
                 if offset_smem[slot] != 0xffff_ffffu32 {
@@ -753,14 +783,13 @@ pub fn sparse_mla_cmma_kernel(
             let mut sum = 0.0f32;
             #[unroll]
             for slot in 0..CMMA_BLOCK {
-                let x = unit * CMMA_BLOCK + slot;
                 let p = select(
                     offset_smem[slot] != 0xffff_ffffu32,
-                    f32::exp(s_parts[x] - m_new),
+                    f32::exp(s_parts[parts + slot] - m_new),
                     0.0f32,
                 );
                 // P enters the matrix multiply as bf16; the sum (and so lse) keeps f32, as FlashMLA does.
-                p_tile[x] = bf16::cast_from(p);
+                p_tile[unit * CMMA_BLOCK + slot] = bf16::cast_from(p);
                 sum += p;
             }
             m_smem[unit] = m_new;
@@ -769,19 +798,19 @@ pub fn sparse_mla_cmma_kernel(
         }
         sync_cube();
 
-        // P·V: plane p computes column tiles 8p..8p+8 of the 512.
+        // P·V of head tile `tile`: column tiles 8·quarter .. 8·quarter + 8 of the 32.
         let a = cmma::Matrix::<bf16>::from_slice(
             cmma::MatrixIdent::A,
             16usize,
             16usize,
             16usize,
             cmma::MatrixLayout::RowMajor,
-            &p_tile[0..CMMA_HEADS * CMMA_BLOCK],
+            &p_tile[tile * CMMA_HEADS * CMMA_BLOCK..comptime!(heads * CMMA_BLOCK)],
             CMMA_BLOCK as u32,
         );
         #[unroll]
-        for tile in 0..8usize {
-            let n0 = (plane * 8 + tile) * 16;
+        for n in 0..8usize {
+            let n0 = (quarter * 8 + n) * 16;
             let b = cmma::Matrix::<bf16>::from_slice(
                 cmma::MatrixIdent::B,
                 16usize,
@@ -801,7 +830,7 @@ pub fn sparse_mla_cmma_kernel(
             );
             cmma::execute(&a, &b, &o, &o);
             cmma::store(
-                &mut pv[n0..CMMA_HEADS * D_V],
+                &mut pv[tile * CMMA_HEADS * D_V + n0..comptime!(heads * D_V)],
                 &o,
                 D_V as u32,
                 cmma::MatrixLayout::RowMajor,
@@ -812,38 +841,38 @@ pub fn sparse_mla_cmma_kernel(
         // O = O·alpha + P·V on this unit's columns.
         #[unroll]
         for head in 0..CMMA_HEADS {
-            let alpha = alpha_smem[head];
+            let h = my_tile * CMMA_HEADS + head;
+            let alpha = alpha_smem[h];
             #[unroll]
             for c in 0..4usize {
                 let a = head * 4 + c;
-                acc_o[a] = acc_o[a] * alpha + pv[head * D_V + unit + c * 128];
+                acc_o[a] = acc_o[a] * alpha + pv[h * D_V + column + c * 128];
             }
         }
         sync_cube();
         start += CMMA_BLOCK;
     }
 
-    // out = O / l (pairs of columns meet through shared memory, reusing `pv`); empty rows: 0, +∞, −∞.
+    // out = O / l (column pairs meet through shared memory, reusing `pv`); empty rows: 0, +∞, −∞.
     #[unroll]
     for head in 0..CMMA_HEADS {
-        let l = l_smem[head];
+        let h = my_tile * CMMA_HEADS + head;
+        let l = l_smem[h];
         let inv_l = select(l > 0.0f32, 1.0f32 / l, 0.0f32);
         #[unroll]
         for c in 0..4usize {
-            pv[head * D_V + unit + c * 128] = acc_o[head * 4 + c] * inv_l;
+            pv[h * D_V + column + c * 128] = acc_o[head * 4 + c] * inv_l;
         }
     }
     sync_cube();
     let mut w = unit;
-    while w < CMMA_HEADS * D_V / 2 {
+    while w < comptime!(heads * D_V / 2) {
         let head = w / (D_V / 2);
         let out_row = row * h_q + head0 + head;
         out[out_row * (D_V / 2) + w % (D_V / 2)] = pack(pv[2 * w], pv[2 * w + 1], format);
         w += CUBE_DIM as usize;
     }
-    if unit < CMMA_HEADS {
-        let l = l_smem[unit];
-        let out_row = row * h_q + head0 + unit;
-        write_row_stats(lse, max_logit, out_row, m_smem[unit], l);
+    if unit < heads {
+        write_row_stats(lse, max_logit, row * h_q + head0 + unit, m_smem[unit], l_smem[unit]);
     }
 }
