@@ -7,16 +7,20 @@
 //! narrow the k-th largest key down, then the same compaction. Variants `radix2*`: one cube per row; a bit-by-bit radix select finds the k-th largest key (32 counting
 //! passes, each a cube reduction), then an in-order compaction (cube prefix sums) writes the selection.
 //! Exact: index sets must equal the reference's. Rows of up to 2²⁴ scores (counts are summed in f32).
+mod candidates;
+mod radix;
+
 use crate::launch::{buffer, grid, ir_props, ir_settings, slice_arg};
 use crate::spec::{Storage, TensorSpec};
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
+use candidates::topk_candidates_kernel;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nsa_backends::{Device, IrTarget};
 use nsa_dsl::Format;
 use nsa_dsl::Reduction;
-use nsa_dsl::reduce::cube_sum;
 use nsa_dsl::select::{cube_exclusive_scan, ordered_key};
+use radix::{topk_kernel, topk_radix256_kernel};
 use rand::Rng;
 
 pub const VARIANTS: &[Variant] = &[
@@ -42,13 +46,13 @@ pub const VARIANTS: &[Variant] = &[
     },
 ];
 
-const UNITS: u32 = 256;
+pub(super) const UNITS: u32 = 256;
 /// Shared-memory capacity for the positions of the threshold's 11-bit bucket (`candidates` variant).
-const CANDIDATES: usize = 3584;
+pub(super) const CANDIDATES: usize = 3584;
 
 /// How many leading positions of row `row` may be selected: limit + 1, at most s (none for limit < 0).
 #[cube]
-fn allowed_positions(limits: &[i32], row: usize, s: usize) -> usize {
+pub(super) fn allowed_positions(limits: &[i32], row: usize, s: usize) -> usize {
     let limit = limits[row];
     let mut allowed = 0usize;
     if limit >= 0 {
@@ -57,80 +61,11 @@ fn allowed_positions(limits: &[i32], row: usize, s: usize) -> usize {
     allowed
 }
 
-/// Counts, over this cube's row, the keys at or above `candidate` (or strictly above, with `strict`).
-#[cube]
-fn count_keys(
-    scores: &[f32],
-    base: usize,
-    allowed: usize,
-    candidate: u32,
-    #[comptime] strict: bool,
-    #[comptime] reduction: Reduction,
-) -> f32 {
-    let mut count = 0u32;
-    let mut i = UNIT_POS as usize;
-    while i < allowed {
-        let key = ordered_key(scores[base + i]);
-        if strict {
-            count += u32::cast_from(key > candidate);
-        } else {
-            count += u32::cast_from(key >= candidate);
-        }
-        i += CUBE_DIM as usize;
-    }
-    cube_sum(f32::cast_from(count), UNITS, reduction)
-}
-
-#[cube(launch)]
-fn topk_kernel(
-    scores: &[f32],
-    limits: &[i32],
-    indices: &mut [i32],
-    rows: usize,
-    s: usize,
-    k: usize,
-    #[comptime] reduction: Reduction,
-) {
-    let row = CUBE_POS;
-    if row >= rows {
-        terminate!();
-    }
-    let allowed = allowed_positions(limits, row, s);
-    let base = row * s;
-    let take_all = allowed <= k;
-
-    // Radix select: the largest key `threshold` with at least k keys ≥ it is the k-th largest.
-    let mut threshold = 0u32;
-    let mut equals_needed = 0usize;
-    if !take_all {
-        for b in 0..32u32 {
-            let candidate = threshold | (0x8000_0000u32 >> b);
-            if count_keys(scores, base, allowed, candidate, false, reduction) >= f32::cast_from(k) {
-                threshold = candidate;
-            }
-        }
-        let greater = count_keys(scores, base, allowed, threshold, true, reduction);
-        equals_needed = k - usize::cast_from(greater);
-    }
-
-    write_selection(
-        scores,
-        indices,
-        row,
-        base,
-        allowed,
-        k,
-        take_all,
-        threshold,
-        equals_needed,
-    );
-}
-
 /// Writes row `row`'s selection in position order: every allowed key above `threshold` and the first
 /// `equals_needed` equal to it (all allowed keys with `take_all`), then −1 up to k.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn write_selection(
+pub(super) fn write_selection(
     scores: &[f32],
     indices: &mut [i32],
     row: usize,
@@ -167,284 +102,6 @@ fn write_selection(
     while j < k {
         indices[row * k + j] = -1;
         j += CUBE_DIM as usize;
-    }
-}
-
-/// Radix select with 8-bit digits: per pass a 256-bin histogram (shared atomics) of the keys that match
-/// the digits chosen so far, then a suffix sum over the bins picks the digit holding the k-th largest key.
-#[cube(launch)]
-fn topk_radix256_kernel(scores: &[f32], limits: &[i32], indices: &mut [i32], rows: usize, s: usize, k: usize) {
-    let row = CUBE_POS;
-    if row >= rows {
-        terminate!();
-    }
-    let allowed = allowed_positions(limits, row, s);
-    let base = row * s;
-    let take_all = allowed <= k;
-    let unit = UNIT_POS as usize;
-    let histogram = Shared::<[Atomic<u32>]>::new_slice(256usize);
-    // The chosen digit and how many keys are still to be taken below the digits chosen so far.
-    let mut choice = Shared::<[u32]>::new_slice(2usize);
-
-    let mut prefix = 0u32;
-    let mut prefix_mask = 0u32;
-    let mut remaining = k as u32;
-    if !take_all {
-        #[unroll]
-        for pass in 0..4u32 {
-            let shift = 24 - 8 * pass;
-            if unit < 256 {
-                histogram[unit].store(0u32);
-            }
-            sync_cube();
-            let mut i = unit;
-            while i < allowed {
-                let key = ordered_key(scores[base + i]);
-                if (key & prefix_mask) == prefix {
-                    histogram[((key >> shift) & 255) as usize].fetch_add(1u32);
-                }
-                i += CUBE_DIM as usize;
-            }
-            sync_cube();
-            // Unit u looks at digit 255 − u: the exclusive prefix over units counts the keys in higher digits.
-            let mut count = 0u32;
-            if unit < 256 {
-                count = histogram[255 - unit].load();
-            }
-            let above = cube_exclusive_scan(count, UNITS);
-            if unit < 256 && above.prefix < remaining && above.prefix + count >= remaining {
-                choice[0] = (255 - unit) as u32;
-                choice[1] = remaining - above.prefix;
-            }
-            sync_cube();
-            prefix |= choice[0] << shift;
-            prefix_mask |= 255u32 << shift;
-            remaining = choice[1];
-            sync_cube();
-        }
-    }
-    write_selection(
-        scores,
-        indices,
-        row,
-        base,
-        allowed,
-        k,
-        take_all,
-        prefix,
-        remaining as usize,
-    );
-}
-
-/// Picks the digit holding the `remaining`-th largest key from a histogram of `bins` digits (bins ≤ 8·UNITS,
-/// a multiple of UNITS or below it): each unit sums its group of bins from the top, a cube prefix scan
-/// counts the keys in higher groups, and the unit whose group holds the boundary walks it. Leaves
-/// (digit, keys still to take within it) in `choice`; every unit must reach it.
-#[cube]
-fn select_digit(histogram: &[Atomic<u32>], choice: &mut [u32], remaining: u32, #[comptime] bins: u32) {
-    let group = comptime!(if bins > UNITS { bins / UNITS } else { 1 });
-    let unit = UNIT_POS;
-    let mut count = 0u32;
-    #[unroll]
-    for g in 0..group {
-        let bin = unit * group + g;
-        if bin < bins {
-            count += histogram[(bins - 1 - bin) as usize].load();
-        }
-    }
-    let above = cube_exclusive_scan(count, UNITS);
-    if above.prefix < remaining && above.prefix + count >= remaining {
-        let mut seen = above.prefix;
-        let mut found = false;
-        #[unroll]
-        for g in 0..group {
-            let bin = bins - 1 - (unit * group + g);
-            let c = histogram[bin as usize].load();
-            if !found && seen + c >= remaining {
-                choice[0] = bin;
-                choice[1] = remaining - seen;
-                found = true;
-            }
-            seen += c;
-        }
-    }
-}
-
-/// Adds to the histogram the digit (key >> shift) & (bins − 1) of every key matching `prefix` under
-/// `mask`: over positions 0..count, or over the positions in `candidates[0..count]`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn count_digits(
-    scores: &[f32],
-    base: usize,
-    candidates: &[u32],
-    count: usize,
-    prefix: u32,
-    mask: u32,
-    shift: u32,
-    #[comptime] bins: u32,
-    #[comptime] from_candidates: bool,
-    histogram: &[Atomic<u32>],
-) {
-    let mut c = UNIT_POS as usize;
-    while c < count {
-        let mut position = c;
-        if from_candidates {
-            position = candidates[c] as usize;
-        }
-        let key = ordered_key(scores[base + position]);
-        if (key & mask) == prefix {
-            histogram[((key >> shift) & (bins - 1)) as usize].fetch_add(1u32);
-        }
-        c += CUBE_DIM as usize;
-    }
-}
-
-/// Radix select that reads the scores twice: an 11-bit digit histogram finds the bucket of the k-th
-/// largest key; a second pass writes every position above that bucket and collects the bucket's positions
-/// (at most CANDIDATES) in shared memory, where three more digit passes (8, 8, 5 bits) finish the search.
-/// A bucket too large for shared memory falls back to digit passes over all scores. Output unordered.
-#[cube(launch)]
-fn topk_candidates_kernel(scores: &[f32], limits: &[i32], indices: &mut [i32], rows: usize, s: usize, k: usize) {
-    let row = CUBE_POS;
-    if row >= rows {
-        terminate!();
-    }
-    let allowed = allowed_positions(limits, row, s);
-    let base = row * s;
-    let unit = UNIT_POS as usize;
-    let histogram = Shared::<[Atomic<u32>]>::new_slice(2048usize);
-    let counters = Shared::<[Atomic<u32>]>::new_slice(2usize);
-    let mut candidates = Shared::<[u32]>::new_slice(CANDIDATES);
-    let mut choice = Shared::<[u32]>::new_slice(2usize);
-    if allowed <= k {
-        write_selection(scores, indices, row, base, allowed, k, true, 0u32, 0usize);
-    } else {
-        // Pass 1: the top 11 bits.
-        #[unroll]
-        for g in 0..8u32 {
-            histogram[unit * 8 + g as usize].store(0u32);
-        }
-        if unit < 2 {
-            counters[unit].store(0u32);
-        }
-        sync_cube();
-        count_digits(
-            scores,
-            base,
-            &candidates,
-            allowed,
-            0u32,
-            0u32,
-            21u32,
-            2048u32,
-            false,
-            &histogram,
-        );
-        sync_cube();
-        select_digit(&histogram, &mut choice, k as u32, 2048u32);
-        sync_cube();
-        let top = choice[0];
-        let mut remaining = choice[1];
-        let bucket = histogram[top as usize].load() as usize;
-        let mut prefix = top << 21;
-        let mut mask = 0xffe0_0000u32;
-        let from_candidates = bucket <= CANDIDATES;
-        sync_cube();
-        if from_candidates {
-            // Pass 2: keys above the bucket are selected; the bucket's positions become candidates.
-            let mut i = unit;
-            while i < allowed {
-                let digit = ordered_key(scores[base + i]) >> 21;
-                if digit > top {
-                    indices[row * k + counters[0].fetch_add(1u32) as usize] = i as i32;
-                } else if digit == top {
-                    candidates[counters[1].fetch_add(1u32) as usize] = i as u32;
-                }
-                i += CUBE_DIM as usize;
-            }
-            sync_cube();
-        }
-        let count = select(from_candidates, bucket, allowed);
-        // The remaining 21 bits: 8, 8 and 5 at a time, over the candidates or (fallback) all scores.
-        #[unroll]
-        for pass in 0..3u32 {
-            let shift = comptime!([13u32, 5, 0][pass as usize]);
-            let bins = comptime!([256u32, 256, 32][pass as usize]);
-            if unit < 256 {
-                histogram[unit].store(0u32);
-            }
-            sync_cube();
-            if from_candidates {
-                count_digits(
-                    scores,
-                    base,
-                    &candidates,
-                    count,
-                    prefix,
-                    mask,
-                    shift,
-                    bins,
-                    true,
-                    &histogram,
-                );
-            } else {
-                count_digits(
-                    scores,
-                    base,
-                    &candidates,
-                    count,
-                    prefix,
-                    mask,
-                    shift,
-                    bins,
-                    false,
-                    &histogram,
-                );
-            }
-            sync_cube();
-            select_digit(&histogram, &mut choice, remaining, 256u32);
-            sync_cube();
-            prefix |= choice[0] << shift;
-            mask |= (bins - 1) << shift;
-            remaining = choice[1];
-            sync_cube();
-        }
-        if from_candidates {
-            // Candidates above the threshold, then the `remaining` lowest positions equal to it.
-            let mut c = unit;
-            while c < count {
-                let position = candidates[c];
-                let key = ordered_key(scores[base + position as usize]);
-                let mut take = key > prefix;
-                if key == prefix {
-                    let mut rank = 0u32;
-                    for other in 0..count {
-                        let p = candidates[other];
-                        if p < position && ordered_key(scores[base + p as usize]) == prefix {
-                            rank += 1;
-                        }
-                    }
-                    take = rank < remaining;
-                }
-                if take {
-                    indices[row * k + counters[0].fetch_add(1u32) as usize] = position as i32;
-                }
-                c += CUBE_DIM as usize;
-            }
-        } else {
-            write_selection(
-                scores,
-                indices,
-                row,
-                base,
-                allowed,
-                k,
-                false,
-                prefix,
-                remaining as usize,
-            );
-        }
     }
 }
 

@@ -1,0 +1,119 @@
+//! The kv side of the sparse MLA kernels: resolving indices to cache rows, reading (and dequantizing) a
+//! row's words, and the per-row statistics written at the end.
+use super::{D_QK, D_V, KvSource, PAGE_SIZE, TOKEN_WORDS};
+use cubecl::prelude::*;
+use nsa_dsl::Format;
+use nsa_dsl::format::{bf16_to_f32, e4m3_to_f32, pack};
+
+/// Word offset of the kv row `index` names, or 0xffff_ffff ("invalid": u32, as WGSL has no 64-bit integers).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn kv_row_offset(
+    index: i32,
+    block_table: &[i32],
+    batch: usize,
+    s_kv: usize,
+    max_pages: usize,
+    pages: usize,
+    #[comptime] source: KvSource,
+    #[comptime] format: Format,
+) -> u32 {
+    let mut offset = 0xffff_ffffu32;
+    match source {
+        KvSource::Rows => {
+            if index >= 0 && (index as usize) < s_kv {
+                offset = (index as usize * comptime!(D_QK / format.per_word() as usize)) as u32;
+            }
+        }
+        KvSource::Fp8Paged => {
+            if index >= 0 && (index as usize) < max_pages * PAGE_SIZE {
+                let page = block_table[batch * max_pages + index as usize / PAGE_SIZE];
+                if page >= 0 && (page as usize) < pages {
+                    offset = ((page as usize * PAGE_SIZE + index as usize % PAGE_SIZE) * TOKEN_WORDS) as u32;
+                }
+            }
+        }
+    }
+    offset
+}
+
+/// Word `w` of the kv row at word `offset`, in the problem's storage format (bf16: elements 2w, 2w+1).
+/// FP8 latent values are dequantized to it exactly: an e4m3 value times a power-of-two scale has at most
+/// 4 significant bits, which bf16 keeps.
+#[cube]
+#[allow(unused_assignments)]
+pub(super) fn kv_word(
+    kv: &[u32],
+    offset: usize,
+    w: usize,
+    #[comptime] source: KvSource,
+    #[comptime] format: Format,
+) -> u32 {
+    let per_word = comptime!(format.per_word() as usize);
+    let mut word = 0u32;
+    match source {
+        KvSource::Rows => {
+            word = kv[offset + w];
+        }
+        KvSource::Fp8Paged => {
+            let e = w * per_word;
+            if e < D_V {
+                let bytes = kv[offset + e / 4];
+                let scale = f32::reinterpret(kv[offset + 128 + e / 128]);
+                let lo = e4m3_to_f32((bytes >> (8 * (e % 4)) as u32) & 0xff) * scale;
+                let mut hi = 0.0f32;
+                if comptime!(per_word == 2) {
+                    hi = e4m3_to_f32((bytes >> (8 * (e % 4 + 1)) as u32) & 0xff) * scale;
+                }
+                word = pack(lo, hi, format);
+            } else {
+                let r = e - D_V;
+                let rope = kv[offset + 132 + r / 2];
+                match format {
+                    // bf16 pairs are already the storage words.
+                    Format::Bf16 => word = rope,
+                    Format::F32 => word = u32::reinterpret(bf16_to_f32((rope >> (16 * (r % 2)) as u32) & 0xffff)),
+                }
+            }
+        }
+    }
+    word
+}
+
+/// Resolves the block of indices starting at `start` of the row starting at `base` to kv row offsets in
+/// `offsets` (0xffff_ffff: invalid, or past topk); units below `block` take one each.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn resolve_block(
+    indices: &[i32],
+    block_table: &[i32],
+    offsets: &mut [u32],
+    base: usize,
+    start: usize,
+    topk: usize,
+    batch: usize,
+    s_kv: usize,
+    max_pages: usize,
+    pages: usize,
+    #[comptime] block: usize,
+    #[comptime] source: KvSource,
+    #[comptime] format: Format,
+) {
+    let unit = UNIT_POS as usize;
+    if unit < block {
+        let mut offset = 0xffff_ffffu32;
+        if start + unit < topk {
+            let index = indices[base + start + unit];
+            offset = kv_row_offset(index, block_table, batch, s_kv, max_pages, pages, source, format);
+        }
+        offsets[unit] = offset;
+    }
+}
+
+/// lse = m + ln l (natural) and the max logit of one (row, head); an empty row (l = 0) gets +∞ and −∞.
+#[cube]
+pub(super) fn write_row_stats(lse: &mut [f32], max_logit: &mut [f32], out_row: usize, m: f32, l: f32) {
+    let empty = l == 0.0f32;
+    lse[out_row] = select(empty, f32::reinterpret(0x7f80_0000u32), m + f32::ln(l));
+    max_logit[out_row] = select(empty, f32::reinterpret(0xff80_0000u32), m);
+}

@@ -1,0 +1,326 @@
+//! The sparse MLA attention core shared by prefill (bf16/f32 kv rows) and decode (the paged FP8 cache).
+//!
+//! For each query row r and head h, over the valid entries i of indices[r, :]:
+//!   S_i = sm_scale · q[r, h, :] · kv_i          (576 = 512 latent + 64 rope)
+//!   out[r, h, :] = Σ_i softmax(S)_i · kv_i[:512]
+//!   lse[r, h] = log Σ_i exp(S_i) (natural), max_logit[r, h] = max_i S_i
+//! An empty row gives out = 0, lse = +∞, max_logit = −∞.
+//! Variants: `simt_h16`/`simt_h8` ([`simt`]: scalar FMAs, everywhere) and `cmma_h16`/`cmma_h32` ([`cmma`]:
+//! 16×16×16 tensor-core tiles, CUDA/HIP, bf16). Both gather the rows of a block of indices into shared
+//! memory ([`gather`]: FP8 dequantized exactly), keep an online softmax per head, and accumulate P·V.
+mod cmma;
+mod gather;
+mod simt;
+
+use crate::launch::{buffer, grid, ir_props, ir_settings, slice_arg};
+use crate::spec::TensorSpec;
+use crate::{KernelError, Problem, Variant};
+use cmma::{CMMA_BLOCK, CMMA_HEADS, sparse_mla_cmma_kernel};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use nsa_backends::{Device, DeviceFeatures, IrTarget};
+use nsa_dsl::Format;
+use serde::{Deserialize, Serialize};
+use simt::sparse_mla_kernel;
+
+pub const UNITS: u32 = 128;
+pub const D_QK: usize = 576;
+pub const D_V: usize = 512;
+/// Tokens per page of the FP8 cache, and 32-bit words per cached token (656 bytes).
+pub const PAGE_SIZE: usize = 64;
+pub const TOKEN_WORDS: usize = 164;
+
+pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "cmma_h32",
+        summary: "tensor cores: 32 heads (one kv gather for both tiles), 16 indices per block (bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "cmma_h16",
+        summary: "tensor cores: 16 heads, 16 indices per block (bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "simt_h16",
+        summary: "16 heads per cube, 8 indices per block",
+        needs_plane_ops: false,
+    },
+    Variant {
+        name: "simt_h8",
+        summary: "8 heads per cube, 8 indices per block",
+        needs_plane_ops: false,
+    },
+];
+
+/// (heads per cube, indices per block) of a variant.
+pub fn tiles(variant: &Variant) -> (u32, u32) {
+    match variant.name {
+        "cmma_h32" => (32, 16),
+        "cmma_h16" => (16, 16),
+        "simt_h16" => (16, 8),
+        _ => (8, 8),
+    }
+}
+
+/// Shared memory of a variant: the kv tile (storage words), row offsets, P, and three floats per head; for
+/// `cmma_h16`, bf16 Q and kv tiles, P, the split-k scores and the block's P·V.
+pub fn shared_memory_bytes(variant: &Variant, format: Format) -> usize {
+    if is_cmma(variant) {
+        let heads = tiles(variant).0 as usize;
+        let bf16_tiles = 2 * (heads * D_QK + CMMA_BLOCK * D_QK + heads * CMMA_BLOCK);
+        return bf16_tiles + 4 * (4 * heads * CMMA_BLOCK + heads * D_V + CMMA_BLOCK + 3 * heads);
+    }
+    let (heads, block) = tiles(variant);
+    let words = block as usize * D_QK / format.per_word() as usize;
+    4 * (words + block as usize + (heads * block) as usize + 3 * heads as usize)
+}
+
+/// The checks both registrations share: the MLA head layout and whole 16-head cubes.
+pub fn validate(kernel: &'static str, problem: &Problem) -> Result<(), KernelError> {
+    let invalid = |field, expected: &str, got: usize| KernelError::InvalidProblem {
+        kernel,
+        field,
+        expected: expected.into(),
+        got: got.to_string(),
+    };
+    if problem.dim("d_qk") != D_QK {
+        return Err(invalid("d_qk", "576 (512 latent + 64 rope)", problem.dim("d_qk")));
+    }
+    if problem.dim("d_v") != D_V {
+        return Err(invalid("d_v", "512", problem.dim("d_v")));
+    }
+    if problem.dim("h_q") == 0 || problem.dim("h_q") % 16 != 0 {
+        return Err(invalid("h_q", "a multiple of 16", problem.dim("h_q")));
+    }
+    Ok(())
+}
+
+/// Tolerances: `out` to `out_tolerance` (plus the bf16 output rounding, 2⁻⁹ relative, for bf16), lse and
+/// max_logit to 1e-5.
+pub fn tolerance(output: &TensorSpec, problem: &Problem, out_tolerance: f64) -> f64 {
+    match (output.name, problem.format) {
+        ("out", Format::Bf16) => out_tolerance + 1.0 / 512.0,
+        ("out", Format::F32) => out_tolerance,
+        _ => 1e-5,
+    }
+}
+
+/// The tensor-core variants.
+fn is_cmma(variant: &Variant) -> bool {
+    variant.name.starts_with("cmma")
+}
+
+/// What the tensor-core variants need beyond the default checks: bf16 tensor cores and bf16 tensors.
+pub fn supports(variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+    if is_cmma(variant) {
+        if problem.dim("h_q") % tiles(variant).0 as usize != 0 {
+            return Err(format!("needs h_q a multiple of {}", tiles(variant).0));
+        }
+        if !features.cmma_bf16 {
+            return Err("needs bf16 tensor cores (cmma)".into());
+        }
+        if problem.format != Format::Bf16 {
+            return Err(format!("needs bf16 tensors, got {}", problem.format));
+        }
+    }
+    Ok(())
+}
+
+pub fn supports_target(variant: &Variant, target: IrTarget) -> bool {
+    !is_cmma(variant) || matches!(target, IrTarget::Cuda | IrTarget::Hip)
+}
+
+/// Sizes a launch needs besides the buffers.
+pub struct Launch {
+    pub rows: usize,
+    pub rows_per_batch: usize,
+    pub h_q: usize,
+    pub s_kv: usize,
+    pub max_pages: usize,
+    pub pages: usize,
+    pub topk: usize,
+    pub sm_scale: f32,
+}
+
+/// Launches `variant` with buffers (q, kv, block_table, indices, out, lse, max_logit) given as
+/// (handle, length in words).
+pub fn launch(
+    variant: &Variant,
+    device: &Device,
+    buffers: [(&Handle, usize); 7],
+    sizes: Launch,
+    source: KvSource,
+    format: Format,
+) {
+    let (heads, block) = tiles(variant);
+    let [q, kv, table, indices, out, lse, max_logit] = buffers.map(|(handle, len)| buffer(handle, len));
+    let count = grid(sizes.rows * sizes.h_q / heads as usize);
+    let Launch {
+        rows,
+        rows_per_batch,
+        h_q,
+        s_kv,
+        max_pages,
+        pages,
+        topk,
+        sm_scale,
+    } = sizes;
+    let client = &device.client;
+    if is_cmma(variant) {
+        // Four planes per head tile.
+        let head_tiles = heads as usize / CMMA_HEADS;
+        sparse_mla_cmma_kernel::launch(
+            client,
+            count,
+            CubeDim::new_1d(4 * head_tiles as u32 * device.features().plane_size),
+            q,
+            kv,
+            table,
+            indices,
+            out,
+            lse,
+            max_logit,
+            rows,
+            rows_per_batch,
+            h_q,
+            s_kv,
+            max_pages,
+            pages,
+            topk,
+            sm_scale,
+            head_tiles,
+            source,
+        );
+    } else {
+        sparse_mla_kernel::launch(
+            client,
+            count,
+            CubeDim::new_1d(UNITS),
+            q,
+            kv,
+            table,
+            indices,
+            out,
+            lse,
+            max_logit,
+            rows,
+            rows_per_batch,
+            h_q,
+            s_kv,
+            max_pages,
+            pages,
+            topk,
+            sm_scale,
+            heads,
+            block,
+            source,
+            format,
+        );
+    }
+}
+
+/// Where the kv rows come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KvSource {
+    /// kv [s_kv, 576] in the problem's format; index i is row i.
+    Rows,
+    /// The paged FP8 cache [pages, 64, 656 B]; index i is the sequence's token i, found through
+    /// block_table[batch, i / 64] (page) and i % 64 (slot).
+    Fp8Paged,
+}
+
+/// The f64 reference: attention of each query row over its valid kv rows (`kv_row(r, i)` gives row r's
+/// index i as 576 values, or None when invalid). Returns (out, lse, max_logit), row-major [rows, h_q, …].
+pub fn reference(
+    q: &[f64],
+    h_q: usize,
+    topk: usize,
+    indices: &[f64],
+    scale: f64,
+    kv_row: impl Fn(usize, i64) -> Option<Vec<f64>>,
+) -> Vec<Vec<f64>> {
+    let rows = indices.len() / topk;
+    let (mut out, mut lse, mut max_logit) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rows {
+        let valid: Vec<Vec<f64>> = indices[r * topk..][..topk]
+            .iter()
+            .filter_map(|i| kv_row(r, *i as i64))
+            .collect();
+        for h in 0..h_q {
+            let q_row = &q[(r * h_q + h) * D_QK..][..D_QK];
+            let scores: Vec<f64> = valid
+                .iter()
+                .map(|kv| scale * q_row.iter().zip(kv).map(|(a, b)| a * b).sum::<f64>())
+                .collect();
+            let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let l: f64 = weights.iter().sum();
+            for d in 0..D_V {
+                let o: f64 = valid.iter().zip(&weights).map(|(kv, w)| w * kv[d]).sum();
+                out.push(if valid.is_empty() { 0.0 } else { o / l });
+            }
+            lse.push(if valid.is_empty() { f64::INFINITY } else { m + l.ln() });
+            max_logit.push(m);
+        }
+    }
+    vec![out, lse, max_logit]
+}
+
+/// The kernel definition of a variant for `nsa ir` and the snapshots.
+pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: Format) -> KernelDefinition {
+    let (heads, block) = tiles(variant);
+    let (props, target_props) = ir_props(target);
+    if is_cmma(variant) {
+        let a = slice_arg;
+        let head_tiles = heads as usize / CMMA_HEADS;
+        return sparse_mla_cmma_kernel::SparseMlaCmmaKernel::new(
+            ir_settings(CubeDim::new_1d(4 * head_tiles as u32 * target.plane_size())),
+            props,
+            target_props,
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            head_tiles,
+            source,
+        )
+        .define();
+    }
+    sparse_mla_kernel::SparseMlaKernel::new(
+        ir_settings(CubeDim::new_1d(UNITS)),
+        props,
+        target_props,
+        slice_arg(),
+        slice_arg(),
+        slice_arg(),
+        slice_arg(),
+        slice_arg(),
+        slice_arg(),
+        slice_arg(),
+        (),
+        (),
+        (),
+        (),
+        (),
+        (),
+        (),
+        (),
+        heads,
+        block,
+        source,
+        format,
+    )
+    .define()
+}
