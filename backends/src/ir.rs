@@ -198,14 +198,14 @@ fn compile_ir(target: IrTarget, kernel: KernelDefinition) -> Result<String, Back
                 .map_err(|e| error(format!("{e:?}")))
         }
         IrTarget::Wgsl => {
-            let mut compiler = cubecl_wgpu::WgslCompiler::default();
+            let mut compiler = cubecl_wgpu::WgslCompiler;
             compiler
                 .compile(kernel, &Default::default())
                 .map(|k| k.to_string())
                 .map_err(|e| error(format!("{e:?}")))
         }
         IrTarget::Spirv => {
-            let mut compiler = cubecl_spirv::SpirvCompiler::default();
+            let mut compiler = cubecl_spirv::SpirvCompiler;
             // A Vulkan 1.3-class device: 4-wide vectors, SPIR-V 1.6.
             let mut options = cubecl::WgpuCompilationOptions::default();
             options.vulkan.max_vector_size = 4;

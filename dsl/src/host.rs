@@ -70,7 +70,7 @@ pub fn words_to_bytes(words: &[u32]) -> Vec<u8> {
 
 /// Little-endian bytes as words; `None` if the length is not a whole number of words.
 pub fn bytes_to_words(bytes: &[u8]) -> Option<Vec<u32>> {
-    (bytes.len() % 4 == 0).then(|| {
+    bytes.len().is_multiple_of(4).then(|| {
         bytes
             .chunks(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))

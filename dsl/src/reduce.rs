@@ -55,6 +55,7 @@ fn plane_path_sum(value: f32, #[comptime] cube_size: u32) -> f32 {
 
 /// Tree reduction in shared memory: halve the active units each step.
 #[cube]
+#[allow(clippy::assign_op_pattern)] // `+=` on a shared element expands to different (equivalent) code.
 fn shared_tree_sum(value: f32, #[comptime] cube_size: u32) -> f32 {
     let mut tree = Shared::<[f32]>::new_slice(cube_size as usize);
     let unit = UNIT_POS as usize;

@@ -98,8 +98,7 @@ pub fn run(
                     .to_string()
                     .lines()
                     .map(str::trim)
-                    .filter(|l| !l.is_empty())
-                    .last()
+                    .rfind(|l| !l.is_empty())
                     .unwrap_or("")
                     .to_string(),
             })?;

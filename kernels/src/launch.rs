@@ -21,7 +21,7 @@ pub fn grid(n: usize) -> CubeCount {
 
 /// The widest vector (4, 2 or 1 words) that divides `words`.
 pub fn vector_size(words: usize) -> usize {
-    [4, 2, 1].into_iter().find(|n| words % n == 0).unwrap_or(1)
+    [4, 2, 1].into_iter().find(|n| words.is_multiple_of(*n)).unwrap_or(1)
 }
 
 /// A slice argument over `handle` seen as `len` elements (vectors) of the kernel's slice type.

@@ -180,7 +180,7 @@ fn geometry(problem: &Problem) -> (usize, usize, u32) {
 fn validate_norm(kernel: &'static str, problem: &Problem) -> Result<(), KernelError> {
     let hidden = problem.dim("hidden");
     let per_word = problem.format.per_word() as usize;
-    if hidden == 0 || hidden % per_word != 0 {
+    if hidden == 0 || !hidden.is_multiple_of(per_word) {
         return Err(KernelError::InvalidProblem {
             kernel,
             field: "hidden",

@@ -218,7 +218,7 @@ impl Kernel for Rope {
             ));
         }
         // A bf16 word holds two elements: both must lie in one head, and a pair must not straddle words.
-        if problem.format == Format::Bf16 && (head_dim % 2 != 0 || (offset as usize) % 2 != 0) {
+        if problem.format == Format::Bf16 && (!head_dim.is_multiple_of(2) || !(offset as usize).is_multiple_of(2)) {
             return Err(invalid(
                 "head_dim",
                 "even, with an even rope_offset, for bf16".into(),

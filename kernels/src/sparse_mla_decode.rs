@@ -211,9 +211,8 @@ impl Kernel for SparseMlaDecode {
             lengths.push(used * PAGE_SIZE - if mask { rng.random_range(0..PAGE_SIZE) } else { 0 });
         }
         let mut indices = Vec::with_capacity(b * s_q * topk);
-        for seq in 0..b {
+        for (seq, &length) in lengths.iter().enumerate() {
             for row in 0..s_q {
-                let length = lengths[seq];
                 let mut chosen: Vec<i32> = if length > topk {
                     rand::seq::index::sample(rng, length, topk)
                         .into_iter()

@@ -90,7 +90,7 @@ pub fn validate(kernel: &'static str, problem: &Problem) -> Result<(), KernelErr
     if problem.dim("d_v") != D_V {
         return Err(invalid("d_v", "512", problem.dim("d_v")));
     }
-    if problem.dim("h_q") == 0 || problem.dim("h_q") % 16 != 0 {
+    if problem.dim("h_q") == 0 || !problem.dim("h_q").is_multiple_of(16) {
         return Err(invalid("h_q", "a multiple of 16", problem.dim("h_q")));
     }
     Ok(())
@@ -114,7 +114,7 @@ fn is_cmma(variant: &Variant) -> bool {
 /// What the tensor-core variants need beyond the default checks: bf16 tensor cores and bf16 tensors.
 pub fn supports(variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
     if is_cmma(variant) {
-        if problem.dim("h_q") % tiles(variant).0 as usize != 0 {
+        if !problem.dim("h_q").is_multiple_of(tiles(variant).0 as usize) {
             return Err(format!("needs h_q a multiple of {}", tiles(variant).0));
         }
         if !features.cmma_bf16 {
