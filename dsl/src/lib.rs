@@ -5,12 +5,14 @@
 //! - [`load`]: vectorized word loads and index-gathered row loads.
 //! - [`reduce`]: cube-wide reductions with a plane (warp/subgroup) path and a shared-memory fallback.
 //! - [`softmax`]: online-softmax state (running max and sum of exponentials).
+//! - [`mma`]: tensor-core tiles (bf16 in, f32 accumulate) for the CUDA/HIP variants.
 //! - [`select`]: order-preserving keys for radix select, cube-wide prefix sums for compaction.
 //!
 //! Every buffer is addressed as 32-bit words (`&[u32]`): a bf16 word holds two elements, an e4m3 word four.
 pub mod format;
 pub mod host;
 pub mod load;
+pub mod mma;
 pub mod reduce;
 pub mod select;
 pub mod softmax;

@@ -14,6 +14,7 @@ use half::bf16;
 use nsa_backends::{Device, DeviceFeatures, IrTarget};
 use nsa_dsl::Format;
 use nsa_dsl::format::unpack;
+use nsa_dsl::mma::{store_tile, tile_a, tile_b, zero_accumulator};
 use rand::Rng;
 
 const UNITS: u32 = 128;
@@ -301,33 +302,6 @@ impl Kernel for IndexerLogits {
     }
 }
 
-#[cube]
-fn zero_accumulator() -> cmma::Matrix<f32> {
-    cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    )
-}
-
-/// The 16 keys × 16 dims B tile starting at element `start` of the staged key block (keys are rows of
-/// `dim` elements, so Kᵀ reads column-major).
-#[cube]
-fn key_tile(k_smem: &[bf16], start: usize, #[comptime] dim: u32) -> cmma::Matrix<bf16> {
-    cmma::Matrix::<bf16>::from_slice(
-        cmma::MatrixIdent::B,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::ColMajor,
-        &k_smem[start..k_smem.len()],
-        dim,
-    )
-}
-
 /// Tensor-core variant: a cube holds TOKENS_PER_CUBE tokens and 64 keys; each plane computes the scores
 /// of 16 heads of one token against the 64 keys with 16×16×16 bf16 matrix multiplies (Q from global
 /// memory, reused across the four key tiles; the key block staged once in shared memory, zeros past the
@@ -381,47 +355,19 @@ fn indexer_logits_cmma_kernel(
     let acc3 = zero_accumulator();
     #[unroll]
     for step in 0..comptime!(dim / 16) {
-        let a = cmma::Matrix::<bf16>::from_slice(
-            cmma::MatrixIdent::A,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-            &q[q_base + step as usize * 16..q.len()],
-            dim,
-        );
+        let a = tile_a(q, q_base + step as usize * 16, dim);
         let column = step as usize * 16;
-        cmma::execute(&a, &key_tile(&k_smem, column, dim), &acc0, &acc0);
-        cmma::execute(&a, &key_tile(&k_smem, 16 * d + column, dim), &acc1, &acc1);
-        cmma::execute(&a, &key_tile(&k_smem, 32 * d + column, dim), &acc2, &acc2);
-        cmma::execute(&a, &key_tile(&k_smem, 48 * d + column, dim), &acc3, &acc3);
+        // Kᵀ tiles: the staged keys are rows of `dim`.
+        cmma::execute(&a, &tile_b(&k_smem, column, dim, true), &acc0, &acc0);
+        cmma::execute(&a, &tile_b(&k_smem, 16 * d + column, dim, true), &acc1, &acc1);
+        cmma::execute(&a, &tile_b(&k_smem, 32 * d + column, dim, true), &acc2, &acc2);
+        cmma::execute(&a, &tile_b(&k_smem, 48 * d + column, dim, true), &acc3, &acc3);
     }
     let row = (tok * h + head0) * KEYS_PER_CUBE;
-    let end = comptime!(TOKENS_PER_CUBE * heads as usize * KEYS_PER_CUBE);
-    cmma::store(
-        &mut scores[row..end],
-        &acc0,
-        KEYS_PER_CUBE as u32,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut scores[row + 16..end],
-        &acc1,
-        KEYS_PER_CUBE as u32,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut scores[row + 32..end],
-        &acc2,
-        KEYS_PER_CUBE as u32,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut scores[row + 48..end],
-        &acc3,
-        KEYS_PER_CUBE as u32,
-        cmma::MatrixLayout::RowMajor,
-    );
+    store_tile(&mut scores, row, &acc0, KEYS_PER_CUBE as u32);
+    store_tile(&mut scores, row + 16, &acc1, KEYS_PER_CUBE as u32);
+    store_tile(&mut scores, row + 32, &acc2, KEYS_PER_CUBE as u32);
+    store_tile(&mut scores, row + 48, &acc3, KEYS_PER_CUBE as u32);
     sync_cube();
 
     // logits[token, key] = Σ_h w[token, h] · ReLU(S[token, h, j]), −∞ past q_pos.

@@ -5,6 +5,7 @@ use cubecl::prelude::*;
 use half::bf16;
 use nsa_dsl::Format;
 use nsa_dsl::format::{pack, unpack};
+use nsa_dsl::mma::{store_tile, tile_a, tile_b, zero_accumulator};
 
 /// Rows of kv per block and heads per tile of the tensor-core variants.
 pub(super) const CMMA_BLOCK: usize = 16;
@@ -119,43 +120,15 @@ pub fn sparse_mla_cmma_kernel(
         sync_cube();
 
         // S = Q·Kᵀ of head tile `tile` over d in [144·quarter, 144·quarter + 144).
-        let acc = cmma::Matrix::<f32>::from_value(
-            cmma::MatrixIdent::Accumulator,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::Undefined,
-            0.0f32,
-        );
+        let acc = zero_accumulator();
         #[unroll]
         for step in 0..9usize {
             let d0 = quarter * 144 + step * 16;
-            let a = cmma::Matrix::<bf16>::from_slice(
-                cmma::MatrixIdent::A,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &q_tile[tile * CMMA_HEADS * D_QK + d0..comptime!(heads * D_QK)],
-                D_QK as u32,
-            );
-            let b = cmma::Matrix::<bf16>::from_slice(
-                cmma::MatrixIdent::B,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::ColMajor,
-                &kv_tile[d0..CMMA_BLOCK * D_QK],
-                D_QK as u32,
-            );
+            let a = tile_a(&q_tile, tile * CMMA_HEADS * D_QK + d0, D_QK as u32);
+            let b = tile_b(&kv_tile, d0, D_QK as u32, true);
             cmma::execute(&a, &b, &acc, &acc);
         }
-        cmma::store(
-            &mut s_parts[plane * CMMA_HEADS * CMMA_BLOCK..comptime!(4 * heads * CMMA_BLOCK)],
-            &acc,
-            CMMA_BLOCK as u32,
-            cmma::MatrixLayout::RowMajor,
-        );
+        store_tile(&mut s_parts, plane * CMMA_HEADS * CMMA_BLOCK, &acc, CMMA_BLOCK as u32);
         sync_cube();
 
         // Online softmax per head on the block's 16 scores; P to shared memory as bf16.
@@ -192,42 +165,14 @@ pub fn sparse_mla_cmma_kernel(
         sync_cube();
 
         // P·V of head tile `tile`: column tiles 8·quarter .. 8·quarter + 8 of the 32.
-        let a = cmma::Matrix::<bf16>::from_slice(
-            cmma::MatrixIdent::A,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-            &p_tile[tile * CMMA_HEADS * CMMA_BLOCK..comptime!(heads * CMMA_BLOCK)],
-            CMMA_BLOCK as u32,
-        );
+        let a = tile_a(&p_tile, tile * CMMA_HEADS * CMMA_BLOCK, CMMA_BLOCK as u32);
         #[unroll]
         for n in 0..8usize {
             let n0 = (quarter * 8 + n) * 16;
-            let b = cmma::Matrix::<bf16>::from_slice(
-                cmma::MatrixIdent::B,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &kv_tile[n0..CMMA_BLOCK * D_QK],
-                D_QK as u32,
-            );
-            let o = cmma::Matrix::<f32>::from_value(
-                cmma::MatrixIdent::Accumulator,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::Undefined,
-                0.0f32,
-            );
+            let b = tile_b(&kv_tile, n0, D_QK as u32, false);
+            let o = zero_accumulator();
             cmma::execute(&a, &b, &o, &o);
-            cmma::store(
-                &mut pv[tile * CMMA_HEADS * D_V + n0..comptime!(heads * D_V)],
-                &o,
-                D_V as u32,
-                cmma::MatrixLayout::RowMajor,
-            );
+            store_tile(&mut pv, tile * CMMA_HEADS * D_V + n0, &o, D_V as u32);
         }
         sync_cube();
 
