@@ -219,3 +219,19 @@ fn run_kernel_takes_scalars_and_optional_inputs() {
     assert_eq!(first, vec![2, 3, 5]);
     assert_eq!(second, vec![2, 3, 4]);
 }
+
+#[test]
+fn bench_prints_a_row_per_supported_variant() {
+    let output = nsa(&["bench", "rms_norm", "--shape", "rows=2", "--shape", "hidden=128"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let table = stdout(&output);
+    let rows: Vec<&str> = table.lines().filter(|l| l.contains("rows=2 hidden=128")).collect();
+    assert!(!rows.is_empty(), "{table}");
+    for row in rows {
+        let time: f64 = row.split_whitespace().nth(4).unwrap().parse().unwrap();
+        assert!(time > 0.0, "{row}");
+    }
+    let bad = nsa(&["bench", "rms_norm", "--shape", "width=3"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("rows, hidden"), "{}", stderr(&bad));
+}
