@@ -31,14 +31,6 @@ impl Format {
         }
     }
 
-    /// The safetensors dtype name (`F32`, `BF16`).
-    pub const fn safetensors_name(self) -> &'static str {
-        match self {
-            Format::F32 => "F32",
-            Format::Bf16 => "BF16",
-        }
-    }
-
     pub fn parse(name: &str) -> Option<Format> {
         Format::ALL.into_iter().find(|f| f.name() == name)
     }

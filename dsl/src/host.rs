@@ -32,11 +32,6 @@ pub fn quantize(values: &[f32], format: Format) -> Vec<f32> {
     unpack(&pack(values, format), format, values.len())
 }
 
-/// Words of a storage buffer holding `len` elements.
-pub fn words_for(len: usize, format: Format) -> usize {
-    len.div_ceil(format.per_word() as usize)
-}
-
 /// FP8 e4m3fn bits as f32, computed from the definition (the reference for the kernel decoder).
 pub fn e4m3_to_f32(bits: u8) -> f32 {
     let sign = if bits & 0x80 != 0 { -1.0 } else { 1.0 };

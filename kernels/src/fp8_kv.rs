@@ -6,7 +6,7 @@
 //!   bytes 528..656  the 64 rope values as bf16
 //! Exact: the bytes must equal the reference quantizer's. One cube of 128 units per token; unit u writes
 //! latent word u (elements 4u..4u+3, group u / 32).
-use crate::launch::{buffer, grid, ir_props, ir_settings, slice_arg};
+use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::spec::{Storage, TensorSpec};
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::prelude::*;
@@ -201,7 +201,7 @@ impl Kernel for Fp8KvQuantize {
         );
     }
     fn define(&self, _: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
-        let (props, target_props) = ir_props(target);
+        let (props, target_props) = nsa_backends::ir_properties(target);
         fp8_kv_quantize_kernel::Fp8KvQuantizeKernel::new(
             ir_settings(CubeDim::new_1d(UNITS)),
             props,

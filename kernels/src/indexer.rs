@@ -5,7 +5,7 @@
 //! default: every key), logits [t, s] f32. Tolerance 1e-5 (f32 accumulation of bf16-exact inputs).
 //! Variant `key_per_unit`: one unit per (t, s), looping over heads and d; q is read by all units of a cube
 //! at once (a broadcast), k rows stream through.
-use crate::launch::{buffer, grid, ir_props, ir_settings, slice_arg};
+use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::spec::{Storage, TensorSpec};
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::prelude::*;
@@ -264,7 +264,7 @@ impl Kernel for IndexerLogits {
         );
     }
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
-        let (props, target_props) = ir_props(target);
+        let (props, target_props) = nsa_backends::ir_properties(target);
         if variant.name == "cmma" {
             let (h, d) = (problem.dim("h") as u32, problem.dim("d") as u32);
             return indexer_logits_cmma_kernel::IndexerLogitsCmmaKernel::new(

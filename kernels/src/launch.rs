@@ -1,7 +1,6 @@
 //! Small host helpers shared by the families' `launch`/`define` functions.
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use nsa_backends::IrTarget;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 static MAX_CUBES_X: AtomicUsize = AtomicUsize::new(65535);
@@ -38,8 +37,4 @@ pub fn ir_settings(cube_dim: CubeDim) -> KernelSettings {
 /// The compilation argument of a plain (not aliased) slice.
 pub fn slice_arg() -> BufferCompilationArg {
     BufferCompilationArg { inplace: None }
-}
-
-pub fn ir_props(target: IrTarget) -> (std::sync::Arc<DeviceProperties>, std::sync::Arc<TargetProperties>) {
-    nsa_backends::ir_properties(target)
 }

@@ -5,7 +5,7 @@
 //! x, weight, bias, out: [rows, hidden] / [hidden] in f32 or bf16; statistics in f32 (two passes for
 //! the variance, so large means do not cancel). Tolerance: the output format's.
 //! Variants: `plane` reduces with plane operations, `shared` with a shared-memory tree (no plane ops).
-use crate::launch::{buffer, grid, ir_props, ir_settings, slice_arg, vector_size};
+use crate::launch::{buffer, grid, ir_settings, slice_arg, vector_size};
 use crate::spec::{Storage, TensorSpec};
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::prelude::*;
@@ -307,7 +307,7 @@ impl Kernel for RmsNorm {
     }
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         let (vector, _, cube_size) = geometry(problem);
-        let (props, target_props) = ir_props(target);
+        let (props, target_props) = nsa_backends::ir_properties(target);
         rms_norm_kernel::RmsNormKernel::new(
             ir_settings(CubeDim::new_1d(cube_size)),
             props,
@@ -394,7 +394,7 @@ impl Kernel for LayerNorm {
     }
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         let (vector, _, cube_size) = geometry(problem);
-        let (props, target_props) = ir_props(target);
+        let (props, target_props) = nsa_backends::ir_properties(target);
         layer_norm_kernel::LayerNormKernel::new(
             ir_settings(CubeDim::new_1d(cube_size)),
             props,

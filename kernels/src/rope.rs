@@ -5,7 +5,7 @@
 //! rope_interleaved (MLA):   pairs (2i, 2i+1):       out[2i] = x[2i]·cos_i − x[2i+1]·sin_i, out[2i+1] = x[2i+1]·cos_i + x[2i]·sin_i
 //! rope_neox (the indexer):  pairs (i, i + rope_dim/2): out[i] = x[i]·cos_i − x[i+h]·sin_i,   out[i+h] = x[i+h]·cos_i + x[i]·sin_i
 //! One unit per output word (two bf16 elements or one f32). Tolerance: the output format's.
-use crate::launch::{buffer, grid, ir_props, ir_settings, slice_arg};
+use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::spec::{Storage, TensorSpec};
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::prelude::*;
@@ -291,7 +291,7 @@ impl Kernel for Rope {
     }
 
     fn define(&self, _: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
-        let (props, target_props) = ir_props(target);
+        let (props, target_props) = nsa_backends::ir_properties(target);
         rope_kernel::RopeKernel::new(
             ir_settings(CubeDim::new_1d(UNITS)),
             props,

@@ -1,7 +1,7 @@
 //! SwiGLU activation: out[t, i] = silu(x[t, i]) · x[t, d + i], silu(g) = g / (1 + exp(−g)).
 //! x: [tokens, 2·d] (gate then up, as the fused gate/up projection writes them), out: [tokens, d], f32 or
 //! bf16. One unit per output vector of `N` words. Tolerance: the output format's.
-use crate::launch::{buffer, grid, ir_props, ir_settings, slice_arg, vector_size};
+use crate::launch::{buffer, grid, ir_settings, slice_arg, vector_size};
 use crate::spec::{Storage, TensorSpec};
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::prelude::*;
@@ -133,7 +133,7 @@ impl Kernel for SiluMul {
     }
     fn define(&self, _: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         let (vector, _, _) = geometry(problem);
-        let (props, target_props) = ir_props(target);
+        let (props, target_props) = nsa_backends::ir_properties(target);
         silu_mul_kernel::SiluMulKernel::new(
             ir_settings(CubeDim::new_1d(UNITS)),
             props,

@@ -12,7 +12,7 @@ mod cmma;
 mod gather;
 mod simt;
 
-use crate::launch::{buffer, grid, ir_props, ir_settings, slice_arg};
+use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::spec::TensorSpec;
 use crate::{KernelError, Problem, Variant};
 use cmma::{CMMA_BLOCK, CMMA_HEADS, sparse_mla_cmma_kernel};
@@ -270,7 +270,7 @@ pub fn reference(
 /// The kernel definition of a variant for `nsa ir` and the snapshots.
 pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: Format) -> KernelDefinition {
     let (heads, block) = tiles(variant);
-    let (props, target_props) = ir_props(target);
+    let (props, target_props) = nsa_backends::ir_properties(target);
     if is_cmma(variant) {
         let a = slice_arg;
         let head_tiles = heads as usize / CMMA_HEADS;

@@ -10,7 +10,7 @@
 mod candidates;
 mod radix;
 
-use crate::launch::{buffer, grid, ir_props, ir_settings, slice_arg};
+use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::spec::{Storage, TensorSpec};
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
 use candidates::topk_candidates_kernel;
@@ -310,7 +310,7 @@ impl Kernel for TopK {
         );
     }
     fn define(&self, variant: &Variant, target: IrTarget, _: &Problem) -> KernelDefinition {
-        let (props, target_props) = ir_props(target);
+        let (props, target_props) = nsa_backends::ir_properties(target);
         let settings = ir_settings(CubeDim::new_1d(UNITS));
         if variant.name == "candidates" {
             return topk_candidates_kernel::TopkCandidatesKernel::new(
