@@ -51,6 +51,8 @@ pub struct DeviceFeatures {
     pub multiprocessors: Option<u32>,
     /// Cooperative matrix multiply (wmma-style) on bf16 operands with f32 accumulation, 16×16×16.
     pub cmma_bf16: bool,
+    /// Warp `mma.sync` m16n8k16 on bf16 with f32 accumulation, registers in PTX's documented layout.
+    pub mma_m16n8k16_bf16: bool,
 }
 
 /// A device as listed by `nsa devices`.
@@ -146,6 +148,15 @@ fn open(runtime: RuntimeKind, index: usize, device: cubecl::Device) -> Option<De
             k: 16,
             n: 16,
         }),
+        mma_m16n8k16_bf16: runtime == RuntimeKind::Cuda
+            && props.features.matmul.mma.contains(&MmaConfig {
+                a_type: ElemType::Float(FloatKind::BF16),
+                b_type: ElemType::Float(FloatKind::BF16),
+                cd_type: ElemType::Float(FloatKind::F32),
+                m: 16,
+                k: 16,
+                n: 8,
+            }),
     };
     let info = DeviceInfo {
         runtime,

@@ -132,6 +132,17 @@ pub fn ir_properties(target: IrTarget) -> (Arc<DeviceProperties>, Arc<TargetProp
             });
         }
     }
+    if target == IrTarget::Cuda {
+        // Warp mma.sync as on sm_80+: m16n8k16, bf16 in, f32 accumulate.
+        props.features.matmul.mma.insert(MmaConfig {
+            a_type: ElemType::Float(FloatKind::BF16),
+            b_type: ElemType::Float(FloatKind::BF16),
+            cd_type: ElemType::Float(FloatKind::F32),
+            m: 16,
+            k: 16,
+            n: 8,
+        });
+    }
     let target_props = match target {
         IrTarget::Cuda => cubecl::cuda::CudaRuntime::target_properties(),
         IrTarget::Hip => cubecl::hip::HipRuntime::target_properties(),

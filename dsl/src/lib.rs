@@ -6,6 +6,8 @@
 //! - [`reduce`]: cube-wide reductions with a plane (warp/subgroup) path and a shared-memory fallback.
 //! - [`softmax`]: online-softmax state (running max and sum of exponentials).
 //! - [`mma`]: tensor-core tiles (bf16 in, f32 accumulate) for the CUDA/HIP variants.
+//! - [`warp_mma`]: warp tensor-core multiplies with fragments in a known register layout (CUDA `mma.sync`), for
+//!   kernels that rescale accumulator rows in registers (flash attention).
 //! - [`select`]: order-preserving keys for radix select, cube-wide prefix sums for compaction.
 //!
 //! Every buffer is addressed as 32-bit words (`&[u32]`): a bf16 word holds two elements, an e4m3 word four.
@@ -16,6 +18,7 @@ pub mod mma;
 pub mod reduce;
 pub mod select;
 pub mod softmax;
+pub mod warp_mma;
 
 pub use format::Format;
 pub use reduce::Reduction;

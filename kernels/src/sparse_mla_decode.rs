@@ -145,6 +145,9 @@ impl Kernel for SparseMlaDecode {
     fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
         sparse_mla::supports_target(variant, target)
     }
+    fn supports_format(&self, variant: &Variant, format: Format) -> bool {
+        sparse_mla::supports_format(variant, format)
+    }
     fn shared_memory_bytes(&self, variant: &Variant, problem: &Problem) -> usize {
         sparse_mla::shared_memory_bytes(variant, problem.format)
     }

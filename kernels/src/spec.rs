@@ -244,6 +244,11 @@ pub trait Kernel: Sync {
     fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
         variant.supports_target(target)
     }
+    /// Whether `variant` computes in `format` at all (tensor-core variants take bf16 only): `nsa ir` and the
+    /// snapshots skip the others.
+    fn supports_format(&self, _variant: &Variant, _format: Format) -> bool {
+        true
+    }
     /// Tolerance of an output under the check's metric |out − ref| / (1 + |ref|): by default the storage
     /// format's (bf16 1e-2, f32 1e-5).
     fn tolerance(&self, output: &TensorSpec, problem: &Problem) -> f64 {

@@ -39,6 +39,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         for (name, on) in [
             ("tensor-cores", f.tensor_cores),
             ("cmma-bf16", f.cmma_bf16),
+            ("mma-m16n8k16", f.mma_m16n8k16_bf16),
             ("tma", f.tma),
             ("bf16", f.bf16),
             ("fp8", f.fp8),

@@ -65,6 +65,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
             valid.join(", ")
         )));
     }
+    if !kernel.supports_format(variant, format) {
+        return Err(usage(format!(
+            "{}/{} does not compute in {format}; try --dtype bf16",
+            kernel.name(),
+            variant.name
+        )));
+    }
     let problem = kernel.ir_problem(format);
     let source = nsa_kernels::ir::emit(kernel, variant, target, &problem)?;
     // A closed pipe (`nsa ir ... | head`) is not an error worth a panic.

@@ -5,11 +5,14 @@
 //!   out[r, h, :] = Σ_i softmax(S)_i · kv_i[:512]
 //!   lse[r, h] = log Σ_i exp(S_i) (natural), max_logit[r, h] = max_i S_i
 //! An empty row gives out = 0, lse = +∞, max_logit = −∞.
-//! Variants: `simt_h16`/`simt_h8` ([`simt`]: scalar FMAs, everywhere) and `cmma_h16`/`cmma_h32` ([`cmma`]:
-//! 16×16×16 tensor-core tiles, CUDA/HIP, bf16). Both gather the rows of a block of indices into shared
-//! memory ([`gather`]: FP8 dequantized exactly), keep an online softmax per head, and accumulate P·V.
+//! Variants: `mma_h64`/`mma_h64_k32`/`mma_h32` ([`mma`]: flash attention on warp `mma.sync` with O in
+//! registers, CUDA, bf16), `cmma_h16`/`cmma_h32` ([`cmma`]: 16×16×16 tensor-core tiles, CUDA/HIP, bf16) and
+//! `simt_h16`/`simt_h8` ([`simt`]: scalar FMAs, everywhere). All gather the rows of a block of indices
+//! into shared memory ([`gather`]: FP8 dequantized exactly), keep an online softmax per head, and
+//! accumulate P·V.
 mod cmma;
 mod gather;
+mod mma;
 mod simt;
 
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
@@ -18,6 +21,7 @@ use crate::{KernelError, Problem, Variant};
 use cmma::{CMMA_BLOCK, CMMA_HEADS, sparse_mla_cmma_kernel};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use mma::{ROW_CHUNKS, sparse_mla_mma_kernel};
 use nsa_backends::{Device, DeviceFeatures, IrTarget};
 use nsa_dsl::Format;
 use serde::{Deserialize, Serialize};
@@ -31,6 +35,21 @@ pub const PAGE_SIZE: usize = 64;
 pub const TOKEN_WORDS: usize = 164;
 
 pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "mma_h64",
+        summary: "flash attention on mma.sync: 64 heads (8 planes, O in registers), 64 indices per block (CUDA, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "mma_h64_k32",
+        summary: "flash attention on mma.sync: 64 heads, 32 indices per block (CUDA, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "mma_h32",
+        summary: "flash attention on mma.sync: 32 heads (4 planes), 64 indices per block (CUDA, bf16)",
+        needs_plane_ops: true,
+    },
     Variant {
         name: "cmma_h32",
         summary: "tensor cores: 32 heads (one kv gather for both tiles), 16 indices per block (bf16)",
@@ -56,6 +75,9 @@ pub const VARIANTS: &[Variant] = &[
 /// (heads per cube, indices per block) of a variant.
 pub fn tiles(variant: &Variant) -> (u32, u32) {
     match variant.name {
+        "mma_h64" => (64, 64),
+        "mma_h64_k32" => (64, 32),
+        "mma_h32" => (32, 64),
         "cmma_h32" => (32, 16),
         "cmma_h16" => (16, 16),
         "simt_h16" => (16, 8),
@@ -66,6 +88,11 @@ pub fn tiles(variant: &Variant) -> (u32, u32) {
 /// Shared memory of a variant: the kv tile (storage words), row offsets, P, and three floats per head; for
 /// `cmma_h16`, bf16 Q and kv tiles, P, the split-k scores and the block's P·V.
 pub fn shared_memory_bytes(variant: &Variant, format: Format) -> usize {
+    if is_mma(variant) {
+        // Padded bf16 rows of Q and of the kv block, and the block's row offsets.
+        let (heads, block) = tiles(variant);
+        return 16 * ROW_CHUNKS * (heads + block) as usize + 4 * block as usize;
+    }
     if is_cmma(variant) {
         let heads = tiles(variant).0 as usize;
         let bf16_tiles = 2 * (heads * D_QK + CMMA_BLOCK * D_QK + heads * CMMA_BLOCK);
@@ -106,13 +133,29 @@ pub fn tolerance(output: &TensorSpec, problem: &Problem, out_tolerance: f64) -> 
     }
 }
 
-/// The tensor-core variants.
+/// The wmma tensor-core variants.
 fn is_cmma(variant: &Variant) -> bool {
     variant.name.starts_with("cmma")
 }
 
+/// The flash-attention variants on warp `mma.sync`.
+fn is_mma(variant: &Variant) -> bool {
+    variant.name.starts_with("mma")
+}
+
 /// What the tensor-core variants need beyond the default checks: bf16 tensor cores and bf16 tensors.
 pub fn supports(variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+    if is_mma(variant) {
+        if !problem.dim("h_q").is_multiple_of(tiles(variant).0 as usize) {
+            return Err(format!("needs h_q a multiple of {}", tiles(variant).0));
+        }
+        if !features.mma_m16n8k16_bf16 || features.plane_size != 32 {
+            return Err("needs warp mma.sync m16n8k16 bf16 (CUDA)".into());
+        }
+        if problem.format != Format::Bf16 {
+            return Err(format!("needs bf16 tensors, got {}", problem.format));
+        }
+    }
     if is_cmma(variant) {
         if !problem.dim("h_q").is_multiple_of(tiles(variant).0 as usize) {
             return Err(format!("needs h_q a multiple of {}", tiles(variant).0));
@@ -128,7 +171,15 @@ pub fn supports(variant: &Variant, problem: &Problem, features: &DeviceFeatures)
 }
 
 pub fn supports_target(variant: &Variant, target: IrTarget) -> bool {
+    if is_mma(variant) {
+        return target == IrTarget::Cuda;
+    }
     !is_cmma(variant) || matches!(target, IrTarget::Cuda | IrTarget::Hip)
+}
+
+/// The tensor-core variants compute in bf16 only.
+pub fn supports_format(variant: &Variant, format: Format) -> bool {
+    !(is_cmma(variant) || is_mma(variant)) || format == Format::Bf16
 }
 
 /// Sizes a launch needs besides the buffers.
@@ -167,7 +218,35 @@ pub fn launch(
         sm_scale,
     } = sizes;
     let client = &device.client;
-    if is_cmma(variant) {
+    if is_mma(variant) {
+        // Two planes (output halves) per 16-head group; q and kv read as 16-byte vectors.
+        let groups = heads as usize / 16;
+        let [q, kv] = [buffers[0], buffers[1]].map(|(handle, len)| buffer(handle, len / 4));
+        sparse_mla_mma_kernel::launch(
+            client,
+            count,
+            CubeDim::new_1d(64 * groups as u32),
+            4,
+            q,
+            kv,
+            table,
+            indices,
+            out,
+            lse,
+            max_logit,
+            rows,
+            rows_per_batch,
+            h_q,
+            s_kv,
+            max_pages,
+            pages,
+            topk,
+            sm_scale,
+            groups,
+            block as usize,
+            source,
+        );
+    } else if is_cmma(variant) {
         // Four planes per head tile.
         let head_tiles = heads as usize / CMMA_HEADS;
         sparse_mla_cmma_kernel::launch(
@@ -271,6 +350,35 @@ pub fn reference(
 pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: Format) -> KernelDefinition {
     let (heads, block) = tiles(variant);
     let (props, target_props) = nsa_backends::ir_properties(target);
+    if is_mma(variant) {
+        let a = slice_arg;
+        let groups = heads as usize / 16;
+        return sparse_mla_mma_kernel::SparseMlaMmaKernel::new(
+            ir_settings(CubeDim::new_1d(64 * groups as u32)),
+            props,
+            target_props,
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            4,
+            groups,
+            block as usize,
+            source,
+        )
+        .define();
+    }
     if is_cmma(variant) {
         let a = slice_arg;
         let head_tiles = heads as usize / CMMA_HEADS;
