@@ -10,6 +10,7 @@
 //! (k 2t.., column g), (k 2t + 8.., column g). Shared-memory operands are rows of 16-byte chunks
 //! ([`Chunk`]: 8 bf16) loaded with `ldmatrix`.
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
+use cubecl::frontend::barrier::copy_async_checked;
 use cubecl::prelude::*;
 use half::bf16;
 
@@ -26,22 +27,81 @@ pub fn mma_m16n8k16() -> MmaDefinition<bf16, bf16, f32> {
     MmaDefinition::<bf16, bf16, f32>::new(16usize, 8usize, 16usize)
 }
 
-/// Four 8×8 matrices of bf16 from shared memory (`ldmatrix.x4`, `.trans` with `transpose`): lane l names
-/// the chunk holding row l % 8 of matrix l / 8; register i of every lane comes from matrix i.
+/// Four 8×8 matrices of bf16 from shared memory (`ldmatrix.x4`, `.trans` with `transpose`) held as 16-byte
+/// chunks of four words: lane l names the chunk holding row l % 8 of matrix l / 8; register i of every
+/// lane comes from matrix i.
 #[cube]
-pub fn load_x4(chunks: &[Chunk], chunk: usize, #[comptime] transpose: bool) -> Array<Pair> {
+pub fn load_x4<N: Size>(chunks: &[Vector<u32, N>], chunk: usize, #[comptime] transpose: bool) -> Array<Pair> {
     let def = mma_m16n8k16();
-    def.load_matrix::<Chunk, Const<2>>(&chunks[chunk..chunk + 1], MatrixIdent::A, 4usize, transpose)
+    let words =
+        def.load_matrix::<Vector<u32, N>, Const<1>>(&chunks[chunk..chunk + 1], MatrixIdent::A, 4usize, transpose);
+    let mut regs = Array::<Pair>::new(4usize);
+    #[unroll]
+    for i in 0..4usize {
+        regs[i] = Pair::reinterpret(words[i]);
+    }
+    regs
 }
 
-/// Two B tiles from one `ldmatrix.x4` result: registers 0, 1 and registers 2, 3.
+/// Four fragment registers as one 16-byte chunk (to pass a fragment to another plane through shared
+/// memory), and back.
 #[cube]
-pub fn split_b(regs: &Array<Pair>, #[comptime] second: bool) -> Array<Pair> {
+pub fn fragment_to_chunk<N: Size>(regs: &Array<Pair>) -> Vector<u32, N> {
+    let mut chunk = Vector::<u32, N>::new(0u32);
+    #[unroll]
+    for i in 0..4usize {
+        chunk.insert(i, u32::reinterpret(regs[i]));
+    }
+    chunk
+}
+
+#[cube]
+pub fn chunk_to_fragment<N: Size>(chunk: Vector<u32, N>) -> Array<Pair> {
+    let mut regs = Array::<Pair>::new(4usize);
+    #[unroll]
+    for i in 0..4usize {
+        regs[i] = Pair::reinterpret(chunk.extract(i));
+    }
+    regs
+}
+
+/// Starts an asynchronous 16-byte copy of `source[0]` (a chunk of four words) into `destination[0]`;
+/// an empty `source` zero-fills the chunk. Completes at [`wait_async_copies`].
+#[cube]
+pub fn copy_chunk_async<N: Size>(source: &[Vector<u32, N>], destination: &mut [Vector<u32, N>]) {
+    copy_async_checked(source, destination, 4u32);
+}
+
+/// Closes the group of asynchronous copies started since the last call (`cp.async.commit_group`).
+#[cube]
+pub fn commit_async_copies() {
+    gpu_asm!("cp.async.commit_group;");
+}
+
+/// Waits for this unit's committed asynchronous copies (`cp.async.wait_group 0`); a cube barrier after it
+/// makes every unit's copies visible.
+#[cube]
+pub fn wait_async_copies() {
+    gpu_asm!("cp.async.wait_group 0;");
+}
+
+/// The B tile in registers `first`, `first + 1` of `regs` (an `ldmatrix.x4` result holds two: 0, 1 and
+/// 2, 3).
+#[cube]
+pub fn b_tile(regs: &Array<Pair>, #[comptime] first: usize) -> Array<Pair> {
     let mut b = Array::<Pair>::new(2usize);
-    let first = comptime!(if second { 2usize } else { 0usize });
     b[0] = regs[first];
     b[1] = regs[first + 1];
     b
+}
+
+/// Copies `len` fragment registers from `source` to `destination` (`Array` assignment would alias).
+#[cube]
+pub fn copy_regs(source: &Array<Pair>, destination: &mut Array<Pair>, #[comptime] len: usize) {
+    #[unroll]
+    for i in 0..len {
+        destination[i] = source[i];
+    }
 }
 
 /// acc[tile] += a · b, where `acc` holds accumulator tiles as consecutive pairs.

@@ -21,7 +21,7 @@ use crate::{KernelError, Problem, Variant};
 use cmma::{CMMA_BLOCK, CMMA_HEADS, sparse_mla_cmma_kernel};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use mma::{ROW_CHUNKS, sparse_mla_mma_kernel};
+use mma::sparse_mla_mma_kernel;
 use nsa_backends::{Device, DeviceFeatures, IrTarget};
 use nsa_dsl::Format;
 use serde::{Deserialize, Serialize};
@@ -37,17 +37,17 @@ pub const TOKEN_WORDS: usize = 164;
 pub const VARIANTS: &[Variant] = &[
     Variant {
         name: "mma_h64",
-        summary: "flash attention on mma.sync: 64 heads (8 planes, O in registers), 64 indices per block (CUDA, bf16)",
+        summary: "flash attention on mma.sync: 64 heads (8 planes, O in registers), 64 indices per block, one kv buffer (CUDA, bf16)",
         needs_plane_ops: true,
     },
     Variant {
         name: "mma_h64_k32",
-        summary: "flash attention on mma.sync: 64 heads, 32 indices per block (CUDA, bf16)",
+        summary: "flash attention on mma.sync: 64 heads, 32 indices per block, gather one block ahead (CUDA, bf16)",
         needs_plane_ops: true,
     },
     Variant {
         name: "mma_h32",
-        summary: "flash attention on mma.sync: 32 heads (4 planes), 64 indices per block (CUDA, bf16)",
+        summary: "flash attention on mma.sync: 32 heads (4 planes), 64 indices per block, gather one block ahead (CUDA, bf16)",
         needs_plane_ops: true,
     },
     Variant {
@@ -89,9 +89,8 @@ pub fn tiles(variant: &Variant) -> (u32, u32) {
 /// `cmma_h16`, bf16 Q and kv tiles, P, the split-k scores and the block's P·V.
 pub fn shared_memory_bytes(variant: &Variant, format: Format) -> usize {
     if is_mma(variant) {
-        // Padded bf16 rows of Q and of the kv block, and the block's row offsets.
         let (heads, block) = tiles(variant);
-        return 16 * ROW_CHUNKS * (heads + block) as usize + 4 * block as usize;
+        return mma::shared_memory_bytes(heads as usize, block as usize, mma_stages(variant));
     }
     if is_cmma(variant) {
         let heads = tiles(variant).0 as usize;
@@ -141,6 +140,11 @@ fn is_cmma(variant: &Variant) -> bool {
 /// The flash-attention variants on warp `mma.sync`.
 fn is_mma(variant: &Variant) -> bool {
     variant.name.starts_with("mma")
+}
+
+/// kv buffers of a flash-attention variant: 2 gathers the next block while one is used.
+fn mma_stages(variant: &Variant) -> usize {
+    if variant.name == "mma_h64" { 1 } else { 2 }
 }
 
 /// What the tensor-core variants need beyond the default checks: bf16 tensor cores and bf16 tensors.
@@ -244,6 +248,7 @@ pub fn launch(
             sm_scale,
             groups,
             block as usize,
+            mma_stages(variant),
             source,
         );
     } else if is_cmma(variant) {
@@ -375,6 +380,7 @@ pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: For
             4,
             groups,
             block as usize,
+            mma_stages(variant),
             source,
         )
         .define();
