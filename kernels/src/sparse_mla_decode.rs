@@ -3,9 +3,15 @@
 //!
 //! q [b, s_q, h_q, 576] (bf16 or f32); cache [pages, 64, 656] bytes (as `fp8_kv_quantize` writes them);
 //! block_table [b, max_pages] i32 (a sequence's logical page → physical page, −1 = none); indices
-//! [b, s_q, topk] i32: logical token positions block·64 + offset in the sequence (−1, a position past the
-//! table, or an unmapped page: skipped); sm_scale → out [b, s_q, h_q, 512] (q's format), lse and max_logit
-//! [b, s_q, h_q] f32. Tolerances: out 1e-3 (FlashMLA's decode test; plus bf16 output rounding), lse 1e-5.
+//! [b, s_q, topk] i32, by parameter `logical`:
+//! - 0 (default, FlashMLA's convention): physical token slots page·64 + offset in the cache, as SGLang passes
+//!   them after mapping the indexer's top-k through the block table (−1 or ≥ pages·64: skipped; the block
+//!   table is not read);
+//! - 1: logical token positions in the row's sequence, mapped through its block table here (what the top-k
+//!   kernel outputs, without the separate mapping step; −1, past the table, or an unmapped page: skipped).
+//!
+//! sm_scale → out [b, s_q, h_q, 512] (q's format), lse and max_logit [b, s_q, h_q] f32. Tolerances: out 1e-3
+//! (FlashMLA's decode test; plus bf16 output rounding), lse 1e-5.
 use crate::fp8_kv::quantize_token;
 use crate::sparse_mla::{self, D_QK, D_V, KvSource, Launch, PAGE_SIZE, TOKEN_WORDS};
 use crate::spec::{Storage, TensorSpec};
@@ -84,20 +90,25 @@ impl Kernel for SparseMlaDecode {
         OUTPUTS
     }
     fn default_params(&self) -> &'static [(&'static str, f64)] {
+        // logical: 0 = physical indices (FlashMLA), 1 = positions through the block table.
         // mask: test data only — 1 adds invalid entries, unmapped pages and all-invalid rows.
-        &[("sm_scale", 0.041666666666666664), ("mask", 0.0)]
+        &[("sm_scale", 0.041666666666666664), ("logical", 0.0), ("mask", 0.0)]
     }
     fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         for format in Format::ALL {
             // (b, s_q, h_q, pages, max_pages, topk): ragged sequences, MTP's s_q = 2, 128 heads.
-            for (b, s_q, h_q, pages, max_pages, topk) in
-                [(3, 1, 16, 12, 5, 64), (2, 2, 32, 8, 4, 128), (1, 1, 128, 4, 4, 64)]
-            {
+            // Physical and logical indices each.
+            for (b, s_q, h_q, pages, max_pages, topk, logical) in [
+                (3, 1, 16, 12, 5, 64, 0.0),
+                (2, 2, 32, 8, 4, 128, 1.0),
+                (1, 1, 128, 4, 4, 64, 0.0),
+                (2, 2, 128, 6, 3, 128, 1.0),
+            ] {
                 problems.push(Problem::new(
                     format,
                     &dims(b, s_q, h_q, pages, max_pages, topk),
-                    &[("sm_scale", 0.041666666666666664), ("mask", 1.0)],
+                    &[("sm_scale", 0.041666666666666664), ("logical", logical), ("mask", 1.0)],
                 ));
             }
         }
@@ -111,7 +122,7 @@ impl Kernel for SparseMlaDecode {
                 Problem::new(
                     Format::Bf16,
                     &dims(128, s_q, 128, 128 * 512, 512, 2048),
-                    &[("sm_scale", 0.041666666666666664), ("mask", 0.0)],
+                    &[("sm_scale", 0.041666666666666664), ("logical", 0.0), ("mask", 0.0)],
                 )
             })
             .collect()
@@ -120,7 +131,7 @@ impl Kernel for SparseMlaDecode {
         Problem::new(
             format,
             &dims(128, 1, 128, 65536, 512, 2048),
-            &[("sm_scale", 0.041666666666666664), ("mask", 0.0)],
+            &[("sm_scale", 0.041666666666666664), ("logical", 0.0), ("mask", 0.0)],
         )
     }
     fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
@@ -235,6 +246,18 @@ impl Kernel for SparseMlaDecode {
                         }
                     });
                 }
+                if problem.param("logical") == 0.0 {
+                    // Physical slots: the position's page through the table (an unmapped page: −1).
+                    chosen.iter_mut().filter(|c| **c >= 0).for_each(|c| {
+                        let pos = *c as usize;
+                        *c = match table.get(seq * max_pages + pos / PAGE_SIZE) {
+                            Some(&page) if page >= 0 => page * PAGE_SIZE as i32 + (pos % PAGE_SIZE) as i32,
+                            // Past the table: a slot past the cache.
+                            None => (tokens + pos) as i32,
+                            Some(_) => -1,
+                        };
+                    });
+                }
                 indices.extend(chosen);
             }
         }
@@ -259,8 +282,13 @@ impl Kernel for SparseMlaDecode {
             inputs[2].to_f64(),
             inputs[3].to_f64(),
         );
+        let logical = problem.param("logical") != 0.0;
         let row = |r: usize, i: i64| {
             let batch = r / s_q;
+            if !logical {
+                return (i >= 0 && (i as usize) < pages * PAGE_SIZE)
+                    .then(|| dequantize(&cache, i as usize / PAGE_SIZE, i as usize % PAGE_SIZE));
+            }
             if i < 0 || i as usize >= max_pages * PAGE_SIZE {
                 return None;
             }
@@ -278,7 +306,11 @@ impl Kernel for SparseMlaDecode {
             rows,
             rows_per_batch: s_q,
             h_q,
-            s_kv: 0,
+            s_kv: if problem.param("logical") != 0.0 {
+                0
+            } else {
+                pages * PAGE_SIZE
+            },
             max_pages,
             pages,
             topk,

@@ -6,6 +6,8 @@ use nsa_dsl::Format;
 use nsa_dsl::format::{bf16_to_f32, e4m3_to_f32, pack};
 
 /// Word offset of the kv row `index` names, or 0xffff_ffff ("invalid": u32, as WGSL has no 64-bit integers).
+/// FP8 cache indices are physical (page · 64 + slot, below `s_kv` = the cache's tokens) when `s_kv` > 0, and
+/// logical positions in the row's sequence, mapped through its block table, when `s_kv` = 0.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn kv_row_offset(
@@ -26,7 +28,12 @@ pub(super) fn kv_row_offset(
             }
         }
         KvSource::Fp8Paged => {
-            if index >= 0 && (index as usize) < max_pages * PAGE_SIZE {
+            if s_kv > 0 {
+                // Physical: page · 64 + slot (FlashMLA), below the cache's s_kv tokens.
+                if index >= 0 && (index as usize) < s_kv {
+                    offset = (index as usize * TOKEN_WORDS) as u32;
+                }
+            } else if index >= 0 && (index as usize) < max_pages * PAGE_SIZE {
                 let page = block_table[batch * max_pages + index as usize / PAGE_SIZE];
                 if page >= 0 && (page as usize) < pages {
                     offset = ((page as usize * PAGE_SIZE + index as usize % PAGE_SIZE) * TOKEN_WORDS) as u32;

@@ -191,6 +191,8 @@ pub struct Launch {
     pub rows: usize,
     pub rows_per_batch: usize,
     pub h_q: usize,
+    /// kv rows; for the FP8 cache, its tokens when indices are physical, 0 when they are logical positions
+    /// mapped through the block table.
     pub s_kv: usize,
     pub max_pages: usize,
     pub pages: usize,
