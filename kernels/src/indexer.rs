@@ -1,8 +1,10 @@
 //! Lightning indexer logits (DeepSeek-V3.2 DSA, prefill form).
 //!
-//! logits[t, s] = Σ_h w[t, h] · ReLU(q[t, h, :] · k[s, :])  for k_start ≤ s ≤ q_pos[t], else −∞
-//! q [t, h, d] and k [s, d] in f32 or bf16 (scale factors folded into w [t, h] f32); q_pos [t] i32 (optional,
-//! default: every key), logits [t, s] f32. Tolerance 1e-5 (f32 accumulation of bf16-exact inputs).
+//! logits[t, s] = Σ_h w[t, h] · ReLU(q[t, h, :] · k[s, :])  for k_start[t] ≤ s ≤ q_pos[t], else −∞
+//! q [t, h, d] and k [s, d] in f32 or bf16 (scale factors folded into w [t, h] f32); q_pos [t] i32 (the
+//! last key the query sees; optional, default: every key); k_start [t] i32 (the first: in a ragged batch
+//! of sequences whose keys are concatenated, where the query's sequence begins; optional, default 0),
+//! logits [t, s] f32. Tolerance 1e-5 (f32 accumulation of bf16-exact inputs).
 //! Variant `key_per_unit`: one unit per (t, s), looping over heads and d; q is read by all units of a cube
 //! at once (a broadcast), k rows stream through.
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
@@ -43,6 +45,7 @@ fn indexer_logits_kernel(
     w: &[f32],
     k: &[u32],
     q_pos: &[i32],
+    k_start: &[i32],
     logits: &mut [f32],
     t: usize,
     s: usize,
@@ -59,7 +62,7 @@ fn indexer_logits_kernel(
     let limit = q_pos[token];
     // −∞ from its bits: WGSL has no infinity literal.
     let mut score = f32::reinterpret(0xff80_0000u32);
-    if limit >= 0 && key <= limit as usize {
+    if limit >= 0 && key <= limit as usize && key as i32 >= k_start[token] {
         score = 0.0;
         for h in 0..heads {
             let q_base = (token * heads + h) * row_words;
@@ -83,6 +86,7 @@ const INPUTS: &[TensorSpec] = &[
     TensorSpec::new("w", &["t", "h"], Storage::F32),
     TensorSpec::new("k", &["s", "d"], Storage::Problem),
     TensorSpec::new("q_pos", &["t"], Storage::I32).optional(),
+    TensorSpec::new("k_start", &["t"], Storage::I32).optional(),
 ];
 const OUTPUTS: &[TensorSpec] = &[TensorSpec::new("logits", &["t", "s"], Storage::F32)];
 
@@ -93,7 +97,7 @@ impl Kernel for IndexerLogits {
         "indexer_logits"
     }
     fn summary(&self) -> &'static str {
-        "logits[t, s] = Σ_h w[t, h]·ReLU(q[t, h]·k[s]) for s ≤ q_pos[t], else −∞"
+        "logits[t, s] = Σ_h w[t, h]·ReLU(q[t, h]·k[s]) for k_start[t] ≤ s ≤ q_pos[t], else −∞"
     }
     fn variants(&self) -> &'static [Variant] {
         VARIANTS
@@ -177,9 +181,12 @@ impl Kernel for IndexerLogits {
         // Causal rows see on average half the keys; count every (t, s) pair: 2·d per head plus ReLU·w.
         (problem.dim("t") * problem.dim("s") * problem.dim("h") * (2 * problem.dim("d") + 2)) as u64
     }
-    fn default_input(&self, _: &TensorSpec, problem: &Problem) -> HostTensor {
+    fn default_input(&self, spec: &TensorSpec, problem: &Problem) -> HostTensor {
         let (t, s) = (problem.dim("t"), problem.dim("s"));
-        HostTensor::from_i32("q_pos", &[t], &vec![s as i32 - 1; t])
+        match spec.name {
+            "k_start" => HostTensor::from_i32("k_start", &[t], &vec![0; t]),
+            _ => HostTensor::from_i32("q_pos", &[t], &vec![s as i32 - 1; t]),
+        }
     }
     fn random_inputs(&self, problem: &Problem, rng: &mut rand::rngs::StdRng) -> Vec<HostTensor> {
         let mut inputs = crate::check::random_normal_inputs(&INPUTS[..3], problem, rng);
@@ -198,21 +205,25 @@ impl Kernel for IndexerLogits {
                 }
             })
             .collect();
+        // A ragged batch: the rows after the first third belong to a second sequence whose keys start at s / 3.
+        let starts: Vec<i32> = (0..t).map(|i| if i > t / 3 { (s / 3) as i32 } else { 0 }).collect();
         inputs.push(HostTensor::from_i32("q_pos", &[t], &positions));
+        inputs.push(HostTensor::from_i32("k_start", &[t], &starts));
         inputs
     }
     fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>> {
         let (t, h, d, s) = (problem.dim("t"), problem.dim("h"), problem.dim("d"), problem.dim("s"));
-        let (q, w, k, q_pos) = (
+        let (q, w, k, q_pos, k_start) = (
             inputs[0].to_f64(),
             inputs[1].to_f64(),
             inputs[2].to_f64(),
             inputs[3].to_f64(),
+            inputs[4].to_f64(),
         );
         let mut logits = vec![f64::NEG_INFINITY; t * s];
         for token in 0..t {
             for key in 0..s {
-                if (key as f64) > q_pos[token] {
+                if (key as f64) > q_pos[token] || (key as f64) < k_start[token] {
                     continue;
                 }
                 logits[token * s + key] = (0..h)
@@ -239,6 +250,7 @@ impl Kernel for IndexerLogits {
                 buffer(&inputs[1], t * h),
                 buffer(&inputs[2], s * d),
                 buffer(&inputs[3], t),
+                buffer(&inputs[4], t),
                 buffer(&outputs[0], t * s),
                 t,
                 s,
@@ -255,6 +267,7 @@ impl Kernel for IndexerLogits {
             buffer(&inputs[1], t * h),
             buffer(&inputs[2], s * row_words),
             buffer(&inputs[3], t),
+            buffer(&inputs[4], t),
             buffer(&outputs[0], t * s),
             t,
             s,
@@ -276,6 +289,7 @@ impl Kernel for IndexerLogits {
                 slice_arg(),
                 slice_arg(),
                 slice_arg(),
+                slice_arg(),
                 (),
                 (),
                 h,
@@ -287,6 +301,7 @@ impl Kernel for IndexerLogits {
             ir_settings(CubeDim::new_1d(UNITS)),
             props,
             target_props,
+            slice_arg(),
             slice_arg(),
             slice_arg(),
             slice_arg(),
@@ -314,6 +329,7 @@ fn indexer_logits_cmma_kernel(
     w: &[f32],
     k: &[bf16],
     q_pos: &[i32],
+    k_start: &[i32],
     logits: &mut [f32],
     t: usize,
     s: usize,
@@ -380,7 +396,7 @@ fn indexer_logits_cmma_kernel(
         if token < t && key < s {
             let limit = q_pos[token];
             let mut score = f32::reinterpret(0xff80_0000u32);
-            if limit >= 0 && key <= limit as usize {
+            if limit >= 0 && key <= limit as usize && key as i32 >= k_start[token] {
                 score = 0.0f32;
                 for head in 0..h {
                     score += w[token * h + head] * f32::max(scores[(tok * h + head) * KEYS_PER_CUBE + j], 0.0f32);

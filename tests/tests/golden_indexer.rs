@@ -198,6 +198,7 @@ fn indexer_scores_and_topk_match_transformers() {
                     f32_tensor("w", &[n, HEADS], &weights),
                     f32_tensor("k", &[n, HEAD_DIM], &k),
                     HostTensor::from_i32("q_pos", &[n], &positions),
+                    HostTensor::from_i32("k_start", &[n], &vec![0; n]),
                 ],
             );
             let (_, expected) = tensor(&golden, &format!("seq{n}.layer{layer}.index_scores"));
@@ -225,6 +226,7 @@ fn indexer_scores_and_topk_match_transformers() {
                 &[("data", 0.0)],
                 vec![
                     f32_tensor("scores", &[n, n], &logits),
+                    HostTensor::from_i32("start", &[n], &vec![0; n]),
                     HostTensor::from_i32("limit", &[n], &positions),
                 ],
             );

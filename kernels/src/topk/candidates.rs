@@ -1,5 +1,5 @@
 //! The `candidates` variant: two reads of the scores, the rest of the search in shared memory.
-use super::{CANDIDATES, UNITS, allowed_positions, write_selection};
+use super::{CANDIDATES, UNITS, row_window, write_selection};
 use cubecl::prelude::*;
 use nsa_dsl::select::{cube_exclusive_scan, ordered_key};
 
@@ -74,6 +74,7 @@ pub(super) fn count_digits(
 #[cube(launch)]
 pub(super) fn topk_candidates_kernel(
     scores: &[f32],
+    starts: &[i32],
     limits: &[i32],
     indices: &mut [i32],
     rows: usize,
@@ -84,15 +85,15 @@ pub(super) fn topk_candidates_kernel(
     if row >= rows {
         terminate!();
     }
-    let allowed = allowed_positions(limits, row, s);
-    let base = row * s;
+    let (first, allowed) = row_window(starts, limits, row, s);
+    let base = row * s + first;
     let unit = UNIT_POS as usize;
     let histogram = Shared::<[Atomic<u32>]>::new_slice(2048usize);
     let counters = Shared::<[Atomic<u32>]>::new_slice(2usize);
     let mut candidates = Shared::<[u32]>::new_slice(CANDIDATES);
     let mut choice = Shared::<[u32]>::new_slice(2usize);
     if allowed <= k {
-        write_selection(scores, indices, row, base, allowed, k, true, 0u32, 0usize);
+        write_selection(scores, indices, row, base, first, allowed, k, true, 0u32, 0usize);
     } else {
         // Pass 1: the top 11 bits.
         #[unroll]
@@ -131,7 +132,7 @@ pub(super) fn topk_candidates_kernel(
             while i < allowed {
                 let digit = ordered_key(scores[base + i]) >> 21;
                 if digit > top {
-                    indices[row * k + counters[0].fetch_add(1u32) as usize] = i as i32;
+                    indices[row * k + counters[0].fetch_add(1u32) as usize] = (first + i) as i32;
                 } else if digit == top {
                     candidates[counters[1].fetch_add(1u32) as usize] = i as u32;
                 }
@@ -202,7 +203,7 @@ pub(super) fn topk_candidates_kernel(
                     take = rank < remaining;
                 }
                 if take {
-                    indices[row * k + counters[0].fetch_add(1u32) as usize] = position as i32;
+                    indices[row * k + counters[0].fetch_add(1u32) as usize] = (first + position as usize) as i32;
                 }
                 c += CUBE_DIM as usize;
             }
@@ -212,6 +213,7 @@ pub(super) fn topk_candidates_kernel(
                 indices,
                 row,
                 base,
+                first,
                 allowed,
                 k,
                 false,

@@ -1,7 +1,8 @@
-//! Top-k per row: the `k` largest of `scores[t, 0..=limit[t]]`, as int32 positions, −1 padded.
+//! Top-k per row: the `k` largest of `scores[t, start[t]..=limit[t]]`, as int32 positions, −1 padded.
 //!
-//! scores [t, s] f32, limit [t] i32 (last allowed position, inclusive; −1 = none; optional, default s − 1)
-//! → indices [t, k] i32, unordered. A row with ≤ k allowed positions returns all of them. Ties (equal f32
+//! scores [t, s] f32, start [t] i32 (first allowed position: where a ragged batch's sequence begins;
+//! optional, default 0), limit [t] i32 (last allowed position, inclusive; −1 = none; optional, default
+//! s − 1) → indices [t, k] i32 (positions in the row), unordered. A row with ≤ k allowed positions returns all of them. Ties (equal f32
 //! bits) go to the lower position; values are ordered by IEEE total order (−0 < +0).
 //! Variant `radix256`: one cube per row; 4 passes of 8-bit digit histograms (shared-memory atomics)
 //! narrow the k-th largest key down, then the same compaction. Variants `radix2*`: one cube per row; a bit-by-bit radix select finds the k-th largest key (32 counting
@@ -50,18 +51,21 @@ pub(super) const UNITS: u32 = 256;
 /// Shared-memory capacity for the positions of the threshold's 11-bit bucket (`candidates` variant).
 pub(super) const CANDIDATES: usize = 3584;
 
-/// How many leading positions of row `row` may be selected: limit + 1, at most s (none for limit < 0).
+/// The positions row `row` may select: `count` from `first` = start (clamped to 0) through limit (at
+/// most s − 1); none when limit < start or limit < 0.
 #[cube]
-pub(super) fn allowed_positions(limits: &[i32], row: usize, s: usize) -> usize {
+pub(super) fn row_window(starts: &[i32], limits: &[i32], row: usize, s: usize) -> (usize, usize) {
+    let first = select(starts[row] > 0, starts[row], 0i32) as usize;
     let limit = limits[row];
-    let mut allowed = 0usize;
-    if limit >= 0 {
-        allowed = select(limit as usize + 1 < s, limit as usize + 1, s);
+    let mut count = 0usize;
+    if limit >= 0 && limit as usize >= first && first < s {
+        let end = select(limit as usize + 1 < s, limit as usize + 1, s);
+        count = end - first;
     }
-    allowed
+    (first, count)
 }
 
-/// Writes row `row`'s selection in position order: every allowed key above `threshold` and the first
+/// Writes row `row`'s selection (positions `first + i` of the window at `base`) in position order: every allowed key above `threshold` and the first
 /// `equals_needed` equal to it (all allowed keys with `take_all`), then −1 up to k.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -70,6 +74,7 @@ pub(super) fn write_selection(
     indices: &mut [i32],
     row: usize,
     base: usize,
+    first: usize,
     allowed: usize,
     k: usize,
     take_all: bool,
@@ -92,7 +97,7 @@ pub(super) fn write_selection(
         let selected = above || (equal && equals_seen + (equal_rank.prefix as usize) < equals_needed);
         let slot = cube_exclusive_scan(u32::cast_from(selected), UNITS);
         if selected {
-            indices[row * k + written + slot.prefix as usize] = i as i32;
+            indices[row * k + written + slot.prefix as usize] = (first + i) as i32;
         }
         written += slot.total as usize;
         equals_seen += equal_rank.total as usize;
@@ -113,6 +118,7 @@ fn host_key(value: f32) -> u32 {
 
 const INPUTS: &[TensorSpec] = &[
     TensorSpec::new("scores", &["t", "s"], Storage::F32),
+    TensorSpec::new("start", &["t"], Storage::I32).optional(),
     TensorSpec::new("limit", &["t"], Storage::I32).optional(),
 ];
 const OUTPUTS: &[TensorSpec] = &[TensorSpec::new("indices", &["t", "k"], Storage::I32)];
@@ -132,7 +138,7 @@ impl Kernel for TopK {
         "topk"
     }
     fn summary(&self) -> &'static str {
-        "indices of the k largest scores[t, 0..=limit[t]], −1 padded"
+        "indices of the k largest scores[t, start[t]..=limit[t]], −1 padded"
     }
     fn variants(&self) -> &'static [Variant] {
         VARIANTS
@@ -208,9 +214,12 @@ impl Kernel for TopK {
             row.sort_by(f64::total_cmp);
         }
     }
-    fn default_input(&self, _: &TensorSpec, problem: &Problem) -> HostTensor {
+    fn default_input(&self, spec: &TensorSpec, problem: &Problem) -> HostTensor {
         let (t, s) = (problem.dim("t"), problem.dim("s"));
-        HostTensor::from_i32("limit", &[t], &vec![s as i32 - 1; t])
+        match spec.name {
+            "start" => HostTensor::from_i32("start", &[t], &vec![0; t]),
+            _ => HostTensor::from_i32("limit", &[t], &vec![s as i32 - 1; t]),
+        }
     }
     fn random_inputs(&self, problem: &Problem, rng: &mut rand::rngs::StdRng) -> Vec<HostTensor> {
         let (t, s, k) = (problem.dim("t"), problem.dim("s"), problem.dim("k"));
@@ -248,19 +257,34 @@ impl Kernel for TopK {
                 _ => rng.random_range(0..s) as i32,
             })
             .collect();
+        // Starts: ragged prefill (a query's sequence begins at its start) on every third row, past the limit
+        // on some; 0 elsewhere.
+        let starts: Vec<i32> = limits
+            .iter()
+            .enumerate()
+            .map(
+                |(r, &limit)| match if problem.param("data") == 3.0 { 0 } else { r % 3 } {
+                    1 => rng.random_range(0..s / 2 + 1) as i32,
+                    2 if r % 9 == 2 => limit + 1,
+                    _ => 0,
+                },
+            )
+            .collect();
         vec![
             HostTensor::from_f32("scores", &[t, s], crate::DType::F32, &scores),
+            HostTensor::from_i32("start", &[t], &starts),
             HostTensor::from_i32("limit", &[t], &limits),
         ]
     }
     fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>> {
         let (s, k) = (problem.dim("s"), problem.dim("k"));
         let scores: Vec<f32> = inputs[0].words.iter().map(|w| f32::from_bits(*w)).collect();
-        let limits = inputs[1].to_f64();
+        let (starts, limits) = (inputs[1].to_f64(), inputs[2].to_f64());
         let mut out = Vec::new();
-        for (row, limit) in scores.chunks(s).zip(limits) {
-            let allowed = if limit < 0.0 { 0 } else { (limit as usize + 1).min(s) };
-            let mut order: Vec<usize> = (0..allowed).collect();
+        for ((row, start), limit) in scores.chunks(s).zip(starts).zip(limits) {
+            let first = start.max(0.0) as usize;
+            let end = if limit < 0.0 { 0 } else { (limit as usize + 1).min(s) };
+            let mut order: Vec<usize> = (first..end.max(first)).collect();
             order.sort_by_key(|&i| (std::cmp::Reverse(host_key(row[i])), i));
             order.truncate(k);
             out.extend(order.iter().map(|&i| i as f64));
@@ -277,6 +301,7 @@ impl Kernel for TopK {
                 CubeDim::new_1d(UNITS),
                 buffer(&inputs[0], t * s),
                 buffer(&inputs[1], t),
+                buffer(&inputs[2], t),
                 buffer(&outputs[0], t * k),
                 t,
                 s,
@@ -290,6 +315,7 @@ impl Kernel for TopK {
                 CubeDim::new_1d(UNITS),
                 buffer(&inputs[0], t * s),
                 buffer(&inputs[1], t),
+                buffer(&inputs[2], t),
                 buffer(&outputs[0], t * k),
                 t,
                 s,
@@ -302,6 +328,7 @@ impl Kernel for TopK {
             CubeDim::new_1d(UNITS),
             buffer(&inputs[0], t * s),
             buffer(&inputs[1], t),
+            buffer(&inputs[2], t),
             buffer(&outputs[0], t * k),
             t,
             s,
@@ -320,6 +347,7 @@ impl Kernel for TopK {
                 slice_arg(),
                 slice_arg(),
                 slice_arg(),
+                slice_arg(),
                 (),
                 (),
                 (),
@@ -334,6 +362,7 @@ impl Kernel for TopK {
                 slice_arg(),
                 slice_arg(),
                 slice_arg(),
+                slice_arg(),
                 (),
                 (),
                 (),
@@ -344,6 +373,7 @@ impl Kernel for TopK {
             settings,
             props,
             target_props,
+            slice_arg(),
             slice_arg(),
             slice_arg(),
             slice_arg(),

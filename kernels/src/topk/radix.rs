@@ -1,6 +1,6 @@
 //! Radix select over all scores: `radix2*` (bit by bit, a cube reduction per bit) and `radix256` (8-bit
 //! digits, shared-memory histograms); both finish with the ordered compaction.
-use super::{UNITS, allowed_positions, write_selection};
+use super::{UNITS, row_window, write_selection};
 use cubecl::prelude::*;
 use nsa_dsl::Reduction;
 use nsa_dsl::reduce::cube_sum;
@@ -33,6 +33,7 @@ pub(super) fn count_keys(
 #[cube(launch)]
 pub(super) fn topk_kernel(
     scores: &[f32],
+    starts: &[i32],
     limits: &[i32],
     indices: &mut [i32],
     rows: usize,
@@ -44,8 +45,8 @@ pub(super) fn topk_kernel(
     if row >= rows {
         terminate!();
     }
-    let allowed = allowed_positions(limits, row, s);
-    let base = row * s;
+    let (first, allowed) = row_window(starts, limits, row, s);
+    let base = row * s + first;
     let take_all = allowed <= k;
 
     // Radix select: the largest key `threshold` with at least k keys ≥ it is the k-th largest.
@@ -67,6 +68,7 @@ pub(super) fn topk_kernel(
         indices,
         row,
         base,
+        first,
         allowed,
         k,
         take_all,
@@ -80,6 +82,7 @@ pub(super) fn topk_kernel(
 #[cube(launch)]
 pub(super) fn topk_radix256_kernel(
     scores: &[f32],
+    starts: &[i32],
     limits: &[i32],
     indices: &mut [i32],
     rows: usize,
@@ -90,8 +93,8 @@ pub(super) fn topk_radix256_kernel(
     if row >= rows {
         terminate!();
     }
-    let allowed = allowed_positions(limits, row, s);
-    let base = row * s;
+    let (first, allowed) = row_window(starts, limits, row, s);
+    let base = row * s + first;
     let take_all = allowed <= k;
     let unit = UNIT_POS as usize;
     let histogram = Shared::<[Atomic<u32>]>::new_slice(256usize);
@@ -140,6 +143,7 @@ pub(super) fn topk_radix256_kernel(
         indices,
         row,
         base,
+        first,
         allowed,
         k,
         take_all,
