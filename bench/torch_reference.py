@@ -107,6 +107,32 @@ def indexer_logits(d, dtype):
     return median_ms(run, reps=5)
 
 
+def indexer_logits_fp8(d, dtype):
+    # Decode over the paged FP8 K cache: gather each sequence's pages, widen e4m3 to bf16 times the token
+    # scales, einsum, ReLU, weighted head sum, causal mask.
+    t, h, dd, b, pages, max_pages = d["t"], d["h"], d["d"], d["b"], d["pages"], d["max_pages"]
+    next_n = t // b
+    s = 64 * max_pages
+    q = torch.randint(0, 0x7E, (t, h, dd), dtype=torch.uint8, device="cuda")
+    w = torch.randn(t, h, device="cuda")
+    cache = torch.randint(0, 0x7E, (pages, 64 * (dd + 4)), dtype=torch.uint8, device="cuda")
+    cache[:, 64 * dd :] = torch.tensor([0, 0, 0x80, 0x3B], dtype=torch.uint8, device="cuda").repeat(64)
+    table = torch.randperm(pages, device="cuda")[: b * max_pages].view(b, max_pages)
+    pos = (s - next_n + torch.arange(t, device="cuda") % next_n)
+
+    def run():
+        pg = cache[table]  # [b, max_pages, 64·(d + 4)]
+        k = pg[..., : 64 * dd].reshape(b, s, dd).view(torch.float8_e4m3fn).to(torch.bfloat16)
+        scales = pg[..., 64 * dd :].contiguous().view(torch.float32).reshape(b, s)
+        qb = q.view(torch.float8_e4m3fn).to(torch.bfloat16).view(b, next_n, h, dd)
+        logits = torch.einsum("bnhd,bsd->bnhs", qb, k).float() * scales[:, None, None, :]
+        score = torch.einsum("bnhs,bnh->bns", logits.relu_(), w.view(b, next_n, h)).view(t, s)
+        mask = torch.arange(s, device="cuda")[None, :] > pos[:, None]
+        score.masked_fill_(mask, float("-inf"))
+
+    return median_ms(run, reps=5)
+
+
 def topk(d, dtype):
     t, s, k = d["t"], d["s"], d["k"]
     scores = torch.randn(t, s, device="cuda")

@@ -1,5 +1,5 @@
 //! Warp-level tensor-core multiplies with register fragments in a known layout: PTX `mma.sync` m16n8k16,
-//! bf16 operands, f32 accumulators (CUDA only; CubeCL's manual MMA). Unlike [`crate::mma`]'s opaque
+//! bf16 or f16 operands, f32 accumulators (CUDA only; CubeCL's manual MMA). Unlike [`crate::mma`]'s opaque
 //! tiles, each lane knows which rows and columns it holds, so an attention kernel can rescale
 //! accumulator rows by an online-softmax factor in registers and feed the probabilities of one multiply
 //! straight into the next (FlashAttention-2's register reuse).
@@ -16,29 +16,33 @@ use half::bf16;
 
 /// Eight bf16 values: one 16-byte shared-memory chunk, the unit `ldmatrix` addresses.
 pub type Chunk = Vector<bf16, Const<8>>;
-/// Two bf16 values in one 32-bit register.
+/// Two bf16 values in one 32-bit register (fragments are `Vector<E, Const<2>>` for operand type E).
 pub type Pair = Vector<bf16, Const<2>>;
 /// Two f32 accumulator values of one row.
 pub type AccPair = Vector<f32, Const<2>>;
 
-/// The m16n8k16 bf16 → f32 multiply.
+/// The m16n8k16 multiply of `E` (bf16 or f16) operands into f32.
 #[cube]
-pub fn mma_m16n8k16() -> MmaDefinition<bf16, bf16, f32> {
-    MmaDefinition::<bf16, bf16, f32>::new(16usize, 8usize, 16usize)
+pub fn mma_m16n8k16<E: Scalar>() -> MmaDefinition<E, E, f32> {
+    MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize)
 }
 
 /// Four 8×8 matrices of bf16 from shared memory (`ldmatrix.x4`, `.trans` with `transpose`) held as 16-byte
 /// chunks of four words: lane l names the chunk holding row l % 8 of matrix l / 8; register i of every
 /// lane comes from matrix i.
 #[cube]
-pub fn load_x4<N: Size>(chunks: &[Vector<u32, N>], chunk: usize, #[comptime] transpose: bool) -> Array<Pair> {
-    let def = mma_m16n8k16();
+pub fn load_x4<E: Scalar, N: Size>(
+    chunks: &[Vector<u32, N>],
+    chunk: usize,
+    #[comptime] transpose: bool,
+) -> Array<Vector<E, Const<2>>> {
+    let def = mma_m16n8k16::<E>();
     let words =
         def.load_matrix::<Vector<u32, N>, Const<1>>(&chunks[chunk..chunk + 1], MatrixIdent::A, 4usize, transpose);
-    let mut regs = Array::<Pair>::new(4usize);
+    let mut regs = Array::<Vector<E, Const<2>>>::new(4usize);
     #[unroll]
     for i in 0..4usize {
-        regs[i] = Pair::reinterpret(words[i]);
+        regs[i] = Vector::<E, Const<2>>::reinterpret(words[i]);
     }
     regs
 }
@@ -88,8 +92,8 @@ pub fn wait_async_copies() {
 /// The B tile in registers `first`, `first + 1` of `regs` (an `ldmatrix.x4` result holds two: 0, 1 and
 /// 2, 3).
 #[cube]
-pub fn b_tile(regs: &Array<Pair>, #[comptime] first: usize) -> Array<Pair> {
-    let mut b = Array::<Pair>::new(2usize);
+pub fn b_tile<E: Scalar>(regs: &Array<Vector<E, Const<2>>>, #[comptime] first: usize) -> Array<Vector<E, Const<2>>> {
+    let mut b = Array::<Vector<E, Const<2>>>::new(2usize);
     b[0] = regs[first];
     b[1] = regs[first + 1];
     b
@@ -97,7 +101,11 @@ pub fn b_tile(regs: &Array<Pair>, #[comptime] first: usize) -> Array<Pair> {
 
 /// Copies `len` fragment registers from `source` to `destination` (`Array` assignment would alias).
 #[cube]
-pub fn copy_regs(source: &Array<Pair>, destination: &mut Array<Pair>, #[comptime] len: usize) {
+pub fn copy_regs<E: Scalar>(
+    source: &Array<Vector<E, Const<2>>>,
+    destination: &mut Array<Vector<E, Const<2>>>,
+    #[comptime] len: usize,
+) {
     #[unroll]
     for i in 0..len {
         destination[i] = source[i];
@@ -106,8 +114,13 @@ pub fn copy_regs(source: &Array<Pair>, destination: &mut Array<Pair>, #[comptime
 
 /// acc[tile] += a · b, where `acc` holds accumulator tiles as consecutive pairs.
 #[cube]
-pub fn mma_into(acc: &mut Array<AccPair>, #[comptime] tile: usize, a: &Array<Pair>, b: &Array<Pair>) {
-    let def = mma_m16n8k16();
+pub fn mma_into<E: Scalar>(
+    acc: &mut Array<AccPair>,
+    #[comptime] tile: usize,
+    a: &Array<Vector<E, Const<2>>>,
+    b: &Array<Vector<E, Const<2>>>,
+) {
+    let def = mma_m16n8k16::<E>();
     let mut c = Array::<AccPair>::new(2usize);
     c[0] = acc[2 * tile];
     c[1] = acc[2 * tile + 1];

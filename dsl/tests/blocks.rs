@@ -1,7 +1,7 @@
 //! The DSL's building blocks, each run in a small kernel on the test device (`NSA_TEST_DEVICE`, default
 //! the best found: lavapipe in CI) and compared with a host computation on random inputs.
 use cubecl::prelude::*;
-use nsa_dsl::format::{bf16_to_f32, f32_to_bf16, read_e4m3_scaled, read_element};
+use nsa_dsl::format::{bf16_to_f32, e4m3x4_to_f16x4, f32_to_bf16, read_e4m3_scaled, read_element};
 use nsa_dsl::load::{gathered_row_offset, gathered_row_valid};
 use nsa_dsl::reduce::cube_sum;
 use nsa_dsl::softmax::{online_softmax_logsumexp, online_softmax_merge, online_softmax_new, online_softmax_push};
@@ -58,6 +58,47 @@ fn e4m3_decodes_every_code_with_block_scales() {
             assert!(got.is_nan(), "code {code:#x}: expected NaN, got {got}");
         } else {
             assert_eq!(got, expected, "code {code:#x}");
+        }
+    }
+}
+
+#[cube(launch)]
+fn widen_e4m3(words: &[u32], out: &mut [u32]) {
+    let i = ABSOLUTE_POS;
+    if i < words.len() {
+        let (lo, hi) = e4m3x4_to_f16x4(words[i]);
+        out[2 * i] = lo;
+        out[2 * i + 1] = hi;
+    }
+}
+
+#[test]
+fn e4m3_widens_to_f16_exactly() {
+    let device = device();
+    // Every code in each of the four byte positions.
+    let words: Vec<u32> = (0..256u32)
+        .map(|c| c | ((c ^ 0x5a) << 8) | ((c ^ 0xa5) << 16) | ((255 - c) << 24))
+        .collect();
+    let client = &device.client;
+    let input = client.create_from_slice(bytemuck::cast_slice(&words));
+    let output = client.empty(words.len() * 8);
+    widen_e4m3::launch(
+        client,
+        CubeCount::Static(2, 1, 1),
+        CubeDim::new_1d(128),
+        buffer(&input, words.len()),
+        buffer(&output, 2 * words.len()),
+    );
+    let out = read_words(&device, output);
+    for (i, word) in words.iter().enumerate() {
+        for b in 0..4 {
+            let code = (word >> (8 * b)) as u8;
+            if code & 0x7f == 0x7f {
+                continue; // NaN
+            }
+            let half = (out[2 * i + b / 2] >> (16 * (b % 2))) as u16;
+            let widened = half::f16::from_bits(half).to_f64() * 256.0;
+            assert_eq!(widened, host::e4m3_to_f32(code) as f64, "code {code:#04x} in byte {b}");
         }
     }
 }

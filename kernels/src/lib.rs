@@ -6,6 +6,7 @@ pub mod check;
 pub mod error;
 pub mod fp8_kv;
 pub mod indexer;
+pub mod indexer_fp8;
 pub mod ir;
 pub mod launch;
 pub mod norm;

@@ -8,6 +8,7 @@ pub static KERNELS: &[&dyn Kernel] = &[
     &crate::rope::ROPE_NEOX,
     &crate::silu_mul::SiluMul,
     &crate::indexer::IndexerLogits,
+    &crate::indexer_fp8::IndexerFp8,
     &crate::topk::TopK,
     &crate::sparse_mla_prefill::SparseMlaPrefill,
     &crate::sparse_mla_decode::SparseMlaDecode,

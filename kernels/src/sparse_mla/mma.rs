@@ -264,11 +264,11 @@ pub fn sparse_mla_mma_kernel<N: Size>(
         for n in 0..comptime!(half_keys / 4) {
             s[n] = AccPair::new(0.0f32);
         }
-        let mut a = load_x4(&q_s, q_row, false);
+        let mut a = load_x4::<bf16, N>(&q_s, q_row, false);
         let mut b = Array::<Pair>::new(comptime!(4 * own_chunks));
         #[unroll]
         for kb in 0..own_chunks {
-            let regs = load_x4(&kv_s, kv_base + k_row + kb * 16 * ROW_CHUNKS, false);
+            let regs = load_x4::<bf16, N>(&kv_s, kv_base + k_row + kb * 16 * ROW_CHUNKS, false);
             #[unroll]
             for r in 0..4usize {
                 b[4 * kb + r] = regs[r];
@@ -277,11 +277,11 @@ pub fn sparse_mla_mma_kernel<N: Size>(
         for k in 0..K_STEPS {
             // The next k-step's fragments (the last step reloads its own: harmless).
             let k_next = select(k + 1 < K_STEPS, k + 1, k);
-            let a_next = load_x4(&q_s, q_row + 2 * k_next, false);
+            let a_next = load_x4::<bf16, N>(&q_s, q_row + 2 * k_next, false);
             let mut b_next = Array::<Pair>::new(comptime!(4 * own_chunks));
             #[unroll]
             for kb in 0..own_chunks {
-                let regs = load_x4(&kv_s, kv_base + k_row + kb * 16 * ROW_CHUNKS + 2 * k_next, false);
+                let regs = load_x4::<bf16, N>(&kv_s, kv_base + k_row + kb * 16 * ROW_CHUNKS + 2 * k_next, false);
                 #[unroll]
                 for r in 0..4usize {
                     b_next[4 * kb + r] = regs[r];
@@ -366,10 +366,11 @@ pub fn sparse_mla_mma_kernel<N: Size>(
             let owner = comptime!(kb / own_chunks) * groups + group;
             let a = chunk_to_fragment(p_s[(owner * own_chunks + comptime!(kb % own_chunks)) * 32 + lane]);
             let v_base = kv_base + v_row + kb * 16 * ROW_CHUNKS;
-            let mut v = load_x4(&kv_s, v_base, true);
+            let mut v = load_x4::<bf16, N>(&kv_s, v_base, true);
             #[unroll]
             for j in 0..16usize {
-                let v_next = load_x4(&kv_s, v_base + 2 * comptime!(if j + 1 < 16 { j + 1 } else { j }), true);
+                let v_next =
+                    load_x4::<bf16, N>(&kv_s, v_base + 2 * comptime!(if j + 1 < 16 { j + 1 } else { j }), true);
                 mma_into(&mut o, 2 * j, &a, &b_tile(&v, 0usize));
                 mma_into(&mut o, 2 * j + 1, &a, &b_tile(&v, 2usize));
                 copy_regs(&v_next, &mut v, 4usize);
