@@ -72,6 +72,24 @@ def sparse_mla_decode(d, dtype):
     return median_ms(run)
 
 
+def mla_decode(d, dtype):
+    # Dense absorbed MLA decode over a paged bf16 cache: gather each sequence's pages, bmm, softmax, bmm.
+    b, s_q, h_q, pages, max_pages = d["b"], d["s_q"], d["h_q"], d["pages"], d["max_pages"]
+    d_qk, d_v = d["d_qk"], d["d_v"]
+    s = 64 * max_pages
+    q = torch.randn(b, s_q * h_q, d_qk, dtype=dtype, device="cuda")
+    cache = torch.randn(pages, 64, d_qk, dtype=dtype, device="cuda")
+    table = torch.randperm(pages, device="cuda")[: b * max_pages].view(b, max_pages)
+    scale = d_qk ** -0.5
+
+    def run():
+        kv = cache[table].view(b, s, d_qk)
+        p = torch.softmax(torch.bmm(q, kv.transpose(1, 2)).float() * scale, dim=-1).to(dtype)
+        torch.bmm(p, kv[..., :d_v])
+
+    return median_ms(run)
+
+
 def fp8_kv_quantize(d, dtype):
     n = d["n"]
     kv = torch.randn(n, 576, dtype=dtype, device="cuda")

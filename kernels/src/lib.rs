@@ -9,6 +9,7 @@ pub mod indexer;
 pub mod indexer_fp8;
 pub mod ir;
 pub mod launch;
+pub mod mla_decode;
 pub mod norm;
 pub mod registry;
 pub mod rope;

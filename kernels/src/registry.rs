@@ -12,6 +12,7 @@ pub static KERNELS: &[&dyn Kernel] = &[
     &crate::topk::TopK,
     &crate::sparse_mla_prefill::SparseMlaPrefill,
     &crate::sparse_mla_decode::SparseMlaDecode,
+    &crate::mla_decode::MlaDecode,
     &crate::fp8_kv::Fp8KvQuantize,
 ];
 

@@ -92,23 +92,35 @@ impl Kernel for SparseMlaDecode {
     fn default_params(&self) -> &'static [(&'static str, f64)] {
         // logical: 0 = physical indices (FlashMLA), 1 = positions through the block table.
         // mask: test data only — 1 adds invalid entries, unmapped pages and all-invalid rows.
-        &[("sm_scale", 0.041666666666666664), ("logical", 0.0), ("mask", 0.0)]
+        // num_splits: split-KV cubes per row for the flash-attention variants (0: enough to fill the device).
+        &[
+            ("sm_scale", 0.041666666666666664),
+            ("logical", 0.0),
+            ("num_splits", 0.0),
+            ("mask", 0.0),
+        ]
     }
     fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         for format in Format::ALL {
             // (b, s_q, h_q, pages, max_pages, topk): ragged sequences, MTP's s_q = 2, 128 heads.
             // Physical and logical indices each.
-            for (b, s_q, h_q, pages, max_pages, topk, logical) in [
-                (3, 1, 16, 12, 5, 64, 0.0),
-                (2, 2, 32, 8, 4, 128, 1.0),
-                (1, 1, 128, 4, 4, 64, 0.0),
-                (2, 2, 128, 6, 3, 128, 1.0),
+            // Physical and logical indices each; one problem split in 3.
+            for (b, s_q, h_q, pages, max_pages, topk, logical, splits) in [
+                (3, 1, 16, 12, 5, 64, 0.0, 0.0),
+                (2, 2, 32, 8, 4, 128, 1.0, 0.0),
+                (1, 1, 128, 4, 4, 64, 0.0, 0.0),
+                (2, 2, 128, 6, 3, 256, 1.0, 3.0),
             ] {
                 problems.push(Problem::new(
                     format,
                     &dims(b, s_q, h_q, pages, max_pages, topk),
-                    &[("sm_scale", 0.041666666666666664), ("logical", logical), ("mask", 1.0)],
+                    &[
+                        ("sm_scale", 0.041666666666666664),
+                        ("logical", logical),
+                        ("num_splits", splits),
+                        ("mask", 1.0),
+                    ],
                 ));
             }
         }
@@ -122,7 +134,13 @@ impl Kernel for SparseMlaDecode {
                 Problem::new(
                     Format::Bf16,
                     &dims(128, s_q, 128, 128 * 512, 512, 2048),
-                    &[("sm_scale", 0.041666666666666664), ("logical", 0.0), ("mask", 0.0)],
+                    // num_splits: split-KV cubes per row for the flash-attention variants (0: enough to fill the device).
+                    &[
+                        ("sm_scale", 0.041666666666666664),
+                        ("logical", 0.0),
+                        ("num_splits", 0.0),
+                        ("mask", 0.0),
+                    ],
                 )
             })
             .collect()
@@ -131,7 +149,13 @@ impl Kernel for SparseMlaDecode {
         Problem::new(
             format,
             &dims(128, 1, 128, 65536, 512, 2048),
-            &[("sm_scale", 0.041666666666666664), ("logical", 0.0), ("mask", 0.0)],
+            // num_splits: split-KV cubes per row for the flash-attention variants (0: enough to fill the device).
+            &[
+                ("sm_scale", 0.041666666666666664),
+                ("logical", 0.0),
+                ("num_splits", 0.0),
+                ("mask", 0.0),
+            ],
         )
     }
     fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
@@ -315,6 +339,7 @@ impl Kernel for SparseMlaDecode {
             pages,
             topk,
             sm_scale: problem.param("sm_scale") as f32,
+            splits: problem.param("num_splits") as usize,
         };
         let buffers = [
             (&inputs[0], rows * h_q * D_QK / per_word),

@@ -191,6 +191,7 @@ impl Kernel for SparseMlaPrefill {
             pages: 0,
             topk,
             sm_scale: problem.param("sm_scale") as f32,
+            splits: 0,
         };
         let buffers = [
             (&inputs[0], s_q * h_q * D_QK / per_word),

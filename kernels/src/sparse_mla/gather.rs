@@ -27,6 +27,15 @@ pub(super) fn kv_row_offset(
                 offset = (index as usize * comptime!(D_QK / format.per_word() as usize)) as u32;
             }
         }
+        KvSource::Bf16Paged => {
+            if index >= 0 && (index as usize) < max_pages * PAGE_SIZE {
+                let page = block_table[batch * max_pages + index as usize / PAGE_SIZE];
+                if page >= 0 && (page as usize) < pages {
+                    let token = page as usize * PAGE_SIZE + index as usize % PAGE_SIZE;
+                    offset = (token * comptime!(D_QK / format.per_word() as usize)) as u32;
+                }
+            }
+        }
         KvSource::Fp8Paged => {
             if s_kv > 0 {
                 // Physical: page · 64 + slot (FlashMLA), below the cache's s_kv tokens.
@@ -59,7 +68,7 @@ pub(super) fn kv_word(
     let per_word = comptime!(format.per_word() as usize);
     let mut word = 0u32;
     match source {
-        KvSource::Rows => {
+        KvSource::Rows | KvSource::Bf16Paged => {
             word = kv[offset + w];
         }
         KvSource::Fp8Paged => {
@@ -87,15 +96,17 @@ pub(super) fn kv_word(
     word
 }
 
-/// Resolves the block of indices starting at `start` of the row starting at `base` to kv row offsets in
-/// `offsets` (0xffff_ffff: invalid, or past topk); units below `block` take one each.
+/// Resolves the block of indices starting at `start` of row `row` to kv row offsets in `offsets`
+/// (0xffff_ffff: invalid, or past topk); units below `block` take one each. For the dense paged source the
+/// indices are implicit: position start + unit while below the row's causal limit (see [`dense_limit`]).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn resolve_block(
     indices: &[i32],
     block_table: &[i32],
     offsets: &mut [u32],
-    base: usize,
+    row: usize,
+    rows_per_batch: usize,
     start: usize,
     topk: usize,
     batch: usize,
@@ -110,11 +121,30 @@ pub(super) fn resolve_block(
     if unit < block {
         let mut offset = 0xffff_ffffu32;
         if start + unit < topk {
-            let index = indices[base + start + unit];
-            offset = kv_row_offset(index, block_table, batch, s_kv, max_pages, pages, source, format);
+            if comptime!(source == KvSource::Bf16Paged) {
+                let position = start + unit;
+                let index = select(
+                    position < dense_limit(indices, row, rows_per_batch),
+                    position as i32,
+                    -1i32,
+                );
+                offset = kv_row_offset(index, block_table, batch, s_kv, max_pages, pages, source, format);
+            } else {
+                let index = indices[row * topk + start + unit];
+                offset = kv_row_offset(index, block_table, batch, s_kv, max_pages, pages, source, format);
+            }
         }
         offsets[unit] = offset;
     }
+}
+
+/// Dense decode: how many cache positions row `row` sees. `seqlens[b]` counts the batch's tokens including
+/// its rows_per_batch new ones, and row j of them sees positions 0 ..= seqlens − rows_per_batch + j (causal).
+#[cube]
+pub(super) fn dense_limit(seqlens: &[i32], row: usize, rows_per_batch: usize) -> usize {
+    let seqlen = seqlens[row / rows_per_batch];
+    let visible = seqlen - rows_per_batch as i32 + 1 + (row % rows_per_batch) as i32;
+    select(visible > 0, visible, 0i32) as usize
 }
 
 /// lse = m + ln l (natural) and the max logit of one (row, head); an empty row (l = 0) gets +∞ and −∞.

@@ -13,7 +13,7 @@
 //!   rescaled by row.
 //!
 //! Shared-memory operand fragments are loaded one k-step ahead of the multiplies that use them.
-use super::gather::{resolve_block, write_row_stats};
+use super::gather::{dense_limit, resolve_block, write_row_stats};
 use super::{D_QK, D_V, KvSource};
 use cubecl::prelude::*;
 use half::bf16;
@@ -92,7 +92,7 @@ fn gather_block<N: Size>(
         let offset = offsets[slot * block + key];
         let dst = (first_row + key) * ROW_CHUNKS + c;
         match source {
-            KvSource::Rows => {
+            KvSource::Rows | KvSource::Bf16Paged => {
                 let valid = offset != INVALID;
                 let start = select(valid, offset as usize / 4 + c, 0usize);
                 let len = select(valid, 1usize, 0usize);
@@ -116,6 +116,9 @@ pub fn sparse_mla_mma_kernel<N: Size>(
     out: &mut [u32],
     lse: &mut [f32],
     max_logit: &mut [f32],
+    o_part: &mut [f32],
+    lse_part: &mut [f32],
+    max_part: &mut [f32],
     rows: usize,
     rows_per_batch: usize,
     h_q: usize,
@@ -123,6 +126,7 @@ pub fn sparse_mla_mma_kernel<N: Size>(
     max_pages: usize,
     pages: usize,
     topk: usize,
+    splits: usize,
     sm_scale: f32,
     #[comptime] groups: usize,
     #[comptime] block: usize,
@@ -136,8 +140,9 @@ pub fn sparse_mla_mma_kernel<N: Size>(
     let own_chunks = comptime!(block / 32);
     let q_chunks = comptime!(D_QK / 8);
     let head_blocks = h_q / heads;
-    let row = CUBE_POS / head_blocks;
-    let head0 = (CUBE_POS % head_blocks) * heads;
+    let split = CUBE_POS % splits;
+    let row = CUBE_POS / splits / head_blocks;
+    let head0 = (CUBE_POS / splits % head_blocks) * heads;
     let unit = UNIT_POS as usize;
     let plane = (UNIT_POS / 32) as usize;
     let group = plane % groups;
@@ -149,7 +154,16 @@ pub fn sparse_mla_mma_kernel<N: Size>(
         terminate!();
     }
     let batch = row / rows_per_batch;
-    let tiles = topk.div_ceil(block);
+    let mut all_tiles = topk.div_ceil(block);
+    if comptime!(source == KvSource::Bf16Paged) {
+        // Dense: only the blocks below the row's causal limit.
+        let limit = dense_limit(indices, row, rows_per_batch);
+        all_tiles = select(limit < topk, limit, topk).div_ceil(block);
+    }
+    // Split-KV: this cube's share of the row's blocks, [first, first + tiles).
+    let per_split = all_tiles.div_ceil(splits);
+    let first = select(split * per_split < all_tiles, split * per_split, all_tiles);
+    let tiles = select(first + per_split < all_tiles, per_split, all_tiles - first);
 
     let mut q_s = Shared::<[Vector<u32, N>]>::new_aligned_slice(comptime!(heads * ROW_CHUNKS), 16usize);
     let mut kv_s = Shared::<[Vector<u32, N>]>::new_aligned_slice(comptime!(stages * block * ROW_CHUNKS), 16usize);
@@ -170,8 +184,9 @@ pub fn sparse_mla_mma_kernel<N: Size>(
             indices,
             block_table,
             &mut offsets[slot * block..slot * block + block],
-            row * topk,
-            slot * block,
+            row,
+            rows_per_batch,
+            (first + slot) * block,
             topk,
             batch,
             s_kv,
@@ -244,8 +259,9 @@ pub fn sparse_mla_mma_kernel<N: Size>(
                 indices,
                 block_table,
                 &mut offsets[next * block..next * block + block],
-                row * topk,
-                (tile + 2) * block,
+                row,
+                rows_per_batch,
+                (first + tile + 2) * block,
                 topk,
                 batch,
                 s_kv,
@@ -380,7 +396,8 @@ pub fn sparse_mla_mma_kernel<N: Size>(
     }
 
     // Row sums of both halves, then out = O / l as bf16 words (columns 2t, 2t + 1 of each tile); lse and
-    // max logit from half 0. The last block's readers of `row_stats` passed the barrier before P·V.
+    // max logit from half 0. The last block's readers of `row_stats` passed the barrier before P·V. With
+    // splits, each cube writes its normalized partial O (f32), lse and max instead, for `combine_splits`.
     #[unroll]
     for r in 0..2usize {
         l[r] = quad_sum(l[r]);
@@ -394,16 +411,34 @@ pub fn sparse_mla_mma_kernel<N: Size>(
         let sum = l[r] + row_stats[partner * 16 + g + 8 * r];
         let inv = select(sum > 0.0f32, 1.0f32 / sum, 0.0f32);
         let out_row = row * h_q + head0 + group * 16 + g + 8 * r;
-        #[unroll]
-        for n in 0..32usize {
-            let value = o[2 * n + r] * AccPair::new(inv);
-            let mut pair = Pair::empty();
-            pair.insert(0usize, bf16::cast_from(value.extract(0usize)));
-            pair.insert(1usize, bf16::cast_from(value.extract(1usize)));
-            out[out_row * (D_V / 2) + half * 128 + n * 4 + t] = u32::reinterpret(pair);
-        }
-        if half == 0 && t == 0 {
-            write_row_stats(lse, max_logit, out_row, m[r] * core::f32::consts::LN_2, sum);
+        if splits == 1 {
+            #[unroll]
+            for n in 0..32usize {
+                let value = o[2 * n + r] * AccPair::new(inv);
+                let mut pair = Pair::empty();
+                pair.insert(0usize, bf16::cast_from(value.extract(0usize)));
+                pair.insert(1usize, bf16::cast_from(value.extract(1usize)));
+                out[out_row * (D_V / 2) + half * 128 + n * 4 + t] = u32::reinterpret(pair);
+            }
+            if half == 0 && t == 0 {
+                write_row_stats(lse, max_logit, out_row, m[r] * core::f32::consts::LN_2, sum);
+            }
+        } else {
+            let part_row = split * rows * h_q + out_row;
+            #[unroll]
+            for n in 0..32usize {
+                let value = o[2 * n + r] * AccPair::new(inv);
+                let column = half * 256 + n * 8 + 2 * t;
+                o_part[part_row * D_V + column] = value.extract(0usize);
+                o_part[part_row * D_V + column + 1] = value.extract(1usize);
+            }
+            if half == 0 && t == 0 {
+                // An empty split weighs nothing: lse −∞.
+                let empty = sum == 0.0f32;
+                let m_nat = m[r] * core::f32::consts::LN_2;
+                lse_part[part_row] = select(empty, f32::reinterpret(0xff80_0000u32), m_nat + f32::ln(sum));
+                max_part[part_row] = select(empty, f32::reinterpret(0xff80_0000u32), m_nat);
+            }
         }
     }
 }

@@ -11,6 +11,7 @@
 //! into shared memory ([`gather`]: FP8 dequantized exactly), keep an online softmax per head, and
 //! accumulate P·V.
 mod cmma;
+mod combine;
 mod gather;
 mod mma;
 mod simt;
@@ -19,6 +20,7 @@ use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::spec::TensorSpec;
 use crate::{KernelError, Problem, Variant};
 use cmma::{CMMA_BLOCK, CMMA_HEADS, sparse_mla_cmma_kernel};
+use combine::combine_splits_kernel;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use mma::sparse_mla_mma_kernel;
@@ -198,6 +200,22 @@ pub struct Launch {
     pub pages: usize,
     pub topk: usize,
     pub sm_scale: f32,
+    /// Split-KV: cubes per (row, head block) over the row's blocks, merged by a second kernel (flash-attention
+    /// variants only); 0 picks enough to fill the device's multiprocessors.
+    pub splits: usize,
+}
+
+/// The split count `requested` resolves to: given, or (0) enough cubes for two per multiprocessor when the
+/// grid has fewer, at most 16 and at most one per block of the longest row.
+pub fn resolve_splits(requested: usize, cubes: usize, blocks: usize, multiprocessors: usize) -> usize {
+    let splits = if requested > 0 {
+        requested
+    } else if cubes >= multiprocessors {
+        1
+    } else {
+        (2 * multiprocessors).div_ceil(cubes.max(1)).min(16)
+    };
+    splits.clamp(1, blocks.max(1))
 }
 
 /// Launches `variant` with buffers (q, kv, block_table, indices, out, lse, max_logit) given as
@@ -222,15 +240,25 @@ pub fn launch(
         pages,
         topk,
         sm_scale,
+        splits,
     } = sizes;
     let client = &device.client;
     if is_mma(variant) {
         // Two planes (output halves) per 16-head group; q and kv read as 16-byte vectors.
         let groups = heads as usize / 16;
         let [q, kv] = [buffers[0], buffers[1]].map(|(handle, len)| buffer(handle, len / 4));
+        let cubes = rows * h_q / heads as usize;
+        let sms = device.features().multiprocessors.unwrap_or(1) as usize;
+        let splits = resolve_splits(splits, cubes, topk.div_ceil(block as usize), sms);
+        let pairs = rows * h_q;
+        // Partial outputs only with splits; 1-element placeholders fill the bindings otherwise.
+        let part_len = |n: usize| if splits > 1 { splits * n } else { 1 };
+        let o_part = client.empty(4 * part_len(pairs * D_V));
+        let lse_part = client.empty(4 * part_len(pairs));
+        let max_part = client.empty(4 * part_len(pairs));
         sparse_mla_mma_kernel::launch(
             client,
-            count,
+            grid(cubes * splits),
             CubeDim::new_1d(64 * groups as u32),
             4,
             q,
@@ -240,6 +268,9 @@ pub fn launch(
             out,
             lse,
             max_logit,
+            buffer(&o_part, part_len(pairs * D_V)),
+            buffer(&lse_part, part_len(pairs)),
+            buffer(&max_part, part_len(pairs)),
             rows,
             rows_per_batch,
             h_q,
@@ -247,12 +278,30 @@ pub fn launch(
             max_pages,
             pages,
             topk,
+            splits,
             sm_scale,
             groups,
             block as usize,
             mma_stages(variant),
             source,
         );
+        if splits > 1 {
+            let [out, lse, max_logit] = [buffers[4], buffers[5], buffers[6]].map(|(handle, len)| buffer(handle, len));
+            combine_splits_kernel::launch(
+                client,
+                grid(pairs),
+                CubeDim::new_1d(128),
+                buffer(&o_part, splits * pairs * D_V),
+                buffer(&lse_part, splits * pairs),
+                buffer(&max_part, splits * pairs),
+                out,
+                lse,
+                max_logit,
+                pairs,
+                splits,
+                format,
+            );
+        }
     } else if is_cmma(variant) {
         // Four planes per head tile.
         let head_tiles = heads as usize / CMMA_HEADS;
@@ -311,9 +360,12 @@ pub fn launch(
 pub enum KvSource {
     /// kv [s_kv, 576] in the problem's format; index i is row i.
     Rows,
-    /// The paged FP8 cache [pages, 64, 656 B]; index i is the sequence's token i, found through
-    /// block_table[batch, i / 64] (page) and i % 64 (slot).
+    /// The paged FP8 cache [pages, 64, 656 B]: indices are physical slots, or logical positions found
+    /// through block_table[batch, i / 64] (page) and i % 64 (slot) (see `kv_row_offset`).
     Fp8Paged,
+    /// Dense decode over a paged cache [pages, 64, 576] in the problem's format: no index list; a row sees
+    /// every position of its sequence up to its causal limit (`indices` holds the batches' seqlens).
+    Bf16Paged,
 }
 
 /// The f64 reference: attention of each query row over its valid kv rows (`kv_row(r, i)` gives row r's
@@ -371,6 +423,10 @@ pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: For
             a(),
             a(),
             a(),
+            a(),
+            a(),
+            a(),
+            (),
             (),
             (),
             (),
