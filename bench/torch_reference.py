@@ -151,6 +151,41 @@ def indexer_logits_fp8(d, dtype):
     return median_ms(run, reps=5)
 
 
+def fp8_act_quant(d, dtype):
+    # DeepSeek's act_quant: per-128 amax, power-of-two scale, divide, cast to e4m3.
+    tokens, hidden = d["tokens"], d["hidden"]
+    x = torch.randn(tokens, hidden, dtype=dtype, device="cuda")
+
+    def run():
+        g = x.float().view(tokens, hidden // 128, 128)
+        s = g.abs().amax(-1, keepdim=True).clamp(min=1e-4) / 448.0
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+        (g / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+    return median_ms(run, reps=50)
+
+
+def moe_gate(d, dtype):
+    # Hugging Face's DeepseekV3 noaux_tc routing (8 groups, 4 kept, top-8, normalized, × 2.5).
+    tokens, experts, top_k = d["tokens"], d["experts"], d["top_k"]
+    logits = torch.randn(tokens, experts, device="cuda")
+    bias = torch.randn(experts, device="cuda") * 0.1
+
+    def run():
+        scores = logits.sigmoid()
+        choice = scores + bias
+        group_scores = choice.view(tokens, 8, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=4, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(tokens, 8, experts // 8).reshape(tokens, -1)
+        masked = choice.masked_fill(~score_mask.bool(), 0.0)
+        idx = torch.topk(masked, k=top_k, dim=-1, sorted=False)[1]
+        w = scores.gather(1, idx)
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * 2.5
+
+    return median_ms(run, reps=50)
+
+
 def topk(d, dtype):
     t, s, k = d["t"], d["s"], d["k"]
     scores = torch.randn(t, s, device="cuda")

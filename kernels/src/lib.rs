@@ -4,12 +4,14 @@
 pub mod bench;
 pub mod check;
 pub mod error;
+pub mod fp8_act;
 pub mod fp8_kv;
 pub mod indexer;
 pub mod indexer_fp8;
 pub mod ir;
 pub mod launch;
 pub mod mla_decode;
+pub mod moe_gate;
 pub mod norm;
 pub mod registry;
 pub mod rope;

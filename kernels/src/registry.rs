@@ -14,6 +14,8 @@ pub static KERNELS: &[&dyn Kernel] = &[
     &crate::sparse_mla_decode::SparseMlaDecode,
     &crate::mla_decode::MlaDecode,
     &crate::fp8_kv::Fp8KvQuantize,
+    &crate::fp8_act::Fp8ActQuant,
+    &crate::moe_gate::MoeGate,
 ];
 
 pub fn find_kernel(name: &str) -> Result<&'static dyn Kernel, KernelError> {
