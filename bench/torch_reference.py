@@ -90,6 +90,16 @@ def mla_decode(d, dtype):
     return median_ms(run)
 
 
+def mha_prefill(d, dtype):
+    # Causal MHA with q/k dim 192 and v dim 128 (one sequence in the bench): PyTorch's SDPA picks its backend.
+    t, h = d["t_q"], d["h"]
+    q = torch.randn(1, h, t, 192, dtype=dtype, device="cuda")
+    k = torch.randn(1, h, d["t_k"], 192, dtype=dtype, device="cuda")
+    v = torch.randn(1, h, d["t_k"], 128, dtype=dtype, device="cuda")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return median_ms(lambda: sdpa(q, k, v, is_causal=True), reps=20)
+
+
 def fp8_kv_quantize(d, dtype):
     n = d["n"]
     kv = torch.randn(n, 576, dtype=dtype, device="cuda")

@@ -13,6 +13,7 @@ pub static KERNELS: &[&dyn Kernel] = &[
     &crate::sparse_mla_prefill::SparseMlaPrefill,
     &crate::sparse_mla_decode::SparseMlaDecode,
     &crate::mla_decode::MlaDecode,
+    &crate::mha_prefill::MhaPrefill,
     &crate::fp8_kv::Fp8KvQuantize,
     &crate::fp8_act::Fp8ActQuant,
     &crate::moe_gate::MoeGate,
