@@ -178,10 +178,16 @@ fn mha_prefill_mma_kernel<N: Size>(
     lse: &mut [f32],
     heads: usize,
     seqs: usize,
+    tile_bound: usize,
     sm_scale: f32,
 ) {
     let head = CUBE_POS % heads;
-    let tile = CUBE_POS / heads;
+    // Tiles in reverse: a causal sequence's last tiles see the most keys, so they start first and the
+    // cheap ones fill the tail.
+    let tile = tile_bound - 1 - select(CUBE_POS / heads < tile_bound, CUBE_POS / heads, tile_bound - 1);
+    if CUBE_POS / heads >= tile_bound {
+        terminate!();
+    }
     // Find the tile's sequence: sequences contribute ceil(q_len / 64) tiles each, in order.
     let mut seq = seqs;
     let mut first_tile = 0usize;
@@ -630,6 +636,7 @@ impl Kernel for MhaPrefill {
                 buffer(&outputs[1], t_q * h),
                 h,
                 seqs,
+                tiles,
                 sm_scale,
             );
         }
@@ -666,6 +673,7 @@ impl Kernel for MhaPrefill {
                 a(),
                 a(),
                 a(),
+                (),
                 (),
                 (),
                 (),
