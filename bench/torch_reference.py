@@ -196,6 +196,23 @@ def moe_gate(d, dtype):
     return median_ms(run, reps=50)
 
 
+def fp8_gemm(d, dtype):
+    # Dequantize both e4m3 operands with their scales (per token group, per 128 × 128 weight block), bf16 matmul.
+    m, n, k = d["m"], d["n"], d["k"]
+    a = torch.randint(0, 0x7E, (m, k), dtype=torch.uint8, device="cuda")
+    b = torch.randint(0, 0x7E, (n, k), dtype=torch.uint8, device="cuda")
+    a_s = torch.rand(m, k // 128, device="cuda")
+    b_s = torch.rand((n + 127) // 128, k // 128, device="cuda")
+
+    def run():
+        af = (a.view(torch.float8_e4m3fn).float().view(m, k // 128, 128) * a_s[..., None]).view(m, k)
+        bs = b_s.repeat_interleave(128, dim=0)[:n].repeat_interleave(128, dim=1)
+        bf = b.view(torch.float8_e4m3fn).float() * bs
+        af.to(torch.bfloat16) @ bf.to(torch.bfloat16).T
+
+    return median_ms(run, reps=10)
+
+
 def topk(d, dtype):
     t, s, k = d["t"], d["s"], d["k"]
     scores = torch.randn(t, s, device="cuda")

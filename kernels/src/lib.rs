@@ -5,6 +5,7 @@ pub mod bench;
 pub mod check;
 pub mod error;
 pub mod fp8_act;
+pub mod fp8_gemm;
 pub mod fp8_kv;
 pub mod indexer;
 pub mod indexer_fp8;

@@ -16,6 +16,7 @@ pub static KERNELS: &[&dyn Kernel] = &[
     &crate::mha_prefill::MhaPrefill,
     &crate::fp8_kv::Fp8KvQuantize,
     &crate::fp8_act::Fp8ActQuant,
+    &crate::fp8_gemm::Fp8Gemm,
     &crate::moe_gate::MoeGate,
 ];
 
