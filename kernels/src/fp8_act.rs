@@ -157,7 +157,7 @@ impl Kernel for Fp8ActQuant {
     }
     fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
         let hidden = problem.dim("hidden");
-        if hidden == 0 || hidden % GROUP != 0 || problem.dim("groups") != hidden / GROUP {
+        if hidden == 0 || !hidden.is_multiple_of(GROUP) || problem.dim("groups") != hidden / GROUP {
             return Err(KernelError::InvalidProblem {
                 kernel: "fp8_act_quant",
                 field: "hidden",

@@ -307,7 +307,7 @@ impl Kernel for Fp8Gemm {
             if !features.mma_m16n8k16_bf16 || features.plane_size != 32 {
                 return Err("needs warp mma.sync m16n8k16 (CUDA)".into());
             }
-            if problem.format != Format::Bf16 || problem.dim("n") % TILE != 0 {
+            if problem.format != Format::Bf16 || !problem.dim("n").is_multiple_of(TILE) {
                 return Err(format!(
                     "needs bf16 output and n a multiple of 128, got {} n={}",
                     problem.format,

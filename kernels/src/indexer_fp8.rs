@@ -409,7 +409,7 @@ impl Kernel for IndexerFp8 {
             got,
         };
         let d = problem.dim("d");
-        if d == 0 || d % 8 != 0 {
+        if d == 0 || !d.is_multiple_of(8) {
             return Err(invalid("d", "a positive multiple of 8", d.to_string()));
         }
         if problem.dim("page_size") != PAGE || problem.dim("token_bytes") != d + 4 {
@@ -511,8 +511,8 @@ impl Kernel for IndexerFp8 {
         let next_n = problem.param("next_n") as usize;
         let (mut q_seq, mut q_pos) = (Vec::with_capacity(t), Vec::with_capacity(t));
         for i in 0..t {
-            if next_n > 0 {
-                let seq = (i / next_n).min(b - 1);
+            if let Some(seq) = i.checked_div(next_n) {
+                let seq = seq.min(b - 1);
                 q_seq.push(seq as i32);
                 q_pos.push((length - next_n + i % next_n) as i32 - if bench { 0 } else { rng.random_range(0..40) });
             } else {

@@ -270,7 +270,7 @@ fn mha_prefill_mma_kernel<N: Size>(
         let local = local0 + plane * 16 + g + 8 * r;
         limit[r] = select(k_len + local + 1 > q_len, k_len + local + 1 - q_len, 0usize);
     }
-    let scale_log2 = sm_scale * 1.442_695_f32;
+    let scale_log2 = sm_scale * core::f32::consts::LOG2_E;
     let k_row = (lane % 8 + 8 * (lane / 16)) * QK_CHUNKS + (lane / 8) % 2;
     let v_row = (lane % 8 + 8 * ((lane / 8) % 2)) * V_CHUNKS + lane / 16;
 

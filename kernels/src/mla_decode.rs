@@ -226,9 +226,9 @@ impl Kernel for MlaDecode {
         // Implicit indices: every visible position, −1 past the row's causal limit.
         let context = max_pages * PAGE_SIZE;
         let mut indices = Vec::with_capacity(b * s_q * context);
-        for seq in 0..b {
+        for &seqlen in &seqlens[..b] {
             for j in 0..s_q {
-                let visible = (seqlens[seq] as i64 - s_q as i64 + 1 + j as i64).max(0) as usize;
+                let visible = (seqlen as i64 - s_q as i64 + 1 + j as i64).max(0) as usize;
                 indices.extend((0..context).map(|p| if p < visible { p as f64 } else { -1.0 }));
             }
         }

@@ -217,7 +217,7 @@ pub fn sparse_mla_mma_kernel<N: Size>(
         m[r] = -1073741824.0f32;
         l[r] = 0.0f32;
     }
-    let scale_log2 = sm_scale * 1.442_695_f32;
+    let scale_log2 = sm_scale * core::f32::consts::LOG2_E;
     // ldmatrix row addresses: Q (A, rows l % 16, k chunk l / 16); K (B of S: key l % 8 + 8·(l / 16), d chunk
     // (l / 8) % 2); V (B of P·V, transposed: key l % 8 + 8·((l / 8) % 2), column chunk l / 16).
     let q_row = (group * 16 + lane % 16) * ROW_CHUNKS + lane / 16;
