@@ -213,6 +213,29 @@ def fp8_gemm(d, dtype):
     return median_ms(run, reps=10)
 
 
+def moe_experts(d, dtype):
+    # Hugging Face's loop over experts: gather each expert's tokens, SwiGLU, index_add of weighted outputs.
+    tokens, hidden, inter, experts, top_k = d["tokens"], d["hidden"], d["inter"], d["experts"], d["top_k"]
+    x = torch.randn(tokens, hidden, dtype=dtype, device="cuda")
+    ids = torch.rand(tokens, experts, device="cuda").argsort(dim=-1)[:, :top_k]
+    weights = torch.rand(tokens, top_k, device="cuda")
+    w13 = torch.randn(experts, 2 * inter, hidden, dtype=dtype, device="cuda") * hidden**-0.5
+    w2 = torch.randn(experts, hidden, inter, dtype=dtype, device="cuda") * inter**-0.5
+
+    def run():
+        out = torch.zeros(tokens, hidden, dtype=torch.float32, device="cuda")
+        for e in range(experts):
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            g, u = (x[tok] @ w13[e].T).chunk(2, dim=-1)
+            y = (torch.nn.functional.silu(g) * u) @ w2[e].T
+            out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+        return out.to(dtype)
+
+    return median_ms(run, reps=5)
+
+
 def topk(d, dtype):
     t, s, k = d["t"], d["s"], d["k"]
     scores = torch.randn(t, s, device="cuda")

@@ -13,6 +13,7 @@ pub mod ir;
 pub mod launch;
 pub mod mha_prefill;
 pub mod mla_decode;
+pub mod moe_experts;
 pub mod moe_gate;
 pub mod norm;
 pub mod registry;

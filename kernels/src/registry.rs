@@ -18,6 +18,7 @@ pub static KERNELS: &[&dyn Kernel] = &[
     &crate::fp8_act::Fp8ActQuant,
     &crate::fp8_gemm::Fp8Gemm,
     &crate::moe_gate::MoeGate,
+    &crate::moe_experts::MoeExperts,
 ];
 
 pub fn find_kernel(name: &str) -> Result<&'static dyn Kernel, KernelError> {

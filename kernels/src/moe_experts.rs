@@ -1,0 +1,472 @@
+//! The routed experts of a DeepSeek MoE layer: token permutation by expert, each expert's SwiGLU FFN, and
+//! the weighted combine back to token order.
+//!
+//! x [tokens, hidden], ids [tokens, top_k] i32 and weights [tokens, top_k] f32 (what `moe_gate` writes),
+//! w13 [experts, 2·inter, hidden] (gate_proj rows, then up_proj rows), w2 [experts, hidden, inter]
+//! (down_proj) → out [tokens, hidden] = Σ_k weights[t, k] · w2_e · (silu(w1_e · x_t) ⊙ (w3_e · x_t)), e = ids[t, k].
+//! Steps (one launch each): per-expert counts; their prefix sums (expert offsets); a stable permutation
+//! (row r of expert e's block ↔ (token, k), in token order); the gate/up projection and SiLU·mul per permuted
+//! row; the down projection; the combine. Intermediates are f32. The shared expert is a dense MLP added by
+//! the caller.
+//! Variant `simt`: one unit per output element of each step (everywhere; the reference for faster variants).
+use crate::launch::{buffer, grid, ir_settings, slice_arg};
+use crate::spec::{Storage, TensorSpec};
+use crate::{DType, HostTensor, Kernel, KernelError, Problem, Variant};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use nsa_backends::{Device, IrTarget};
+use nsa_dsl::Format;
+use nsa_dsl::format::{pack, read_element};
+use nsa_dsl::reduce::{Reduction, cube_sum};
+use nsa_dsl::select::cube_exclusive_scan;
+use rand::seq::SliceRandom;
+
+const UNITS: u32 = 256;
+
+pub const VARIANTS: &[Variant] = &[Variant {
+    name: "simt",
+    summary: "counting-sort permutation, one unit per output element of each projection",
+    needs_plane_ops: false,
+}];
+
+/// counts[e] = how many (token, k) pairs chose expert e (one cube per expert).
+#[cube(launch)]
+fn count_kernel(ids: &[i32], counts: &mut [u32], pairs: usize, experts: usize) {
+    let expert = CUBE_POS;
+    if expert >= experts {
+        terminate!();
+    }
+    let mut mine = 0u32;
+    let mut p = UNIT_POS as usize;
+    while p < pairs {
+        mine += u32::cast_from(ids[p] == expert as i32);
+        p += CUBE_DIM as usize;
+    }
+    let total = cube_sum(f32::cast_from(mine), UNITS, Reduction::Shared);
+    if UNIT_POS == 0 {
+        counts[expert] = u32::cast_from(total);
+    }
+}
+
+/// offsets[e] = Σ_{e' < e} counts[e'] (offsets[experts] = all pairs), in one cube.
+#[cube(launch)]
+fn offsets_kernel(counts: &[u32], offsets: &mut [u32], experts: usize) {
+    let mut carried = 0u32;
+    let mut chunk = 0usize;
+    while chunk < experts {
+        let e = chunk + UNIT_POS as usize;
+        let count = select(e < experts, counts[select(e < experts, e, 0usize)], 0u32);
+        let scan = cube_exclusive_scan(count, UNITS);
+        if e < experts {
+            offsets[e] = carried + scan.prefix;
+        }
+        carried += scan.total;
+        chunk += CUBE_DIM as usize;
+    }
+    if UNIT_POS == 0 {
+        offsets[experts] = carried;
+    }
+}
+
+/// Stable permutation (one cube per expert): the expert's pairs, in pair order, get rows offsets[e]..;
+/// rows[r] = the pair's token, slots[pair] = r.
+#[cube(launch)]
+fn permute_kernel(
+    ids: &[i32],
+    offsets: &[u32],
+    rows: &mut [u32],
+    slots: &mut [u32],
+    pairs: usize,
+    experts: usize,
+    top_k: usize,
+) {
+    let expert = CUBE_POS;
+    if expert >= experts {
+        terminate!();
+    }
+    let mut next = offsets[expert];
+    let mut chunk = 0usize;
+    while chunk < pairs {
+        let p = chunk + UNIT_POS as usize;
+        let mine = p < pairs && ids[select(p < pairs, p, 0usize)] == expert as i32;
+        let scan = cube_exclusive_scan(u32::cast_from(mine), UNITS);
+        if mine {
+            let row = next + scan.prefix;
+            rows[row as usize] = (p / top_k) as u32;
+            slots[p] = row;
+        }
+        next += scan.total;
+        chunk += CUBE_DIM as usize;
+    }
+}
+
+/// The expert owning permuted row `row` (offsets ascending).
+#[cube]
+fn expert_of(offsets: &[u32], row: usize, experts: usize) -> usize {
+    let mut expert = 0usize;
+    for e in 1..experts {
+        if offsets[e] as usize <= row {
+            expert = e;
+        }
+    }
+    expert
+}
+
+/// h[r, i] = silu(w1_e[i] · x[token]) · (w3_e[i] · x[token]) for permuted row r.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn gate_up_kernel(
+    x: &[u32],
+    w13: &[u32],
+    rows: &[u32],
+    offsets: &[u32],
+    h: &mut [f32],
+    total_rows: usize,
+    hidden: usize,
+    inter: usize,
+    experts: usize,
+    #[comptime] format: Format,
+) {
+    let at = CUBE_POS * CUBE_DIM as usize + UNIT_POS as usize;
+    if at >= total_rows * inter {
+        terminate!();
+    }
+    let (row, i) = (at / inter, at % inter);
+    let expert = expert_of(offsets, row, experts);
+    let token = rows[row] as usize;
+    let gate_row = (expert * 2 * inter + i) * hidden;
+    let up_row = (expert * 2 * inter + inter + i) * hidden;
+    let mut gate = 0.0f32;
+    let mut up = 0.0f32;
+    for d in 0..hidden {
+        let value = read_element(x, token * hidden + d, format);
+        gate += value * read_element(w13, gate_row + d, format);
+        up += value * read_element(w13, up_row + d, format);
+    }
+    h[at] = gate / (1.0f32 + f32::exp(-gate)) * up;
+}
+
+/// y[r, j] = w2_e[j] · h[r] for permuted row r.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn down_kernel(
+    h: &[f32],
+    w2: &[u32],
+    offsets: &[u32],
+    y: &mut [f32],
+    total_rows: usize,
+    hidden: usize,
+    inter: usize,
+    experts: usize,
+    #[comptime] format: Format,
+) {
+    let at = CUBE_POS * CUBE_DIM as usize + UNIT_POS as usize;
+    if at >= total_rows * hidden {
+        terminate!();
+    }
+    let (row, j) = (at / hidden, at % hidden);
+    let expert = expert_of(offsets, row, experts);
+    let w_row = (expert * hidden + j) * inter;
+    let mut sum = 0.0f32;
+    for i in 0..inter {
+        sum += h[row * inter + i] * read_element(w2, w_row + i, format);
+    }
+    y[at] = sum;
+}
+
+/// out[t, j] = Σ_k weights[t, k] · y[slots[t, k], j], stored in the problem's format (word per unit).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn combine_kernel(
+    y: &[f32],
+    weights: &[f32],
+    slots: &[u32],
+    out: &mut [u32],
+    tokens: usize,
+    hidden: usize,
+    top_k: usize,
+    #[comptime] format: Format,
+) {
+    let per_word = comptime!(format.per_word() as usize);
+    let words = hidden / per_word;
+    let w = CUBE_POS * CUBE_DIM as usize + UNIT_POS as usize;
+    if w >= tokens * words {
+        terminate!();
+    }
+    let (token, j) = (w / words, (w % words) * per_word);
+    let mut lo = 0.0f32;
+    let mut hi = 0.0f32;
+    for k in 0..top_k {
+        let weight = weights[token * top_k + k];
+        let row = slots[token * top_k + k] as usize;
+        lo += weight * y[row * hidden + j];
+        if comptime!(per_word == 2) {
+            hi += weight * y[row * hidden + j + 1];
+        }
+    }
+    out[w] = pack(lo, hi, format);
+}
+
+const INPUTS: &[TensorSpec] = &[
+    TensorSpec::new("x", &["tokens", "hidden"], Storage::Problem),
+    TensorSpec::new("ids", &["tokens", "top_k"], Storage::I32),
+    TensorSpec::new("weights", &["tokens", "top_k"], Storage::F32),
+    TensorSpec::new("w13", &["experts", "2*inter", "hidden"], Storage::Problem),
+    TensorSpec::new("w2", &["experts", "hidden", "inter"], Storage::Problem),
+];
+const OUTPUTS: &[TensorSpec] = &[TensorSpec::new("out", &["tokens", "hidden"], Storage::Problem)];
+
+fn dims(tokens: usize, hidden: usize, inter: usize, experts: usize, top_k: usize) -> Vec<(&'static str, usize)> {
+    vec![
+        ("tokens", tokens),
+        ("hidden", hidden),
+        ("inter", inter),
+        ("experts", experts),
+        ("top_k", top_k),
+    ]
+}
+
+pub struct MoeExperts;
+
+impl Kernel for MoeExperts {
+    fn name(&self) -> &'static str {
+        "moe_experts"
+    }
+    fn summary(&self) -> &'static str {
+        "routed experts: permute by expert, SwiGLU FFN per expert, weighted combine"
+    }
+    fn variants(&self) -> &'static [Variant] {
+        VARIANTS
+    }
+    fn inputs(&self) -> &'static [TensorSpec] {
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [TensorSpec] {
+        OUTPUTS
+    }
+    fn default_params(&self) -> &'static [(&'static str, f64)] {
+        &[]
+    }
+    fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        for format in Format::ALL {
+            // (tokens, hidden, inter, experts, top_k): the tiny checkpoint's scale, more pairs than a cube,
+            // one token with every expert, unused experts.
+            for (tokens, hidden, inter, experts, top_k) in [
+                (7, 64, 32, 8, 2),
+                (70, 32, 16, 16, 4),
+                (1, 32, 24, 4, 4),
+                (9, 48, 16, 32, 3),
+            ] {
+                problems.push(Problem::new(format, &dims(tokens, hidden, inter, experts, top_k), &[]));
+            }
+        }
+        problems
+    }
+    fn bench_problems(&self) -> Vec<Problem> {
+        // Not run yet at the model's size (22.5 GB of bf16 expert weights): a 16-expert slice of it.
+        [256, 8192]
+            .into_iter()
+            .map(|tokens| Problem::new(Format::Bf16, &dims(tokens, 7168, 2048, 16, 8), &[]))
+            .collect()
+    }
+    fn ir_problem(&self, format: Format) -> Problem {
+        Problem::new(format, &dims(256, 7168, 2048, 256, 8), &[])
+    }
+    fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
+        let (hidden, experts, top_k) = (problem.dim("hidden"), problem.dim("experts"), problem.dim("top_k"));
+        if hidden == 0 || !hidden.is_multiple_of(problem.format.per_word() as usize) || top_k == 0 || top_k > experts {
+            return Err(KernelError::InvalidProblem {
+                kernel: "moe_experts",
+                field: "top_k",
+                expected: "1 ≤ top_k ≤ experts and hidden a positive multiple of the values per word".into(),
+                got: format!("top_k {top_k}, experts {experts}, hidden {hidden}"),
+            });
+        }
+        Ok(())
+    }
+    fn flops(&self, problem: &Problem) -> u64 {
+        // Per (token, k): gate and up (2·2·hidden·inter) and down (2·hidden·inter).
+        let pairs = problem.dim("tokens") * problem.dim("top_k");
+        (6 * pairs * problem.dim("hidden") * problem.dim("inter")) as u64
+    }
+    fn tolerance(&self, _: &TensorSpec, problem: &Problem) -> f64 {
+        match problem.format {
+            Format::Bf16 => 4e-3,
+            Format::F32 => 1e-5,
+        }
+    }
+    fn random_inputs(&self, problem: &Problem, rng: &mut rand::rngs::StdRng) -> Vec<HostTensor> {
+        let (tokens, hidden, inter) = (problem.dim("tokens"), problem.dim("hidden"), problem.dim("inter"));
+        let (experts, top_k) = (problem.dim("experts"), problem.dim("top_k"));
+        let dtype = DType::of(problem.format);
+        let x = crate::check::normal(rng, tokens * hidden);
+        // Distinct experts per token; weights positive and normalized as the gate writes them.
+        let mut ids = Vec::with_capacity(tokens * top_k);
+        let mut weights = Vec::with_capacity(tokens * top_k);
+        for _ in 0..tokens {
+            let mut all: Vec<i32> = (0..experts as i32).collect();
+            all.shuffle(rng);
+            ids.extend(&all[..top_k]);
+            let raw: Vec<f32> = crate::check::normal(rng, top_k).iter().map(|v| v.abs() + 0.1).collect();
+            let sum: f32 = raw.iter().sum();
+            weights.extend(raw.iter().map(|w| w / sum));
+        }
+        // Weights scaled so activations stay O(1) through both projections.
+        let w13: Vec<f32> = crate::check::normal(rng, experts * 2 * inter * hidden)
+            .iter()
+            .map(|v| v / (hidden as f32).sqrt())
+            .collect();
+        let w2: Vec<f32> = crate::check::normal(rng, experts * hidden * inter)
+            .iter()
+            .map(|v| v / (inter as f32).sqrt())
+            .collect();
+        vec![
+            HostTensor::from_f32("x", &[tokens, hidden], dtype, &x),
+            HostTensor::from_i32("ids", &[tokens, top_k], &ids),
+            HostTensor::from_f32("weights", &[tokens, top_k], DType::F32, &weights),
+            HostTensor::from_f32("w13", &[experts, 2 * inter, hidden], dtype, &w13),
+            HostTensor::from_f32("w2", &[experts, hidden, inter], dtype, &w2),
+        ]
+    }
+    fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>> {
+        let (tokens, hidden, inter, top_k) = (
+            problem.dim("tokens"),
+            problem.dim("hidden"),
+            problem.dim("inter"),
+            problem.dim("top_k"),
+        );
+        let (x, ids, weights) = (inputs[0].to_f64(), inputs[1].to_f64(), inputs[2].to_f64());
+        let (w13, w2) = (inputs[3].to_f64(), inputs[4].to_f64());
+        let mut out = vec![0f64; tokens * hidden];
+        for t in 0..tokens {
+            let xt = &x[t * hidden..][..hidden];
+            for k in 0..top_k {
+                let e = ids[t * top_k + k] as usize;
+                let dot =
+                    |row: usize| -> f64 { w13[row * hidden..][..hidden].iter().zip(xt).map(|(a, b)| a * b).sum() };
+                let h: Vec<f64> = (0..inter)
+                    .map(|i| {
+                        let (g, u) = (dot(e * 2 * inter + i), dot(e * 2 * inter + inter + i));
+                        g / (1.0 + (-g).exp()) * u
+                    })
+                    .collect();
+                for j in 0..hidden {
+                    let y: f64 = w2[(e * hidden + j) * inter..][..inter]
+                        .iter()
+                        .zip(&h)
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    out[t * hidden + j] += weights[t * top_k + k] * y;
+                }
+            }
+        }
+        vec![out]
+    }
+    fn launch(&self, _: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
+        let (tokens, hidden, inter) = (problem.dim("tokens"), problem.dim("hidden"), problem.dim("inter"));
+        let (experts, top_k) = (problem.dim("experts"), problem.dim("top_k"));
+        let (format, per_word) = (problem.format, problem.format.per_word() as usize);
+        let client = &device.client;
+        let pairs = tokens * top_k;
+        let counts = client.empty(4 * experts);
+        let offsets = client.empty(4 * (experts + 1));
+        let rows = client.empty(4 * pairs);
+        let slots = client.empty(4 * pairs);
+        let h = client.empty(4 * pairs * inter);
+        let y = client.empty(4 * pairs * hidden);
+        let dim = CubeDim::new_1d(UNITS);
+        count_kernel::launch(
+            client,
+            grid(experts),
+            dim,
+            buffer(&inputs[1], pairs),
+            buffer(&counts, experts),
+            pairs,
+            experts,
+        );
+        offsets_kernel::launch(
+            client,
+            grid(1),
+            dim,
+            buffer(&counts, experts),
+            buffer(&offsets, experts + 1),
+            experts,
+        );
+        permute_kernel::launch(
+            client,
+            grid(experts),
+            dim,
+            buffer(&inputs[1], pairs),
+            buffer(&offsets, experts + 1),
+            buffer(&rows, pairs),
+            buffer(&slots, pairs),
+            pairs,
+            experts,
+            top_k,
+        );
+        gate_up_kernel::launch(
+            client,
+            grid((pairs * inter).div_ceil(UNITS as usize)),
+            dim,
+            buffer(&inputs[0], tokens * hidden / per_word),
+            buffer(&inputs[3], experts * 2 * inter * hidden / per_word),
+            buffer(&rows, pairs),
+            buffer(&offsets, experts + 1),
+            buffer(&h, pairs * inter),
+            pairs,
+            hidden,
+            inter,
+            experts,
+            format,
+        );
+        down_kernel::launch(
+            client,
+            grid((pairs * hidden).div_ceil(UNITS as usize)),
+            dim,
+            buffer(&h, pairs * inter),
+            buffer(&inputs[4], experts * hidden * inter / per_word),
+            buffer(&offsets, experts + 1),
+            buffer(&y, pairs * hidden),
+            pairs,
+            hidden,
+            inter,
+            experts,
+            format,
+        );
+        combine_kernel::launch(
+            client,
+            grid((tokens * hidden / per_word).div_ceil(UNITS as usize)),
+            dim,
+            buffer(&y, pairs * hidden),
+            buffer(&inputs[2], pairs),
+            buffer(&slots, pairs),
+            buffer(&outputs[0], tokens * hidden / per_word),
+            tokens,
+            hidden,
+            top_k,
+            format,
+        );
+    }
+    fn define(&self, _: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
+        // The expert projection (the step that carries the FLOPs) stands for the family in `nsa ir`.
+        let (props, target_props) = nsa_backends::ir_properties(target);
+        let a = slice_arg;
+        gate_up_kernel::GateUpKernel::new(
+            ir_settings(CubeDim::new_1d(UNITS)),
+            props,
+            target_props,
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            (),
+            (),
+            problem.format,
+        )
+        .define()
+    }
+}
