@@ -236,6 +236,13 @@ def moe_experts(d, dtype):
     return median_ms(run, reps=5)
 
 
+def gemm(d, dtype):
+    m, n, k = d["m"], d["n"], d["k"]
+    a = torch.randn(m, k, dtype=dtype, device="cuda")
+    b = torch.randn(n, k, dtype=dtype, device="cuda")
+    return median_ms(lambda: a @ b.T, reps=20)
+
+
 def topk(d, dtype):
     t, s, k = d["t"], d["s"], d["k"]
     scores = torch.randn(t, s, device="cuda")

@@ -7,6 +7,7 @@ pub mod error;
 pub mod fp8_act;
 pub mod fp8_gemm;
 pub mod fp8_kv;
+pub mod gemm;
 pub mod indexer;
 pub mod indexer_fp8;
 pub mod ir;

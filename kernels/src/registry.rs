@@ -17,6 +17,7 @@ pub static KERNELS: &[&dyn Kernel] = &[
     &crate::fp8_kv::Fp8KvQuantize,
     &crate::fp8_act::Fp8ActQuant,
     &crate::fp8_gemm::Fp8Gemm,
+    &crate::gemm::Gemm,
     &crate::moe_gate::MoeGate,
     &crate::moe_experts::MoeExperts,
 ];

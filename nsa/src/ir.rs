@@ -45,11 +45,15 @@ pub fn run(args: Args) -> Result<(), Failure> {
         .ok_or_else(|| usage(format!("unknown dtype `{}`; valid dtypes: f32, bf16", args.dtype)))?;
     let variant = match args.variant {
         Some(v) => find_variant(kernel, &v).map_err(usage)?,
-        None => kernel
-            .variants()
-            .iter()
-            .find(|v| kernel.supports_target(v, target))
-            .expect("a variant per target"),
+        None => match kernel.variants().iter().find(|v| kernel.supports_target(v, target)) {
+            Some(variant) => variant,
+            None => {
+                return Err(usage(format!(
+                    "{} has no variant with generated code for {target} (a library kernel chosen at launch)",
+                    kernel.name()
+                )));
+            }
+        },
     };
     if !kernel.supports_target(variant, target) {
         let valid: Vec<_> = kernel

@@ -53,6 +53,11 @@ fn bad_input_is_one_line_naming_the_choices_with_exit_code_2() {
         (vec!["ir", "rms_norm", "--variant", "nope"], "plane, shared"),
         (vec!["ir", "rms_norm", "--target", "ptx"], "cuda, hip, wgsl, spirv"),
         (vec!["ir", "rms_norm", "--dtype", "f8"], "f32, bf16"),
+        (vec!["ir", "gemm"], "no variant with generated code"),
+        (
+            vec!["ir", "sparse_mla_prefill", "--variant", "mma_h64", "--dtype", "f32"],
+            "--dtype bf16",
+        ),
         (vec!["selftest", "--device", "tpu:0"], "cuda[:N]"),
         (vec!["selftest", "--device", "cuda:7"], "cuda"),
     ] {

@@ -1,0 +1,153 @@
+//! Dense GEMM for the model's bf16 linear layers, through cubek-matmul: c [m, n] = a [m, k] · bᵀ with b
+//! [n, k] (a linear layer's weight, read transposed in place), f32 accumulation.
+//!
+//! Variant `cubek`: cubek's `Strategy::Auto`, which picks (and tunes, per device) its own tiled or
+//! multi-level matmul kernel at launch; so it has no single kernel to show in `nsa ir` or the snapshots.
+//! bf16 needs a device with bf16 arithmetic (CUDA, HIP); f32 runs everywhere.
+use crate::spec::{Storage, TensorSpec};
+use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
+use cubecl::ir::{ElemType, FloatKind};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use cubek_matmul::definition::{MatmulElems, MatmulGlobalElems};
+use cubek_matmul::launch::launch_ref;
+use cubek_matmul::strategy::Strategy;
+use cubek_std::InputBinding;
+use nsa_backends::{Device, DeviceFeatures, IrTarget};
+use nsa_dsl::Format;
+
+pub const VARIANTS: &[Variant] = &[Variant {
+    name: "cubek",
+    summary: "cubek-matmul, Strategy::Auto (its kernel chosen and tuned per device at launch)",
+    needs_plane_ops: false,
+}];
+
+const INPUTS: &[TensorSpec] = &[
+    TensorSpec::new("a", &["m", "k"], Storage::Problem),
+    TensorSpec::new("b", &["n", "k"], Storage::Problem),
+];
+const OUTPUTS: &[TensorSpec] = &[TensorSpec::new("c", &["m", "n"], Storage::Problem)];
+
+fn dims(m: usize, n: usize, k: usize) -> Vec<(&'static str, usize)> {
+    vec![("m", m), ("n", n), ("k", k)]
+}
+
+fn elem(format: Format) -> ElemType {
+    match format {
+        Format::Bf16 => ElemType::Float(FloatKind::BF16),
+        Format::F32 => ElemType::Float(FloatKind::F32),
+    }
+}
+
+pub struct Gemm;
+
+impl Kernel for Gemm {
+    fn name(&self) -> &'static str {
+        "gemm"
+    }
+    fn summary(&self) -> &'static str {
+        "c = a · bᵀ (b a [out, in] weight) through cubek-matmul, f32 accumulation"
+    }
+    fn variants(&self) -> &'static [Variant] {
+        VARIANTS
+    }
+    fn inputs(&self) -> &'static [TensorSpec] {
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [TensorSpec] {
+        OUTPUTS
+    }
+    fn default_params(&self) -> &'static [(&'static str, f64)] {
+        &[]
+    }
+    fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        for format in Format::ALL {
+            // (m, n, k): one token, ragged sizes, a square-ish block.
+            for (m, n, k) in [(1, 96, 64), (37, 70, 130), (128, 128, 256)] {
+                problems.push(Problem::new(format, &dims(m, n, k), &[]));
+            }
+        }
+        problems
+    }
+    fn bench_problems(&self) -> Vec<Problem> {
+        vec![Problem::new(Format::Bf16, &dims(4096, 7168, 7168), &[])]
+    }
+    fn ir_problem(&self, format: Format) -> Problem {
+        Problem::new(format, &dims(4096, 7168, 7168), &[])
+    }
+    fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
+        if problem.dim("m") == 0 || problem.dim("n") == 0 || problem.dim("k") == 0 {
+            return Err(KernelError::InvalidProblem {
+                kernel: "gemm",
+                field: "m",
+                expected: "positive m, n and k".into(),
+                got: format!("m {}, n {}, k {}", problem.dim("m"), problem.dim("n"), problem.dim("k")),
+            });
+        }
+        Ok(())
+    }
+    fn requirements(&self, _: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        if problem.format == Format::Bf16 && !features.bf16 {
+            return Err("needs bf16 arithmetic (cubek works on the native type)".into());
+        }
+        Ok(())
+    }
+    fn supports_target(&self, _: &Variant, _: IrTarget) -> bool {
+        // cubek chooses the kernel at launch: there is no single definition to print.
+        false
+    }
+    fn flops(&self, problem: &Problem) -> u64 {
+        2 * (problem.dim("m") * problem.dim("n") * problem.dim("k")) as u64
+    }
+    fn tolerance(&self, _: &TensorSpec, problem: &Problem) -> f64 {
+        match problem.format {
+            // f32 sums of exact bf16 products, then bf16 output rounding (2⁻⁸ relative).
+            Format::Bf16 => 4e-3,
+            // f32 sums of k products in cubek's order against the f64 reference: grows with k.
+            Format::F32 => 1e-5f64.max(2e-7 * problem.dim("k") as f64),
+        }
+    }
+    fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>> {
+        let (m, n, k) = (problem.dim("m"), problem.dim("n"), problem.dim("k"));
+        let (a, b) = (inputs[0].to_f64(), inputs[1].to_f64());
+        let c = (0..m * n)
+            .map(|at| {
+                let (i, j) = (at / n, at % n);
+                a[i * k..][..k].iter().zip(&b[j * k..][..k]).map(|(x, y)| x * y).sum()
+            })
+            .collect();
+        vec![c]
+    }
+    fn launch(&self, _: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
+        let (m, n, k) = (problem.dim("m"), problem.dim("n"), problem.dim("k"));
+        let ty = elem(problem.format);
+        // SAFETY: shapes and strides describe the buffers the caller created for this problem: a row-major
+        // [m, k], b row-major [n, k] seen as its transpose [k, n], c row-major [m, n].
+        let (a, b, c) = unsafe {
+            (
+                TensorBinding::from_raw_parts(inputs[0].clone(), [k, 1].into(), [m, k].into()),
+                TensorBinding::from_raw_parts(inputs[1].clone(), [1, k].into(), [k, n].into()),
+                TensorBinding::from_raw_parts(outputs[0].clone(), [n, 1].into(), [m, n].into()),
+            )
+        };
+        let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
+            lhs: ty,
+            rhs: ty,
+            out: ty,
+        });
+        if let Err(error) = launch_ref(
+            &Strategy::Auto,
+            &device.client,
+            InputBinding::new(a, ty),
+            InputBinding::new(b, ty),
+            c,
+            &mut dtypes,
+        ) {
+            panic!("cubek-matmul cannot run {problem} on this device: {error:?}");
+        }
+    }
+    fn define(&self, _: &Variant, _: IrTarget, _: &Problem) -> KernelDefinition {
+        unreachable!("gemm has no IR of its own: cubek picks its kernel at launch (supports_target is false)")
+    }
+}
