@@ -85,7 +85,23 @@ pub fn run(
         .iter()
         .map(|spec| client.create_from_slice(bytemuck::cast_slice(&vec![POISON; spec.words(problem).max(1)])))
         .collect();
-    kernel.launch(variant, device, problem, &input_handles, &output_handles);
+    // A launch that panics (a library kernel refusing the problem, say) is this variant's error, not the
+    // end of a whole selftest.
+    let launched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        kernel.launch(variant, device, problem, &input_handles, &output_handles)
+    }));
+    if let Err(payload) = launched {
+        let reason = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the launch panicked".into());
+        return Err(KernelError::Device {
+            kernel: kernel.name(),
+            variant: variant.name,
+            reason,
+        });
+    }
     output_specs
         .iter()
         .zip(output_handles)

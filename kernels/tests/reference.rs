@@ -88,10 +88,12 @@ fn every_kernel_variant_matches_its_reference() {
     );
 }
 
-/// RMSNorm whose launch does nothing, or runs RMSNorm where LayerNorm's reference is expected: the check
-/// must fail both, or it could not catch an unwritten output or a wrong result.
+/// RMSNorm whose launch does nothing, runs RMSNorm where LayerNorm's reference is expected, or panics: the
+/// check must fail the first two (or it could not catch an unwritten output or a wrong result) and report
+/// the panic as this variant's error.
 struct Broken {
     launch: bool,
+    panics: bool,
 }
 
 impl Kernel for Broken {
@@ -129,6 +131,9 @@ impl Kernel for Broken {
         LayerNorm.reference(problem, inputs)
     }
     fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
+        if self.panics {
+            panic!("refused by the library");
+        }
         if self.launch {
             RmsNorm.launch(variant, device, problem, &inputs[..2], outputs);
         }
@@ -147,18 +152,62 @@ fn the_check_fails_unwritten_and_wrong_outputs() {
         .find(|v| v.supports(device.features()))
         .unwrap();
     let problem = Problem::new(Format::F32, &[("rows", 3), ("hidden", 64)], &[("eps", 1e-6)]);
-    let unwritten = check(&Broken { launch: false }, variant, &device, &problem, 1).unwrap();
+    let unwritten = check(
+        &Broken {
+            launch: false,
+            panics: false,
+        },
+        variant,
+        &device,
+        &problem,
+        1,
+    )
+    .unwrap();
     assert!(!unwritten.passed());
     assert_eq!(
         unwritten.nan_count,
         3 * 64,
         "every poisoned element must count as unwritten"
     );
-    let wrong = check(&Broken { launch: true }, variant, &device, &problem, 1).unwrap();
+    let wrong = check(
+        &Broken {
+            launch: true,
+            panics: false,
+        },
+        variant,
+        &device,
+        &problem,
+        1,
+    )
+    .unwrap();
     assert_eq!(wrong.nan_count, 0);
     assert!(
         !wrong.passed(),
         "RMSNorm passed as LayerNorm: max error {}",
         wrong.max_error
     );
+}
+
+#[test]
+fn a_panicking_launch_is_the_variants_error() {
+    let device = test_device();
+    let variant = RmsNorm
+        .variants()
+        .iter()
+        .find(|v| v.supports(device.features()))
+        .unwrap();
+    let problem = Problem::new(Format::F32, &[("rows", 3), ("hidden", 64)], &[("eps", 1e-6)]);
+    match check(
+        &Broken {
+            launch: true,
+            panics: true,
+        },
+        variant,
+        &device,
+        &problem,
+        1,
+    ) {
+        Err(KernelError::Device { reason, .. }) => assert!(reason.contains("refused by the library"), "{reason}"),
+        other => panic!("expected a device error, got {:?}", other.map(|r| r.max_error)),
+    }
 }
