@@ -26,6 +26,7 @@ pub mod sparse_mla_prefill;
 pub mod spec;
 pub mod tensor;
 pub mod topk;
+pub mod tuning;
 
 pub use check::{CheckResult, check};
 pub use error::KernelError;

@@ -1,4 +1,5 @@
 //! `nsa`: the one binary. Each subcommand is a thin layer over the crates.
+mod autotune;
 mod bench;
 mod devices;
 mod ir;
@@ -31,6 +32,8 @@ enum Command {
     RunKernel(run_kernel::Args),
     /// Time kernel variants on a device beside a PyTorch reference.
     Bench(bench::Args),
+    /// Measure every kernel variant on a grid of shapes on a device and write a tuning table.
+    Autotune(autotune::Args),
 }
 
 /// A command's failure: bad input (exit code 2, one line naming the valid choices) or a failed run (1).
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Selftest(args) => selftest::run(args),
         Command::RunKernel(args) => run_kernel::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Autotune(args) => autotune::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -240,3 +240,49 @@ fn bench_prints_a_row_per_supported_variant() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("rows, hidden"), "{}", stderr(&bad));
 }
+
+#[test]
+fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
+    let dir = std::env::temp_dir().join(format!("nsa-autotune-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let table = dir.join("table.json");
+    let out = table.to_str().unwrap();
+    let first = nsa(&["autotune", "--kernels", "rms_norm", "--grid", "tests", "--out", out]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
+    let entries = json["entries"].as_array().unwrap();
+    assert!(!entries.is_empty());
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["kernel"] == "rms_norm" && e["times_ms"][e["best"].as_str().unwrap()].is_number())
+    );
+    // A rerun resumes: nothing left to measure.
+    let again = nsa(&["autotune", "--kernels", "rms_norm", "--grid", "tests", "--out", out]);
+    assert!(
+        again.status.success() && stderr(&again).contains(" 0 measurements"),
+        "{}",
+        stderr(&again)
+    );
+    let show = nsa(&["autotune", "--show", "--out", out]);
+    assert!(show.status.success() && String::from_utf8_lossy(&show.stdout).contains("rms_norm"));
+    // Not a table, another format, another device: one-line errors, exit 2, the file left alone.
+    for (content, mentions) in [
+        ("{ not json", "not an nsa tuning table"),
+        (
+            r#"{"format": "nsa-tuning-0", "device": {}, "entries": []}"#,
+            "nsa-tuning-1",
+        ),
+        (
+            r#"{"format": "nsa-tuning-1", "device": {"runtime": "cuda", "name": "Other GPU", "arch": "sm_90"}, "entries": []}"#,
+            "not on this device",
+        ),
+    ] {
+        std::fs::write(&table, content).unwrap();
+        let output = nsa(&["autotune", "--kernels", "rms_norm", "--grid", "tests", "--out", out]);
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(stderr(&output).contains(mentions), "{}", stderr(&output));
+        assert_eq!(std::fs::read_to_string(&table).unwrap(), content);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

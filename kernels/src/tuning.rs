@@ -1,0 +1,223 @@
+//! The tuning table `nsa autotune` writes and dispatch reads: per device, per kernel version, the measured
+//! time of every variant on a grid of shape buckets, and the fastest.
+//!
+//! JSON: `{"format": "nsa-tuning-1", "device": {runtime, name, arch}, "entries": [{kernel, version, format,
+//! bucket: {dim: size}, times_ms: {variant: ms}, best}]}`. A kernel's version is a hash of its generated
+//! code, so a table measured before a kernel changed is not applied to the new code.
+use crate::{Kernel, Problem, Variant};
+use nsa_backends::{DeviceInfo, IrTarget};
+use nsa_dsl::Format;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub const TABLE_FORMAT: &str = "nsa-tuning-1";
+
+/// What a table was measured on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceKey {
+    pub runtime: String,
+    pub name: String,
+    pub arch: String,
+}
+
+impl DeviceKey {
+    pub fn of(info: &DeviceInfo) -> DeviceKey {
+        DeviceKey {
+            runtime: info.runtime.to_string(),
+            name: info.name.clone(),
+            arch: info.arch.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}, {})", self.name, self.arch, self.runtime)
+    }
+}
+
+/// One kernel at one shape bucket: every measured variant's median time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub kernel: String,
+    pub version: String,
+    pub format: String,
+    pub bucket: BTreeMap<String, usize>,
+    pub times_ms: BTreeMap<String, f64>,
+    pub best: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TuningTable {
+    pub format: String,
+    pub device: DeviceKey,
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TuningError {
+    #[error("cannot read tuning table {path}: {reason}")]
+    Io { path: String, reason: String },
+    #[error("{path} is not an nsa tuning table ({reason})")]
+    NotATable { path: String, reason: String },
+    #[error("{path} has table format `{found}`; this nsa reads `{TABLE_FORMAT}` (run `nsa autotune` again)")]
+    WrongFormat { path: String, found: String },
+    #[error("{path} was measured on {table}, not on this device, {device}")]
+    ForeignDevice {
+        path: String,
+        table: Box<DeviceKey>,
+        device: Box<DeviceKey>,
+    },
+}
+
+impl TuningTable {
+    pub fn new(device: DeviceKey) -> TuningTable {
+        TuningTable {
+            format: TABLE_FORMAT.into(),
+            device,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Reads a table, rejecting anything that is not one of ours.
+    pub fn load(path: &Path) -> Result<TuningTable, TuningError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| TuningError::Io {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| TuningError::NotATable {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        match value.get("format").and_then(|f| f.as_str()) {
+            Some(TABLE_FORMAT) => {}
+            Some(other) => {
+                return Err(TuningError::WrongFormat {
+                    path: shown,
+                    found: other.into(),
+                });
+            }
+            None => {
+                return Err(TuningError::NotATable {
+                    path: shown,
+                    reason: "no \"format\" field".into(),
+                });
+            }
+        }
+        serde_json::from_value(value).map_err(|e| TuningError::NotATable {
+            path: shown,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Loads a table for `device`: a table of another device is an error.
+    pub fn load_for(path: &Path, device: &DeviceKey) -> Result<TuningTable, TuningError> {
+        let table = TuningTable::load(path)?;
+        if &table.device != device {
+            return Err(TuningError::ForeignDevice {
+                path: path.display().to_string(),
+                table: Box::new(table.device),
+                device: Box::new(device.clone()),
+            });
+        }
+        Ok(table)
+    }
+
+    /// Writes the table (through a temporary file, so an interrupted write never leaves half a table).
+    pub fn save(&self, path: &Path) -> Result<(), TuningError> {
+        let io = |e: std::io::Error| TuningError::Io {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(self).expect("a table serializes");
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// The entry for this kernel version, format and exact bucket.
+    pub fn entry_mut(&mut self, kernel: &str, version: &str, problem: &Problem) -> Option<&mut Entry> {
+        let bucket = bucket_of(problem);
+        let format = problem.format.to_string();
+        self.entries
+            .iter_mut()
+            .find(|e| e.kernel == kernel && e.version == version && e.format == format && e.bucket == bucket)
+    }
+
+    /// The fastest variant measured at the bucket nearest `problem` (distance: Σ |log₂ size − log₂ size'|
+    /// over the dims), for this kernel version and format; None when the table has nothing for it.
+    pub fn choose(&self, kernel: &str, version: &str, problem: &Problem) -> Option<&str> {
+        let format = problem.format.to_string();
+        let distance = |entry: &Entry| -> f64 {
+            problem
+                .dims
+                .iter()
+                .map(|(name, size)| {
+                    let other = entry.bucket.get(*name).copied().unwrap_or(1).max(1);
+                    ((*size).max(1) as f64).log2().sub_abs((other as f64).log2())
+                })
+                .sum()
+        };
+        self.entries
+            .iter()
+            .filter(|e| e.kernel == kernel && e.version == version && e.format == format && !e.best.is_empty())
+            .min_by(|a, b| distance(a).total_cmp(&distance(b)))
+            .map(|e| e.best.as_str())
+    }
+}
+
+trait SubAbs {
+    fn sub_abs(self, other: f64) -> f64;
+}
+
+impl SubAbs for f64 {
+    fn sub_abs(self, other: f64) -> f64 {
+        (self - other).abs()
+    }
+}
+
+/// A problem's bucket: its dims by name.
+pub fn bucket_of(problem: &Problem) -> BTreeMap<String, usize> {
+    problem.dims.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+}
+
+/// The kernel's version: an FNV-1a hash of its variants' generated code (CUDA, else WGSL; names alone for a
+/// kernel without IR of its own), so a changed kernel does not inherit old measurements.
+pub fn kernel_version(kernel: &dyn Kernel) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            hash ^= *b as u64;
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    feed(kernel.name().as_bytes());
+    let format = kernel.formats().first().copied().unwrap_or(Format::F32);
+    for variant in kernel.variants() {
+        feed(variant.name.as_bytes());
+        let target = [IrTarget::Cuda, IrTarget::Wgsl]
+            .into_iter()
+            .find(|t| kernel.supports_target(variant, *t) && kernel.supports_format(variant, format));
+        if let Some(target) = target
+            && let Ok(source) = crate::ir::emit(kernel, variant, target, &kernel.ir_problem(format))
+        {
+            feed(source.as_bytes());
+        }
+    }
+    format!("{hash:016x}")
+}
+
+/// The variant dispatch uses without a table entry: the kernel's first variant this device supports for
+/// the problem (each family lists its fastest first).
+pub fn default_variant(
+    kernel: &dyn Kernel,
+    problem: &Problem,
+    features: &nsa_backends::DeviceFeatures,
+) -> Option<&'static Variant> {
+    kernel
+        .variants()
+        .iter()
+        .find(|v| kernel.supports(v, problem, features).is_ok())
+}
