@@ -221,3 +221,68 @@ pub fn default_variant(
         .iter()
         .find(|v| kernel.supports(v, problem, features).is_ok())
 }
+
+/// Variant choice on one device: the table's fastest at the nearest bucket when it has the kernel (at its
+/// current version), else [`default_variant`]. Never fails: a missing, corrupt, old-format or foreign table
+/// gives the defaults and a warning.
+pub struct Dispatch {
+    table: Option<TuningTable>,
+    versions: std::sync::Mutex<BTreeMap<&'static str, String>>,
+}
+
+/// Where a dispatched variant came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    Tuned,
+    Default,
+}
+
+impl Dispatch {
+    pub fn defaults() -> Dispatch {
+        Dispatch {
+            table: None,
+            versions: Default::default(),
+        }
+    }
+
+    /// The table at `path` for `device`, or the defaults and why not.
+    pub fn load(path: &Path, device: &DeviceKey) -> (Dispatch, Option<String>) {
+        match TuningTable::load_for(path, device) {
+            Ok(table) => (
+                Dispatch {
+                    table: Some(table),
+                    versions: Default::default(),
+                },
+                None,
+            ),
+            Err(error) => (
+                Dispatch::defaults(),
+                Some(format!("{error}; using the default variants")),
+            ),
+        }
+    }
+
+    pub fn choose(
+        &self,
+        kernel: &dyn Kernel,
+        problem: &Problem,
+        features: &nsa_backends::DeviceFeatures,
+    ) -> Option<(&'static Variant, Choice)> {
+        if let Some(table) = &self.table {
+            let version = self
+                .versions
+                .lock()
+                .expect("version cache")
+                .entry(kernel.name())
+                .or_insert_with(|| kernel_version(kernel))
+                .clone();
+            if let Some(name) = table.choose(kernel.name(), &version, problem)
+                && let Some(variant) = kernel.variants().iter().find(|v| v.name == name)
+                && kernel.supports(variant, problem, features).is_ok()
+            {
+                return Some((variant, Choice::Tuned));
+            }
+        }
+        default_variant(kernel, problem, features).map(|v| (v, Choice::Default))
+    }
+}

@@ -1,6 +1,7 @@
 //! `nsa bench`: time kernel variants on a device; print time, TFLOP/s, GB/s and % of the roofline, and
 //! beside them a PyTorch reference timed by `bench/torch_reference.py` on the same device.
 use crate::{Failure, open_device, usage};
+use nsa_kernels::tuning::{DeviceKey, Dispatch, default_variant};
 use nsa_kernels::{Kernel, Problem, find_kernel, find_variant};
 use rand::SeedableRng;
 use std::process::Command;
@@ -9,9 +10,14 @@ use std::process::Command;
 pub struct Args {
     /// Kernel name (`nsa ir --list`).
     kernel: String,
-    /// Variant, or `all` (default: every variant the device supports).
+    /// Variant, `all` (every variant the device supports) or `tuned` (the one --table picks per shape; the
+    /// default variant without a table).
     #[arg(long, default_value = "all")]
     variant: String,
+    /// A tuning table from `nsa autotune`: with `--variant tuned` it picks the variant; with `all`, each shape
+    /// also prints the table's pick and the default.
+    #[arg(long)]
+    table: Option<std::path::PathBuf>,
     /// Override sizes of every bench shape, e.g. `--shape s_kv=8192 --shape s_q=1024`.
     #[arg(long = "shape", value_name = "DIM=SIZE")]
     shapes: Vec<String>,
@@ -82,12 +88,23 @@ fn torch_ms(script: &str, kernel: &str, problem: &Problem) -> Result<f64, String
 
 pub fn run(args: Args) -> Result<(), Failure> {
     let kernel = find_kernel(&args.kernel).map_err(usage)?;
+    let tuned = args.variant == "tuned";
     let variants: Vec<_> = match args.variant.as_str() {
-        "all" => kernel.variants().iter().collect(),
+        "all" | "tuned" => kernel.variants().iter().collect(),
         name => vec![find_variant(kernel, name).map_err(usage)?],
     };
     let problems = problems(kernel, &args.shapes)?;
     let device = open_device(args.device.as_deref())?;
+    let dispatch = match &args.table {
+        Some(path) => {
+            let (dispatch, warning) = Dispatch::load(path, &DeviceKey::of(&device.info));
+            if let Some(warning) = warning {
+                eprintln!("warning: {warning}");
+            }
+            dispatch
+        }
+        None => Dispatch::defaults(),
+    };
     let peaks = match (args.peak_tflops, args.peak_gbps) {
         (Some(f), Some(b)) => Some((f, b)),
         _ => default_peaks(&device.info.arch),
@@ -114,10 +131,17 @@ pub fn run(args: Args) -> Result<(), Failure> {
             .torch
             .as_deref()
             .map(|script| torch_ms(script, kernel.name(), problem));
-        for variant in variants
-            .iter()
-            .filter(|v| kernel.supports(v, problem, device.features()).is_ok())
+        let choice = dispatch.choose(kernel, problem, device.features());
+        if args.table.is_some()
+            && let Some((variant, how)) = choice
         {
+            let default = default_variant(kernel, problem, device.features()).map_or("-", |v| v.name);
+            println!("{problem}: {how:?} pick {} (default {default})", variant.name);
+        }
+        for variant in variants.iter().filter(|v| {
+            kernel.supports(v, problem, device.features()).is_ok()
+                && (!tuned || choice.is_some_and(|(c, _)| c.name == v.name))
+        }) {
             let timing = nsa_kernels::bench::time(kernel, variant, &device, problem, &inputs, 200.0)?;
             let spec = kernel.spec(variant, problem);
             let seconds = timing.median_ms / 1e3;

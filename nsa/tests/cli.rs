@@ -266,6 +266,15 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
     );
     let show = nsa(&["autotune", "--show", "--out", out]);
     assert!(show.status.success() && String::from_utf8_lossy(&show.stdout).contains("rms_norm"));
+    // bench follows the table: the nearest bucket's fastest variant, labelled as tuned.
+    let shape = ["--shape", "rows=2", "--shape", "hidden=64"];
+    let bench = nsa(&[&["bench", "rms_norm", "--variant", "tuned", "--table", out][..], &shape].concat());
+    let stdout = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success() && stdout.contains("Tuned pick"),
+        "{stdout}{}",
+        stderr(&bench)
+    );
     // Not a table, another format, another device: one-line errors, exit 2, the file left alone.
     for (content, mentions) in [
         ("{ not json", "not an nsa tuning table"),
@@ -283,6 +292,11 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
         assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
         assert!(stderr(&output).contains(mentions), "{}", stderr(&output));
         assert_eq!(std::fs::read_to_string(&table).unwrap(), content);
+        // bench warns and falls back to the defaults instead of failing.
+        let bench = nsa(&[&["bench", "rms_norm", "--variant", "tuned", "--table", out][..], &shape].concat());
+        assert!(bench.status.success(), "{}", stderr(&bench));
+        assert!(String::from_utf8_lossy(&bench.stdout).contains("Default pick"));
+        assert!(stderr(&bench).contains("warning"), "{}", stderr(&bench));
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
