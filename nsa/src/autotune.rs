@@ -28,6 +28,9 @@ pub struct Args {
     /// Print the table at --out (fastest variant per bucket, and its gain over the default) and exit.
     #[arg(long)]
     show: bool,
+    /// With --show: also draw each kernel's time per variant over its buckets into this SVG file.
+    #[arg(long, requires = "show")]
+    plot: Option<PathBuf>,
 }
 
 fn parse_budget(text: &str) -> Result<Duration, Failure> {
@@ -87,7 +90,14 @@ fn show(path: &std::path::Path) -> Result<(), Failure> {
 
 pub fn run(args: Args) -> Result<(), Failure> {
     if args.show {
-        return show(&args.out);
+        show(&args.out)?;
+        if let Some(plot) = &args.plot {
+            let table = TuningTable::load(&args.out).map_err(usage)?;
+            std::fs::write(plot, crate::plot::svg(&table))
+                .map_err(|e| Failure::Run(format!("{}: {e}", plot.display())))?;
+            eprintln!("plot written to {}", plot.display());
+        }
+        return Ok(());
     }
     let budget = parse_budget(&args.budget)?;
     let grid = match args.grid.as_str() {

@@ -3,6 +3,7 @@ mod autotune;
 mod bench;
 mod devices;
 mod ir;
+mod plot;
 mod run_kernel;
 mod selftest;
 

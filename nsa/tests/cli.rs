@@ -264,8 +264,11 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
         "{}",
         stderr(&again)
     );
-    let show = nsa(&["autotune", "--show", "--out", out]);
+    let plot = dir.join("plot.svg");
+    let show = nsa(&["autotune", "--show", "--out", out, "--plot", plot.to_str().unwrap()]);
     assert!(show.status.success() && String::from_utf8_lossy(&show.stdout).contains("rms_norm"));
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("<polyline") && svg.trim_end().ends_with("</svg>"));
     // bench follows the table: the nearest bucket's fastest variant, labelled as tuned.
     let shape = ["--shape", "rows=2", "--shape", "hidden=64"];
     let bench = nsa(&[&["bench", "rms_norm", "--variant", "tuned", "--table", out][..], &shape].concat());
