@@ -144,6 +144,9 @@ impl Kernel for MlaDecode {
         let others = [0, 2, 3].iter().map(|&i| INPUTS[i].bytes(problem)).sum::<u64>();
         cache + others + OUTPUTS.iter().map(|t| t.bytes(problem)).sum::<u64>()
     }
+    fn tunable_params(&self, variant: &Variant) -> &'static [(&'static str, &'static [f64])] {
+        sparse_mla::tunable_params(variant)
+    }
     fn tolerance(&self, output: &TensorSpec, problem: &Problem) -> f64 {
         // 2e-3 rather than sparse decode's 1e-3: P enters P·V as bf16 (FlashMLA does the same), and a causal
         // row that sees only a few positions does not average that rounding out (measured up to 3.1e-3

@@ -195,6 +195,9 @@ impl Kernel for SparseMlaDecode {
         let touched = [0, 2, 3].iter().map(|&i| INPUTS[i].bytes(problem)).sum::<u64>();
         gathered + touched + OUTPUTS.iter().map(|t| t.bytes(problem)).sum::<u64>()
     }
+    fn tunable_params(&self, variant: &Variant) -> &'static [(&'static str, &'static [f64])] {
+        sparse_mla::tunable_params(variant)
+    }
     fn tolerance(&self, output: &TensorSpec, problem: &Problem) -> f64 {
         sparse_mla::tolerance(output, problem, 1e-3)
     }

@@ -260,6 +260,11 @@ pub trait Kernel: Sync {
     /// Puts an output (or its reference) in the order the comparison needs; e.g. top-k sorts each row,
     /// since any order of the selected set is correct.
     fn canonicalize(&self, _output: &TensorSpec, _problem: &Problem, _values: &mut [f64]) {}
+    /// Launch parameters `nsa autotune` may set, with the values it tries (they change how, never what, the
+    /// kernel computes: e.g. split-KV counts). The problem's own value is the fixed rule's choice.
+    fn tunable_params(&self, _variant: &Variant) -> &'static [(&'static str, &'static [f64])] {
+        &[]
+    }
     /// The value of an optional input left out (e.g. "every key allowed").
     fn default_input(&self, spec: &TensorSpec, problem: &Problem) -> HostTensor {
         unreachable!("{} has no optional input {}", self.name(), spec.describe(problem))

@@ -222,6 +222,54 @@ pub fn default_variant(
         .find(|v| kernel.supports(v, problem, features).is_ok())
 }
 
+/// A measured configuration's name in a table: the variant, then `[name=value,...]` for tuned parameters
+/// (`mma_h64[num_splits=4]`); the bare variant name means the problem's own parameters (the fixed rule).
+pub fn config_label(variant: &str, params: &[(&str, f64)]) -> String {
+    if params.is_empty() {
+        return variant.to_string();
+    }
+    let list: Vec<String> = params.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    format!("{variant}[{}]", list.join(","))
+}
+
+/// The variant and parameters of a configuration label (unparsable parameters are dropped).
+pub fn parse_label(label: &str) -> (&str, Vec<(String, f64)>) {
+    match label.split_once('[') {
+        Some((variant, rest)) => {
+            let params = rest
+                .trim_end_matches(']')
+                .split(',')
+                .filter_map(|kv| {
+                    let (n, v) = kv.split_once('=')?;
+                    Some((n.to_string(), v.parse().ok()?))
+                })
+                .collect();
+            (variant, params)
+        }
+        None => (label, Vec::new()),
+    }
+}
+
+/// What dispatch picked: a variant, parameter overrides (tuned split counts and the like) and whether it
+/// came from the table.
+#[derive(Clone, Debug)]
+pub struct Pick {
+    pub variant: &'static Variant,
+    pub params: Vec<(String, f64)>,
+    pub choice: Choice,
+}
+
+impl Pick {
+    /// `problem` with the picked parameters applied.
+    pub fn apply(&self, problem: &Problem) -> Problem {
+        let mut problem = problem.clone();
+        for (name, value) in &self.params {
+            problem.set_param(name, *value);
+        }
+        problem
+    }
+}
+
 /// Variant choice on one device: the table's fastest at the nearest bucket when it has the kernel (at its
 /// current version), else [`default_variant`]. Never fails: a missing, corrupt, old-format or foreign table
 /// gives the defaults and a warning.
@@ -267,7 +315,7 @@ impl Dispatch {
         kernel: &dyn Kernel,
         problem: &Problem,
         features: &nsa_backends::DeviceFeatures,
-    ) -> Option<(&'static Variant, Choice)> {
+    ) -> Option<Pick> {
         if let Some(table) = &self.table {
             let version = self
                 .versions
@@ -276,13 +324,23 @@ impl Dispatch {
                 .entry(kernel.name())
                 .or_insert_with(|| kernel_version(kernel))
                 .clone();
-            if let Some(name) = table.choose(kernel.name(), &version, problem)
-                && let Some(variant) = kernel.variants().iter().find(|v| v.name == name)
-                && kernel.supports(variant, problem, features).is_ok()
-            {
-                return Some((variant, Choice::Tuned));
+            if let Some(label) = table.choose(kernel.name(), &version, problem) {
+                let (name, params) = parse_label(label);
+                if let Some(variant) = kernel.variants().iter().find(|v| v.name == name)
+                    && kernel.supports(variant, problem, features).is_ok()
+                {
+                    return Some(Pick {
+                        variant,
+                        params,
+                        choice: Choice::Tuned,
+                    });
+                }
             }
         }
-        default_variant(kernel, problem, features).map(|v| (v, Choice::Default))
+        default_variant(kernel, problem, features).map(|variant| Pick {
+            variant,
+            params: Vec::new(),
+            choice: Choice::Default,
+        })
     }
 }

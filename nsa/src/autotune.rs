@@ -2,7 +2,7 @@
 //! tuning table (`nsa_kernels::tuning`). Each variant is checked against its reference once first; results
 //! are saved after every measurement, so Ctrl-C keeps them and a rerun resumes where the last one stopped.
 use crate::{Failure, open_device, usage};
-use nsa_kernels::tuning::{DeviceKey, Entry, TuningTable, bucket_of, kernel_version};
+use nsa_kernels::tuning::{DeviceKey, Entry, TuningTable, bucket_of, config_label, kernel_version};
 use nsa_kernels::{KERNELS, Kernel, Problem, Variant, bench, check, find_kernel};
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -120,8 +120,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
         TuningTable::new(key.clone())
     };
 
-    // The work: every (kernel, variant, bucket) the device supports and the table lacks.
-    let mut work: Vec<(&'static dyn Kernel, String, &'static Variant, Problem)> = Vec::new();
+    // The work: every (kernel, configuration, bucket) the device supports and the table lacks. A
+    // configuration is a variant with the problem's own parameters (the fixed rule), or with one tunable
+    // parameter set to one of its candidate values.
+    let mut work: Vec<(&'static dyn Kernel, String, &'static Variant, Problem, String)> = Vec::new();
     for &kernel in &kernels {
         let version = kernel_version(kernel);
         let buckets = if grid == "model" {
@@ -134,11 +136,21 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 if kernel.supports(variant, &problem, device.features()).is_err() {
                     continue;
                 }
-                let done = table
-                    .entry_mut(kernel.name(), &version, &problem)
-                    .is_some_and(|e| e.times_ms.contains_key(variant.name));
-                if !done {
-                    work.push((kernel, version.clone(), variant, problem.clone()));
+                let mut configs = vec![(config_label(variant.name, &[]), problem.clone())];
+                for (name, values) in kernel.tunable_params(variant) {
+                    for value in values.iter() {
+                        let mut tuned = problem.clone();
+                        tuned.set_param(name, *value);
+                        configs.push((config_label(variant.name, &[(name, *value)]), tuned));
+                    }
+                }
+                for (label, config) in configs {
+                    let done = table
+                        .entry_mut(kernel.name(), &version, &problem)
+                        .is_some_and(|e| e.times_ms.contains_key(&label));
+                    if !done {
+                        work.push((kernel, version.clone(), variant, config, label));
+                    }
                 }
             }
         }
@@ -153,8 +165,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
     );
     let start = Instant::now();
     let mut checked: Vec<(String, String)> = Vec::new();
+    // Entries are keyed by the bucket's dims, so a configuration's parameters never split them.
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
-    for (done, (kernel, version, variant, problem)) in work.iter().enumerate() {
+    for (done, (kernel, version, variant, problem, label)) in work.iter().enumerate() {
         if start.elapsed() > budget {
             eprintln!(
                 "budget reached after {done} of {} measurements; the table keeps them, run again to continue",
@@ -162,20 +175,24 @@ pub fn run(args: Args) -> Result<(), Failure> {
             );
             return Ok(());
         }
-        // Correctness once per variant, on the family's first test shape it supports.
-        let id = (kernel.name().to_string(), variant.name.to_string());
+        // Correctness once per configuration, on the family's first test shape it supports.
+        let id = (kernel.name().to_string(), label.clone());
         if !checked.contains(&id) {
             let test = kernel
                 .problems()
                 .into_iter()
                 .find(|p| kernel.supports(variant, p, device.features()).is_ok());
-            if let Some(test) = test {
+            if let Some(mut test) = test {
+                for (name, value) in &problem.params {
+                    if kernel.tunable_params(variant).iter().any(|(n, _)| n == name) {
+                        test.set_param(name, *value);
+                    }
+                }
                 let result = check::check(*kernel, variant, &device, &test, 2026)?;
                 if !result.passed() {
                     return Err(Failure::Run(format!(
-                        "{}/{} fails its reference check (max error {:e}); not tuning with it",
+                        "{}/{label} fails its reference check (max error {:e}); not tuning with it",
                         kernel.name(),
-                        variant.name,
                         result.max_error
                     )));
                 }
@@ -195,7 +212,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             });
         }
         let entry = table.entry_mut(kernel.name(), version, problem).expect("just added");
-        entry.times_ms.insert(variant.name.into(), timing.median_ms);
+        entry.times_ms.insert(label.clone(), timing.median_ms);
         entry.best = entry
             .times_ms
             .iter()
@@ -210,7 +227,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             done + 1,
             work.len(),
             kernel.name(),
-            variant.name,
+            label,
             describe_bucket(problem),
             timing.median_ms,
             elapsed,

@@ -1,7 +1,7 @@
 //! `nsa bench`: time kernel variants on a device; print time, TFLOP/s, GB/s and % of the roofline, and
 //! beside them a PyTorch reference timed by `bench/torch_reference.py` on the same device.
 use crate::{Failure, open_device, usage};
-use nsa_kernels::tuning::{DeviceKey, Dispatch, default_variant};
+use nsa_kernels::tuning::{DeviceKey, Dispatch, config_label, default_variant};
 use nsa_kernels::{Kernel, Problem, find_kernel, find_variant};
 use rand::SeedableRng;
 use std::process::Command;
@@ -131,16 +131,21 @@ pub fn run(args: Args) -> Result<(), Failure> {
             .torch
             .as_deref()
             .map(|script| torch_ms(script, kernel.name(), problem));
-        let choice = dispatch.choose(kernel, problem, device.features());
+        let pick = dispatch.choose(kernel, problem, device.features());
         if args.table.is_some()
-            && let Some((variant, how)) = choice
+            && let Some(pick) = &pick
         {
             let default = default_variant(kernel, problem, device.features()).map_or("-", |v| v.name);
-            println!("{problem}: {how:?} pick {} (default {default})", variant.name);
+            let params: Vec<(&str, f64)> = pick.params.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+            let label = config_label(pick.variant.name, &params);
+            println!("{problem}: {:?} pick {label} (default {default})", pick.choice);
         }
+        // `tuned` times the pick with its parameters.
+        let tuned_problem = pick.as_ref().filter(|_| tuned).map(|p| p.apply(problem));
+        let problem = tuned_problem.as_ref().unwrap_or(problem);
         for variant in variants.iter().filter(|v| {
             kernel.supports(v, problem, device.features()).is_ok()
-                && (!tuned || choice.is_some_and(|(c, _)| c.name == v.name))
+                && (!tuned || pick.as_ref().is_some_and(|p| p.variant.name == v.name))
         }) {
             let timing = nsa_kernels::bench::time(kernel, variant, &device, problem, &inputs, 200.0)?;
             let spec = kernel.spec(variant, problem);

@@ -188,6 +188,16 @@ pub fn supports_format(variant: &Variant, format: Format) -> bool {
     !(is_cmma(variant) || is_mma(variant)) || format == Format::Bf16
 }
 
+/// Split-KV counts for the flash-attention variants (the others do not split); 0, the problems' default, is
+/// [`resolve_splits`]' fill-the-device rule.
+pub fn tunable_params(variant: &Variant) -> &'static [(&'static str, &'static [f64])] {
+    if is_mma(variant) {
+        &[("num_splits", &[1.0, 2.0, 4.0, 8.0, 16.0])]
+    } else {
+        &[]
+    }
+}
+
 /// Sizes a launch needs besides the buffers.
 pub struct Launch {
     pub rows: usize,
