@@ -243,6 +243,34 @@ def gemm(d, dtype):
     return median_ms(lambda: a @ b.T, reps=20)
 
 
+def moe_experts_fp8(d, dtype):
+    # The expert loop on bf16 weights dequantized once per call from e4m3 with 128 × 128 block scales.
+    tokens, hidden, inter, experts, top_k = d["tokens"], d["hidden"], d["inter"], d["experts"], d["top_k"]
+    x = torch.randn(tokens, hidden, dtype=dtype, device="cuda")
+    ids = torch.rand(tokens, experts, device="cuda").argsort(dim=-1)[:, :top_k]
+    weights = torch.rand(tokens, top_k, device="cuda")
+    w13 = torch.randint(0, 0x7E, (experts, 2 * inter, hidden), dtype=torch.uint8, device="cuda")
+    w2 = torch.randint(0, 0x7E, (experts, hidden, inter), dtype=torch.uint8, device="cuda")
+    s13 = torch.rand(experts, 2 * inter // 128, hidden // 128, device="cuda")
+    s2 = torch.rand(experts, hidden // 128, inter // 128, device="cuda")
+
+    def dequant(w, s):
+        return (w.view(torch.float8_e4m3fn).float() * s.repeat_interleave(128, 1).repeat_interleave(128, 2)).to(dtype)
+
+    def run():
+        out = torch.zeros(tokens, hidden, dtype=torch.float32, device="cuda")
+        for e in range(experts):
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            g, u = (x[tok] @ dequant(w13[e : e + 1], s13[e : e + 1])[0].T).chunk(2, dim=-1)
+            y = (torch.nn.functional.silu(g) * u) @ dequant(w2[e : e + 1], s2[e : e + 1])[0].T
+            out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+        return out.to(dtype)
+
+    return median_ms(run, reps=5)
+
+
 def topk(d, dtype):
     t, s, k = d["t"], d["s"], d["k"]
     scores = torch.randn(t, s, device="cuda")

@@ -230,15 +230,6 @@ fn dims(m: usize, n: usize, k: usize) -> Vec<(&'static str, usize)> {
     ]
 }
 
-fn u8_tensor(name: &str, shape: &[usize], bytes: &[u8]) -> HostTensor {
-    HostTensor {
-        name: name.into(),
-        shape: shape.to_vec(),
-        dtype: DType::U8,
-        words: host::pack_bytes(bytes),
-    }
-}
-
 pub struct Fp8Gemm;
 
 impl Kernel for Fp8Gemm {
@@ -349,9 +340,9 @@ impl Kernel for Fp8Gemm {
             };
             let (a, b) = (codes(m * k, rng), codes(n * k, rng));
             return vec![
-                u8_tensor("a", &[m, k], &a),
+                HostTensor::from_u8("a", &[m, k], &a),
                 HostTensor::from_f32("a_scales", &[m, kg], DType::F32, &vec![1.0 / 64.0; m * kg]),
-                u8_tensor("b", &[n, k], &b),
+                HostTensor::from_u8("b", &[n, k], &b),
                 HostTensor::from_f32("b_scales", &[ng, kg], DType::F32, &vec![1.0 / 256.0; ng * kg]),
             ];
         }
@@ -380,9 +371,9 @@ impl Kernel for Fp8Gemm {
             })
             .collect();
         vec![
-            u8_tensor("a", &[m, k], &a),
+            HostTensor::from_u8("a", &[m, k], &a),
             HostTensor::from_f32("a_scales", &[m, kg], DType::F32, &a_scales),
-            u8_tensor("b", &[n, k], &b),
+            HostTensor::from_u8("b", &[n, k], &b),
             HostTensor::from_f32("b_scales", &[ng, kg], DType::F32, &b_scales),
         ]
     }

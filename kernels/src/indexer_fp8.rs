@@ -327,15 +327,6 @@ fn quantize_page(keys: &[f32], d: usize) -> Vec<u8> {
     bytes
 }
 
-fn u8_tensor(name: &str, shape: &[usize], bytes: &[u8]) -> HostTensor {
-    HostTensor {
-        name: name.into(),
-        shape: shape.to_vec(),
-        dtype: DType::U8,
-        words: host::pack_bytes(bytes),
-    }
-}
-
 pub struct IndexerFp8;
 
 impl Kernel for IndexerFp8 {
@@ -521,9 +512,9 @@ impl Kernel for IndexerFp8 {
             }
         }
         vec![
-            u8_tensor("q", &[t, h, d], &q),
+            HostTensor::from_u8("q", &[t, h, d], &q),
             HostTensor::from_f32("w", &[t, h], DType::F32, &w),
-            u8_tensor("cache", &[pages, PAGE, d + 4], &cache),
+            HostTensor::from_u8("cache", &[pages, PAGE, d + 4], &cache),
             HostTensor::from_i32("block_table", &[b, max_pages], &table),
             HostTensor::from_i32("q_seq", &[t], &q_seq),
             HostTensor::from_i32("q_pos", &[t], &q_pos),

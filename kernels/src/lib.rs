@@ -15,6 +15,7 @@ pub mod launch;
 pub mod mha_prefill;
 pub mod mla_decode;
 pub mod moe_experts;
+pub mod moe_experts_fp8;
 pub mod moe_gate;
 pub mod norm;
 pub mod registry;

@@ -16,10 +16,11 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nsa_backends::{Device, IrTarget};
 use nsa_dsl::Format;
-use nsa_dsl::format::{pack, read_element};
+use nsa_dsl::format::{e4m3_to_f32, pack, read_element};
 use nsa_dsl::reduce::{Reduction, cube_sum};
 use nsa_dsl::select::cube_exclusive_scan;
 use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
 
 const UNITS: u32 = 256;
 
@@ -100,6 +101,43 @@ fn permute_kernel(
     }
 }
 
+/// How the expert weights are stored: in the problem's format, or as DeepSeek's FP8 checkpoint (e4m3 bytes
+/// with one f32 scale per 128 × 128 block of each expert's matrix).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WeightFormat {
+    Dense,
+    Fp8Block,
+}
+
+/// Element (r, c) of expert `expert`'s [rows, cols] weight matrix, as f32.
+#[cube]
+#[allow(clippy::too_many_arguments, unused_assignments)]
+fn read_weight(
+    w: &[u32],
+    scales: &[f32],
+    expert: usize,
+    r: usize,
+    c: usize,
+    rows: usize,
+    cols: usize,
+    #[comptime] weights: WeightFormat,
+    #[comptime] format: Format,
+) -> f32 {
+    let index = (expert * rows + r) * cols + c;
+    let mut value = 0.0f32;
+    match weights {
+        WeightFormat::Dense => {
+            value = read_element(w, index, format);
+        }
+        WeightFormat::Fp8Block => {
+            let byte = (w[index / 4] >> (8 * (index % 4)) as u32) & 0xff;
+            let block = (expert * rows.div_ceil(128) + r / 128) * cols.div_ceil(128) + c / 128;
+            value = e4m3_to_f32(byte) * scales[block];
+        }
+    }
+    value
+}
+
 /// The expert owning permuted row `row` (offsets ascending).
 #[cube]
 fn expert_of(offsets: &[u32], row: usize, experts: usize) -> usize {
@@ -118,6 +156,7 @@ fn expert_of(offsets: &[u32], row: usize, experts: usize) -> usize {
 fn gate_up_kernel(
     x: &[u32],
     w13: &[u32],
+    w13_scales: &[f32],
     rows: &[u32],
     offsets: &[u32],
     h: &mut [f32],
@@ -126,6 +165,7 @@ fn gate_up_kernel(
     inter: usize,
     experts: usize,
     #[comptime] format: Format,
+    #[comptime] weights: WeightFormat,
 ) {
     let at = CUBE_POS * CUBE_DIM as usize + UNIT_POS as usize;
     if at >= total_rows * inter {
@@ -134,14 +174,23 @@ fn gate_up_kernel(
     let (row, i) = (at / inter, at % inter);
     let expert = expert_of(offsets, row, experts);
     let token = rows[row] as usize;
-    let gate_row = (expert * 2 * inter + i) * hidden;
-    let up_row = (expert * 2 * inter + inter + i) * hidden;
     let mut gate = 0.0f32;
     let mut up = 0.0f32;
     for d in 0..hidden {
         let value = read_element(x, token * hidden + d, format);
-        gate += value * read_element(w13, gate_row + d, format);
-        up += value * read_element(w13, up_row + d, format);
+        gate += value * read_weight(w13, w13_scales, expert, i, d, 2 * inter, hidden, weights, format);
+        up += value
+            * read_weight(
+                w13,
+                w13_scales,
+                expert,
+                inter + i,
+                d,
+                2 * inter,
+                hidden,
+                weights,
+                format,
+            );
     }
     h[at] = gate / (1.0f32 + f32::exp(-gate)) * up;
 }
@@ -152,6 +201,7 @@ fn gate_up_kernel(
 fn down_kernel(
     h: &[f32],
     w2: &[u32],
+    w2_scales: &[f32],
     offsets: &[u32],
     y: &mut [f32],
     total_rows: usize,
@@ -159,6 +209,7 @@ fn down_kernel(
     inter: usize,
     experts: usize,
     #[comptime] format: Format,
+    #[comptime] weights: WeightFormat,
 ) {
     let at = CUBE_POS * CUBE_DIM as usize + UNIT_POS as usize;
     if at >= total_rows * hidden {
@@ -166,10 +217,9 @@ fn down_kernel(
     }
     let (row, j) = (at / hidden, at % hidden);
     let expert = expert_of(offsets, row, experts);
-    let w_row = (expert * hidden + j) * inter;
     let mut sum = 0.0f32;
     for i in 0..inter {
-        sum += h[row * inter + i] * read_element(w2, w_row + i, format);
+        sum += h[row * inter + i] * read_weight(w2, w2_scales, expert, j, i, hidden, inter, weights, format);
     }
     y[at] = sum;
 }
@@ -301,26 +351,8 @@ impl Kernel for MoeExperts {
         let (experts, top_k) = (problem.dim("experts"), problem.dim("top_k"));
         let dtype = DType::of(problem.format);
         let x = crate::check::normal(rng, tokens * hidden);
-        // Distinct experts per token; weights positive and normalized as the gate writes them.
-        let mut ids = Vec::with_capacity(tokens * top_k);
-        let mut weights = Vec::with_capacity(tokens * top_k);
-        for _ in 0..tokens {
-            let mut all: Vec<i32> = (0..experts as i32).collect();
-            all.shuffle(rng);
-            ids.extend(&all[..top_k]);
-            let raw: Vec<f32> = crate::check::normal(rng, top_k).iter().map(|v| v.abs() + 0.1).collect();
-            let sum: f32 = raw.iter().sum();
-            weights.extend(raw.iter().map(|w| w / sum));
-        }
-        // Weights scaled so activations stay O(1) through both projections.
-        let w13: Vec<f32> = crate::check::normal(rng, experts * 2 * inter * hidden)
-            .iter()
-            .map(|v| v / (hidden as f32).sqrt())
-            .collect();
-        let w2: Vec<f32> = crate::check::normal(rng, experts * hidden * inter)
-            .iter()
-            .map(|v| v / (inter as f32).sqrt())
-            .collect();
+        let (ids, weights) = random_routing(rng, tokens, experts, top_k);
+        let (w13, w2) = random_expert_weights(rng, experts, hidden, inter);
         vec![
             HostTensor::from_f32("x", &[tokens, hidden], dtype, &x),
             HostTensor::from_i32("ids", &[tokens, top_k], &ids),
@@ -330,143 +362,259 @@ impl Kernel for MoeExperts {
         ]
     }
     fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>> {
-        let (tokens, hidden, inter, top_k) = (
-            problem.dim("tokens"),
-            problem.dim("hidden"),
-            problem.dim("inter"),
-            problem.dim("top_k"),
-        );
         let (x, ids, weights) = (inputs[0].to_f64(), inputs[1].to_f64(), inputs[2].to_f64());
-        let (w13, w2) = (inputs[3].to_f64(), inputs[4].to_f64());
-        let mut out = vec![0f64; tokens * hidden];
-        for t in 0..tokens {
-            let xt = &x[t * hidden..][..hidden];
-            for k in 0..top_k {
-                let e = ids[t * top_k + k] as usize;
-                let dot =
-                    |row: usize| -> f64 { w13[row * hidden..][..hidden].iter().zip(xt).map(|(a, b)| a * b).sum() };
-                let h: Vec<f64> = (0..inter)
-                    .map(|i| {
-                        let (g, u) = (dot(e * 2 * inter + i), dot(e * 2 * inter + inter + i));
-                        g / (1.0 + (-g).exp()) * u
-                    })
-                    .collect();
-                for j in 0..hidden {
-                    let y: f64 = w2[(e * hidden + j) * inter..][..inter]
-                        .iter()
-                        .zip(&h)
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    out[t * hidden + j] += weights[t * top_k + k] * y;
-                }
-            }
-        }
-        vec![out]
+        vec![reference_layer(
+            problem,
+            &x,
+            &ids,
+            &weights,
+            &inputs[3].to_f64(),
+            &inputs[4].to_f64(),
+        )]
     }
     fn launch(&self, _: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
-        let (tokens, hidden, inter) = (problem.dim("tokens"), problem.dim("hidden"), problem.dim("inter"));
-        let (experts, top_k) = (problem.dim("experts"), problem.dim("top_k"));
-        let (format, per_word) = (problem.format, problem.format.per_word() as usize);
-        let client = &device.client;
-        let pairs = tokens * top_k;
-        let counts = client.empty(4 * experts);
-        let offsets = client.empty(4 * (experts + 1));
-        let rows = client.empty(4 * pairs);
-        let slots = client.empty(4 * pairs);
-        let h = client.empty(4 * pairs * inter);
-        let y = client.empty(4 * pairs * hidden);
-        let dim = CubeDim::new_1d(UNITS);
-        count_kernel::launch(
-            client,
-            grid(experts),
-            dim,
-            buffer(&inputs[1], pairs),
-            buffer(&counts, experts),
-            pairs,
-            experts,
-        );
-        offsets_kernel::launch(
-            client,
-            grid(1),
-            dim,
-            buffer(&counts, experts),
-            buffer(&offsets, experts + 1),
-            experts,
-        );
-        permute_kernel::launch(
-            client,
-            grid(experts),
-            dim,
-            buffer(&inputs[1], pairs),
-            buffer(&offsets, experts + 1),
-            buffer(&rows, pairs),
-            buffer(&slots, pairs),
-            pairs,
-            experts,
-            top_k,
-        );
-        gate_up_kernel::launch(
-            client,
-            grid((pairs * inter).div_ceil(UNITS as usize)),
-            dim,
-            buffer(&inputs[0], tokens * hidden / per_word),
-            buffer(&inputs[3], experts * 2 * inter * hidden / per_word),
-            buffer(&rows, pairs),
-            buffer(&offsets, experts + 1),
-            buffer(&h, pairs * inter),
-            pairs,
-            hidden,
-            inter,
-            experts,
-            format,
-        );
-        down_kernel::launch(
-            client,
-            grid((pairs * hidden).div_ceil(UNITS as usize)),
-            dim,
-            buffer(&h, pairs * inter),
-            buffer(&inputs[4], experts * hidden * inter / per_word),
-            buffer(&offsets, experts + 1),
-            buffer(&y, pairs * hidden),
-            pairs,
-            hidden,
-            inter,
-            experts,
-            format,
-        );
-        combine_kernel::launch(
-            client,
-            grid((tokens * hidden / per_word).div_ceil(UNITS as usize)),
-            dim,
-            buffer(&y, pairs * hidden),
-            buffer(&inputs[2], pairs),
-            buffer(&slots, pairs),
-            buffer(&outputs[0], tokens * hidden / per_word),
-            tokens,
-            hidden,
-            top_k,
-            format,
-        );
+        // Dense weights have no scales: 1-element placeholders fill those bindings.
+        let none = device.client.create_from_slice(&[0u8; 4]);
+        let layer = Layer {
+            x: &inputs[0],
+            ids: &inputs[1],
+            weights: &inputs[2],
+            w13: &inputs[3],
+            w13_scales: &none,
+            w2: &inputs[4],
+            w2_scales: &none,
+            out: &outputs[0],
+        };
+        launch_layer(device, problem, layer, WeightFormat::Dense);
     }
-    fn define(&self, _: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
-        // The expert projection (the step that carries the FLOPs) stands for the family in `nsa ir`.
-        let (props, target_props) = nsa_backends::ir_properties(target);
-        let a = slice_arg;
-        gate_up_kernel::GateUpKernel::new(
-            ir_settings(CubeDim::new_1d(UNITS)),
-            props,
-            target_props,
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            (),
-            (),
-            (),
-            (),
-            problem.format,
-        )
-        .define()
+    fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
+        define_gate_up(variant, target, problem, WeightFormat::Dense)
     }
+}
+
+/// The device buffers of one MoE layer's routed experts.
+pub(crate) struct Layer<'a> {
+    pub x: &'a Handle,
+    pub ids: &'a Handle,
+    pub weights: &'a Handle,
+    pub w13: &'a Handle,
+    pub w13_scales: &'a Handle,
+    pub w2: &'a Handle,
+    pub w2_scales: &'a Handle,
+    pub out: &'a Handle,
+}
+
+/// Runs the six steps (counts, offsets, permutation, gate/up, down, combine) over `layer`.
+pub(crate) fn launch_layer(device: &Device, problem: &Problem, layer: Layer, weight_format: WeightFormat) {
+    let (tokens, hidden, inter) = (problem.dim("tokens"), problem.dim("hidden"), problem.dim("inter"));
+    let (experts, top_k) = (problem.dim("experts"), problem.dim("top_k"));
+    let (format, per_word) = (problem.format, problem.format.per_word() as usize);
+    let client = &device.client;
+    let pairs = tokens * top_k;
+    // Weight words and scale counts per storage.
+    let (w13_words, w2_words, w13_scales, w2_scales) = match weight_format {
+        WeightFormat::Dense => (
+            experts * 2 * inter * hidden / per_word,
+            experts * hidden * inter / per_word,
+            1,
+            1,
+        ),
+        WeightFormat::Fp8Block => (
+            experts * 2 * inter * hidden / 4,
+            experts * hidden * inter / 4,
+            experts * (2 * inter).div_ceil(128) * hidden.div_ceil(128),
+            experts * hidden.div_ceil(128) * inter.div_ceil(128),
+        ),
+    };
+    let counts = client.empty(4 * experts);
+    let offsets = client.empty(4 * (experts + 1));
+    let rows = client.empty(4 * pairs);
+    let slots = client.empty(4 * pairs);
+    let h = client.empty(4 * pairs * inter);
+    let y = client.empty(4 * pairs * hidden);
+    let dim = CubeDim::new_1d(UNITS);
+    count_kernel::launch(
+        client,
+        grid(experts),
+        dim,
+        buffer(layer.ids, pairs),
+        buffer(&counts, experts),
+        pairs,
+        experts,
+    );
+    offsets_kernel::launch(
+        client,
+        grid(1),
+        dim,
+        buffer(&counts, experts),
+        buffer(&offsets, experts + 1),
+        experts,
+    );
+    permute_kernel::launch(
+        client,
+        grid(experts),
+        dim,
+        buffer(layer.ids, pairs),
+        buffer(&offsets, experts + 1),
+        buffer(&rows, pairs),
+        buffer(&slots, pairs),
+        pairs,
+        experts,
+        top_k,
+    );
+    gate_up_kernel::launch(
+        client,
+        grid((pairs * inter).div_ceil(UNITS as usize)),
+        dim,
+        buffer(layer.x, tokens * hidden / per_word),
+        buffer(layer.w13, w13_words),
+        buffer(layer.w13_scales, w13_scales),
+        buffer(&rows, pairs),
+        buffer(&offsets, experts + 1),
+        buffer(&h, pairs * inter),
+        pairs,
+        hidden,
+        inter,
+        experts,
+        format,
+        weight_format,
+    );
+    down_kernel::launch(
+        client,
+        grid((pairs * hidden).div_ceil(UNITS as usize)),
+        dim,
+        buffer(&h, pairs * inter),
+        buffer(layer.w2, w2_words),
+        buffer(layer.w2_scales, w2_scales),
+        buffer(&offsets, experts + 1),
+        buffer(&y, pairs * hidden),
+        pairs,
+        hidden,
+        inter,
+        experts,
+        format,
+        weight_format,
+    );
+    combine_kernel::launch(
+        client,
+        grid((tokens * hidden / per_word).div_ceil(UNITS as usize)),
+        dim,
+        buffer(&y, pairs * hidden),
+        buffer(layer.weights, pairs),
+        buffer(&slots, pairs),
+        buffer(layer.out, tokens * hidden / per_word),
+        tokens,
+        hidden,
+        top_k,
+        format,
+    );
+}
+
+/// The f64 reference of the routed experts with (dequantized) weights w13 [experts, 2·inter, hidden] and w2
+/// [experts, hidden, inter].
+pub(crate) fn reference_layer(
+    problem: &Problem,
+    x: &[f64],
+    ids: &[f64],
+    weights: &[f64],
+    w13: &[f64],
+    w2: &[f64],
+) -> Vec<f64> {
+    let (tokens, hidden, inter, top_k) = (
+        problem.dim("tokens"),
+        problem.dim("hidden"),
+        problem.dim("inter"),
+        problem.dim("top_k"),
+    );
+    let mut out = vec![0f64; tokens * hidden];
+    for t in 0..tokens {
+        let xt = &x[t * hidden..][..hidden];
+        for k in 0..top_k {
+            let e = ids[t * top_k + k] as usize;
+            let dot = |row: usize| -> f64 { w13[row * hidden..][..hidden].iter().zip(xt).map(|(a, b)| a * b).sum() };
+            let h: Vec<f64> = (0..inter)
+                .map(|i| {
+                    let (g, u) = (dot(e * 2 * inter + i), dot(e * 2 * inter + inter + i));
+                    g / (1.0 + (-g).exp()) * u
+                })
+                .collect();
+            for j in 0..hidden {
+                let y: f64 = w2[(e * hidden + j) * inter..][..inter]
+                    .iter()
+                    .zip(&h)
+                    .map(|(a, b)| a * b)
+                    .sum();
+                out[t * hidden + j] += weights[t * top_k + k] * y;
+            }
+        }
+    }
+    out
+}
+
+/// The gate/up projection (the step that carries the FLOPs) stands for the family in `nsa ir`.
+pub(crate) fn define_gate_up(
+    _: &Variant,
+    target: IrTarget,
+    problem: &Problem,
+    weights: WeightFormat,
+) -> KernelDefinition {
+    let (props, target_props) = nsa_backends::ir_properties(target);
+    let a = slice_arg;
+    gate_up_kernel::GateUpKernel::new(
+        ir_settings(CubeDim::new_1d(UNITS)),
+        props,
+        target_props,
+        a(),
+        a(),
+        a(),
+        a(),
+        a(),
+        a(),
+        (),
+        (),
+        (),
+        (),
+        problem.format,
+        weights,
+    )
+    .define()
+}
+
+/// Distinct experts per token, with positive weights normalized as the gate writes them.
+pub(crate) fn random_routing(
+    rng: &mut rand::rngs::StdRng,
+    tokens: usize,
+    experts: usize,
+    top_k: usize,
+) -> (Vec<i32>, Vec<f32>) {
+    let mut ids = Vec::with_capacity(tokens * top_k);
+    let mut weights = Vec::with_capacity(tokens * top_k);
+    for _ in 0..tokens {
+        let mut all: Vec<i32> = (0..experts as i32).collect();
+        all.shuffle(rng);
+        ids.extend(&all[..top_k]);
+        let raw: Vec<f32> = crate::check::normal(rng, top_k).iter().map(|v| v.abs() + 0.1).collect();
+        let sum: f32 = raw.iter().sum();
+        weights.extend(raw.iter().map(|w| w / sum));
+    }
+    (ids, weights)
+}
+
+/// Expert weights w13 [experts, 2·inter, hidden] and w2 [experts, hidden, inter], scaled so activations stay
+/// O(1) through both projections.
+pub(crate) fn random_expert_weights(
+    rng: &mut rand::rngs::StdRng,
+    experts: usize,
+    hidden: usize,
+    inter: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let w13 = crate::check::normal(rng, experts * 2 * inter * hidden)
+        .iter()
+        .map(|v| v / (hidden as f32).sqrt())
+        .collect();
+    let w2 = crate::check::normal(rng, experts * hidden * inter)
+        .iter()
+        .map(|v| v / (inter as f32).sqrt())
+        .collect();
+    (w13, w2)
 }

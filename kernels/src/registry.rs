@@ -20,6 +20,7 @@ pub static KERNELS: &[&dyn Kernel] = &[
     &crate::gemm::Gemm,
     &crate::moe_gate::MoeGate,
     &crate::moe_experts::MoeExperts,
+    &crate::moe_experts_fp8::MoeExpertsFp8,
 ];
 
 pub fn find_kernel(name: &str) -> Result<&'static dyn Kernel, KernelError> {

@@ -79,6 +79,16 @@ impl HostTensor {
         }
     }
 
+    /// Raw bytes (e4m3 codes, cache pages), packed four to a word.
+    pub fn from_u8(name: &str, shape: &[usize], bytes: &[u8]) -> HostTensor {
+        HostTensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype: DType::U8,
+            words: host::pack_bytes(bytes),
+        }
+    }
+
     /// Elements widened to f64 (integers exactly).
     pub fn to_f64(&self) -> Vec<f64> {
         match self.dtype {
