@@ -115,12 +115,28 @@ pub fn e4m3_to_f32(bits: u32) -> f32 {
     )
 }
 
+/// Element `index` of an e4m3 buffer (four codes per word), as f32.
+#[cube]
+pub fn read_e4m3(buffer: &[u32], index: usize) -> f32 {
+    let word = buffer[index / 4];
+    e4m3_to_f32((word >> (8 * (index % 4) as u32)) & 0xff)
+}
+
 /// Element `index` of an e4m3 buffer times its block's scale: `scales[index / block]`.
 #[cube]
 pub fn read_e4m3_scaled(buffer: &[u32], scales: &[f32], index: usize, #[comptime] block: usize) -> f32 {
-    let word = buffer[index / 4];
-    let bits = (word >> (8 * (index % 4) as u32)) & 0xff;
-    e4m3_to_f32(bits) * scales[index / block]
+    read_e4m3(buffer, index) * scales[index / block]
+}
+
+/// `acc` plus the products of the four e4m3 codes of `x` and `y`, byte by byte (in that order).
+#[cube]
+pub fn e4m3x4_dot_add(acc: f32, x: u32, y: u32) -> f32 {
+    let mut sum = acc;
+    #[unroll]
+    for b in 0..4u32 {
+        sum += e4m3_to_f32((x >> (8 * b)) & 0xff) * e4m3_to_f32((y >> (8 * b)) & 0xff);
+    }
+    sum
 }
 
 /// f32 narrowed to FP8 e4m3 bits (0..=0xff), rounding to nearest even in integer arithmetic (the same
@@ -174,4 +190,18 @@ pub fn e4m3x4_to_f16x4(word: u32) -> (u32, u32) {
     let lo = ((word & 0x80) << 8) | ((word & 0x7f) << 7) | ((word & 0x8000) << 16) | ((word & 0x7f00) << 15);
     let hi = ((word & 0x80_0000) >> 8) | ((word & 0x7f_0000) >> 9) | (word & 0x8000_0000) | ((word & 0x7f00_0000) >> 1);
     (lo, hi)
+}
+
+/// Eight e4m3 codes (words `lo`, `hi`) as one 16-byte chunk of eight f16 (values × 2⁻⁸, as
+/// [`e4m3x4_to_f16x4`]): a shared-memory row chunk for f16 tensor cores.
+#[cube]
+pub fn e4m3x8_to_f16_chunk(lo: u32, hi: u32) -> Vector<u32, Const<4>> {
+    let (a, b) = e4m3x4_to_f16x4(lo);
+    let (c, d) = e4m3x4_to_f16x4(hi);
+    let mut chunk = Vector::<u32, Const<4>>::new(0u32);
+    chunk.insert(0usize, a);
+    chunk.insert(1usize, b);
+    chunk.insert(2usize, c);
+    chunk.insert(3usize, d);
+    chunk
 }

@@ -14,7 +14,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use half::f16;
 use nsa_backends::{Device, DeviceFeatures, IrTarget};
-use nsa_dsl::format::{e4m3_to_f32, e4m3x4_to_f16x4, pack};
+use nsa_dsl::format::{e4m3x4_dot_add, e4m3x8_to_f16_chunk, pack};
 use nsa_dsl::warp_mma::{AccPair, b_tile, load_x4, mma_into};
 use nsa_dsl::{Format, host};
 
@@ -66,12 +66,11 @@ fn fp8_gemm_simt_kernel(
             for gi in 0..groups {
                 let mut sum = 0.0f32;
                 for word in 0..comptime!(GROUP / 4) {
-                    let x = a[(i * k + gi * GROUP) / 4 + word];
-                    let y = b[(j * k + gi * GROUP) / 4 + word];
-                    #[unroll]
-                    for byte in 0..4u32 {
-                        sum += e4m3_to_f32((x >> (8 * byte)) & 0xff) * e4m3_to_f32((y >> (8 * byte)) & 0xff);
-                    }
+                    sum = e4m3x4_dot_add(
+                        sum,
+                        a[(i * k + gi * GROUP) / 4 + word],
+                        b[(j * k + gi * GROUP) / 4 + word],
+                    );
                 }
                 out[e] += sum * a_scales[i * groups + gi] * b_scales[(j / GROUP) * groups + gi];
             }
@@ -99,18 +98,8 @@ fn stage_tile(
         let mut hi = Vector::<u32, Const<4>>::new(0u32);
         if row0 + r < rows {
             let words = source[((row0 + r) * k + gi * GROUP) / 16 + c];
-            let (w0, w1) = e4m3x4_to_f16x4(words.extract(0usize));
-            let (w2, w3) = e4m3x4_to_f16x4(words.extract(1usize));
-            let (w4, w5) = e4m3x4_to_f16x4(words.extract(2usize));
-            let (w6, w7) = e4m3x4_to_f16x4(words.extract(3usize));
-            lo.insert(0usize, w0);
-            lo.insert(1usize, w1);
-            lo.insert(2usize, w2);
-            lo.insert(3usize, w3);
-            hi.insert(0usize, w4);
-            hi.insert(1usize, w5);
-            hi.insert(2usize, w6);
-            hi.insert(3usize, w7);
+            lo = e4m3x8_to_f16_chunk(words.extract(0usize), words.extract(1usize));
+            hi = e4m3x8_to_f16_chunk(words.extract(2usize), words.extract(3usize));
         }
         tile[r * ROW_CHUNKS + 2 * c] = lo;
         tile[r * ROW_CHUNKS + 2 * c + 1] = hi;

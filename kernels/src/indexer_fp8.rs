@@ -22,7 +22,7 @@ use cubecl::server::Handle;
 use half::f16;
 use nsa_backends::{Device, DeviceFeatures, IrTarget};
 use nsa_dsl::Format;
-use nsa_dsl::format::{e4m3_to_f32, e4m3x4_to_f16x4};
+use nsa_dsl::format::{e4m3x4_dot_add, e4m3x8_to_f16_chunk};
 use nsa_dsl::host;
 use nsa_dsl::warp_mma::{AccPair, b_tile, load_x4, mma_into};
 use rand::Rng;
@@ -104,11 +104,7 @@ fn indexer_fp8_kernel(
             let q_base = (token * heads + h) * words;
             let mut dot = 0.0f32;
             for i in 0..words {
-                let (qw, kw) = (q[q_base + i], cache[k_base + i]);
-                #[unroll]
-                for b in 0..4u32 {
-                    dot += e4m3_to_f32((qw >> (8 * b)) & 0xff) * e4m3_to_f32((kw >> (8 * b)) & 0xff);
-                }
+                dot = e4m3x4_dot_add(dot, q[q_base + i], cache[k_base + i]);
             }
             score += w[token * heads + h] * f32::max(dot * k_scale, 0.0f32);
         }
@@ -136,12 +132,7 @@ fn stage_rows(
         let mut chunk = Vector::<u32, Const<4>>::new(0u32);
         if base != 0xffff_ffffu32 {
             let at = base as usize + r * row_words + 2 * c;
-            let (a, b) = e4m3x4_to_f16x4(source[at]);
-            let (d, e) = e4m3x4_to_f16x4(source[at + 1]);
-            chunk.insert(0usize, a);
-            chunk.insert(1usize, b);
-            chunk.insert(2usize, d);
-            chunk.insert(3usize, e);
+            chunk = e4m3x8_to_f16_chunk(source[at], source[at + 1]);
         }
         destination[(first_row + r) * row_chunks + c] = chunk;
         i += CUBE_DIM as usize;

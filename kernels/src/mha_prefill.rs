@@ -122,6 +122,36 @@ fn mha_prefill_simt_kernel(
     lse[pair] = select(l == 0.0f32, f32::reinterpret(0x7f80_0000u32), m + f32::ln(l));
 }
 
+/// Starts the asynchronous copy of 64 rows of head `head` into `tile` (rows of `stride` chunks, from tile
+/// row `tile_row0`): positions `first..first + 64` of a sequence whose `count` rows start at row `row0` of
+/// `source` ([rows, heads, chunks] 16-byte chunks); positions past the sequence are zero-filled.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn copy_head_rows<N: Size>(
+    source: &[Vector<u32, N>],
+    tile: &mut [Vector<u32, N>],
+    row0: usize,
+    first: usize,
+    count: usize,
+    heads: usize,
+    head: usize,
+    tile_row0: usize,
+    #[comptime] chunks: usize,
+    #[comptime] stride: usize,
+) {
+    let mut i = UNIT_POS as usize;
+    while i < comptime!(BLOCK * chunks) {
+        let (r, c) = (i / chunks, i % chunks);
+        let position = first + r;
+        let valid = position < count;
+        let start = ((row0 + select(valid, position, 0usize)) * heads + head) * chunks + c;
+        let len = select(valid, 1usize, 0usize);
+        let dst = (tile_row0 + r) * stride + c;
+        copy_chunk_async(&source[start..start + len], &mut tile[dst..dst + 1]);
+        i += CUBE_DIM as usize;
+    }
+}
+
 /// Starts the asynchronous gather of key block `block` (64 keys of `head` from key row `k0`; keys past
 /// `keys` zero-filled) into K/V buffer `buf`.
 #[cube]
@@ -138,30 +168,31 @@ fn gather_kv<N: Size>(
     heads: usize,
     head: usize,
 ) {
-    let qk_chunks = comptime!(D_QK / 8);
-    let v_chunks = comptime!(D_V / 8);
-    let mut i = UNIT_POS as usize;
-    while i < comptime!(BLOCK * D_QK / 8) {
-        let (key, c) = (i / qk_chunks, i % qk_chunks);
-        let position = block * BLOCK + key;
-        let valid = position < keys;
-        let start = ((k0 + select(valid, position, 0usize)) * heads + head) * qk_chunks + c;
-        let len = select(valid, 1usize, 0usize);
-        let dst = (buf * BLOCK + key) * QK_CHUNKS + c;
-        copy_chunk_async(&k[start..start + len], &mut k_s[dst..dst + 1]);
-        i += CUBE_DIM as usize;
-    }
-    let mut i = UNIT_POS as usize;
-    while i < comptime!(BLOCK * D_V / 8) {
-        let (key, c) = (i / v_chunks, i % v_chunks);
-        let position = block * BLOCK + key;
-        let valid = position < keys;
-        let start = ((k0 + select(valid, position, 0usize)) * heads + head) * v_chunks + c;
-        let len = select(valid, 1usize, 0usize);
-        let dst = (buf * BLOCK + key) * V_CHUNKS + c;
-        copy_chunk_async(&v[start..start + len], &mut v_s[dst..dst + 1]);
-        i += CUBE_DIM as usize;
-    }
+    let (first, tile_row0) = (block * BLOCK, buf * BLOCK);
+    copy_head_rows(
+        k,
+        k_s,
+        k0,
+        first,
+        keys,
+        heads,
+        head,
+        tile_row0,
+        comptime!(D_QK / 8),
+        QK_CHUNKS,
+    );
+    copy_head_rows(
+        v,
+        v_s,
+        k0,
+        first,
+        keys,
+        heads,
+        head,
+        tile_row0,
+        comptime!(D_V / 8),
+        V_CHUNKS,
+    );
 }
 
 /// Flash-attention variant. Cube c covers query tile c of the batch (each sequence's queries in tiles of
@@ -209,11 +240,9 @@ fn mha_prefill_mma_kernel<N: Size>(
     let k0 = cu_k[seq] as usize;
     let k_len = (cu_k[seq + 1] - cu_k[seq]) as usize;
     let local0 = (tile - first_tile) * BLOCK;
-    let unit = UNIT_POS as usize;
     let plane = (UNIT_POS / 32) as usize;
     let lane = UNIT_POS_PLANE as usize;
     let (g, t) = (lane / 4, lane % 4);
-    let qk_chunks = comptime!(D_QK / 8);
 
     let mut q_s = Shared::<[Vector<u32, N>]>::new_aligned_slice(comptime!(BLOCK * QK_CHUNKS), 16usize);
     let mut k_s = Shared::<[Vector<u32, N>]>::new_aligned_slice(comptime!(2 * BLOCK * QK_CHUNKS), 16usize);
@@ -225,19 +254,18 @@ fn mha_prefill_mma_kernel<N: Size>(
     let blocks = tile_keys.div_ceil(BLOCK);
 
     // Q of the tile (rows past the sequence zero-filled), and the first K/V block.
-    let mut i = unit;
-    while i < comptime!(BLOCK * D_QK / 8) {
-        let (r, c) = (i / qk_chunks, i % qk_chunks);
-        let valid = local0 + r < q_len;
-        let row = (q_start + select(valid, local0 + r, 0usize)) * heads + head;
-        let len = select(valid, 1usize, 0usize);
-        let start = row * qk_chunks + c;
-        copy_chunk_async(
-            &q[start..start + len],
-            &mut q_s[r * QK_CHUNKS + c..r * QK_CHUNKS + c + 1],
-        );
-        i += CUBE_DIM as usize;
-    }
+    copy_head_rows(
+        q,
+        &mut q_s,
+        q_start,
+        local0,
+        q_len,
+        heads,
+        head,
+        0,
+        comptime!(D_QK / 8),
+        QK_CHUNKS,
+    );
     gather_kv(k, v, &mut k_s, &mut v_s, k0, k_len, 0, 0, heads, head);
     commit_async_copies();
     wait_async_copies();

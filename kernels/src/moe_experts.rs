@@ -16,7 +16,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nsa_backends::{Device, IrTarget};
 use nsa_dsl::Format;
-use nsa_dsl::format::{e4m3_to_f32, pack, read_element};
+use nsa_dsl::format::{pack, read_e4m3, read_element};
 use nsa_dsl::reduce::{Reduction, cube_sum};
 use nsa_dsl::select::cube_exclusive_scan;
 use rand::seq::SliceRandom;
@@ -130,9 +130,8 @@ fn read_weight(
             value = read_element(w, index, format);
         }
         WeightFormat::Fp8Block => {
-            let byte = (w[index / 4] >> (8 * (index % 4)) as u32) & 0xff;
             let block = (expert * rows.div_ceil(128) + r / 128) * cols.div_ceil(128) + c / 128;
-            value = e4m3_to_f32(byte) * scales[block];
+            value = read_e4m3(w, index) * scales[block];
         }
     }
     value

@@ -146,6 +146,21 @@ impl TuningTable {
             .find(|e| e.kernel == kernel && e.version == version && e.format == format && e.bucket == bucket)
     }
 
+    /// The entry for this kernel version, format and bucket, created empty when missing.
+    pub fn entry_or_insert(&mut self, kernel: &str, version: &str, problem: &Problem) -> &mut Entry {
+        if self.entry_mut(kernel, version, problem).is_none() {
+            self.entries.push(Entry {
+                kernel: kernel.into(),
+                version: version.into(),
+                format: problem.format.to_string(),
+                bucket: bucket_of(problem),
+                times_ms: Default::default(),
+                best: String::new(),
+            });
+        }
+        self.entry_mut(kernel, version, problem).expect("just inserted")
+    }
+
     /// The fastest variant measured at the bucket nearest `problem` (distance: Σ |log₂ size − log₂ size'|
     /// over the dims), for this kernel version and format; None when the table has nothing for it.
     pub fn choose(&self, kernel: &str, version: &str, problem: &Problem) -> Option<&str> {
@@ -156,7 +171,7 @@ impl TuningTable {
                 .iter()
                 .map(|(name, size)| {
                     let other = entry.bucket.get(*name).copied().unwrap_or(1).max(1);
-                    ((*size).max(1) as f64).log2().sub_abs((other as f64).log2())
+                    (((*size).max(1) as f64).log2() - (other as f64).log2()).abs()
                 })
                 .sum()
         };
@@ -165,16 +180,6 @@ impl TuningTable {
             .filter(|e| e.kernel == kernel && e.version == version && e.format == format && !e.best.is_empty())
             .min_by(|a, b| distance(a).total_cmp(&distance(b)))
             .map(|e| e.best.as_str())
-    }
-}
-
-trait SubAbs {
-    fn sub_abs(self, other: f64) -> f64;
-}
-
-impl SubAbs for f64 {
-    fn sub_abs(self, other: f64) -> f64 {
-        (self - other).abs()
     }
 }
 

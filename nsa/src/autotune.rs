@@ -2,7 +2,7 @@
 //! tuning table (`nsa_kernels::tuning`). Each variant is checked against its reference once first; results
 //! are saved after every measurement, so Ctrl-C keeps them and a rerun resumes where the last one stopped.
 use crate::{Failure, open_device, usage};
-use nsa_kernels::tuning::{DeviceKey, Entry, TuningTable, bucket_of, config_label, kernel_version};
+use nsa_kernels::tuning::{DeviceKey, TuningTable, config_label, kernel_version};
 use nsa_kernels::{KERNELS, Kernel, Problem, Variant, bench, check, find_kernel};
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -165,7 +165,6 @@ pub fn run(args: Args) -> Result<(), Failure> {
     );
     let start = Instant::now();
     let mut checked: Vec<(String, String)> = Vec::new();
-    // Entries are keyed by the bucket's dims, so a configuration's parameters never split them.
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
     for (done, (kernel, version, variant, problem, label)) in work.iter().enumerate() {
         if start.elapsed() > budget {
@@ -201,17 +200,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
         }
         let inputs = kernel.random_inputs(problem, &mut rng);
         let timing = bench::time(*kernel, variant, &device, problem, &inputs, 20.0)?;
-        if table.entry_mut(kernel.name(), version, problem).is_none() {
-            table.entries.push(Entry {
-                kernel: kernel.name().into(),
-                version: version.clone(),
-                format: problem.format.to_string(),
-                bucket: bucket_of(problem),
-                times_ms: Default::default(),
-                best: String::new(),
-            });
-        }
-        let entry = table.entry_mut(kernel.name(), version, problem).expect("just added");
+        // Entries are keyed by the bucket's dims, so a configuration's parameters never split them.
+        let entry = table.entry_or_insert(kernel.name(), version, problem);
         entry.times_ms.insert(label.clone(), timing.median_ms);
         entry.best = entry
             .times_ms
