@@ -114,6 +114,35 @@ pub fn quantize_group(values: &[f32], ue8m0: bool) -> (Vec<u8>, f32) {
     (bytes, scale)
 }
 
+/// The reference quantizer of weights (DeepSeek's checkpoint format): `matrices` row-major [rows, cols]
+/// matrices in blocks of 128 × 128 (partial at the edges), scale = max(amax, 10⁻⁴) / 448 per block; returns
+/// the e4m3 bytes and the scales [matrices, ⌈rows / 128⌉, ⌈cols / 128⌉].
+pub fn quantize_weight_blocks(values: &[f32], matrices: usize, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let (row_blocks, col_blocks) = (rows.div_ceil(GROUP), cols.div_ceil(GROUP));
+    let mut scales = vec![0f32; matrices * row_blocks * col_blocks];
+    for e in 0..matrices {
+        for (rb, cb) in (0..row_blocks).flat_map(|rb| (0..col_blocks).map(move |cb| (rb, cb))) {
+            let amax = (rb * GROUP..((rb + 1) * GROUP).min(rows))
+                .flat_map(|r| {
+                    let start = (e * rows + r) * cols;
+                    values[start + cb * GROUP..start + ((cb + 1) * GROUP).min(cols)].iter()
+                })
+                .fold(0f32, |m, v| m.max(v.abs()));
+            scales[(e * row_blocks + rb) * col_blocks + cb] = amax.max(1e-4) / 448.0;
+        }
+    }
+    let bytes = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let (e, r, c) = (i / (rows * cols), (i / cols) % rows, i % cols);
+            let scale = scales[(e * row_blocks + r / GROUP) * col_blocks + c / GROUP];
+            host::f32_to_e4m3((v / scale).clamp(-448.0, 448.0))
+        })
+        .collect();
+    (bytes, scales)
+}
+
 pub struct Fp8ActQuant;
 
 impl Kernel for Fp8ActQuant {

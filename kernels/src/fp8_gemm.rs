@@ -6,7 +6,7 @@
 //! each group's sum accumulated in f32 and then scaled (DeepSeek's promotion per K block). k a multiple of 128.
 //! Variants: `simt` (one unit per output, everywhere) and `mma` (CUDA: 128 × 128 tiles, e4m3 widened to f16
 //! exactly in shared memory, m16n8k16 f16 multiplies; n a multiple of 128).
-use crate::fp8_act::quantize_group;
+use crate::fp8_act::{quantize_group, quantize_weight_blocks};
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::spec::{Storage, TensorSpec};
 use crate::{DType, HostTensor, Kernel, KernelError, Problem, Variant};
@@ -344,21 +344,7 @@ impl Kernel for Fp8Gemm {
             a_scales.push(scale);
         }
         let w: Vec<f32> = crate::check::normal(rng, n * k).iter().map(|v| v * 0.05).collect();
-        let mut b_scales = vec![0f32; ng * kg];
-        for bn in 0..ng {
-            for bk in 0..kg {
-                let amax = (bn * GROUP..((bn + 1) * GROUP).min(n))
-                    .flat_map(|r| w[r * k + bk * GROUP..][..GROUP].iter())
-                    .fold(0f32, |acc, v| acc.max(v.abs()));
-                b_scales[bn * kg + bk] = amax.max(1e-4) / 448.0;
-            }
-        }
-        let b: Vec<u8> = (0..n * k)
-            .map(|i| {
-                let scale = b_scales[(i / k / GROUP) * kg + (i % k) / GROUP];
-                host::f32_to_e4m3((w[i] / scale).clamp(-448.0, 448.0))
-            })
-            .collect();
+        let (b, b_scales) = quantize_weight_blocks(&w, 1, n, k);
         vec![
             HostTensor::from_u8("a", &[m, k], &a),
             HostTensor::from_f32("a_scales", &[m, kg], DType::F32, &a_scales),

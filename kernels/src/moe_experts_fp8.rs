@@ -6,6 +6,7 @@
 //! w13_scales [experts, 2·inter / 128, hidden / 128], w2 [experts, hidden, inter] u8 with w2_scales
 //! [experts, hidden / 128, inter / 128] → out [tokens, hidden]. hidden and inter are multiples of 128.
 //! Variant `simt` (everywhere).
+use crate::fp8_act::quantize_weight_blocks;
 use crate::moe_experts::{
     Layer, MoeExperts, WeightFormat, launch_layer, random_expert_weights, random_routing, reference_layer,
 };
@@ -51,36 +52,8 @@ fn dims(tokens: usize, hidden: usize, inter: usize, experts: usize, top_k: usize
     ]
 }
 
-/// Quantizes `experts` row-major [rows, cols] matrices per 128 × 128 block (scale = amax / 448): bytes and
-/// scales [experts, rows / 128, cols / 128].
-fn quantize_blocks(values: &[f32], experts: usize, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
-    let (row_blocks, col_blocks) = (rows / BLOCK, cols / BLOCK);
-    let mut scales = vec![0f32; experts * row_blocks * col_blocks];
-    for e in 0..experts {
-        for (rb, cb) in (0..row_blocks).flat_map(|rb| (0..col_blocks).map(move |cb| (rb, cb))) {
-            let amax = (0..BLOCK)
-                .flat_map(|r| {
-                    let start = (e * rows + rb * BLOCK + r) * cols + cb * BLOCK;
-                    values[start..start + BLOCK].iter()
-                })
-                .fold(0f32, |m, v| m.max(v.abs()));
-            scales[(e * row_blocks + rb) * col_blocks + cb] = amax.max(1e-4) / 448.0;
-        }
-    }
-    let bytes = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let (e, r, c) = (i / (rows * cols), (i / cols) % rows, i % cols);
-            let scale = scales[(e * row_blocks + r / BLOCK) * col_blocks + c / BLOCK];
-            host::f32_to_e4m3((v / scale).clamp(-448.0, 448.0))
-        })
-        .collect();
-    (bytes, scales)
-}
-
 /// The dequantized f64 matrices of bytes and block scales.
-fn dequantize_blocks(bytes: &[u8], scales: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+fn dequantize_weight_blocks(bytes: &[u8], scales: &[f64], rows: usize, cols: usize) -> Vec<f64> {
     let (row_blocks, col_blocks) = (rows / BLOCK, cols / BLOCK);
     bytes
         .iter()
@@ -169,8 +142,8 @@ impl Kernel for MoeExpertsFp8 {
         let x = crate::check::normal(rng, tokens * hidden);
         let (ids, weights) = random_routing(rng, tokens, experts, top_k);
         let (w13, w2) = random_expert_weights(rng, experts, hidden, inter);
-        let (w13_bytes, w13_scales) = quantize_blocks(&w13, experts, 2 * inter, hidden);
-        let (w2_bytes, w2_scales) = quantize_blocks(&w2, experts, hidden, inter);
+        let (w13_bytes, w13_scales) = quantize_weight_blocks(&w13, experts, 2 * inter, hidden);
+        let (w2_bytes, w2_scales) = quantize_weight_blocks(&w2, experts, hidden, inter);
         let (hb, ib) = (hidden / BLOCK, inter / BLOCK);
         vec![
             HostTensor::from_f32("x", &[tokens, hidden], DType::of(problem.format), &x),
@@ -184,13 +157,13 @@ impl Kernel for MoeExpertsFp8 {
     }
     fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>> {
         let (hidden, inter) = (problem.dim("hidden"), problem.dim("inter"));
-        let w13 = dequantize_blocks(
+        let w13 = dequantize_weight_blocks(
             &host::words_to_bytes(&inputs[3].words),
             &inputs[4].to_f64(),
             2 * inter,
             hidden,
         );
-        let w2 = dequantize_blocks(
+        let w2 = dequantize_weight_blocks(
             &host::words_to_bytes(&inputs[5].words),
             &inputs[6].to_f64(),
             hidden,
