@@ -16,6 +16,7 @@ pub mod mha_prefill;
 pub mod mla_decode;
 pub mod moe_experts;
 pub mod moe_experts_fp8;
+pub mod moe_experts_mma;
 pub mod moe_gate;
 pub mod norm;
 pub mod registry;

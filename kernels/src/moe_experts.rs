@@ -10,11 +10,12 @@
 //! the caller.
 //! Variant `simt`: one unit per output element of each step (everywhere; the reference for faster variants).
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
+use crate::moe_experts_mma::{TILE, down_mma_kernel, gate_up_mma_kernel};
 use crate::spec::{Storage, TensorSpec};
 use crate::{DType, HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use nsa_backends::{Device, IrTarget};
+use nsa_backends::{Device, DeviceFeatures, IrTarget};
 use nsa_dsl::Format;
 use nsa_dsl::format::{pack, read_e4m3, read_element};
 use nsa_dsl::reduce::{Reduction, cube_sum};
@@ -24,11 +25,18 @@ use serde::{Deserialize, Serialize};
 
 const UNITS: u32 = 256;
 
-pub const VARIANTS: &[Variant] = &[Variant {
-    name: "simt",
-    summary: "counting-sort permutation, one unit per output element of each projection",
-    needs_plane_ops: false,
-}];
+pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "mma",
+        summary: "grouped GEMMs on mma.sync: 64 rows of an expert × 64 columns per cube (CUDA, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "simt",
+        summary: "counting-sort permutation, one unit per output element of each projection",
+        needs_plane_ops: false,
+    },
+];
 
 /// counts[e] = how many (token, k) pairs chose expert e (one cube per expert).
 #[cube(launch)]
@@ -306,6 +314,9 @@ impl Kernel for MoeExperts {
                 (70, 32, 16, 16, 4),
                 (1, 32, 24, 4, 4),
                 (9, 48, 16, 32, 3),
+                // Shapes the mma variant takes (hidden, inter multiples of 64; an expert past 64 rows).
+                (20, 128, 64, 8, 2),
+                (130, 64, 128, 4, 3),
             ] {
                 problems.push(Problem::new(format, &dims(tokens, hidden, inter, experts, top_k), &[]));
             }
@@ -333,6 +344,34 @@ impl Kernel for MoeExperts {
             });
         }
         Ok(())
+    }
+    fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        if variant.name == "mma" {
+            if !features.mma_m16n8k16_bf16 || features.plane_size != 32 {
+                return Err("needs warp mma.sync m16n8k16 bf16 (CUDA)".into());
+            }
+            let (hidden, inter) = (problem.dim("hidden"), problem.dim("inter"));
+            if problem.format != Format::Bf16 || !hidden.is_multiple_of(TILE) || !inter.is_multiple_of(TILE) {
+                return Err(format!(
+                    "needs bf16 with hidden and inter multiples of 64, got {} hidden={hidden} inter={inter}",
+                    problem.format
+                ));
+            }
+        }
+        Ok(())
+    }
+    fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
+        variant.name != "mma" || target == IrTarget::Cuda
+    }
+    fn supports_format(&self, variant: &Variant, format: Format) -> bool {
+        variant.name != "mma" || format == Format::Bf16
+    }
+    fn shared_memory_bytes(&self, variant: &Variant, _: &Problem) -> usize {
+        match variant.name {
+            // Three 64-row tiles of 64 bf16 (plus a padding chunk per row).
+            "mma" => 3 * 16 * TILE * (TILE / 8 + 1),
+            _ => 0,
+        }
     }
     fn flops(&self, problem: &Problem) -> u64 {
         // Per (token, k): gate and up (2·2·hidden·inter) and down (2·hidden·inter).
@@ -371,7 +410,7 @@ impl Kernel for MoeExperts {
             &inputs[4].to_f64(),
         )]
     }
-    fn launch(&self, _: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
+    fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
         // Dense weights have no scales: 1-element placeholders fill those bindings.
         let none = device.client.create_from_slice(&[0u8; 4]);
         let layer = Layer {
@@ -384,9 +423,29 @@ impl Kernel for MoeExperts {
             w2_scales: &none,
             out: &outputs[0],
         };
-        launch_layer(device, problem, layer, WeightFormat::Dense);
+        launch_layer(device, problem, layer, WeightFormat::Dense, variant.name == "mma");
     }
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
+        if variant.name == "mma" {
+            let (props, target_props) = nsa_backends::ir_properties(target);
+            let a = slice_arg;
+            return gate_up_mma_kernel::GateUpMmaKernel::new(
+                ir_settings(CubeDim::new_1d(128)),
+                props,
+                target_props,
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                (),
+                (),
+                (),
+                (),
+                4,
+            )
+            .define();
+        }
         define_gate_up(variant, target, problem, WeightFormat::Dense)
     }
 }
@@ -404,7 +463,7 @@ pub(crate) struct Layer<'a> {
 }
 
 /// Runs the six steps (counts, offsets, permutation, gate/up, down, combine) over `layer`.
-pub(crate) fn launch_layer(device: &Device, problem: &Problem, layer: Layer, weight_format: WeightFormat) {
+pub(crate) fn launch_layer(device: &Device, problem: &Problem, layer: Layer, weight_format: WeightFormat, mma: bool) {
     let (tokens, hidden, inter) = (problem.dim("tokens"), problem.dim("hidden"), problem.dim("inter"));
     let (experts, top_k) = (problem.dim("experts"), problem.dim("top_k"));
     let (format, per_word) = (problem.format, problem.format.per_word() as usize);
@@ -461,39 +520,75 @@ pub(crate) fn launch_layer(device: &Device, problem: &Problem, layer: Layer, wei
         experts,
         top_k,
     );
-    gate_up_kernel::launch(
-        client,
-        grid((pairs * inter).div_ceil(UNITS as usize)),
-        dim,
-        buffer(layer.x, tokens * hidden / per_word),
-        buffer(layer.w13, w13_words),
-        buffer(layer.w13_scales, w13_scales),
-        buffer(&rows, pairs),
-        buffer(&offsets, experts + 1),
-        buffer(&h, pairs * inter),
-        pairs,
-        hidden,
-        inter,
-        experts,
-        format,
-        weight_format,
-    );
-    down_kernel::launch(
-        client,
-        grid((pairs * hidden).div_ceil(UNITS as usize)),
-        dim,
-        buffer(&h, pairs * inter),
-        buffer(layer.w2, w2_words),
-        buffer(layer.w2_scales, w2_scales),
-        buffer(&offsets, experts + 1),
-        buffer(&y, pairs * hidden),
-        pairs,
-        hidden,
-        inter,
-        experts,
-        format,
-        weight_format,
-    );
+    if mma {
+        // Row tiles: each expert's rows in tiles of 64 (at most one partial tile per expert); dense bf16
+        // weights only.
+        let row_tiles = pairs.div_ceil(TILE) + experts;
+        let h16 = client.empty(2 * pairs * inter);
+        gate_up_mma_kernel::launch(
+            client,
+            grid(row_tiles * (inter / TILE)),
+            CubeDim::new_1d(128),
+            4,
+            buffer(layer.x, tokens * hidden / 8),
+            buffer(layer.w13, experts * 2 * inter * hidden / 8),
+            buffer(&rows, pairs),
+            buffer(&offsets, experts + 1),
+            buffer(&h16, pairs * inter / 2),
+            hidden,
+            inter,
+            experts,
+            inter / TILE,
+        );
+        down_mma_kernel::launch(
+            client,
+            grid(row_tiles * (hidden / TILE)),
+            CubeDim::new_1d(128),
+            4,
+            buffer(&h16, pairs * inter / 8),
+            buffer(layer.w2, experts * hidden * inter / 8),
+            buffer(&offsets, experts + 1),
+            buffer(&y, pairs * hidden),
+            hidden,
+            inter,
+            experts,
+            hidden / TILE,
+        );
+    } else {
+        gate_up_kernel::launch(
+            client,
+            grid((pairs * inter).div_ceil(UNITS as usize)),
+            dim,
+            buffer(layer.x, tokens * hidden / per_word),
+            buffer(layer.w13, w13_words),
+            buffer(layer.w13_scales, w13_scales),
+            buffer(&rows, pairs),
+            buffer(&offsets, experts + 1),
+            buffer(&h, pairs * inter),
+            pairs,
+            hidden,
+            inter,
+            experts,
+            format,
+            weight_format,
+        );
+        down_kernel::launch(
+            client,
+            grid((pairs * hidden).div_ceil(UNITS as usize)),
+            dim,
+            buffer(&h, pairs * inter),
+            buffer(layer.w2, w2_words),
+            buffer(layer.w2_scales, w2_scales),
+            buffer(&offsets, experts + 1),
+            buffer(&y, pairs * hidden),
+            pairs,
+            hidden,
+            inter,
+            experts,
+            format,
+            weight_format,
+        );
+    }
     combine_kernel::launch(
         client,
         grid((tokens * hidden / per_word).div_ceil(UNITS as usize)),

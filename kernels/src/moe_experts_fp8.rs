@@ -183,7 +183,7 @@ impl Kernel for MoeExpertsFp8 {
             w2_scales: &inputs[6],
             out: &outputs[0],
         };
-        launch_layer(device, problem, layer, WeightFormat::Fp8Block);
+        launch_layer(device, problem, layer, WeightFormat::Fp8Block, false);
     }
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         crate::moe_experts::define_gate_up(variant, target, problem, WeightFormat::Fp8Block)
