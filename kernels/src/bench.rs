@@ -1,6 +1,7 @@
 //! Timing one kernel variant on a device: inputs uploaded once, warm-up launches (compilation and
-//! first-touch stay out of the numbers), then batches of launches each closed by a device sync; the
-//! median batch gives the time per launch. Used by `nsa bench` (and autotune, later).
+//! first-touch stay out of the numbers), then batches of launches, each timed by the runtime's profiler —
+//! device events on CUDA/HIP (and wgpu timestamp queries where the adapter has them), the host clock
+//! around a sync otherwise. The median batch gives the time per launch. Used by `nsa bench` and autotune.
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::server::Handle;
 use nsa_backends::Device;
@@ -13,23 +14,31 @@ pub struct Timing {
     pub min_ms: f64,
     pub max_ms: f64,
     pub launches: usize,
+    /// `device events` or `host clock` (what the runtime's profiler measured with).
+    pub method: &'static str,
 }
 
-fn sync(kernel: &dyn Kernel, variant: &Variant, device: &Device) -> Result<(), KernelError> {
-    cubecl::future::block_on(device.client.sync()).map_err(|e| KernelError::Device {
+fn device_error(kernel: &dyn Kernel, variant: &Variant, error: impl std::fmt::Display) -> KernelError {
+    KernelError::Device {
         kernel: kernel.name(),
         variant: variant.name,
-        reason: e
+        reason: error
             .to_string()
             .lines()
             .find(|l| !l.trim().is_empty())
             .unwrap_or("")
             .trim()
             .to_string(),
-    })
+    }
 }
 
-/// Times `variant` on `problem` with `inputs` (host tensors, uploaded once; outputs reused).
+fn sync(kernel: &dyn Kernel, variant: &Variant, device: &Device) -> Result<(), KernelError> {
+    cubecl::future::block_on(device.client.sync()).map_err(|e| device_error(kernel, variant, e))
+}
+
+/// Times `variant` on `problem` with `inputs` (host tensors, uploaded once; outputs reused). Batches
+/// last about `target_batch_ms`; slow variants get fewer batches (at least one) so a hopeless variant
+/// costs seconds, not minutes.
 pub fn time(
     kernel: &dyn Kernel,
     variant: &Variant,
@@ -59,20 +68,34 @@ pub fn time(
     sync(kernel, variant, device)?;
     let single_ms = start.elapsed().as_secs_f64() * 1e3;
     let per_batch = ((target_batch_ms / single_ms.max(1e-3)) as usize).clamp(1, 1000);
+    let batches = ((2000.0 / (single_ms * per_batch as f64)) as usize).clamp(1, 7);
     let mut samples = Vec::new();
-    for _ in 0..7 {
-        let start = Instant::now();
-        for _ in 0..per_batch {
-            launch();
+    let mut method = "host clock";
+    for _ in 0..batches {
+        let (_, duration) = client
+            .profile(
+                || {
+                    for _ in 0..per_batch {
+                        launch();
+                    }
+                },
+                "nsa bench",
+            )
+            .map_err(|e| device_error(kernel, variant, format!("{e:?}")))?;
+        if duration.timing_method() == cubecl::profile::TimingMethod::Device {
+            method = "device events";
         }
-        sync(kernel, variant, device)?;
-        samples.push(start.elapsed().as_secs_f64() * 1e3 / per_batch as f64);
+        let ticks = cubecl::future::block_on(duration.resolve())
+            .ok_or_else(|| device_error(kernel, variant, "the profiler returned no measurement"))?;
+        samples.push(ticks.duration().as_secs_f64() * 1e3 / per_batch as f64);
     }
+    sync(kernel, variant, device)?;
     samples.sort_by(f64::total_cmp);
     Ok(Timing {
         median_ms: samples[samples.len() / 2],
         min_ms: samples[0],
         max_ms: samples[samples.len() - 1],
         launches: per_batch * samples.len(),
+        method,
     })
 }

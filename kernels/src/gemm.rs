@@ -1,9 +1,11 @@
 //! Dense GEMM for the model's bf16 linear layers, through cubek-matmul: c [m, n] = a [m, k] · bᵀ with b
 //! [n, k] (a linear layer's weight, read transposed in place), f32 accumulation.
 //!
-//! Variant `cubek`: cubek's `Strategy::Auto`, which picks (and tunes, per device) its own tiled or
-//! multi-level matmul kernel at launch; so it has no single kernel to show in `nsa ir` or the snapshots.
-//! bf16 needs a device with bf16 arithmetic (CUDA, HIP); f32 runs everywhere.
+//! Variant `cubek`: bf16 through cubek's `Strategy::Auto`, which picks (and tunes, per device) its own
+//! tiled or multi-level matmul kernel at launch; so it has no single kernel to show in `nsa ir` or the
+//! snapshots. bf16 needs a device with bf16 arithmetic (CUDA, HIP). f32 takes cubek's `SimpleUnit`
+//! routine (plain f32 FMAs, everywhere): `Auto` would round f32 operands to tf32 on tensor cores
+//! (10-bit mantissa, ~1e-3 relative), which is not an f32 GEMM.
 use crate::spec::{Storage, TensorSpec};
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::ir::{ElemType, FloatKind};
@@ -11,6 +13,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cubek_matmul::definition::{MatmulElems, MatmulGlobalElems};
 use cubek_matmul::launch::launch_ref;
+use cubek_matmul::multi_level;
 use cubek_matmul::strategy::Strategy;
 use cubek_std::InputBinding;
 use nsa_backends::{Device, DeviceFeatures, IrTarget};
@@ -18,7 +21,7 @@ use nsa_dsl::Format;
 
 pub const VARIANTS: &[Variant] = &[Variant {
     name: "cubek",
-    summary: "cubek-matmul, Strategy::Auto (its kernel chosen and tuned per device at launch)",
+    summary: "cubek-matmul: bf16 by Strategy::Auto (kernel chosen per device at launch), f32 by SimpleUnit (no tf32)",
     needs_plane_ops: false,
 }];
 
@@ -136,8 +139,12 @@ impl Kernel for Gemm {
             rhs: ty,
             out: ty,
         });
+        let strategy = match problem.format {
+            Format::Bf16 => Strategy::Auto,
+            Format::F32 => Strategy::MultiLevel(multi_level::Strategy::SimpleUnit(Default::default())),
+        };
         if let Err(error) = launch_ref(
-            &Strategy::Auto,
+            &strategy,
             &device.client,
             InputBinding::new(a, ty),
             InputBinding::new(b, ty),

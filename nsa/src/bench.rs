@@ -123,6 +123,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         "{:<14} {:<58} {:>10} {:>9} {:>9} {:>9} {:>11} {:>9}",
         "variant", "shape", "time ms", "TFLOP/s", "GB/s", "roofline", "torch ms", "speedup"
     );
+    let mut method_shown = false;
     for problem in &problems {
         eprintln!("preparing inputs for {problem} ...");
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
@@ -148,6 +149,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 && (!tuned || pick.as_ref().is_some_and(|p| p.variant.name == v.name))
         }) {
             let timing = nsa_kernels::bench::time(kernel, variant, &device, problem, &inputs, 200.0)?;
+            if !method_shown {
+                println!("(times: median of batches, measured by {})", timing.method);
+                method_shown = true;
+            }
             let spec = kernel.spec(variant, problem);
             let seconds = timing.median_ms / 1e3;
             let (tflops, gbps) = (spec.flops as f64 / seconds / 1e12, spec.bytes as f64 / seconds / 1e9);
