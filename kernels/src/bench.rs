@@ -47,6 +47,20 @@ pub fn time(
     inputs: &[HostTensor],
     target_batch_ms: f64,
 ) -> Result<Timing, KernelError> {
+    time_unless_slower(kernel, variant, device, problem, inputs, target_batch_ms, f64::INFINITY)
+}
+
+/// [`time`], except that a launch slower than `give_up_ms` is not repeated: its one host-timed launch
+/// is the result (autotune passes a multiple of the best time so far, which a slower variant cannot win).
+pub fn time_unless_slower(
+    kernel: &dyn Kernel,
+    variant: &Variant,
+    device: &Device,
+    problem: &Problem,
+    inputs: &[HostTensor],
+    target_batch_ms: f64,
+    give_up_ms: f64,
+) -> Result<Timing, KernelError> {
     kernel.validate(problem)?;
     let client = &device.client;
     let input_handles: Vec<Handle> = inputs
@@ -67,6 +81,15 @@ pub fn time(
     launch();
     sync(kernel, variant, device)?;
     let single_ms = start.elapsed().as_secs_f64() * 1e3;
+    if single_ms > give_up_ms {
+        return Ok(Timing {
+            median_ms: single_ms,
+            min_ms: single_ms,
+            max_ms: single_ms,
+            launches: 1,
+            method: "host clock",
+        });
+    }
     let per_batch = ((target_batch_ms / single_ms.max(1e-3)) as usize).clamp(1, 1000);
     let batches = ((2000.0 / (single_ms * per_batch as f64)) as usize).clamp(1, 7);
     let mut samples = Vec::new();

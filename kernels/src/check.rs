@@ -48,6 +48,40 @@ pub fn normal(rng: &mut StdRng, len: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Model-sized bench data (billions of weights) in seconds: `len` words, each from a hash of its index and
+/// `seed` (splitmix64), filled by every core. Not for tests: `normal` with a seeded rng is the test data.
+pub fn fast_random_words(seed: u64, len: usize, word: impl Fn(u64) -> u32 + Sync) -> Vec<u32> {
+    let mut words = vec![0u32; len];
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+    let chunk = len.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (c, part) in words.chunks_mut(chunk).enumerate() {
+            let word = &word;
+            scope.spawn(move || {
+                for (i, w) in part.iter_mut().enumerate() {
+                    let mut z = seed ^ ((c * chunk + i) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                    *w = word(z ^ (z >> 31));
+                }
+            });
+        }
+    });
+    words
+}
+
+/// Two bf16 values per word, uniform with standard deviation `std` (the same variance as the normal test
+/// data), from [`fast_random_words`].
+pub fn fast_bf16_words(seed: u64, len: usize, std: f32) -> Vec<u32> {
+    let amplitude = std * 3f32.sqrt();
+    // A 24-bit uniform integer → a bf16 in [−amplitude, amplitude).
+    let bf16 = move |bits: u64| {
+        let unit = (bits & 0xff_ffff) as f32 / (1u32 << 24) as f32;
+        half::bf16::from_f32((2.0 * unit - 1.0) * amplitude).to_bits() as u32
+    };
+    fast_random_words(seed, len.div_ceil(2), move |z| bf16(z >> 40) | (bf16(z >> 16) << 16))
+}
+
 pub fn random_normal_inputs(specs: &[TensorSpec], problem: &Problem, rng: &mut StdRng) -> Vec<HostTensor> {
     specs
         .iter()
@@ -186,4 +220,26 @@ pub fn check(
         }
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fast_bf16_words_have_the_asked_spread_and_no_repeats() {
+        let words = super::fast_bf16_words(7, 200_001, 0.5);
+        assert_eq!(words.len(), 100_001);
+        let values: Vec<f64> = nsa_dsl::host::unpack(&words, nsa_dsl::Format::Bf16, 200_001)
+            .iter()
+            .map(|v| *v as f64)
+            .collect();
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / values.len() as f64).sqrt();
+        assert!(mean.abs() < 0.01 && (std - 0.5).abs() < 0.01, "mean {mean}, std {std}");
+        assert!(values.iter().all(|v| v.abs() <= 0.5 * 3f64.sqrt() + 1e-2));
+        // The two halves of a word and neighbouring words are independent draws.
+        let same = words.windows(2).filter(|w| w[0] == w[1]).count()
+            + words.iter().filter(|w| *w >> 16 == *w & 0xffff).count();
+        // bf16 has ~2000 values in this range: chance alone repeats ~1 in 1000; correlated halves would repeat always.
+        assert!(same < 1000, "{same} repeats");
+    }
 }

@@ -324,10 +324,10 @@ impl Kernel for MoeExperts {
         problems
     }
     fn bench_problems(&self) -> Vec<Problem> {
-        // Not run yet at the model's size (22.5 GB of bf16 expert weights): a 16-expert slice of it.
+        // DeepSeek-V3.2's layer: 256 experts (22.5 GB of bf16 weights), top-8, at 256 and 8192 tokens.
         [256, 8192]
             .into_iter()
-            .map(|tokens| Problem::new(Format::Bf16, &dims(tokens, 7168, 2048, 16, 8), &[]))
+            .map(|tokens| Problem::new(Format::Bf16, &dims(tokens, 7168, 2048, 256, 8), &[]))
             .collect()
     }
     fn ir_problem(&self, format: Format) -> Problem {
@@ -390,13 +390,39 @@ impl Kernel for MoeExperts {
         let dtype = DType::of(problem.format);
         let x = crate::check::normal(rng, tokens * hidden);
         let (ids, weights) = random_routing(rng, tokens, experts, top_k);
-        let (w13, w2) = random_expert_weights(rng, experts, hidden, inter);
+        let (w13_shape, w2_shape) = ([experts, 2 * inter, hidden], [experts, hidden, inter]);
+        let (w13, w2) = if problem.format == Format::Bf16 && experts * hidden * inter > MODEL_SIZED {
+            // The model's 256 experts: 11 G weights, generated in parallel.
+            let seed = rand::Rng::random::<u64>(rng);
+            let words = |shape: [usize; 3], seed, std: f32| HostTensor {
+                name: String::new(),
+                shape: shape.to_vec(),
+                dtype,
+                words: crate::check::fast_bf16_words(seed, shape.iter().product(), std),
+            };
+            (
+                HostTensor {
+                    name: "w13".into(),
+                    ..words(w13_shape, seed, (hidden as f32).powf(-0.5))
+                },
+                HostTensor {
+                    name: "w2".into(),
+                    ..words(w2_shape, seed ^ 1, (inter as f32).powf(-0.5))
+                },
+            )
+        } else {
+            let (w13, w2) = random_expert_weights(rng, experts, hidden, inter);
+            (
+                HostTensor::from_f32("w13", &w13_shape, dtype, &w13),
+                HostTensor::from_f32("w2", &w2_shape, dtype, &w2),
+            )
+        };
         vec![
             HostTensor::from_f32("x", &[tokens, hidden], dtype, &x),
             HostTensor::from_i32("ids", &[tokens, top_k], &ids),
             HostTensor::from_f32("weights", &[tokens, top_k], DType::F32, &weights),
-            HostTensor::from_f32("w13", &[experts, 2 * inter, hidden], dtype, &w13),
-            HostTensor::from_f32("w2", &[experts, hidden, inter], dtype, &w2),
+            w13,
+            w2,
         ]
     }
     fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>> {
@@ -696,6 +722,9 @@ pub(crate) fn random_routing(
 
 /// Expert weights w13 [experts, 2·inter, hidden] and w2 [experts, hidden, inter], scaled so activations stay
 /// O(1) through both projections.
+/// Expert weights (experts × hidden × inter) past which bench data comes from `fast_bf16_words`.
+const MODEL_SIZED: usize = 1 << 28;
+
 pub(crate) fn random_expert_weights(
     rng: &mut rand::rngs::StdRng,
     experts: usize,

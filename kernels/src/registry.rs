@@ -15,6 +15,7 @@ pub static KERNELS: &[&dyn Kernel] = &[
     &crate::mla_decode::MlaDecode,
     &crate::mha_prefill::MhaPrefill,
     &crate::fp8_kv::Fp8KvQuantize,
+    &crate::fp8_kv_dequant::Fp8KvDequantize,
     &crate::fp8_act::Fp8ActQuant,
     &crate::fp8_gemm::Fp8Gemm,
     &crate::gemm::Gemm,

@@ -4,6 +4,7 @@
 //! JSON: `{"format": "nsa-tuning-1", "device": {runtime, name, arch}, "entries": [{kernel, version, format,
 //! bucket: {dim: size}, times_ms: {variant: ms}, best}]}`. A kernel's version is a hash of its generated
 //! code, so a table measured before a kernel changed is not applied to the new code.
+use crate::strategy::{Strategy, strategy_version, table_name};
 use crate::{Kernel, Problem, Variant};
 use nsa_backends::{DeviceInfo, IrTarget};
 use nsa_dsl::Format;
@@ -191,26 +192,27 @@ pub fn bucket_of(problem: &Problem) -> BTreeMap<String, usize> {
 /// The kernel's version: an FNV-1a hash of its variants' generated code (CUDA, else WGSL; names alone for a
 /// kernel without IR of its own), so a changed kernel does not inherit old measurements.
 pub fn kernel_version(kernel: &dyn Kernel) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for b in bytes {
-            hash ^= *b as u64;
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    feed(kernel.name().as_bytes());
+    let mut text = kernel.name().to_string();
     let format = kernel.formats().first().copied().unwrap_or(Format::F32);
     for variant in kernel.variants() {
-        feed(variant.name.as_bytes());
+        text.push_str(variant.name);
         let target = [IrTarget::Cuda, IrTarget::Wgsl]
             .into_iter()
             .find(|t| kernel.supports_target(variant, *t) && kernel.supports_format(variant, format));
         if let Some(target) = target
             && let Ok(source) = crate::ir::emit(kernel, variant, target, &kernel.ir_problem(format))
         {
-            feed(source.as_bytes());
+            text.push_str(&source);
         }
     }
+    fnv1a(text.as_bytes())
+}
+
+/// FNV-1a, 64-bit, as 16 hex digits.
+pub fn fnv1a(bytes: &[u8]) -> String {
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, b| {
+        (hash ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
     format!("{hash:016x}")
 }
 
@@ -280,7 +282,7 @@ impl Pick {
 /// gives the defaults and a warning.
 pub struct Dispatch {
     table: Option<TuningTable>,
-    versions: std::sync::Mutex<BTreeMap<&'static str, String>>,
+    versions: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 /// Where a dispatched variant came from.
@@ -326,7 +328,7 @@ impl Dispatch {
                 .versions
                 .lock()
                 .expect("version cache")
-                .entry(kernel.name())
+                .entry(kernel.name().to_string())
                 .or_insert_with(|| kernel_version(kernel))
                 .clone();
             if let Some(label) = table.choose(kernel.name(), &version, problem) {
@@ -347,5 +349,26 @@ impl Dispatch {
             params: Vec::new(),
             choice: Choice::Default,
         })
+    }
+
+    /// A strategy's option at `shape`: the table's fastest at the nearest measured bucket (at the current
+    /// versions of the kernels it launches), else SGLang's rule.
+    pub fn decide(&self, strategy: &dyn Strategy, shape: &Problem) -> (&'static str, Choice) {
+        if let Some(table) = &self.table {
+            let name = table_name(strategy);
+            let version = self
+                .versions
+                .lock()
+                .expect("version cache")
+                .entry(name.clone())
+                .or_insert_with(|| strategy_version(strategy))
+                .clone();
+            if let Some(label) = table.choose(&name, &version, shape)
+                && let Some(option) = strategy.options().iter().find(|o| **o == label)
+            {
+                return (option, Choice::Tuned);
+            }
+        }
+        (strategy.rule(shape), Choice::Default)
     }
 }

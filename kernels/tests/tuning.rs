@@ -1,6 +1,7 @@
 //! The tuning table and dispatch, without a device: labels, nearest buckets, stale versions, round trips.
 use nsa_backends::DeviceFeatures;
 use nsa_kernels::find_kernel;
+use nsa_kernels::strategy::{STRATEGIES, find_strategy, strategy_version, table_name};
 use nsa_kernels::tuning::{
     Choice, DeviceKey, Dispatch, Entry, TuningTable, bucket_of, config_label, kernel_version, parse_label,
 };
@@ -98,5 +99,83 @@ fn dispatch_picks_the_nearest_bucket_and_ignores_stale_versions() {
         },
     );
     assert!(warning.unwrap().contains("not on this device"));
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn strategies_follow_sglang_rules_without_a_table_and_the_measurement_with_one() {
+    let prefill = find_strategy("nsa_prefill_backend").unwrap();
+    let shape = |q: usize, kv: usize| {
+        let mut shape = prefill.grid(false).remove(0);
+        for (name, size) in &mut shape.dims {
+            match *name {
+                "q" => *size = q,
+                "kv" => *size = kv,
+                _ => {}
+            }
+        }
+        shape
+    };
+    // SGLang: flashmla_sparse while total_kv < total_q · 512.
+    let defaults = Dispatch::defaults();
+    assert_eq!(
+        defaults.decide(prefill, &shape(16, 8191)),
+        ("flashmla_sparse", Choice::Default)
+    );
+    assert_eq!(
+        defaults.decide(prefill, &shape(16, 8192)),
+        ("flashmla_kv", Choice::Default)
+    );
+    let mha = find_strategy("strategy:mha_one_shot").unwrap();
+    let mut short = mha.grid(false).remove(0);
+    assert!(short.dim("kv") <= 2048);
+    assert_eq!(defaults.decide(mha, &short), ("mha_one_shot", Choice::Default));
+    short.dims.iter_mut().find(|(n, _)| *n == "kv").unwrap().1 = 2049;
+    assert_eq!(defaults.decide(mha, &short).0, "sparse");
+
+    // Every option's plan is a chain of valid launches at every bucket of both grids.
+    for strategy in STRATEGIES {
+        for tiny in [false, true] {
+            for shape in strategy.grid(tiny) {
+                for option in strategy.options() {
+                    let plan = strategy.plan(option, &shape);
+                    assert!(!plan.is_empty());
+                    for step in plan {
+                        step.kernel.validate(&step.problem).unwrap();
+                    }
+                }
+            }
+        }
+    }
+
+    // A table that measured flashmla_kv faster at (16, 8192) · (1024, 8192): the nearest bucket decides.
+    let mut table = TuningTable::new(device());
+    let version = strategy_version(prefill);
+    for (q, best, other) in [
+        (16, "flashmla_kv", "flashmla_sparse"),
+        (1024, "flashmla_kv", "flashmla_sparse"),
+    ] {
+        table.entries.push(Entry {
+            kernel: table_name(prefill),
+            version: version.clone(),
+            format: "bf16".into(),
+            bucket: bucket_of(&shape(q, 8192)),
+            times_ms: [(best.to_string(), 1.0), (other.to_string(), 3.0)]
+                .into_iter()
+                .collect(),
+            best: best.into(),
+        });
+    }
+    let path = std::env::temp_dir().join(format!("nsa-strategy-test-{}.json", std::process::id()));
+    table.save(&path).unwrap();
+    let (dispatch, warning) = Dispatch::load(&path, &device());
+    assert!(warning.is_none());
+    // The rule says flashmla_sparse at (900, 8192); the measurement says flashmla_kv.
+    assert_eq!(
+        dispatch.decide(prefill, &shape(900, 8192)),
+        ("flashmla_kv", Choice::Tuned)
+    );
+    // A strategy the table never measured keeps its rule.
+    assert_eq!(dispatch.decide(mha, &short), ("sparse", Choice::Default));
     std::fs::remove_file(&path).unwrap();
 }

@@ -2,7 +2,8 @@
 //! tuning table (`nsa_kernels::tuning`). Each variant is checked against its reference once first; results
 //! are saved after every measurement, so Ctrl-C keeps them and a rerun resumes where the last one stopped.
 use crate::{Failure, open_device, usage};
-use nsa_kernels::tuning::{DeviceKey, TuningTable, config_label, kernel_version};
+use nsa_kernels::strategy::{STRATEGIES, Strategy, find_strategy, strategy_version, table_name};
+use nsa_kernels::tuning::{DeviceKey, TuningTable, config_label, default_variant, kernel_version, parse_label};
 use nsa_kernels::{KERNELS, Kernel, Problem, Variant, bench, check, find_kernel};
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -60,21 +61,33 @@ fn show(path: &std::path::Path) -> Result<(), Failure> {
     let _ = writeln!(out, "tuning table {} for {}", path.display(), table.device);
     let _ = writeln!(
         out,
-        "{:<20} {:<14} {:>10}  {:<14} {:>10}  gain  bucket",
-        "kernel", "best", "ms", "default", "ms"
+        "{:<30} {:<16} {:>10}  {:<16} {:>10}  gain  bucket",
+        "kernel", "best", "ms", "default/rule", "ms"
     );
     for entry in &table.entries {
-        let kernel = find_kernel(&entry.kernel).ok();
-        // The default is the family's first listed variant among those measured.
-        let default = kernel.and_then(|k| k.variants().iter().find(|v| entry.times_ms.contains_key(v.name)));
+        // The default is the family's first listed variant among those measured; for a strategy, the
+        // option SGLang's rule picks at that bucket.
+        let (default_name, default_ms) = match find_strategy(&entry.kernel) {
+            Some(strategy) => {
+                let option = strategy.rule(&shape_of(strategy, entry));
+                (option, entry.times_ms.get(option).copied().unwrap_or(f64::NAN))
+            }
+            None => find_kernel(&entry.kernel)
+                .ok()
+                .and_then(|k| k.variants().iter().find(|v| entry.times_ms.contains_key(v.name)))
+                .map(|v| (v.name, entry.times_ms[v.name]))
+                .unwrap_or(("-", f64::NAN)),
+        };
         let best_ms = entry.times_ms.get(&entry.best).copied().unwrap_or(f64::NAN);
-        let (default_name, default_ms) = default
-            .map(|v| (v.name, entry.times_ms[v.name]))
-            .unwrap_or(("-", f64::NAN));
         let bucket: Vec<String> = entry.bucket.iter().map(|(n, s)| format!("{n}={s}")).collect();
+        let overrides = if entry.kernel.starts_with("strategy:") && entry.best != default_name {
+            "  (overrides the rule)"
+        } else {
+            ""
+        };
         let _ = writeln!(
             out,
-            "{:<20} {:<14} {:>10.4}  {:<14} {:>10.4}  {:>4.2}x {} {}",
+            "{:<30} {:<16} {:>10.4}  {:<16} {:>10.4}  {:>4.2}x {} {}{overrides}",
             entry.kernel,
             entry.best,
             best_ms,
@@ -85,7 +98,141 @@ fn show(path: &std::path::Path) -> Result<(), Failure> {
             bucket.join(" ")
         );
     }
+    for strategy in STRATEGIES {
+        let _ = writeln!(out, "rule of {}: {}", table_name(*strategy), strategy.rule_text());
+    }
     Ok(())
+}
+
+/// A strategy entry's shape: the strategy's bucket dims at the entry's sizes.
+fn shape_of(strategy: &dyn Strategy, entry: &nsa_kernels::tuning::Entry) -> Problem {
+    let mut shape = strategy.grid(false).remove(0);
+    for (name, size) in &mut shape.dims {
+        *size = entry.bucket.get(*name).copied().unwrap_or(*size);
+    }
+    shape
+}
+
+/// One measurement to make.
+enum Job {
+    /// A kernel variant (with tuned parameters) at a bucket.
+    Kernel {
+        kernel: &'static dyn Kernel,
+        version: String,
+        variant: &'static Variant,
+        problem: Problem,
+        label: String,
+    },
+    /// A strategy's option at a bucket.
+    Strategy {
+        strategy: &'static dyn Strategy,
+        version: String,
+        shape: Problem,
+        option: &'static str,
+    },
+}
+
+type Selection = (Vec<&'static dyn Kernel>, Vec<&'static dyn Strategy>);
+
+/// `--kernels`: kernel and strategy names (`nsa_prefill_backend` or `strategy:nsa_prefill_backend`); all
+/// of both when empty.
+fn selection(names: &[String]) -> Result<Selection, Failure> {
+    if names.is_empty() {
+        return Ok((KERNELS.to_vec(), STRATEGIES.to_vec()));
+    }
+    let (mut kernels, mut strategies) = (Vec::new(), Vec::new());
+    for name in names {
+        if let Some(strategy) = find_strategy(name) {
+            strategies.push(strategy);
+        } else {
+            kernels.push(find_kernel(name).map_err(|e| {
+                let names: Vec<&str> = STRATEGIES.iter().map(|s| s.name()).collect();
+                usage(format!("{e}; strategies: {}", names.join(", ")))
+            })?);
+        }
+    }
+    Ok((kernels, strategies))
+}
+
+/// Correctness once per configuration, on the family's first test shape it supports (with the
+/// configuration's tuned parameters).
+fn check_once(
+    checked: &mut Vec<(String, String)>,
+    kernel: &'static dyn Kernel,
+    variant: &'static Variant,
+    problem: &Problem,
+    label: &str,
+    device: &nsa_backends::Device,
+) -> Result<(), Failure> {
+    let id = (kernel.name().to_string(), label.to_string());
+    if checked.contains(&id) {
+        return Ok(());
+    }
+    let test = kernel
+        .problems()
+        .into_iter()
+        .find(|p| kernel.supports(variant, p, device.features()).is_ok());
+    if let Some(mut test) = test {
+        for (name, value) in &problem.params {
+            if kernel.tunable_params(variant).iter().any(|(n, _)| n == name) {
+                test.set_param(name, *value);
+            }
+        }
+        let result = check::check(kernel, variant, device, &test, 2026)?;
+        if !result.passed() {
+            return Err(Failure::Run(format!(
+                "{}/{label} fails its reference check (max error {:e}); not tuning with it",
+                kernel.name(),
+                result.max_error
+            )));
+        }
+    }
+    checked.push(id);
+    Ok(())
+}
+
+/// A strategy option's time at `shape`: the sum of its steps' median times, each step on the variant the
+/// table measured fastest for it so far (the default variant otherwise).
+fn time_plan(
+    table: &TuningTable,
+    strategy: &dyn Strategy,
+    option: &str,
+    shape: &Problem,
+    device: &nsa_backends::Device,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<f64, Failure> {
+    let mut total = 0.0;
+    for step in strategy.plan(option, shape) {
+        let (kernel, problem) = (step.kernel, step.problem);
+        let picked = table
+            .choose(kernel.name(), &kernel_version(kernel), &problem)
+            .map(parse_label)
+            .and_then(|(name, params)| {
+                let variant = kernel.variants().iter().find(|v| v.name == name)?;
+                kernel.supports(variant, &problem, device.features()).ok()?;
+                let mut tuned = problem.clone();
+                for (n, v) in params {
+                    tuned.set_param(&n, v);
+                }
+                Some((variant, tuned))
+            });
+        let (variant, problem) = match picked {
+            Some(pick) => pick,
+            None => {
+                let variant = default_variant(kernel, &problem, device.features()).ok_or_else(|| {
+                    Failure::Run(format!(
+                        "{}: no variant of {} runs {problem} on this device",
+                        strategy.name(),
+                        kernel.name()
+                    ))
+                })?;
+                (variant, problem)
+            }
+        };
+        let inputs = kernel.random_inputs(&problem, rng);
+        total += bench::time(kernel, variant, device, &problem, &inputs, 20.0)?.median_ms;
+    }
+    Ok(total)
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
@@ -104,14 +251,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         "model" | "tests" => args.grid.as_str(),
         other => return Err(usage(format!("unknown --grid `{other}`; valid grids: model, tests"))),
     };
-    let kernels: Vec<&'static dyn Kernel> = if args.kernels.is_empty() {
-        KERNELS.to_vec()
-    } else {
-        args.kernels
-            .iter()
-            .map(|k| find_kernel(k).map_err(usage))
-            .collect::<Result<_, _>>()?
-    };
+    let (kernels, strategies) = selection(&args.kernels)?;
     let device = open_device(args.device.as_deref())?;
     let key = DeviceKey::of(&device.info);
     let mut table = if args.out.exists() {
@@ -122,8 +262,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
 
     // The work: every (kernel, configuration, bucket) the device supports and the table lacks. A
     // configuration is a variant with the problem's own parameters (the fixed rule), or with one tunable
-    // parameter set to one of its candidate values.
-    let mut work: Vec<(&'static dyn Kernel, String, &'static Variant, Problem, String)> = Vec::new();
+    // parameter set to one of its candidate values. Then every strategy option at every bucket (after the
+    // kernels, so its steps run on their tuned variants).
+    let mut work: Vec<Job> = Vec::new();
     for &kernel in &kernels {
         let version = kernel_version(kernel);
         let buckets = if grid == "model" {
@@ -149,8 +290,32 @@ pub fn run(args: Args) -> Result<(), Failure> {
                         .entry_mut(kernel.name(), &version, &problem)
                         .is_some_and(|e| e.times_ms.contains_key(&label));
                     if !done {
-                        work.push((kernel, version.clone(), variant, config, label));
+                        work.push(Job::Kernel {
+                            kernel,
+                            version: version.clone(),
+                            variant,
+                            problem: config,
+                            label,
+                        });
                     }
+                }
+            }
+        }
+    }
+    for &strategy in &strategies {
+        let version = strategy_version(strategy);
+        for shape in strategy.grid(grid == "tests") {
+            for option in strategy.options() {
+                let done = table
+                    .entry_mut(&table_name(strategy), &version, &shape)
+                    .is_some_and(|e| e.times_ms.contains_key(*option));
+                if !done {
+                    work.push(Job::Strategy {
+                        strategy,
+                        version: version.clone(),
+                        shape: shape.clone(),
+                        option,
+                    });
                 }
             }
         }
@@ -166,7 +331,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let start = Instant::now();
     let mut checked: Vec<(String, String)> = Vec::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
-    for (done, (kernel, version, variant, problem, label)) in work.iter().enumerate() {
+    let mut inputs: Option<((&str, String), Vec<nsa_kernels::HostTensor>)> = None;
+    for (done, job) in work.iter().enumerate() {
         if start.elapsed() > budget {
             eprintln!(
                 "budget reached after {done} of {} measurements; the table keeps them, run again to continue",
@@ -174,35 +340,49 @@ pub fn run(args: Args) -> Result<(), Failure> {
             );
             return Ok(());
         }
-        // Correctness once per configuration, on the family's first test shape it supports.
-        let id = (kernel.name().to_string(), label.clone());
-        if !checked.contains(&id) {
-            let test = kernel
-                .problems()
-                .into_iter()
-                .find(|p| kernel.supports(variant, p, device.features()).is_ok());
-            if let Some(mut test) = test {
-                for (name, value) in &problem.params {
-                    if kernel.tunable_params(variant).iter().any(|(n, _)| n == name) {
-                        test.set_param(name, *value);
-                    }
+        let (name, version, bucket, label, ms) = match job {
+            Job::Kernel {
+                kernel,
+                version,
+                variant,
+                problem,
+                label,
+            } => {
+                check_once(&mut checked, *kernel, variant, problem, label, &device)?;
+                // Variants at one bucket share inputs (model-sized ones take seconds to draw).
+                let key = (kernel.name(), describe_bucket(problem));
+                if inputs.as_ref().is_none_or(|(k, _)| *k != key) {
+                    drop(inputs.take()); // free the last bucket's data before drawing the next
+                    inputs = Some((key, kernel.random_inputs(problem, &mut rng)));
                 }
-                let result = check::check(*kernel, variant, &device, &test, 2026)?;
-                if !result.passed() {
-                    return Err(Failure::Run(format!(
-                        "{}/{label} fails its reference check (max error {:e}); not tuning with it",
-                        kernel.name(),
-                        result.max_error
-                    )));
-                }
+                let data = &inputs.as_ref().expect("just drawn").1;
+                // Past 5× the bucket's best so far a variant cannot win: one launch is enough.
+                let best = table
+                    .entry_mut(kernel.name(), version, problem)
+                    .and_then(|e| e.times_ms.values().copied().min_by(f64::total_cmp))
+                    .unwrap_or(f64::INFINITY);
+                let timing = bench::time_unless_slower(*kernel, variant, &device, problem, data, 20.0, 5.0 * best)?;
+                (
+                    kernel.name().to_string(),
+                    version,
+                    problem,
+                    label.clone(),
+                    timing.median_ms,
+                )
             }
-            checked.push(id);
-        }
-        let inputs = kernel.random_inputs(problem, &mut rng);
-        let timing = bench::time(*kernel, variant, &device, problem, &inputs, 20.0)?;
+            Job::Strategy {
+                strategy,
+                version,
+                shape,
+                option,
+            } => {
+                let ms = time_plan(&table, *strategy, option, shape, &device, &mut rng)?;
+                (table_name(*strategy), version, shape, option.to_string(), ms)
+            }
+        };
         // Entries are keyed by the bucket's dims, so a configuration's parameters never split them.
-        let entry = table.entry_or_insert(kernel.name(), version, problem);
-        entry.times_ms.insert(label.clone(), timing.median_ms);
+        let entry = table.entry_or_insert(&name, version, bucket);
+        entry.times_ms.insert(label.clone(), ms);
         entry.best = entry
             .times_ms
             .iter()
@@ -213,15 +393,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let elapsed = start.elapsed().as_secs_f64();
         let eta = elapsed / (done + 1) as f64 * (work.len() - done - 1) as f64;
         eprintln!(
-            "[{}/{}] {} {} {}: {:.4} ms  (elapsed {:.0}s, ETA {:.0}s)",
+            "[{}/{}] {name} {label} {}: {ms:.4} ms  (elapsed {elapsed:.0}s, ETA {eta:.0}s)",
             done + 1,
             work.len(),
-            kernel.name(),
-            label,
-            describe_bucket(problem),
-            timing.median_ms,
-            elapsed,
-            eta
+            describe_bucket(bucket),
         );
     }
     eprintln!(

@@ -304,5 +304,17 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
         assert!(String::from_utf8_lossy(&bench.stdout).contains("Default pick"));
         assert!(stderr(&bench).contains("warning"), "{}", stderr(&bench));
     }
+    // Strategies: both options measured per bucket, the rule's pick shown beside the measured one.
+    std::fs::remove_file(&table).unwrap();
+    let strategy = nsa(&["autotune", "--kernels", "mha_one_shot", "--grid", "tests", "--out", out]);
+    assert!(strategy.status.success(), "{}", stderr(&strategy));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
+    let entries = json["entries"].as_array().unwrap();
+    assert!(!entries.is_empty());
+    assert!(entries.iter().all(|e| e["kernel"] == "strategy:mha_one_shot"
+        && e["times_ms"]["mha_one_shot"].is_number()
+        && e["times_ms"]["sparse"].is_number()));
+    let show = nsa(&["autotune", "--show", "--out", out]);
+    assert!(String::from_utf8_lossy(&show.stdout).contains("rule of strategy:mha_one_shot"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
