@@ -117,6 +117,23 @@ def fp8_kv_quantize(d, dtype):
     return median_ms(run, reps=50)
 
 
+def fp8_kv_dequantize(d, dtype):
+    # SGLang-style widening of the 656-byte FP8 cache rows: e4m3 latent × group scale, bf16 rope.
+    n = d["n"]
+    cache = torch.randint(0, 0x7E, (n, 656), dtype=torch.uint8, device="cuda")
+    cache[:, 512:528] = torch.rand(n, 4, device="cuda").view(torch.uint8)
+
+    def run():
+        latent = cache[:, :512].view(torch.float8_e4m3fn).float().view(n, 4, 128)
+        scale = cache[:, 512:528].contiguous().view(torch.float32).view(n, 4, 1)
+        out = torch.empty(n, 576, dtype=dtype, device="cuda")
+        out[:, :512] = (latent * scale).view(n, 512).to(dtype)
+        out[:, 512:] = cache[:, 528:].contiguous().view(torch.bfloat16).to(dtype)
+        return out
+
+    return median_ms(run, reps=50)
+
+
 def indexer_logits(d, dtype):
     t, h, dd, s = d["t"], d["h"], d["d"], d["s"]
     q = torch.randn(t, h, dd, dtype=dtype, device="cuda")

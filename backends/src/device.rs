@@ -64,6 +64,8 @@ pub struct DeviceInfo {
     /// sm_90, gfx942, or the wgpu adapter's API and type.
     pub arch: String,
     pub memory_bytes: Option<u64>,
+    /// The driver, where the runtime says (CUDA: the driver API version, `CUDA driver 13.0`).
+    pub driver: Option<String>,
     pub features: DeviceFeatures,
 }
 
@@ -164,6 +166,7 @@ fn open(runtime: RuntimeKind, index: usize, device: cubecl::Device) -> Option<De
         name: props.identity.name.clone(),
         arch,
         memory_bytes: total_memory(runtime, index),
+        driver: driver_version(runtime),
         features,
     };
     Some(Device { info, client })
@@ -178,6 +181,23 @@ fn total_memory(runtime: RuntimeKind, index: usize) -> Option<u64> {
             unsafe { cudarc::driver::result::device::total_mem(device) }
                 .ok()
                 .map(|b| b as u64)
+        })
+        .ok()
+        .flatten(),
+        _ => None,
+    }
+}
+
+/// The driver's version where this build can ask (CUDA's driver API); other runtimes do not say.
+fn driver_version(runtime: RuntimeKind) -> Option<String> {
+    match runtime {
+        RuntimeKind::Cuda => std::panic::catch_unwind(|| {
+            cudarc::driver::result::init().ok()?;
+            let mut version = 0;
+            // SAFETY: one out-parameter, written by the driver on success.
+            let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+            (status == cudarc::driver::sys::CUresult::CUDA_SUCCESS)
+                .then(|| format!("CUDA driver {}.{}", version / 1000, version % 1000 / 10))
         })
         .ok()
         .flatten(),

@@ -1,7 +1,7 @@
 //! The tuning table `nsa autotune` writes and dispatch reads: per device, per kernel version, the measured
 //! time of every variant on a grid of shape buckets, and the fastest.
 //!
-//! JSON: `{"format": "nsa-tuning-1", "device": {runtime, name, arch}, "entries": [{kernel, version, format,
+//! JSON: `{"format": "nsa-tuning-1", "device": {runtime, name, arch, driver}, "entries": [{kernel, version, format,
 //! bucket: {dim: size}, times_ms: {variant: ms}, best}]}`. A kernel's version is a hash of its generated
 //! code, so a table measured before a kernel changed is not applied to the new code.
 use crate::strategy::{Strategy, strategy_version, table_name};
@@ -20,6 +20,9 @@ pub struct DeviceKey {
     pub runtime: String,
     pub name: String,
     pub arch: String,
+    /// Empty where the runtime does not say (wgpu, HIP for now).
+    #[serde(default)]
+    pub driver: String,
 }
 
 impl DeviceKey {
@@ -28,13 +31,18 @@ impl DeviceKey {
             runtime: info.runtime.to_string(),
             name: info.name.clone(),
             arch: info.arch.clone(),
+            driver: info.driver.clone().unwrap_or_default(),
         }
     }
 }
 
 impl std::fmt::Display for DeviceKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}, {})", self.name, self.arch, self.runtime)
+        write!(f, "{} ({}, {}", self.name, self.arch, self.runtime)?;
+        if !self.driver.is_empty() {
+            write!(f, ", {}", self.driver)?;
+        }
+        write!(f, ")")
     }
 }
 

@@ -28,6 +28,7 @@ fn device() -> DeviceKey {
         runtime: "wgpu".into(),
         name: "test".into(),
         arch: "cpu".into(),
+        driver: String::new(),
     }
 }
 

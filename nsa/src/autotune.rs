@@ -194,6 +194,7 @@ fn check_once(
 /// A strategy option's time at `shape`: the sum of its steps' median times, each step on the variant the
 /// table measured fastest for it so far (the default variant otherwise).
 fn time_plan(
+    versions: &mut std::collections::BTreeMap<&'static str, String>,
     table: &TuningTable,
     strategy: &dyn Strategy,
     option: &str,
@@ -204,8 +205,9 @@ fn time_plan(
     let mut total = 0.0;
     for step in strategy.plan(option, shape) {
         let (kernel, problem) = (step.kernel, step.problem);
+        let version = versions.entry(kernel.name()).or_insert_with(|| kernel_version(kernel));
         let picked = table
-            .choose(kernel.name(), &kernel_version(kernel), &problem)
+            .choose(kernel.name(), version, &problem)
             .map(parse_label)
             .and_then(|(name, params)| {
                 let variant = kernel.variants().iter().find(|v| v.name == name)?;
@@ -332,6 +334,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let mut checked: Vec<(String, String)> = Vec::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
     let mut inputs: Option<((&str, String), Vec<nsa_kernels::HostTensor>)> = None;
+    let mut versions = std::collections::BTreeMap::new();
     for (done, job) in work.iter().enumerate() {
         if start.elapsed() > budget {
             eprintln!(
@@ -376,7 +379,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 shape,
                 option,
             } => {
-                let ms = time_plan(&table, *strategy, option, shape, &device, &mut rng)?;
+                let ms = time_plan(&mut versions, &table, *strategy, option, shape, &device, &mut rng)?;
                 (table_name(*strategy), version, shape, option.to_string(), ms)
             }
         };

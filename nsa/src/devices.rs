@@ -50,6 +50,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
         if let Some(sms) = f.multiprocessors {
             features.push(format!("sms={sms}"));
         }
+        if let Some(driver) = &info.driver {
+            features.push(format!("driver=\"{driver}\""));
+        }
         println!(
             "{:<8} {:<36} {:<12} {:>10}  {}",
             info.id(),
