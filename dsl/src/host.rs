@@ -73,17 +73,27 @@ pub fn bytes_to_words(bytes: &[u8]) -> Option<Vec<u32>> {
     })
 }
 
-/// Nearest e4m3 code to `value` (|value| ≤ 448), ties to the even code: by search over the 127 positive
-/// codes, independent of the kernel's bit arithmetic.
+/// Nearest e4m3 code to `value` (|value| ≤ 448), ties to the even code: a search over the 127 positive
+/// codes' values (increasing with the code), independent of the kernel's bit arithmetic.
 pub fn f32_to_e4m3(value: f32) -> u8 {
     let sign = if value.is_sign_negative() { 0x80 } else { 0 };
     let magnitude = value.abs() as f64;
-    let mut best = 0u8;
-    for code in 1..=0x7eu8 {
-        let (candidate, current) = (e4m3_to_f32(code) as f64, e4m3_to_f32(best) as f64);
-        let (d_candidate, d_current) = ((candidate - magnitude).abs(), (current - magnitude).abs());
-        if d_candidate < d_current || (d_candidate == d_current && code % 2 == 0) {
-            best = code;
+    let decoded = |code: u8| e4m3_to_f32(code) as f64;
+    // The last code not above the magnitude, then the nearer of it and the next.
+    let (mut low, mut high) = (0u8, 0x7eu8);
+    while low < high {
+        let mid = (low + high).div_ceil(2);
+        if decoded(mid) <= magnitude {
+            low = mid
+        } else {
+            high = mid - 1
+        }
+    }
+    let mut best = low;
+    if low < 0x7e {
+        let (below, above) = (magnitude - decoded(low), decoded(low + 1) - magnitude);
+        if above < below || (above == below && (low + 1) % 2 == 0) {
+            best = low + 1;
         }
     }
     sign | best
@@ -95,5 +105,51 @@ pub fn e4m3_group_scale(amax: f32) -> f32 {
         1.0
     } else {
         2f64.powi((amax as f64 / 448.0).log2().ceil() as i32) as f32
+    }
+}
+
+#[cfg(test)]
+mod e4m3_search_tests {
+    use super::{e4m3_to_f32, f32_to_e4m3};
+
+    /// The definition: the nearest of all 127 positive codes, ties to the even code.
+    fn exhaustive(value: f32) -> u8 {
+        let sign = if value.is_sign_negative() { 0x80 } else { 0 };
+        let magnitude = value.abs() as f64;
+        let mut best = 0u8;
+        for code in 1..=0x7eu8 {
+            let (candidate, current) = (e4m3_to_f32(code) as f64, e4m3_to_f32(best) as f64);
+            let (d_candidate, d_current) = ((candidate - magnitude).abs(), (current - magnitude).abs());
+            if d_candidate < d_current || (d_candidate == d_current && code % 2 == 0) {
+                best = code;
+            }
+        }
+        sign | best
+    }
+
+    #[test]
+    fn binary_search_equals_the_exhaustive_definition() {
+        let mut values = vec![0.0f32, -0.0, 448.0, 500.0, 1e-9, -3.3];
+        for code in 0..0x7eu8 {
+            let (a, b) = (e4m3_to_f32(code), e4m3_to_f32(code + 1));
+            // Each code, the midpoint to the next (a tie), and just either side of it.
+            let mid = (a + b) / 2.0;
+            values.extend([
+                a,
+                mid,
+                f32::from_bits(mid.to_bits() - 1),
+                f32::from_bits(mid.to_bits() + 1),
+            ]);
+        }
+        let mut x = 0x1234_5678u32;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            values.push((x as f32 / u32::MAX as f32 - 0.5) * 2.0 * 10f32.powi((x % 9) as i32 - 5) * 448.0);
+        }
+        for v in values.iter().flat_map(|v| [*v, -*v]) {
+            assert_eq!(f32_to_e4m3(v), exhaustive(v), "{v}");
+        }
     }
 }
