@@ -1,1 +1,17 @@
-//! DeepSeek-V3.2 on burn (issue 6): not built yet.
+//! DeepSeek-V3.2 for nsa: the checkpoint side — config.json in both published layouts, sharded safetensors
+//! (memory-mapped; bf16, f32 and DeepSeek's FP8 block-scaled weights), the tokenizer. Every failure is a
+//! [`ModelError`] naming the file and, for weights, the tensor.
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod tokenizer;
+
+pub use checkpoint::Checkpoint;
+pub use config::ModelConfig;
+pub use error::ModelError;
+pub use tokenizer::Tokenizer;
+
+/// The bundled tiny checkpoint (`models/tiny-v32`), the default model when no `--model-path` is given.
+pub fn bundled_model_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v32")
+}

@@ -99,7 +99,11 @@ fn yarn_inv_freq(dim: usize) -> Vec<f64> {
 #[test]
 fn indexer_scores_and_topk_match_transformers() {
     let device = nsa_backends::select(std::env::var("NSA_TEST_DEVICE").ok().as_deref()).expect("a test device");
-    let model_bytes = std::fs::read(format!("{DIR}/model.safetensors")).unwrap();
+    let model_bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/tiny-v32/model.safetensors"
+    ))
+    .unwrap();
     let golden_bytes = std::fs::read(format!("{DIR}/golden.safetensors")).unwrap();
     let (model, golden) = (
         SafeTensors::deserialize(&model_bytes).unwrap(),
