@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod reference;
 pub mod tokenizer;
 
 pub use checkpoint::Checkpoint;

@@ -1,0 +1,97 @@
+//! The reference model against Hugging Face transformers' fp32 outputs for the bundled tiny checkpoint
+//! (tests/data/tiny-v32, README there): logits, every layer's residual stream, the indexer's top-k sets, the
+//! router's experts, and both greedy generations token for token.
+use nsa_model::bundled_model_dir;
+use nsa_model::reference::ReferenceModel;
+use safetensors::{Dtype, SafeTensors};
+
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/tiny-v32/golden.safetensors");
+
+fn values(file: &SafeTensors, name: &str) -> Vec<f64> {
+    let view = file
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("{name} in the golden file"));
+    let data = view.data();
+    match view.dtype() {
+        Dtype::F32 => data
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::I32 => data
+            .chunks(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::I64 => data
+            .chunks(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+#[test]
+fn reference_prefill_and_greedy_generation_match_transformers() {
+    let model = ReferenceModel::load(&bundled_model_dir()).unwrap();
+    let bytes = std::fs::read(GOLDEN).unwrap();
+    let golden = SafeTensors::deserialize(&bytes).unwrap();
+    let c = &model.config;
+    for n in [8usize, 40, 100] {
+        let ids: Vec<u32> = values(&golden, &format!("seq{n}.input_ids"))
+            .iter()
+            .map(|v| *v as u32)
+            .collect();
+        let out = model.forward(&ids);
+        let logits_error = max_abs_diff(&out.logits, &values(&golden, &format!("seq{n}.logits")));
+        assert!(logits_error <= 1e-3, "seq{n}: logits max |Δ| {logits_error:e}");
+        let layer_out = values(&golden, &format!("seq{n}.layer_out"));
+        for (layer, ours) in out.layer_out.iter().enumerate() {
+            let theirs = &layer_out[layer * n * c.hidden_size..][..n * c.hidden_size];
+            let error = max_abs_diff(ours, theirs);
+            assert!(error <= 1e-3, "seq{n} layer {layer}: residual max |Δ| {error:e}");
+        }
+        for layer in 0..c.num_hidden_layers {
+            // Rows with fewer than index_topk causal keys hold arbitrary masked ones in the golden file:
+            // only its entries ≤ the row count.
+            let k = c.index_topk.min(n);
+            let theirs = values(&golden, &format!("seq{n}.layer{layer}.index_topk"));
+            for row in 0..n {
+                let mut want: Vec<i32> = theirs[row * k..][..k]
+                    .iter()
+                    .map(|v| *v as i32)
+                    .filter(|v| *v <= row as i32)
+                    .collect();
+                want.sort();
+                let got: Vec<i32> = out.index_topk[layer][row * c.index_topk..][..c.index_topk]
+                    .iter()
+                    .copied()
+                    .filter(|v| *v >= 0)
+                    .collect();
+                assert_eq!(got, want, "seq{n} layer {layer} row {row}: indexer top-k");
+            }
+            if let Some(router) = &out.router_topk_ids[layer] {
+                let theirs: Vec<i32> = values(&golden, &format!("seq{n}.layer{layer}.router_topk_ids"))
+                    .iter()
+                    .map(|v| *v as i32)
+                    .collect();
+                assert_eq!(router, &theirs, "seq{n} layer {layer}: router experts");
+            }
+        }
+        eprintln!("seq{n}: logits max |Δ| {logits_error:.2e}");
+    }
+    for prompt in [8, 40] {
+        let ids: Vec<u32> = values(&golden, &format!("gen{prompt}.prompt_ids"))
+            .iter()
+            .map(|v| *v as u32)
+            .collect();
+        let want: Vec<u32> = values(&golden, &format!("gen{prompt}.greedy_ids"))
+            .iter()
+            .map(|v| *v as u32)
+            .collect();
+        assert_eq!(model.generate_greedy(&ids, want.len()), want, "gen{prompt}");
+    }
+}
