@@ -3,6 +3,7 @@ mod autotune;
 mod bench;
 mod devices;
 mod ir;
+mod model_cmd;
 mod plot;
 mod run_kernel;
 mod selftest;
@@ -35,6 +36,10 @@ enum Command {
     Bench(bench::Args),
     /// Measure every kernel variant on a grid of shapes on a device and write a tuning table.
     Autotune(autotune::Args),
+    /// One prefill of token ids through a DeepSeek-V3.2 checkpoint; writes logits and per-layer selections.
+    Forward(model_cmd::ForwardArgs),
+    /// Continue a prompt with a DeepSeek-V3.2 checkpoint, streaming the text.
+    Generate(model_cmd::GenerateArgs),
 }
 
 /// A command's failure: bad input (exit code 2, one line naming the valid choices) or a failed run (1).
@@ -62,6 +67,8 @@ fn main() -> ExitCode {
         Command::RunKernel(args) => run_kernel::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Autotune(args) => autotune::run(args),
+        Command::Forward(args) => model_cmd::forward(args),
+        Command::Generate(args) => model_cmd::generate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

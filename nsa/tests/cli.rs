@@ -318,3 +318,145 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
     assert!(String::from_utf8_lossy(&show.stdout).contains("rule of strategy:mha_one_shot"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/tiny-v32/golden.safetensors");
+
+fn golden_ids(name: &str) -> Vec<i64> {
+    let bytes = std::fs::read(GOLDEN).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = file.tensor(name).unwrap();
+    view.data()
+        .chunks(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn forward_writes_the_golden_logits_and_refuses_bad_input() {
+    let dir = std::env::temp_dir().join(format!("nsa-forward-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ids = golden_ids("seq8.input_ids");
+    let input = dir.join("ids.safetensors");
+    let id_bytes: Vec<u8> = ids.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect();
+    write_safetensors(
+        &input,
+        &[("input_ids", vec![ids.len()], safetensors::Dtype::I32, id_bytes)],
+    );
+    let out = dir.join("out.safetensors");
+    let run = nsa(&[
+        "forward",
+        "--input-ids",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let bytes = std::fs::read(&out).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let f32s = |file: &safetensors::SafeTensors, name: &str| -> Vec<f32> {
+        let view = file.tensor(name).unwrap();
+        view.data()
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let golden_bytes = std::fs::read(GOLDEN).unwrap();
+    let golden = safetensors::SafeTensors::deserialize(&golden_bytes).unwrap();
+    let (ours, theirs) = (f32s(&file, "logits"), f32s(&golden, "seq8.logits"));
+    assert_eq!(ours.len(), 8 * 1024);
+    let error = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(error <= 1e-3, "logits max |Δ| {error}");
+    for name in [
+        "layer_out",
+        "layer0.index_topk",
+        "layer2.index_topk",
+        "layer1.router_topk_ids",
+    ] {
+        assert!(file.tensor(name).is_ok(), "{name} written");
+    }
+    assert_eq!(file.tensor("layer2.router_topk_ids").unwrap().shape(), [8, 2]);
+
+    // Bad input: a usage error (exit 2) naming the problem, nothing written.
+    let bad_ids = dir.join("bad.safetensors");
+    write_safetensors(
+        &bad_ids,
+        &[(
+            "input_ids",
+            vec![1],
+            safetensors::Dtype::I32,
+            5000i32.to_le_bytes().to_vec(),
+        )],
+    );
+    let other = dir.join("other.safetensors");
+    write_safetensors(
+        &other,
+        &[("tokens", vec![1], safetensors::Dtype::I32, 5i32.to_le_bytes().to_vec())],
+    );
+    let o = out.to_str().unwrap();
+    for (args, mentions) in [
+        (
+            vec!["--input-ids", bad_ids.to_str().unwrap(), "--out", o],
+            "outside the vocabulary",
+        ),
+        (
+            vec!["--input-ids", other.to_str().unwrap(), "--out", o],
+            "no tensor `input_ids`",
+        ),
+        (
+            vec!["--input-ids", input.to_str().unwrap(), "--out", o, "--dtype", "bf16"],
+            "bf16",
+        ),
+        (
+            vec![
+                "--input-ids",
+                input.to_str().unwrap(),
+                "--out",
+                o,
+                "--model-path",
+                "/nonexistent-model",
+            ],
+            "/nonexistent-model/config.json",
+        ),
+    ] {
+        let output = nsa(&[&["forward"][..], &args].concat());
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(stderr(&output).contains(mentions), "{}", stderr(&output));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn generate_streams_the_golden_greedy_continuation() {
+    let tokenizer = nsa_model::Tokenizer::load(&nsa_model::bundled_model_dir()).unwrap();
+    let prompt_ids: Vec<u32> = golden_ids("gen8.prompt_ids").iter().map(|v| *v as u32).collect();
+    let greedy: Vec<u32> = golden_ids("gen8.greedy_ids").iter().map(|v| *v as u32).collect();
+    let prompt = tokenizer.decode(&prompt_ids).unwrap();
+    assert_eq!(
+        tokenizer.encode(&prompt).unwrap(),
+        prompt_ids,
+        "the prompt text re-encodes to the golden ids"
+    );
+    let run = nsa(&["generate", "--prompt", &prompt, "--max-tokens", "20", "--ignore-eos"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(stdout(&run).trim_end_matches('\n'), tokenizer.decode(&greedy).unwrap());
+    assert!(stderr(&run).contains("20 tokens generated"));
+    // Sampling is reproducible by seed.
+    let sampled = |seed: &str| {
+        let out = nsa(&[
+            "generate",
+            "--prompt",
+            "Hello",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.8",
+            "--seed",
+            seed,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(sampled("7"), sampled("7"));
+    let bad = nsa(&["generate", "--prompt", "Hello", "--top-p", "0"]);
+    assert_eq!(bad.status.code(), Some(2));
+}

@@ -1,0 +1,242 @@
+//! `nsa forward` and `nsa generate` on DeepSeek-V3.2 checkpoints. Today they run the model's plain-Rust f64
+//! reference on the host (`nsa_model::reference`), which reproduces Hugging Face's outputs; the device model
+//! (burn, nsa's kernels) is not built yet, so `--dtype bf16` is refused rather than faked.
+use crate::{Failure, usage};
+use nsa_model::reference::ReferenceModel;
+use nsa_model::{Tokenizer, bundled_model_dir};
+use rand::{Rng, SeedableRng};
+use safetensors::{Dtype, tensor::TensorView};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct ForwardArgs {
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json); default: the bundled tiny model.
+    #[arg(long)]
+    model_path: Option<PathBuf>,
+    /// safetensors file with `input_ids` [n] (I32 or I64).
+    #[arg(long)]
+    input_ids: PathBuf,
+    /// Where to write logits, layer_out, layer{l}.index_topk and layer{l}.router_topk_ids.
+    #[arg(long)]
+    out: PathBuf,
+    /// Compute precision: f32 (the host reference computes in f64 and writes f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// Checkpoint directory; default: the bundled tiny model.
+    #[arg(long)]
+    model_path: Option<PathBuf>,
+    /// The text to continue (raw: no chat template is applied).
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// 0 picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sample from the smallest set of tokens whose probability reaches top_p.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep going past the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+fn model_dir(path: &Option<PathBuf>) -> PathBuf {
+    path.clone().unwrap_or_else(bundled_model_dir)
+}
+
+fn load(dir: &Path) -> Result<ReferenceModel, Failure> {
+    eprintln!("loading {} (host f64 reference model)", dir.display());
+    ReferenceModel::load(dir).map_err(usage)
+}
+
+fn read_ids(path: &Path) -> Result<Vec<u32>, Failure> {
+    let bytes = std::fs::read(path).map_err(|e| usage(format!("{}: {e}", path.display())))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| usage(format!("{}: not a safetensors file: {e:?}", path.display())))?;
+    let view = file.tensor("input_ids").map_err(|_| {
+        usage(format!(
+            "{}: no tensor `input_ids` (expected [n] I32 or I64)",
+            path.display()
+        ))
+    })?;
+    if view.shape().len() != 1 || view.shape()[0] == 0 {
+        return Err(usage(format!(
+            "{}: `input_ids` has shape {:?}; expected [n], n ≥ 1",
+            path.display(),
+            view.shape()
+        )));
+    }
+    let ids: Vec<i64> = match view.dtype() {
+        Dtype::I32 => view
+            .data()
+            .chunks(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
+            .collect(),
+        Dtype::I64 => view
+            .data()
+            .chunks(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        other => {
+            return Err(usage(format!(
+                "{}: `input_ids` is {other:?}; expected I32 or I64",
+                path.display()
+            )));
+        }
+    };
+    Ok(ids.into_iter().map(|id| id as u32).collect())
+}
+
+pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
+    if args.dtype != "f32" {
+        return Err(usage(format!(
+            "--dtype {}: only f32 is built (the host reference); bf16 needs the device model, not built yet",
+            args.dtype
+        )));
+    }
+    let ids = read_ids(&args.input_ids)?;
+    let model = load(&model_dir(&args.model_path))?;
+    let c = &model.config;
+    if let Some(bad) = ids.iter().find(|id| **id as usize >= c.vocab_size) {
+        return Err(usage(format!(
+            "input id {bad} is outside the vocabulary (size {})",
+            c.vocab_size
+        )));
+    }
+    let n = ids.len();
+    let out = model.forward(&ids);
+    let f32_bytes = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect() };
+    let i32_bytes = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = vec![
+        (
+            "logits".into(),
+            Dtype::F32,
+            vec![n, c.vocab_size],
+            f32_bytes(&out.logits),
+        ),
+        (
+            "layer_out".into(),
+            Dtype::F32,
+            vec![c.num_hidden_layers, n, c.hidden_size],
+            f32_bytes(&out.layer_out.concat()),
+        ),
+    ];
+    for (l, keys) in out.index_topk.iter().enumerate() {
+        tensors.push((
+            format!("layer{l}.index_topk"),
+            Dtype::I32,
+            vec![n, c.index_topk],
+            i32_bytes(keys),
+        ));
+        if let Some(ids) = &out.router_topk_ids[l] {
+            tensors.push((
+                format!("layer{l}.router_topk_ids"),
+                Dtype::I32,
+                vec![n, c.num_experts_per_tok],
+                i32_bytes(ids),
+            ));
+        }
+    }
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| (name.clone(), TensorView::new(*dtype, shape.clone(), bytes).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &args.out).map_err(|e| format!("{}: {e:?}", args.out.display()))?;
+    eprintln!(
+        "wrote {} tensors for {n} tokens to {}",
+        tensors.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The next token from the last row of logits: greedy at temperature 0, else nucleus sampling.
+fn sample(logits: &[f64], temperature: f64, top_p: f64, rng: &mut rand::rngs::StdRng) -> u32 {
+    let greedy = || {
+        (0..logits.len())
+            .max_by(|a, b| logits[*a].total_cmp(&logits[*b]).then(b.cmp(a)))
+            .unwrap()
+    };
+    if temperature <= 0.0 {
+        return greedy() as u32;
+    }
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut probs: Vec<(f64, usize)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (((l - max) / temperature).exp(), i))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.0).sum();
+    probs.iter_mut().for_each(|p| p.0 /= total);
+    probs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut kept = 0.0;
+    let cut = probs
+        .iter()
+        .position(|p| {
+            kept += p.0;
+            kept >= top_p
+        })
+        .map_or(probs.len(), |i| i + 1);
+    let mut draw = rng.random::<f64>() * probs[..cut].iter().map(|p| p.0).sum::<f64>();
+    for (p, id) in &probs[..cut] {
+        draw -= p;
+        if draw <= 0.0 {
+            return *id as u32;
+        }
+    }
+    probs[cut - 1].1 as u32
+}
+
+pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
+    if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 || args.temperature < 0.0 {
+        return Err(usage("--top-p must be in (0, 1] and --temperature ≥ 0"));
+    }
+    let dir = model_dir(&args.model_path);
+    let tokenizer = Tokenizer::load(&dir).map_err(usage)?;
+    let model = load(&dir)?;
+    let mut ids = tokenizer.encode(&args.prompt)?;
+    if ids.is_empty() {
+        return Err(usage("--prompt encodes to no tokens"));
+    }
+    let prompt_len = ids.len();
+    let vocab = model.config.vocab_size;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let mut shown = String::new();
+    let mut stdout = std::io::stdout().lock();
+    for _ in 0..args.max_tokens {
+        let logits = model.forward(&ids).logits;
+        let next = sample(
+            &logits[(ids.len() - 1) * vocab..],
+            args.temperature,
+            args.top_p,
+            &mut rng,
+        );
+        if !args.ignore_eos && model.config.eos_token_ids.contains(&next) {
+            break;
+        }
+        ids.push(next);
+        // Print what the new token completes; a partial UTF-8 character waits for the next one.
+        let text = tokenizer.decode(&ids[prompt_len..])?;
+        if !text.ends_with('\u{fffd}') && text.len() > shown.len() && text.starts_with(&shown) {
+            let _ = write!(stdout, "{}", &text[shown.len()..]);
+            let _ = stdout.flush();
+            shown = text;
+        }
+    }
+    let text = tokenizer.decode(&ids[prompt_len..])?;
+    if text.starts_with(&shown) {
+        let _ = writeln!(stdout, "{}", &text[shown.len()..]);
+    } else {
+        let _ = writeln!(stdout);
+    }
+    eprintln!("{} tokens generated", ids.len() - prompt_len);
+    Ok(())
+}
