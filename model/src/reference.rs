@@ -27,7 +27,7 @@ pub struct Forward {
 }
 
 /// x [n, k] · w [m, k]ᵀ → [n, m].
-fn linear(x: &[f64], w: &[f64], k: usize) -> Vec<f64> {
+pub(crate) fn linear(x: &[f64], w: &[f64], k: usize) -> Vec<f64> {
     let m = w.len() / k;
     let mut out = Vec::with_capacity(x.len() / k * m);
     for row in x.chunks(k) {
@@ -36,7 +36,15 @@ fn linear(x: &[f64], w: &[f64], k: usize) -> Vec<f64> {
     out
 }
 
-fn rms_norm(x: &[f64], weight: &[f64], eps: f64) -> Vec<f64> {
+/// The `k` best-scored positions (ties to the earlier one), ascending.
+pub(crate) fn top_keys(mut scored: Vec<(f64, usize)>, k: usize) -> Vec<i32> {
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut keys: Vec<i32> = scored.iter().take(k).map(|(_, t)| *t as i32).collect();
+    keys.sort();
+    keys
+}
+
+pub(crate) fn rms_norm(x: &[f64], weight: &[f64], eps: f64) -> Vec<f64> {
     let d = weight.len();
     x.chunks(d)
         .flat_map(|row| {
@@ -46,7 +54,7 @@ fn rms_norm(x: &[f64], weight: &[f64], eps: f64) -> Vec<f64> {
         .collect()
 }
 
-fn layer_norm(x: &[f64], weight: &[f64], bias: &[f64], eps: f64) -> Vec<f64> {
+pub(crate) fn layer_norm(x: &[f64], weight: &[f64], bias: &[f64], eps: f64) -> Vec<f64> {
     let d = weight.len();
     x.chunks(d)
         .flat_map(|row| {
@@ -112,7 +120,7 @@ impl ReferenceModel {
         })
     }
 
-    fn w(&self, name: &str) -> &[f64] {
+    pub(crate) fn w(&self, name: &str) -> &[f64] {
         &self.weights[name]
     }
 
@@ -125,7 +133,7 @@ impl ReferenceModel {
     }
 
     /// Rotates `x[offset..offset + rope]` in place: interleaved pairs (2i, 2i+1), or NeoX halves (i, i + rope/2).
-    fn rope(&self, x: &mut [f64], offset: usize, position: usize, interleaved: bool) {
+    pub(crate) fn rope(&self, x: &mut [f64], offset: usize, position: usize, interleaved: bool) {
         let half = self.config.qk_rope_head_dim / 2;
         for (i, angle) in self.angles(position).iter().enumerate() {
             let (a, b) = if interleaved {
@@ -165,7 +173,7 @@ impl ReferenceModel {
         let head_scale = (heads as f64).powf(-0.5);
         let mut chosen = vec![-1i32; n * c.index_topk];
         for s in 0..n {
-            let mut scored: Vec<(f64, usize)> = (0..=s)
+            let scored: Vec<(f64, usize)> = (0..=s)
                 .map(|t| {
                     let score = (0..heads)
                         .map(|head| {
@@ -177,9 +185,7 @@ impl ReferenceModel {
                     (score, t)
                 })
                 .collect();
-            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            let mut keys: Vec<i32> = scored.iter().take(c.index_topk).map(|(_, t)| *t as i32).collect();
-            keys.sort();
+            let keys = top_keys(scored, c.index_topk);
             chosen[s * c.index_topk..][..keys.len()].copy_from_slice(&keys);
         }
         chosen
@@ -257,7 +263,7 @@ impl ReferenceModel {
         linear(&out, self.w(&format!("{p}.self_attn.o_proj.weight")), heads * v_dim)
     }
 
-    fn mlp(&self, prefix: &str, x: &[f64], width: usize) -> Vec<f64> {
+    pub(crate) fn mlp(&self, prefix: &str, x: &[f64], width: usize) -> Vec<f64> {
         let hidden = self.config.hidden_size;
         let gate = linear(x, self.w(&format!("{prefix}.gate_proj.weight")), hidden);
         let up = linear(x, self.w(&format!("{prefix}.up_proj.weight")), hidden);
@@ -266,7 +272,7 @@ impl ReferenceModel {
     }
 
     /// The noaux_tc router and the experts: returns the layer's MLP output and the chosen experts.
-    fn moe(&self, p: &str, x: &[f64], n: usize) -> (Vec<f64>, Vec<i32>) {
+    pub(crate) fn moe(&self, p: &str, x: &[f64], n: usize) -> (Vec<f64>, Vec<i32>) {
         let c = &self.config;
         let (hidden, experts, top_k) = (c.hidden_size, c.n_routed_experts, c.num_experts_per_tok);
         let logits = linear(x, self.w(&format!("{p}.mlp.gate.weight")), hidden);

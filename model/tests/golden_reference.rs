@@ -95,3 +95,36 @@ fn reference_prefill_and_greedy_generation_match_transformers() {
         assert_eq!(model.generate_greedy(&ids, want.len()), want, "gen{prompt}");
     }
 }
+
+#[test]
+fn the_absorbed_decode_path_agrees_with_the_prefill_and_generates_the_golden_tokens() {
+    let model = ReferenceModel::load(&bundled_model_dir()).unwrap();
+    let bytes = std::fs::read(GOLDEN).unwrap();
+    let golden = SafeTensors::deserialize(&bytes).unwrap();
+    // 40 tokens: rows past index_topk (16) are really sparse, in both paths.
+    let ids: Vec<u32> = values(&golden, "seq40.input_ids").iter().map(|v| *v as u32).collect();
+    let prefill = model.forward(&ids).logits;
+    let vocab = model.config.vocab_size;
+    let mut cache = model.new_cache();
+    for (position, id) in ids.iter().enumerate() {
+        let logits = model.decode_step(&mut cache, *id);
+        let error = max_abs_diff(&logits, &prefill[position * vocab..][..vocab]);
+        assert!(error < 1e-9, "position {position}: decode vs prefill max |Δ| {error:e}");
+    }
+    assert_eq!(cache.len(), ids.len());
+    for prompt in [8, 40] {
+        let ids: Vec<u32> = values(&golden, &format!("gen{prompt}.prompt_ids"))
+            .iter()
+            .map(|v| *v as u32)
+            .collect();
+        let want: Vec<u32> = values(&golden, &format!("gen{prompt}.greedy_ids"))
+            .iter()
+            .map(|v| *v as u32)
+            .collect();
+        assert_eq!(
+            model.generate_greedy_cached(&ids, want.len()),
+            want,
+            "gen{prompt} through the cache"
+        );
+    }
+}

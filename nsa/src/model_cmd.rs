@@ -1,6 +1,7 @@
 //! `nsa forward` and `nsa generate` on DeepSeek-V3.2 checkpoints. Today they run the model's plain-Rust f64
-//! reference on the host (`nsa_model::reference`), which reproduces Hugging Face's outputs; the device model
-//! (burn, nsa's kernels) is not built yet, so `--dtype bf16` is refused rather than faked.
+//! reference on the host (`nsa_model::reference`; generation through its latent-cache decode path), which
+//! reproduces Hugging Face's outputs; the device model (burn, nsa's kernels) is not built yet, so
+//! `--dtype bf16` is refused rather than faked.
 use crate::{Failure, usage};
 use nsa_model::reference::ReferenceModel;
 use nsa_model::{Tokenizer, bundled_model_dir};
@@ -211,14 +212,17 @@ pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let mut shown = String::new();
     let mut stdout = std::io::stdout().lock();
-    for _ in 0..args.max_tokens {
-        let logits = model.forward(&ids).logits;
-        let next = sample(
-            &logits[(ids.len() - 1) * vocab..],
-            args.temperature,
-            args.top_p,
-            &mut rng,
-        );
+    // The decode path: the prompt token by token into the latent cache, then one step per new token.
+    let mut cache = model.new_cache();
+    let mut logits = Vec::new();
+    for id in &ids {
+        logits = model.decode_step(&mut cache, *id);
+    }
+    for step in 0..args.max_tokens {
+        if step > 0 {
+            logits = model.decode_step(&mut cache, *ids.last().expect("a prompt"));
+        }
+        let next = sample(&logits[..vocab], args.temperature, args.top_p, &mut rng);
         if !args.ignore_eos && model.config.eos_token_ids.contains(&next) {
             break;
         }
