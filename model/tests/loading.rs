@@ -196,3 +196,34 @@ fn the_tokenizer_matches_hugging_face_both_ways() {
         .to_string();
     assert!(e.starts_with("/nonexistent-model/tokenizer.json: not found"), "{e}");
 }
+
+#[test]
+fn a_config_with_mtp_layers_expects_their_weights() {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundled_model_dir().join("config.json")).unwrap()).unwrap();
+    json["num_nextn_predict_layers"] = 1.into();
+    let config = ModelConfig::parse(&json.to_string(), "config.json").unwrap();
+    let expected = expected_tensors(&config);
+    let shape_of = |name: &str| expected.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone());
+    // The MTP layer sits after the 3 decoder layers: a full MoE layer plus its projection, norms and head.
+    assert_eq!(shape_of("model.layers.3.eh_proj.weight"), Some(vec![256, 512]));
+    assert_eq!(
+        shape_of("model.layers.3.shared_head.head.weight"),
+        Some(vec![1024, 256])
+    );
+    assert_eq!(
+        shape_of("model.layers.3.mlp.experts.7.down_proj.weight"),
+        Some(vec![256, 64])
+    );
+    assert_eq!(
+        shape_of("model.layers.3.self_attn.indexer.wk.weight"),
+        Some(vec![32, 256])
+    );
+    // The bundled checkpoint has none: checking it against this config names the first missing tensor.
+    let e = Checkpoint::open(&bundled_model_dir())
+        .unwrap()
+        .check_against(&expected)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.layers.3."), "{e}");
+}
