@@ -3,6 +3,7 @@
 //! [`ModelError`] naming the file and, for weights, the tensor.
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod reference;
 pub mod reference_decode;

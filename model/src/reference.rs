@@ -75,7 +75,7 @@ fn silu(x: f64) -> f64 {
 
 /// YaRN inverse frequencies (transformers' `_compute_yarn_parameters`, truncated correction range); plain
 /// RoPE without YaRN.
-fn inv_freq(config: &ModelConfig) -> Vec<f64> {
+pub(crate) fn inv_freq(config: &ModelConfig) -> Vec<f64> {
     let dim = config.qk_rope_head_dim;
     let base = config.rope_theta;
     let plain: Vec<f64> = (0..dim / 2)

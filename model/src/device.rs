@@ -1,0 +1,366 @@
+//! DeepSeek-V3.2 prefill on burn tensors on a device (f32). First form: burn's own ops for every step
+//! (matmuls, norms, RoPE, the indexer's scores and top-k mask, softmax attention in the MHA form, the router,
+//! every expert computed for every token and weighted — fine for the tiny model, not for 256 experts); nsa's
+//! kernels (indexer, top-k, sparse MLA, MoE) replace the hot steps next, and the decode path is still the
+//! host reference's.
+use crate::checkpoint::expected_tensors;
+use crate::reference::Forward;
+use crate::{Checkpoint, ModelConfig, ModelError};
+use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData, activation};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub struct DeviceModel {
+    pub config: ModelConfig,
+    device: Device,
+    /// Linear weights, transposed to [in, out] once at load; norms and biases as [1, d].
+    weights: HashMap<String, Tensor<2>>,
+    inv_freq: Vec<f64>,
+}
+
+impl DeviceModel {
+    pub fn load(dir: &Path, device: &Device) -> Result<DeviceModel, ModelError> {
+        let config = ModelConfig::load(dir)?;
+        let checkpoint = Checkpoint::open(dir)?;
+        let expected = expected_tensors(&config);
+        checkpoint.check_against(&expected)?;
+        let mut weights = HashMap::new();
+        for (name, values) in checkpoint.load_all(&expected)? {
+            let shape = &expected.iter().find(|(n, _)| *n == name).expect("expected").1;
+            let tensor = match shape.as_slice() {
+                [d] => Tensor::<2>::from_data(TensorData::new(values, [1, *d]), device),
+                [rows, cols] => Tensor::<2>::from_data(TensorData::new(values, [*rows, *cols]), device).transpose(),
+                other => unreachable!("{name}: a weight of rank {}", other.len()),
+            };
+            weights.insert(name, tensor);
+        }
+        let inv_freq = crate::reference::inv_freq(&config);
+        Ok(DeviceModel {
+            config,
+            device: device.clone(),
+            weights,
+            inv_freq,
+        })
+    }
+
+    fn w(&self, name: &str) -> Tensor<2> {
+        self.weights[name].clone()
+    }
+
+    fn linear(&self, x: Tensor<2>, name: &str) -> Tensor<2> {
+        x.matmul(self.w(name))
+    }
+
+    fn rms_norm(&self, x: Tensor<2>, name: &str) -> Tensor<2> {
+        let eps = self.config.rms_norm_eps;
+        let inv = x.clone().square().mean_dim(1).add_scalar(eps).sqrt().recip();
+        x.mul(inv).mul(self.w(name))
+    }
+
+    /// cos and sin [n, pairs] of every position's angles (computed in f32, as torch does).
+    fn cos_sin(&self, n: usize) -> (Tensor<2>, Tensor<2>) {
+        let half = self.inv_freq.len();
+        let angles: Vec<f64> = (0..n)
+            .flat_map(|p| self.inv_freq.iter().map(move |f| (p as f32 * *f as f32) as f64))
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin() as f32).collect();
+        (
+            Tensor::from_data(TensorData::new(cos, [n, half]), &self.device),
+            Tensor::from_data(TensorData::new(sin, [n, half]), &self.device),
+        )
+    }
+
+    /// Rotates x [n, heads, 2·pairs]: interleaved pairs (2i, 2i+1) (the layout comes back interleaved), or
+    /// NeoX halves (i, i + pairs).
+    fn rope(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, interleaved: bool) -> Tensor<3> {
+        let [n, heads, dim] = x.dims();
+        let pairs = dim / 2;
+        let (cos, sin) = (cos.clone().reshape([n, 1, pairs]), sin.clone().reshape([n, 1, pairs]));
+        if interleaved {
+            let x = x.reshape([n, heads, pairs, 2]);
+            let x0 = x
+                .clone()
+                .slice([0..n, 0..heads, 0..pairs, 0..1])
+                .reshape([n, heads, pairs]);
+            let x1 = x.slice([0..n, 0..heads, 0..pairs, 1..2]).reshape([n, heads, pairs]);
+            let r0 = x0.clone().mul(cos.clone()).sub(x1.clone().mul(sin.clone()));
+            let r1 = x1.mul(cos).add(x0.mul(sin));
+            Tensor::stack::<4>(vec![r0, r1], 3).reshape([n, heads, dim])
+        } else {
+            let x0 = x.clone().slice([0..n, 0..heads, 0..pairs]);
+            let x1 = x.slice([0..n, 0..heads, pairs..dim]);
+            let r0 = x0.clone().mul(cos.clone()).sub(x1.clone().mul(sin.clone()));
+            let r1 = x1.mul(cos).add(x0.mul(sin));
+            Tensor::cat(vec![r0, r1], 2)
+        }
+    }
+
+    /// [n, n] bool: key t allowed for query s (t ≤ s and among the indexer's top index_topk), and the
+    /// chosen keys per row ([n, k] with k = min(index_topk, n)).
+    fn indexer(
+        &self,
+        p: &str,
+        h: &Tensor<2>,
+        q_lora: &Tensor<2>,
+        cos_sin: &(Tensor<2>, Tensor<2>),
+    ) -> (Tensor<2, Bool>, Tensor<2, Int>) {
+        let c = &self.config;
+        let [n, _] = h.dims();
+        let (heads, d) = (c.index_n_heads, c.index_head_dim);
+        let rope = c.qk_rope_head_dim;
+        let q = self
+            .linear(q_lora.clone(), &format!("{p}.self_attn.indexer.wq_b.weight"))
+            .reshape([n, heads, d]);
+        let k = self.linear(h.clone(), &format!("{p}.self_attn.indexer.wk.weight"));
+        // LayerNorm (eps 1e-6) with weight and bias.
+        let mean = k.clone().mean_dim(1);
+        let centered = k.sub(mean);
+        let var = centered.clone().square().mean_dim(1);
+        let k = centered
+            .div(var.add_scalar(1e-6).sqrt())
+            .mul(self.w(&format!("{p}.self_attn.indexer.k_norm.weight")))
+            .add(self.w(&format!("{p}.self_attn.indexer.k_norm.bias")));
+        let rotate = |x: Tensor<3>| {
+            let [n, hh, _] = x.dims();
+            let pe = self.rope(x.clone().slice([0..n, 0..hh, 0..rope]), &cos_sin.0, &cos_sin.1, false);
+            Tensor::cat(vec![pe, x.slice([0..n, 0..hh, rope..d])], 2)
+        };
+        let q = rotate(q);
+        let k = rotate(k.reshape([n, 1, d])).reshape([n, d]);
+        let weights = self
+            .linear(h.clone(), &format!("{p}.self_attn.indexer.weights_proj.weight"))
+            .mul_scalar((heads as f64).powf(-0.5));
+        // score[s, t] = Σ_h relu(q[s, h] · k[t] · d^−½) · w[s, h]
+        let dots = q
+            .reshape([n * heads, d])
+            .matmul(k.transpose())
+            .mul_scalar((d as f64).powf(-0.5));
+        let scores = activation::relu(dots)
+            .reshape([n, heads, n])
+            .mul(weights.reshape([n, heads, 1]))
+            .sum_dim(1)
+            .reshape([n, n]);
+        // Future keys (t > s) are blocked.
+        let positions = Tensor::<1, Int>::arange(0..n as i64, &self.device);
+        let future = positions
+            .clone()
+            .reshape([1, n])
+            .expand([n, n])
+            .greater(positions.reshape([n, 1]).expand([n, n]));
+        // Blocked with a finite floor, not −∞: rows with fewer causal keys than k still get valid indices
+        // from top-k (burn returned negative ones among −∞ ties); the causal mask removes them after.
+        let scores = scores.mask_fill(future.clone(), -1e30);
+        let k_top = c.index_topk.min(n);
+        let (_, chosen) = scores.topk_with_indices(k_top, 1);
+        let picked = Tensor::<2>::zeros([n, n], &self.device)
+            .scatter(
+                1,
+                chosen.clone(),
+                Tensor::ones([n, k_top], &self.device),
+                IndexingUpdateOp::Add,
+            )
+            .greater_elem(0.5);
+        (picked.bool_and(future.bool_not()), chosen)
+    }
+
+    /// MLA in the MHA form over the allowed keys; returns the o_proj output [n, hidden].
+    fn attention(
+        &self,
+        p: &str,
+        h: &Tensor<2>,
+        q_lora: &Tensor<2>,
+        allowed: Tensor<2, Bool>,
+        cos_sin: &(Tensor<2>, Tensor<2>),
+    ) -> Tensor<2> {
+        let c = &self.config;
+        let [n, _] = h.dims();
+        let (heads, nope, rope, v_dim, rank) = (
+            c.num_attention_heads,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+            c.kv_lora_rank,
+        );
+        let qk = nope + rope;
+        let q_name = if c.q_lora_rank.is_some() { "q_b_proj" } else { "q_proj" };
+        let q = self
+            .linear(q_lora.clone(), &format!("{p}.self_attn.{q_name}.weight"))
+            .reshape([n, heads, qk]);
+        let q_pe = self.rope(
+            q.clone().slice([0..n, 0..heads, nope..qk]),
+            &cos_sin.0,
+            &cos_sin.1,
+            true,
+        );
+        let q = Tensor::cat(vec![q.slice([0..n, 0..heads, 0..nope]), q_pe], 2);
+        let kv_a = self.linear(h.clone(), &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"));
+        let latent = self.rms_norm(
+            kv_a.clone().slice([0..n, 0..rank]),
+            &format!("{p}.self_attn.kv_a_layernorm.weight"),
+        );
+        let k_pe = self.rope(
+            kv_a.slice([0..n, rank..rank + rope]).reshape([n, 1, rope]),
+            &cos_sin.0,
+            &cos_sin.1,
+            true,
+        );
+        let kv = self
+            .linear(latent, &format!("{p}.self_attn.kv_b_proj.weight"))
+            .reshape([n, heads, nope + v_dim]);
+        let k = Tensor::cat(
+            vec![
+                kv.clone().slice([0..n, 0..heads, 0..nope]),
+                k_pe.expand([n, heads, rope]),
+            ],
+            2,
+        );
+        let v = kv.slice([0..n, 0..heads, nope..nope + v_dim]);
+        let (q, k, v) = (q.swap_dims(0, 1), k.swap_dims(0, 1), v.swap_dims(0, 1));
+        let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(c.softmax_scale());
+        let blocked = allowed.bool_not().reshape([1, n, n]).expand([heads, n, n]);
+        let probs = activation::softmax(scores.mask_fill(blocked, f32::NEG_INFINITY), 2);
+        let out = probs.matmul(v).swap_dims(0, 1).reshape([n, heads * v_dim]);
+        self.linear(out, &format!("{p}.self_attn.o_proj.weight"))
+    }
+
+    fn mlp(&self, prefix: &str, x: Tensor<2>) -> Tensor<2> {
+        let gate = self.linear(x.clone(), &format!("{prefix}.gate_proj.weight"));
+        let up = self.linear(x, &format!("{prefix}.up_proj.weight"));
+        self.linear(activation::silu(gate).mul(up), &format!("{prefix}.down_proj.weight"))
+    }
+
+    /// The noaux_tc router; experts computed for every token and weighted (zero where not chosen).
+    fn moe(&self, p: &str, x: Tensor<2>) -> (Tensor<2>, Tensor<2, Int>) {
+        let c = &self.config;
+        let [n, _] = x.dims();
+        let (experts, groups) = (c.n_routed_experts, c.n_group);
+        let scores = activation::sigmoid(self.linear(x.clone(), &format!("{p}.mlp.gate.weight")));
+        let biased = scores
+            .clone()
+            .add(self.w(&format!("{p}.mlp.gate.e_score_correction_bias")));
+        let group_scores = biased
+            .clone()
+            .reshape([n, groups, experts / groups])
+            .topk(2, 2)
+            .sum_dim(2)
+            .reshape([n, groups]);
+        let (_, kept) = group_scores.topk_with_indices(c.topk_group, 1);
+        let kept = Tensor::<2>::zeros([n, groups], &self.device)
+            .scatter(
+                1,
+                kept,
+                Tensor::ones([n, c.topk_group], &self.device),
+                IndexingUpdateOp::Add,
+            )
+            .reshape([n, groups, 1])
+            .expand([n, groups, experts / groups])
+            .reshape([n, experts])
+            .lower_elem(0.5);
+        let (_, ids) = biased.mask_fill(kept, 0.0).topk_with_indices(c.num_experts_per_tok, 1);
+        let mut weights = scores.gather(1, ids.clone());
+        if c.norm_topk_prob {
+            let sum = weights.clone().sum_dim(1).add_scalar(1e-20);
+            weights = weights.div(sum);
+        }
+        let weights = weights.mul_scalar(c.routed_scaling_factor);
+        let combine =
+            Tensor::<2>::zeros([n, experts], &self.device).scatter(1, ids.clone(), weights, IndexingUpdateOp::Add);
+        let mut out = Tensor::<2>::zeros(x.dims(), &self.device);
+        for e in 0..experts {
+            let y = self.mlp(&format!("{p}.mlp.experts.{e}"), x.clone());
+            out = out.add(y.mul(combine.clone().slice([0..n, e..e + 1])));
+        }
+        if c.n_shared_experts > 0 {
+            out = out.add(self.mlp(&format!("{p}.mlp.shared_experts"), x));
+        }
+        (out, ids)
+    }
+
+    /// One prefill of `ids` from position 0; results copied back to the host.
+    pub fn forward(&self, ids: &[u32]) -> Forward {
+        let c = &self.config;
+        let n = ids.len();
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(ids.iter().map(|i| *i as i64).collect::<Vec<_>>(), [n]),
+            &self.device,
+        );
+        let mut x = self.weights["model.embed_tokens.weight"]
+            .clone()
+            .transpose()
+            .select(0, index);
+        let cos_sin = self.cos_sin(n);
+        let host = |t: Tensor<2>| -> Vec<f64> {
+            t.into_data()
+                .to_vec::<f32>()
+                .expect("f32")
+                .into_iter()
+                .map(f64::from)
+                .collect()
+        };
+        let host_int = |t: Tensor<2, Int>| -> Vec<i32> {
+            t.into_data()
+                .convert::<i64>()
+                .to_vec::<i64>()
+                .expect("ints")
+                .into_iter()
+                .map(|v| v as i32)
+                .collect()
+        };
+        let mut result = Forward {
+            logits: Vec::new(),
+            layer_out: Vec::new(),
+            index_topk: Vec::new(),
+            router_topk_ids: Vec::new(),
+        };
+        for layer in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{layer}");
+            let h = self.rms_norm(x.clone(), &format!("{p}.input_layernorm.weight"));
+            let q_lora = match c.q_lora_rank {
+                Some(_) => self.rms_norm(
+                    self.linear(h.clone(), &format!("{p}.self_attn.q_a_proj.weight")),
+                    &format!("{p}.self_attn.q_a_layernorm.weight"),
+                ),
+                None => h.clone(),
+            };
+            let (allowed, chosen) = self.indexer(&p, &h, &q_lora, &cos_sin);
+            x = x.add(self.attention(&p, &h, &q_lora, allowed, &cos_sin));
+            let h2 = self.rms_norm(x.clone(), &format!("{p}.post_attention_layernorm.weight"));
+            let (mlp, router) = if c.is_moe_layer(layer) {
+                let (out, ids) = self.moe(&p, h2);
+                (out, Some(ids))
+            } else {
+                (self.mlp(&format!("{p}.mlp"), h2), None)
+            };
+            x = x.add(mlp);
+            result.layer_out.push(host(x.clone()));
+            // Chosen keys as the reference lists them: the causal ones, ascending, −1 padded.
+            let k_top = c.index_topk.min(n);
+            let chosen = host_int(chosen);
+            let mut keys = vec![-1i32; n * c.index_topk];
+            for s in 0..n {
+                let mut row: Vec<i32> = chosen[s * k_top..][..k_top]
+                    .iter()
+                    .copied()
+                    .filter(|t| (0..=s as i32).contains(t))
+                    .collect();
+                row.sort();
+                keys[s * c.index_topk..][..row.len()].copy_from_slice(&row);
+            }
+            result.index_topk.push(keys);
+            result.router_topk_ids.push(router.map(|ids| {
+                let mut ids = host_int(ids);
+                ids.chunks_mut(c.num_experts_per_tok).for_each(|r| r.sort());
+                ids
+            }));
+        }
+        let normed = self.rms_norm(x, "model.norm.weight");
+        let head = if c.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        result.logits = host(self.linear(normed, head));
+        result
+    }
+}
