@@ -292,7 +292,7 @@ impl DeviceModel {
         let cos_sin = self.cos_sin(n);
         let host = |t: Tensor<2>| -> Vec<f64> {
             t.into_data()
-                .to_vec::<f32>()
+                .try_to_vec::<f32>()
                 .expect("f32")
                 .into_iter()
                 .map(f64::from)
@@ -301,7 +301,7 @@ impl DeviceModel {
         let host_int = |t: Tensor<2, Int>| -> Vec<i32> {
             t.into_data()
                 .convert::<i64>()
-                .to_vec::<i64>()
+                .try_to_vec::<i64>()
                 .expect("ints")
                 .into_iter()
                 .map(|v| v as i32)
