@@ -10,6 +10,17 @@ use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData, acti
 use std::collections::HashMap;
 use std::path::Path;
 
+/// The burn device for `spec`: `wgpu` (the default adapter: a GPU, or lavapipe). Burn's CUDA runtime is
+/// not compiled in yet.
+pub fn burn_device(spec: &str) -> Result<Device, String> {
+    match spec {
+        "wgpu" => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        other => Err(format!(
+            "the device model runs on `wgpu` only so far (burn's CUDA runtime is not built in); got `{other}`"
+        )),
+    }
+}
+
 pub struct DeviceModel {
     pub config: ModelConfig,
     device: Device,

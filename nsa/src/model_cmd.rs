@@ -24,6 +24,9 @@ pub struct ForwardArgs {
     /// Compute precision: f32 (the host reference computes in f64 and writes f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// `host` (the f64 reference model) or `wgpu` (the burn device model, f32).
+    #[arg(long, default_value = "host")]
+    device: String,
 }
 
 #[derive(clap::Args)]
@@ -104,8 +107,24 @@ pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
         )));
     }
     let ids = read_ids(&args.input_ids)?;
-    let model = load(&model_dir(&args.model_path))?;
-    let c = &model.config;
+    let dir = model_dir(&args.model_path);
+    let burn_device = match args.device.as_str() {
+        "host" => None,
+        spec => Some(nsa_model::device::burn_device(spec).map_err(usage)?),
+    };
+    type Prefill = Box<dyn Fn(&[u32]) -> nsa_model::reference::Forward>;
+    let (config, prefill): (nsa_model::ModelConfig, Prefill) = match burn_device {
+        None => {
+            let model = load(&dir)?;
+            (model.config.clone(), Box::new(move |ids| model.forward(ids)))
+        }
+        Some(device) => {
+            eprintln!("loading {} (burn device model, f32, {})", dir.display(), args.device);
+            let model = nsa_model::device::DeviceModel::load(&dir, &device).map_err(usage)?;
+            (model.config.clone(), Box::new(move |ids| model.forward(ids)))
+        }
+    };
+    let c = &config;
     if let Some(bad) = ids.iter().find(|id| **id as usize >= c.vocab_size) {
         return Err(usage(format!(
             "input id {bad} is outside the vocabulary (size {})",
@@ -113,7 +132,7 @@ pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
         )));
     }
     let n = ids.len();
-    let out = model.forward(&ids);
+    let out = prefill(&ids);
     let f32_bytes = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect() };
     let i32_bytes = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = vec![
