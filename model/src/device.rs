@@ -35,9 +35,10 @@ impl DeviceModel {
         let checkpoint = Checkpoint::open(dir)?;
         let expected = expected_tensors(&config);
         checkpoint.check_against(&expected)?;
-        let mut weights = HashMap::new();
-        for (name, values) in checkpoint.load_all(&expected)? {
-            let shape = &expected.iter().find(|(n, _)| *n == name).expect("expected").1;
+        let mut loaded = checkpoint.load_all(&expected)?;
+        let mut weights = HashMap::with_capacity(expected.len());
+        for (name, shape) in expected {
+            let values = loaded.remove(&name).expect("load_all returns every expected tensor");
             let tensor = match shape.as_slice() {
                 [d] => Tensor::<2>::from_data(TensorData::new(values, [1, *d]), device),
                 [rows, cols] => Tensor::<2>::from_data(TensorData::new(values, [*rows, *cols]), device).transpose(),

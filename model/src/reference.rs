@@ -36,6 +36,13 @@ pub(crate) fn linear(x: &[f64], w: &[f64], k: usize) -> Vec<f64> {
     out
 }
 
+/// The greedy token: the largest logit (the lower id on a tie).
+pub fn argmax(logits: &[f64]) -> u32 {
+    (0..logits.len())
+        .max_by(|a, b| logits[*a].total_cmp(&logits[*b]).then(b.cmp(a)))
+        .expect("logits") as u32
+}
+
 /// The `k` best-scored positions (ties to the earlier one), ascending.
 pub(crate) fn top_keys(mut scored: Vec<(f64, usize)>, k: usize) -> Vec<i32> {
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -148,6 +155,65 @@ impl ReferenceModel {
         }
     }
 
+    /// One indexer score: Σ_h relu(q_h · k · d^−½) · w_h · H^−½ for a query's heads `q` [H, d] and weights
+    /// `w` [H] against key `k` [d].
+    pub(crate) fn index_score(&self, q: &[f64], k: &[f64], w: &[f64]) -> f64 {
+        let (heads, d) = (w.len(), k.len());
+        let (scale, head_scale) = ((d as f64).powf(-0.5), (heads as f64).powf(-0.5));
+        (0..heads)
+            .map(|head| {
+                let dot: f64 = q[head * d..][..d].iter().zip(k).map(|(a, b)| a * b).sum();
+                (dot * scale).max(0.0) * w[head] * head_scale
+            })
+            .sum()
+    }
+
+    /// The normalized q LoRA output of `h` [n, hidden] (what MLA's q_b_proj and the indexer's wq_b read),
+    /// or `h` itself without q LoRA.
+    pub(crate) fn q_lora(&self, p: &str, h: &[f64]) -> Vec<f64> {
+        let c = &self.config;
+        match c.q_lora_rank {
+            Some(_) => rms_norm(
+                &linear(h, self.w(&format!("{p}.self_attn.q_a_proj.weight")), c.hidden_size),
+                self.w(&format!("{p}.self_attn.q_a_layernorm.weight")),
+                c.rms_norm_eps,
+            ),
+            None => h.to_vec(),
+        }
+    }
+
+    /// The layer's second half on the residual stream `x` [n, hidden]: post-attention norm, dense MLP or
+    /// MoE, residual add; returns the router's experts for a MoE layer.
+    pub(crate) fn ffn(&self, layer: usize, x: &mut [f64], n: usize) -> Option<Vec<i32>> {
+        let c = &self.config;
+        let p = format!("model.layers.{layer}");
+        let h = rms_norm(
+            x,
+            self.w(&format!("{p}.post_attention_layernorm.weight")),
+            c.rms_norm_eps,
+        );
+        let (out, router) = if c.is_moe_layer(layer) {
+            let (out, ids) = self.moe(&p, &h, n);
+            (out, Some(ids))
+        } else {
+            (self.mlp(&format!("{p}.mlp"), &h, c.intermediate_size), None)
+        };
+        x.iter_mut().zip(&out).for_each(|(x, m)| *x += m);
+        router
+    }
+
+    /// Final norm and LM head: logits [n, vocab] of the residual stream `x`.
+    pub(crate) fn lm_logits(&self, x: &[f64]) -> Vec<f64> {
+        let c = &self.config;
+        let normed = rms_norm(x, self.w("model.norm.weight"), c.rms_norm_eps);
+        let head = if c.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        linear(&normed, self.w(head), c.hidden_size)
+    }
+
     /// The lightning indexer's keys per row: the top `index_topk` causal positions by
     /// Σ_h relu(q_h · k · d^−½) · w_h · H^−½ (all causal positions when there are fewer).
     fn indexer(&self, p: &str, h: &[f64], q_lora: &[f64], n: usize) -> Vec<i32> {
@@ -169,21 +235,11 @@ impl ReferenceModel {
             }
             self.rope(&mut k[t * d..][..d], 0, t, false);
         }
-        let scale = (d as f64).powf(-0.5);
-        let head_scale = (heads as f64).powf(-0.5);
         let mut chosen = vec![-1i32; n * c.index_topk];
         for s in 0..n {
+            let (q_s, w_s) = (&q[s * heads * d..][..heads * d], &weights[s * heads..][..heads]);
             let scored: Vec<(f64, usize)> = (0..=s)
-                .map(|t| {
-                    let score = (0..heads)
-                        .map(|head| {
-                            let qh = &q[(s * heads + head) * d..][..d];
-                            let dot: f64 = qh.iter().zip(&k[t * d..][..d]).map(|(a, b)| a * b).sum();
-                            (dot * scale).max(0.0) * weights[s * heads + head] * head_scale
-                        })
-                        .sum();
-                    (score, t)
-                })
+                .map(|t| (self.index_score(q_s, &k[t * d..][..d], w_s), t))
                 .collect();
             let keys = top_keys(scored, c.index_topk);
             chosen[s * c.index_topk..][..keys.len()].copy_from_slice(&keys);
@@ -355,40 +411,16 @@ impl ReferenceModel {
             let p = format!("model.layers.{layer}");
             let h = rms_norm(&x, self.w(&format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
             // The indexer reads the normalized q LoRA output, which attention computes first.
-            let q_lora = match c.q_lora_rank {
-                Some(_) => rms_norm(
-                    &linear(&h, self.w(&format!("{p}.self_attn.q_a_proj.weight")), hidden),
-                    self.w(&format!("{p}.self_attn.q_a_layernorm.weight")),
-                    c.rms_norm_eps,
-                ),
-                None => h.clone(),
-            };
+            let q_lora = self.q_lora(&p, &h);
             let keys = self.indexer(&p, &h, &q_lora, n);
             let attn = self.attention(&p, &h, &q_lora, n, &keys);
             x.iter_mut().zip(&attn).for_each(|(x, a)| *x += a);
-            let h2 = rms_norm(
-                &x,
-                self.w(&format!("{p}.post_attention_layernorm.weight")),
-                c.rms_norm_eps,
-            );
-            let (mlp, router) = if c.is_moe_layer(layer) {
-                let (out, ids) = self.moe(&p, &h2, n);
-                (out, Some(ids))
-            } else {
-                (self.mlp(&format!("{p}.mlp"), &h2, c.intermediate_size), None)
-            };
-            x.iter_mut().zip(&mlp).for_each(|(x, m)| *x += m);
+            let router = self.ffn(layer, &mut x, n);
             result.layer_out.push(x.clone());
             result.index_topk.push(keys);
             result.router_topk_ids.push(router);
         }
-        let normed = rms_norm(&x, self.w("model.norm.weight"), c.rms_norm_eps);
-        let head = if c.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        result.logits = linear(&normed, self.w(head), hidden);
+        result.logits = self.lm_logits(&x);
         result
     }
 
@@ -398,11 +430,7 @@ impl ReferenceModel {
         let vocab = self.config.vocab_size;
         for _ in 0..count {
             let logits = self.forward(&ids).logits;
-            let last = &logits[(ids.len() - 1) * vocab..];
-            let next = (0..vocab)
-                .max_by(|a, b| last[*a].total_cmp(&last[*b]).then(b.cmp(a)))
-                .unwrap();
-            ids.push(next as u32);
+            ids.push(argmax(&logits[(ids.len() - 1) * vocab..]));
         }
         ids[prompt.len()..].to_vec()
     }

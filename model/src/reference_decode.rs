@@ -3,7 +3,7 @@
 //! the indexer's key. Queries are absorbed into the latent space (q_nope · W_UK per head) and the output is
 //! lifted back by W_UV, as the device decode kernels compute it; the tests check it against the prefill's
 //! MHA form and the golden generations.
-use crate::reference::{ReferenceModel, layer_norm, linear, rms_norm, top_keys};
+use crate::reference::{ReferenceModel, argmax, layer_norm, linear, rms_norm, top_keys};
 
 #[derive(Default, Clone)]
 struct LayerCache {
@@ -47,14 +47,7 @@ impl ReferenceModel {
             let p = format!("model.layers.{layer}");
             let lc = &mut cache.layers[layer];
             let h = rms_norm(&x, self.w(&format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
-            let q_lora = match c.q_lora_rank {
-                Some(_) => rms_norm(
-                    &linear(&h, self.w(&format!("{p}.self_attn.q_a_proj.weight")), hidden),
-                    self.w(&format!("{p}.self_attn.q_a_layernorm.weight")),
-                    c.rms_norm_eps,
-                ),
-                None => h.clone(),
-            };
+            let q_lora = self.q_lora(&p, &h);
             let q_in = q_lora.len();
 
             // The indexer: this token's key joins the cache; its query scores every cached key.
@@ -76,18 +69,8 @@ impl ReferenceModel {
                 self.w(&format!("{p}.self_attn.indexer.weights_proj.weight")),
                 hidden,
             );
-            let (scale, head_scale) = ((d as f64).powf(-0.5), (ih as f64).powf(-0.5));
             let scored: Vec<(f64, usize)> = (0..=s)
-                .map(|t| {
-                    let k = &lc.index_k[t * d..][..d];
-                    let score = (0..ih)
-                        .map(|head| {
-                            let dot: f64 = q_idx[head * d..][..d].iter().zip(k).map(|(a, b)| a * b).sum();
-                            (dot * scale).max(0.0) * weights[head] * head_scale
-                        })
-                        .sum();
-                    (score, t)
-                })
+                .map(|t| (self.index_score(&q_idx, &lc.index_k[t * d..][..d], &weights), t))
                 .collect();
             let keys = top_keys(scored, c.index_topk);
 
@@ -157,26 +140,10 @@ impl ReferenceModel {
             }
             let attn = linear(&out, self.w(&format!("{p}.self_attn.o_proj.weight")), heads * v_dim);
             x.iter_mut().zip(&attn).for_each(|(x, a)| *x += a);
-            let h2 = rms_norm(
-                &x,
-                self.w(&format!("{p}.post_attention_layernorm.weight")),
-                c.rms_norm_eps,
-            );
-            let mlp = if c.is_moe_layer(layer) {
-                self.moe(&p, &h2, 1).0
-            } else {
-                self.mlp(&format!("{p}.mlp"), &h2, c.intermediate_size)
-            };
-            x.iter_mut().zip(&mlp).for_each(|(x, m)| *x += m);
+            self.ffn(layer, &mut x, 1);
         }
         cache.len += 1;
-        let normed = rms_norm(&x, self.w("model.norm.weight"), c.rms_norm_eps);
-        let head = if c.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        linear(&normed, self.w(head), hidden)
+        self.lm_logits(&x)
     }
 
     /// Greedy decoding through the cache: the prompt token by token, then `count` new tokens.
@@ -188,11 +155,9 @@ impl ReferenceModel {
         }
         let mut out = Vec::with_capacity(count);
         for _ in 0..count {
-            let next = (0..logits.len())
-                .max_by(|a, b| logits[*a].total_cmp(&logits[*b]).then(b.cmp(a)))
-                .unwrap();
-            out.push(next as u32);
-            logits = self.decode_step(&mut cache, next as u32);
+            let next = argmax(&logits);
+            out.push(next);
+            logits = self.decode_step(&mut cache, next);
         }
         out
     }

@@ -180,13 +180,8 @@ pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
 
 /// The next token from the last row of logits: greedy at temperature 0, else nucleus sampling.
 fn sample(logits: &[f64], temperature: f64, top_p: f64, rng: &mut rand::rngs::StdRng) -> u32 {
-    let greedy = || {
-        (0..logits.len())
-            .max_by(|a, b| logits[*a].total_cmp(&logits[*b]).then(b.cmp(a)))
-            .unwrap()
-    };
     if temperature <= 0.0 {
-        return greedy() as u32;
+        return nsa_model::reference::argmax(logits);
     }
     let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mut probs: Vec<(f64, usize)> = logits
