@@ -7,6 +7,6 @@ pub mod error;
 pub mod ir;
 
 pub use cubecl;
-pub use device::{Device, DeviceFeatures, DeviceInfo, RuntimeKind, discover, select};
+pub use device::{ComputeClient, Device, DeviceFeatures, DeviceInfo, RuntimeKind, discover, select};
 pub use error::BackendError;
 pub use ir::{IrTarget, emit_ir, ir_properties};

@@ -16,7 +16,7 @@ use cubek_matmul::launch::launch_ref;
 use cubek_matmul::multi_level;
 use cubek_matmul::strategy::Strategy;
 use cubek_std::InputBinding;
-use nsa_backends::{Device, DeviceFeatures, IrTarget};
+use nsa_backends::{ComputeClient, Device, DeviceFeatures, IrTarget};
 use nsa_dsl::Format;
 
 pub const VARIANTS: &[Variant] = &[Variant {
@@ -124,37 +124,68 @@ impl Kernel for Gemm {
     }
     fn launch(&self, _: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
         let (m, n, k) = (problem.dim("m"), problem.dim("n"), problem.dim("k"));
-        let ty = elem(problem.format);
-        // SAFETY: shapes and strides describe the buffers the caller created for this problem: a row-major
-        // [m, k], b row-major [n, k] seen as its transpose [k, n], c row-major [m, n].
-        let (a, b, c) = unsafe {
-            (
-                TensorBinding::from_raw_parts(inputs[0].clone(), [k, 1].into(), [m, k].into()),
-                TensorBinding::from_raw_parts(inputs[1].clone(), [1, k].into(), [k, n].into()),
-                TensorBinding::from_raw_parts(outputs[0].clone(), [n, 1].into(), [m, n].into()),
-            )
-        };
-        let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
-            lhs: ty,
-            rhs: ty,
-            out: ty,
-        });
-        let strategy = match problem.format {
-            Format::Bf16 => Strategy::Auto,
-            Format::F32 => Strategy::MultiLevel(multi_level::Strategy::SimpleUnit(Default::default())),
-        };
-        if let Err(error) = launch_ref(
-            &strategy,
-            &device.client,
-            InputBinding::new(a, ty),
-            InputBinding::new(b, ty),
-            c,
-            &mut dtypes,
-        ) {
-            panic!("cubek-matmul cannot run {problem} on this device: {error:?}");
+        // a row-major [m, k], b row-major [n, k] seen as its transpose [k, n], c row-major [m, n].
+        let a = Operand::new(inputs[0].clone(), &[m, k], &[k, 1]);
+        let b = Operand::new(inputs[1].clone(), &[k, n], &[1, k]);
+        let c = Operand::new(outputs[0].clone(), &[m, n], &[n, 1]);
+        if let Err(error) = matmul(&device.client, problem.format, a, b, c) {
+            panic!("cubek-matmul cannot run {problem} on this device: {error}");
         }
     }
     fn define(&self, _: &Variant, _: IrTarget, _: &Problem) -> KernelDefinition {
         unreachable!("gemm has no IR of its own: cubek picks its kernel at launch (supports_target is false)")
     }
+}
+
+/// A matmul operand: a buffer seen through a shape and strides in elements (rank 2, or 3 with a batch
+/// dimension first).
+pub struct Operand {
+    handle: Handle,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+impl Operand {
+    pub fn new(handle: Handle, shape: &[usize], strides: &[usize]) -> Operand {
+        assert_eq!(
+            shape.len(),
+            strides.len(),
+            "an operand's shape and strides have the same rank"
+        );
+        Operand {
+            handle,
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+        }
+    }
+
+    fn binding(self) -> TensorBinding {
+        // SAFETY: the caller's shape and strides describe memory inside the buffer (Operand's contract).
+        unsafe { TensorBinding::from_raw_parts(self.handle, self.strides.into(), self.shape.into()) }
+    }
+}
+
+/// c = a · b (a [.., m, k], b [.., k, n], c [.., m, n]) through cubek-matmul, on any client: the gemm
+/// kernel's launch, and the device model's matmuls on burn's buffers. f32 is exact f32 (cubek's
+/// `SimpleUnit`, never tf32); bf16 takes `Strategy::Auto`.
+pub fn matmul(client: &ComputeClient, format: Format, a: Operand, b: Operand, c: Operand) -> Result<(), String> {
+    let ty = elem(format);
+    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
+        lhs: ty,
+        rhs: ty,
+        out: ty,
+    });
+    let strategy = match format {
+        Format::Bf16 => Strategy::Auto,
+        Format::F32 => Strategy::MultiLevel(multi_level::Strategy::SimpleUnit(Default::default())),
+    };
+    launch_ref(
+        &strategy,
+        client,
+        InputBinding::new(a.binding(), ty),
+        InputBinding::new(b.binding(), ty),
+        c.binding(),
+        &mut dtypes,
+    )
+    .map_err(|e| format!("{e:?}"))
 }

@@ -10,13 +10,28 @@ use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData, acti
 use std::collections::HashMap;
 use std::path::Path;
 
-/// The burn device for `spec`: `wgpu` (the default adapter: a GPU, or lavapipe). Burn's CUDA runtime is
-/// not compiled in yet.
+/// The burn device for `spec`: `wgpu` / `wgpu:0` (burn's default adapter: a GPU, or lavapipe), `cuda[:N]`,
+/// `hip[:N]` (also `rocm[:N]`). Burn panics when the runtime's library is missing: check with nsa's
+/// device discovery first.
 pub fn burn_device(spec: &str) -> Result<Device, String> {
-    match spec {
-        "wgpu" => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
-        other => Err(format!(
-            "the device model runs on `wgpu` only so far (burn's CUDA runtime is not built in); got `{other}`"
+    let (runtime, index) = match spec.split_once(':') {
+        Some((runtime, index)) => {
+            let index: usize = index
+                .parse()
+                .map_err(|_| format!("bad device `{spec}`: expected e.g. cuda:0"))?;
+            (runtime, index)
+        }
+        None => (spec, 0),
+    };
+    match runtime {
+        "wgpu" if index == 0 => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        "wgpu" => Err(format!(
+            "the device model takes wgpu's default adapter only (wgpu:0); got `{spec}`"
+        )),
+        "cuda" => Ok(Device::cuda(index)),
+        "rocm" | "hip" => Ok(Device::rocm(index)),
+        _ => Err(format!(
+            "unknown device `{spec}` for the device model; valid: wgpu, cuda[:N], hip[:N]"
         )),
     }
 }
@@ -60,7 +75,7 @@ impl DeviceModel {
     }
 
     fn linear(&self, x: Tensor<2>, name: &str) -> Tensor<2> {
-        x.matmul(self.w(name))
+        crate::ops::matmul(x, self.w(name))
     }
 
     fn rms_norm(&self, x: Tensor<2>, name: &str) -> Tensor<2> {
@@ -144,10 +159,7 @@ impl DeviceModel {
             .linear(h.clone(), &format!("{p}.self_attn.indexer.weights_proj.weight"))
             .mul_scalar((heads as f64).powf(-0.5));
         // score[s, t] = Σ_h relu(q[s, h] · k[t] · d^−½) · w[s, h]
-        let dots = q
-            .reshape([n * heads, d])
-            .matmul(k.transpose())
-            .mul_scalar((d as f64).powf(-0.5));
+        let dots = crate::ops::matmul(q.reshape([n * heads, d]), k.transpose()).mul_scalar((d as f64).powf(-0.5));
         let scores = activation::relu(dots)
             .reshape([n, heads, n])
             .mul(weights.reshape([n, heads, 1]))
@@ -229,10 +241,10 @@ impl DeviceModel {
         );
         let v = kv.slice([0..n, 0..heads, nope..nope + v_dim]);
         let (q, k, v) = (q.swap_dims(0, 1), k.swap_dims(0, 1), v.swap_dims(0, 1));
-        let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(c.softmax_scale());
+        let scores = crate::ops::matmul(q, k.swap_dims(1, 2)).mul_scalar(c.softmax_scale());
         let blocked = allowed.bool_not().reshape([1, n, n]).expand([heads, n, n]);
         let probs = activation::softmax(scores.mask_fill(blocked, f32::NEG_INFINITY), 2);
-        let out = probs.matmul(v).swap_dims(0, 1).reshape([n, heads * v_dim]);
+        let out = crate::ops::matmul(probs, v).swap_dims(0, 1).reshape([n, heads * v_dim]);
         self.linear(out, &format!("{p}.self_attn.o_proj.weight"))
     }
 

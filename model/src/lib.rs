@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod ops;
 pub mod reference;
 pub mod reference_decode;
 pub mod tokenizer;

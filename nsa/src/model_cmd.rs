@@ -24,7 +24,8 @@ pub struct ForwardArgs {
     /// Compute precision: f32 (the host reference computes in f64 and writes f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// `host` (the f64 reference model) or `wgpu` (the burn device model, f32).
+    /// `host` (the f64 reference model), or the burn device model (f32) on a device: `auto` (the best
+    /// found), `cuda[:N]`, `hip[:N]`, `wgpu`.
     #[arg(long, default_value = "host")]
     device: String,
 }
@@ -110,7 +111,11 @@ pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
     let dir = model_dir(&args.model_path);
     let burn_device = match args.device.as_str() {
         "host" => None,
-        spec => Some(nsa_model::device::burn_device(spec).map_err(usage)?),
+        spec => {
+            // Found and opened through nsa's discovery first: a missing runtime is an error naming it.
+            let found = nsa_backends::select(Some(spec)).map_err(|e| usage(e.to_string()))?;
+            Some(nsa_model::device::burn_device(&found.info.id()).map_err(usage)?)
+        }
     };
     type Prefill = Box<dyn Fn(&[u32]) -> nsa_model::reference::Forward>;
     let (config, prefill): (nsa_model::ModelConfig, Prefill) = match burn_device {
@@ -132,7 +137,28 @@ pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
         )));
     }
     let n = ids.len();
-    let out = prefill(&ids);
+    let start = std::time::Instant::now();
+    let mut out = prefill(&ids);
+    let first = start.elapsed();
+    // A second run shows the prefill's speed without the first run's kernel compilation.
+    let start = std::time::Instant::now();
+    if args.device != "host" {
+        out = prefill(&ids);
+    }
+    let second = start.elapsed();
+    eprintln!(
+        "prefill of {n} tokens: first run {:.1} ms{}",
+        first.as_secs_f64() * 1e3,
+        if args.device == "host" {
+            format!(" ({:.0} tokens/s)", n as f64 / first.as_secs_f64())
+        } else {
+            format!(
+                ", second {:.1} ms ({:.0} tokens/s)",
+                second.as_secs_f64() * 1e3,
+                n as f64 / second.as_secs_f64()
+            )
+        }
+    );
     let f32_bytes = |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect() };
     let i32_bytes = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = vec![
