@@ -120,27 +120,50 @@ pub fn quantize_group(values: &[f32], ue8m0: bool) -> (Vec<u8>, f32) {
 pub fn quantize_weight_blocks(values: &[f32], matrices: usize, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
     let (row_blocks, col_blocks) = (rows.div_ceil(GROUP), cols.div_ceil(GROUP));
     let mut scales = vec![0f32; matrices * row_blocks * col_blocks];
-    for e in 0..matrices {
-        for (rb, cb) in (0..row_blocks).flat_map(|rb| (0..col_blocks).map(move |cb| (rb, cb))) {
-            let amax = (rb * GROUP..((rb + 1) * GROUP).min(rows))
-                .flat_map(|r| {
-                    let start = (e * rows + r) * cols;
-                    values[start + cb * GROUP..start + ((cb + 1) * GROUP).min(cols)].iter()
-                })
-                .fold(0f32, |m, v| m.max(v.abs()));
-            scales[(e * row_blocks + rb) * col_blocks + cb] = amax.max(1e-4) / 448.0;
-        }
-    }
-    let bytes = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let (e, r, c) = (i / (rows * cols), (i / cols) % rows, i % cols);
-            let scale = scales[(e * row_blocks + r / GROUP) * col_blocks + c / GROUP];
-            host::f32_to_e4m3((v / scale).clamp(-448.0, 448.0))
+    let mut bytes = vec![0u8; values.len()];
+    // One unit of work: a block row (up to 128 rows of one matrix) with its col_blocks scales. Bench-sized
+    // weights (the experts' 10⁸–10⁹ values) are quantized on every core.
+    let units: Vec<(&[f32], &mut [u8], &mut [f32])> = values
+        .chunks(rows * cols)
+        .zip(bytes.chunks_mut(rows * cols))
+        .zip(scales.chunks_mut(row_blocks * col_blocks))
+        .flat_map(|((v, b), s)| {
+            v.chunks(GROUP * cols)
+                .zip(b.chunks_mut(GROUP * cols))
+                .zip(s.chunks_mut(col_blocks))
+                .map(|((v, b), s)| (v, b, s))
         })
         .collect();
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+    let per_thread = units.len().div_ceil(threads).max(1);
+    let mut units = units;
+    std::thread::scope(|scope| {
+        while !units.is_empty() {
+            let batch: Vec<_> = units.drain(..per_thread.min(units.len())).collect();
+            scope.spawn(move || {
+                for (v, b, s) in batch {
+                    quantize_block_row(v, b, s, cols);
+                }
+            });
+        }
+    });
     (bytes, scales)
+}
+
+/// One block row: each 128-column block's scale (amax / 448) and its values as e4m3 codes.
+fn quantize_block_row(values: &[f32], bytes: &mut [u8], scales: &mut [f32], cols: usize) {
+    for (cb, scale) in scales.iter_mut().enumerate() {
+        let columns = cb * GROUP..((cb + 1) * GROUP).min(cols);
+        let amax = values
+            .chunks(cols)
+            .flat_map(|row| row[columns.clone()].iter())
+            .fold(0f32, |m, v| m.max(v.abs()));
+        *scale = amax.max(1e-4) / 448.0;
+    }
+    for (i, (v, b)) in values.iter().zip(bytes.iter_mut()).enumerate() {
+        let scale = scales[(i % cols) / GROUP];
+        *b = host::f32_to_e4m3((v / scale).clamp(-448.0, 448.0));
+    }
 }
 
 pub struct Fp8ActQuant;

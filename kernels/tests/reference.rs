@@ -211,3 +211,30 @@ fn a_panicking_launch_is_the_variants_error() {
         other => panic!("expected a device error, got {:?}", other.map(|r| r.max_error)),
     }
 }
+
+#[test]
+fn parallel_weight_quantizer_equals_its_definition() {
+    // Two matrices with partial edge blocks both ways; values spanning several magnitudes per block.
+    let (matrices, rows, cols) = (2, 300, 260);
+    let values: Vec<f32> = (0..matrices * rows * cols)
+        .map(|i| ((i as f32 * 0.618).sin() * (1.0 + (i % 97) as f32)) / (1 + i % 5) as f32)
+        .collect();
+    let (bytes, scales) = nsa_kernels::fp8_act::quantize_weight_blocks(&values, matrices, rows, cols);
+    let (rb, cb) = (rows.div_ceil(128), cols.div_ceil(128));
+    assert_eq!(scales.len(), matrices * rb * cb);
+    // The definition, serially: every block's amax over its elements, then each element's code.
+    let mut amax = vec![0f32; matrices * rb * cb];
+    let block_of = |i: usize| {
+        let (e, r, c) = (i / (rows * cols), i / cols % rows, i % cols);
+        (e * rb + r / 128) * cb + c / 128
+    };
+    for (i, v) in values.iter().enumerate() {
+        amax[block_of(i)] = amax[block_of(i)].max(v.abs());
+    }
+    for (i, v) in values.iter().enumerate() {
+        let scale = amax[block_of(i)].max(1e-4) / 448.0;
+        assert_eq!(scales[block_of(i)], scale, "scale of element {i}");
+        let code = nsa_dsl::host::f32_to_e4m3((v / scale).clamp(-448.0, 448.0));
+        assert_eq!(bytes[i], code, "code of element {i}");
+    }
+}

@@ -32,6 +32,33 @@ pub struct Args {
     /// With --show: also draw each kernel's time per variant over its buckets into this SVG file.
     #[arg(long, requires = "show")]
     plot: Option<PathBuf>,
+    /// Measure every configuration at every bucket. Without it, a configuration measured past 5× the best
+    /// at another bucket of its kernel is not measured again (the portable fallbacks at model sizes take
+    /// seconds per launch and cannot win).
+    #[arg(long)]
+    exhaustive: bool,
+}
+
+/// Past this many times the best of its bucket a configuration cannot win there.
+const HOPELESS: f64 = 5.0;
+/// A launch slower than this is timed once (host clock): repeats would not change the decision.
+const TIME_ONCE_MS: f64 = 1000.0;
+
+/// Another bucket of `kernel` where `label` was measured past [`HOPELESS`]× that bucket's best: (bucket,
+/// ratio).
+fn hopeless_elsewhere(table: &TuningTable, kernel: &str, version: &str, label: &str) -> Option<(String, f64)> {
+    table
+        .entries
+        .iter()
+        .filter(|e| e.kernel == kernel && e.version == version)
+        .find_map(|e| {
+            let best = e.times_ms.values().copied().min_by(f64::total_cmp)?;
+            let ratio = e.times_ms.get(label)? / best;
+            (ratio > HOPELESS).then(|| {
+                let dims: Vec<String> = e.bucket.iter().map(|(n, s)| format!("{n}={s}")).collect();
+                (dims.join(" "), ratio)
+            })
+        })
 }
 
 fn parse_budget(text: &str) -> Result<Duration, Failure> {
@@ -335,6 +362,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
     let mut inputs: Option<((&str, String), Vec<nsa_kernels::HostTensor>)> = None;
     let mut versions = std::collections::BTreeMap::new();
+    let mut skipped = 0;
     for (done, job) in work.iter().enumerate() {
         if start.elapsed() > budget {
             eprintln!(
@@ -351,6 +379,19 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 problem,
                 label,
             } => {
+                if !args.exhaustive
+                    && let Some((other, ratio)) = hopeless_elsewhere(&table, kernel.name(), version, label)
+                {
+                    eprintln!(
+                        "[{}/{}] {} {label} {}: skipped, {ratio:.0}× the best at {other} (--exhaustive measures it)",
+                        done + 1,
+                        work.len(),
+                        kernel.name(),
+                        describe_bucket(problem)
+                    );
+                    skipped += 1;
+                    continue;
+                }
                 check_once(&mut checked, *kernel, variant, problem, label, &device)?;
                 // Variants at one bucket share inputs (model-sized ones take seconds to draw).
                 let key = (kernel.name(), describe_bucket(problem));
@@ -359,12 +400,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
                     inputs = Some((key, kernel.random_inputs(problem, &mut rng)));
                 }
                 let data = &inputs.as_ref().expect("just drawn").1;
-                // Past 5× the bucket's best so far a variant cannot win: one launch is enough.
+                // Past 5× the bucket's best so far a variant cannot win, and past a second repeats change
+                // nothing: one launch is enough.
                 let best = table
                     .entry_mut(kernel.name(), version, problem)
                     .and_then(|e| e.times_ms.values().copied().min_by(f64::total_cmp))
                     .unwrap_or(f64::INFINITY);
-                let timing = bench::time_unless_slower(*kernel, variant, &device, problem, data, 20.0, 5.0 * best)?;
+                let give_up = (HOPELESS * best).min(TIME_ONCE_MS);
+                let timing = bench::time_unless_slower(*kernel, variant, &device, problem, data, 20.0, give_up)?;
                 (
                     kernel.name().to_string(),
                     version,
@@ -403,7 +446,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         );
     }
     eprintln!(
-        "done: {} entries in {}; `nsa autotune --show --out {}` prints them",
+        "done: {} entries in {} ({skipped} hopeless configurations skipped); `nsa autotune --show --out {}` prints them",
         table.entries.len(),
         args.out.display(),
         args.out.display()

@@ -267,6 +267,42 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
         "{}",
         stderr(&again)
     );
+    // A configuration past 5× the best at one bucket is not measured at the others, unless --exhaustive:
+    // make `shared` look 100× slower than a (made-up) rival at the first bucket and forget it elsewhere.
+    let original = std::fs::read_to_string(&table).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let entries = json["entries"].as_array_mut().unwrap();
+    let shared = entries[0]["times_ms"]["shared"].as_f64().unwrap();
+    entries[0]["times_ms"]["rival"] = serde_json::json!(shared / 100.0);
+    for entry in entries.iter_mut().skip(1) {
+        entry["times_ms"].as_object_mut().unwrap().remove("shared");
+    }
+    std::fs::write(&table, json.to_string()).unwrap();
+    let pruned = nsa(&["autotune", "--kernels", "rms_norm", "--grid", "tests", "--out", out]);
+    assert!(pruned.status.success(), "{}", stderr(&pruned));
+    assert!(
+        stderr(&pruned).contains("skipped, 100× the best at"),
+        "{}",
+        stderr(&pruned)
+    );
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
+    assert!(json["entries"].as_array().unwrap()[1]["times_ms"]["shared"].is_null());
+    let exhaustive = nsa(&[
+        "autotune",
+        "--kernels",
+        "rms_norm",
+        "--grid",
+        "tests",
+        "--exhaustive",
+        "--out",
+        out,
+    ]);
+    assert!(exhaustive.status.success(), "{}", stderr(&exhaustive));
+    assert!(!stderr(&exhaustive).contains(": skipped"), "{}", stderr(&exhaustive));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
+    let entries = json["entries"].as_array().unwrap();
+    assert!(entries.iter().all(|e| e["times_ms"]["shared"].is_number()));
+    std::fs::write(&table, original).unwrap();
     let plot = dir.join("plot.svg");
     let show = nsa(&["autotune", "--show", "--out", out, "--plot", plot.to_str().unwrap()]);
     assert!(show.status.success() && String::from_utf8_lossy(&show.stdout).contains("rms_norm"));
