@@ -10,9 +10,13 @@ use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData, acti
 use std::collections::HashMap;
 use std::path::Path;
 
+/// The device type of burn's tensors (for callers without a burn dependency).
+pub type BurnDevice = Device;
+
 /// The burn device for `spec`: `wgpu` / `wgpu:0` (burn's default adapter: a GPU, or lavapipe), `cuda[:N]`,
 /// `hip[:N]` (also `rocm[:N]`). Burn panics when the runtime's library is missing: check with nsa's
 /// device discovery first.
+
 pub fn burn_device(spec: &str) -> Result<Device, String> {
     let (runtime, index) = match spec.split_once(':') {
         Some((runtime, index)) => {
@@ -38,7 +42,7 @@ pub fn burn_device(spec: &str) -> Result<Device, String> {
 
 pub struct DeviceModel {
     pub config: ModelConfig,
-    device: Device,
+    pub(crate) device: Device,
     /// Linear weights, transposed to [in, out] once at load; norms and biases as [1, d].
     weights: HashMap<String, Tensor<2>>,
     inv_freq: Vec<f64>,
@@ -70,24 +74,24 @@ impl DeviceModel {
         })
     }
 
-    fn w(&self, name: &str) -> Tensor<2> {
+    pub(crate) fn w(&self, name: &str) -> Tensor<2> {
         self.weights[name].clone()
     }
 
-    fn linear(&self, x: Tensor<2>, name: &str) -> Tensor<2> {
+    pub(crate) fn linear(&self, x: Tensor<2>, name: &str) -> Tensor<2> {
         crate::ops::matmul(x, self.w(name))
     }
 
-    fn rms_norm(&self, x: Tensor<2>, name: &str) -> Tensor<2> {
+    pub(crate) fn rms_norm(&self, x: Tensor<2>, name: &str) -> Tensor<2> {
         let eps = self.config.rms_norm_eps;
         let inv = x.clone().square().mean_dim(1).add_scalar(eps).sqrt().recip();
         x.mul(inv).mul(self.w(name))
     }
 
-    /// cos and sin [n, pairs] of every position's angles (computed in f32, as torch does).
-    fn cos_sin(&self, n: usize) -> (Tensor<2>, Tensor<2>) {
+    /// cos and sin [n, pairs] of positions start..start + n (angles computed in f32, as torch does).
+    pub(crate) fn cos_sin(&self, start: usize, n: usize) -> (Tensor<2>, Tensor<2>) {
         let half = self.inv_freq.len();
-        let angles: Vec<f64> = (0..n)
+        let angles: Vec<f64> = (start..start + n)
             .flat_map(|p| self.inv_freq.iter().map(move |f| (p as f32 * *f as f32) as f64))
             .collect();
         let cos: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();
@@ -100,7 +104,7 @@ impl DeviceModel {
 
     /// Rotates x [n, heads, 2·pairs]: interleaved pairs (2i, 2i+1) (the layout comes back interleaved), or
     /// NeoX halves (i, i + pairs).
-    fn rope(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, interleaved: bool) -> Tensor<3> {
+    pub(crate) fn rope(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, interleaved: bool) -> Tensor<3> {
         let [n, heads, dim] = x.dims();
         let pairs = dim / 2;
         let (cos, sin) = (cos.clone().reshape([n, 1, pairs]), sin.clone().reshape([n, 1, pairs]));
@@ -139,15 +143,7 @@ impl DeviceModel {
         let q = self
             .linear(q_lora.clone(), &format!("{p}.self_attn.indexer.wq_b.weight"))
             .reshape([n, heads, d]);
-        let k = self.linear(h.clone(), &format!("{p}.self_attn.indexer.wk.weight"));
-        // LayerNorm (eps 1e-6) with weight and bias.
-        let mean = k.clone().mean_dim(1);
-        let centered = k.sub(mean);
-        let var = centered.clone().square().mean_dim(1);
-        let k = centered
-            .div(var.add_scalar(1e-6).sqrt())
-            .mul(self.w(&format!("{p}.self_attn.indexer.k_norm.weight")))
-            .add(self.w(&format!("{p}.self_attn.indexer.k_norm.bias")));
+        let k = self.indexer_key(p, h);
         let rotate = |x: Tensor<3>| {
             let [n, hh, _] = x.dims();
             let pe = self.rope(x.clone().slice([0..n, 0..hh, 0..rope]), &cos_sin.0, &cos_sin.1, false);
@@ -186,6 +182,18 @@ impl DeviceModel {
             )
             .greater_elem(0.5);
         (picked.bool_and(future.bool_not()), chosen)
+    }
+
+    /// The indexer's key [n, index_head_dim] before RoPE: wk, then LayerNorm (eps 1e-6) with weight and bias.
+    pub(crate) fn indexer_key(&self, p: &str, h: &Tensor<2>) -> Tensor<2> {
+        let k = self.linear(h.clone(), &format!("{p}.self_attn.indexer.wk.weight"));
+        let mean = k.clone().mean_dim(1);
+        let centered = k.sub(mean);
+        let var = centered.clone().square().mean_dim(1);
+        centered
+            .div(var.add_scalar(1e-6).sqrt())
+            .mul(self.w(&format!("{p}.self_attn.indexer.k_norm.weight")))
+            .add(self.w(&format!("{p}.self_attn.indexer.k_norm.bias")))
     }
 
     /// MLA in the MHA form over the allowed keys; returns the o_proj output [n, hidden].
@@ -248,14 +256,14 @@ impl DeviceModel {
         self.linear(out, &format!("{p}.self_attn.o_proj.weight"))
     }
 
-    fn mlp(&self, prefix: &str, x: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn mlp(&self, prefix: &str, x: Tensor<2>) -> Tensor<2> {
         let gate = self.linear(x.clone(), &format!("{prefix}.gate_proj.weight"));
         let up = self.linear(x, &format!("{prefix}.up_proj.weight"));
         self.linear(activation::silu(gate).mul(up), &format!("{prefix}.down_proj.weight"))
     }
 
     /// The noaux_tc router; experts computed for every token and weighted (zero where not chosen).
-    fn moe(&self, p: &str, x: Tensor<2>) -> (Tensor<2>, Tensor<2, Int>) {
+    pub(crate) fn moe(&self, p: &str, x: Tensor<2>) -> (Tensor<2>, Tensor<2, Int>) {
         let c = &self.config;
         let [n, _] = x.dims();
         let (experts, groups) = (c.n_routed_experts, c.n_group);
@@ -301,27 +309,57 @@ impl DeviceModel {
         (out, ids)
     }
 
+    /// The query's LoRA path: q_a_proj → RMSNorm (or the normalized input where there is no q LoRA).
+    pub(crate) fn q_lora(&self, p: &str, h: &Tensor<2>) -> Tensor<2> {
+        match self.config.q_lora_rank {
+            Some(_) => self.rms_norm(
+                self.linear(h.clone(), &format!("{p}.self_attn.q_a_proj.weight")),
+                &format!("{p}.self_attn.q_a_layernorm.weight"),
+            ),
+            None => h.clone(),
+        }
+    }
+
+    /// The layer's second half: post-attention norm, dense MLP or MoE, residual; the router's picks.
+    pub(crate) fn ffn(&self, layer: usize, x: Tensor<2>) -> (Tensor<2>, Option<Tensor<2, Int>>) {
+        let p = format!("model.layers.{layer}");
+        let h = self.rms_norm(x.clone(), &format!("{p}.post_attention_layernorm.weight"));
+        if self.config.is_moe_layer(layer) {
+            let (out, ids) = self.moe(&p, h);
+            (x.add(out), Some(ids))
+        } else {
+            (x.add(self.mlp(&format!("{p}.mlp"), h)), None)
+        }
+    }
+
+    /// Token rows of the embedding [ids.len(), hidden].
+    pub(crate) fn embed(&self, ids: &[u32]) -> Tensor<2> {
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(ids.iter().map(|i| *i as i64).collect::<Vec<_>>(), [ids.len()]),
+            &self.device,
+        );
+        self.weights["model.embed_tokens.weight"]
+            .clone()
+            .transpose()
+            .select(0, index)
+    }
+
+    /// Final norm and lm_head (the embedding where tied): logits [n, vocab].
+    pub(crate) fn lm_logits(&self, x: Tensor<2>) -> Tensor<2> {
+        let head = if self.config.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        self.linear(self.rms_norm(x, "model.norm.weight"), head)
+    }
+
     /// One prefill of `ids` from position 0; results copied back to the host.
     pub fn forward(&self, ids: &[u32]) -> Forward {
         let c = &self.config;
         let n = ids.len();
-        let index = Tensor::<1, Int>::from_data(
-            TensorData::new(ids.iter().map(|i| *i as i64).collect::<Vec<_>>(), [n]),
-            &self.device,
-        );
-        let mut x = self.weights["model.embed_tokens.weight"]
-            .clone()
-            .transpose()
-            .select(0, index);
-        let cos_sin = self.cos_sin(n);
-        let host = |t: Tensor<2>| -> Vec<f64> {
-            t.into_data()
-                .try_to_vec::<f32>()
-                .expect("f32")
-                .into_iter()
-                .map(f64::from)
-                .collect()
-        };
+        let mut x = self.embed(ids);
+        let cos_sin = self.cos_sin(0, n);
         let host_int = |t: Tensor<2, Int>| -> Vec<i32> {
             t.into_data()
                 .convert::<i64>()
@@ -340,23 +378,11 @@ impl DeviceModel {
         for layer in 0..c.num_hidden_layers {
             let p = format!("model.layers.{layer}");
             let h = self.rms_norm(x.clone(), &format!("{p}.input_layernorm.weight"));
-            let q_lora = match c.q_lora_rank {
-                Some(_) => self.rms_norm(
-                    self.linear(h.clone(), &format!("{p}.self_attn.q_a_proj.weight")),
-                    &format!("{p}.self_attn.q_a_layernorm.weight"),
-                ),
-                None => h.clone(),
-            };
+            let q_lora = self.q_lora(&p, &h);
             let (allowed, chosen) = self.indexer(&p, &h, &q_lora, &cos_sin);
             x = x.add(self.attention(&p, &h, &q_lora, allowed, &cos_sin));
-            let h2 = self.rms_norm(x.clone(), &format!("{p}.post_attention_layernorm.weight"));
-            let (mlp, router) = if c.is_moe_layer(layer) {
-                let (out, ids) = self.moe(&p, h2);
-                (out, Some(ids))
-            } else {
-                (self.mlp(&format!("{p}.mlp"), h2), None)
-            };
-            x = x.add(mlp);
+            let router;
+            (x, router) = self.ffn(layer, x);
             result.layer_out.push(host(x.clone()));
             // Chosen keys as the reference lists them: the causal ones, ascending, −1 padded.
             let k_top = c.index_topk.min(n);
@@ -378,13 +404,17 @@ impl DeviceModel {
                 ids
             }));
         }
-        let normed = self.rms_norm(x, "model.norm.weight");
-        let head = if c.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        result.logits = host(self.linear(normed, head));
+        result.logits = host(self.lm_logits(x));
         result
     }
+}
+
+/// A tensor's values on the host, as f64.
+pub(crate) fn host(t: Tensor<2>) -> Vec<f64> {
+    t.into_data()
+        .try_to_vec::<f32>()
+        .expect("f32")
+        .into_iter()
+        .map(f64::from)
+        .collect()
 }

@@ -37,3 +37,51 @@ fn device_prefill_matches_the_reference_and_transformers() {
         eprintln!("seq{n}: device logits max |Δ| {error:.2e}");
     }
 }
+
+#[test]
+fn device_decode_agrees_with_the_prefill_and_generates_the_golden_tokens() {
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let model = DeviceModel::load(&bundled_model_dir(), &device).unwrap();
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/data/tiny-v32/golden.safetensors"
+    ))
+    .unwrap();
+    let golden = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids_of = |name: &str| -> Vec<u32> {
+        golden
+            .tensor(name)
+            .unwrap()
+            .data()
+            .chunks(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+            .collect()
+    };
+    // 40 tokens: rows past index_topk (16) are really sparse, in both paths.
+    let ids = ids_of("seq40.input_ids");
+    let prefill = model.forward(&ids).logits;
+    let vocab = model.config.vocab_size;
+    let mut cache = model.new_cache();
+    let mut worst = 0f64;
+    for (position, id) in ids.iter().enumerate() {
+        let logits = model.decode_step(&mut cache, *id);
+        let error = logits
+            .iter()
+            .zip(&prefill[position * vocab..][..vocab])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(error < 1e-4, "position {position}: decode vs prefill max |Δ| {error:e}");
+        worst = worst.max(error);
+    }
+    assert_eq!(cache.len(), ids.len());
+    eprintln!("device decode vs prefill: max |Δ| {worst:.2e} over 40 positions");
+    for prompt in [8, 40] {
+        let ids = ids_of(&format!("gen{prompt}.prompt_ids"));
+        let want = ids_of(&format!("gen{prompt}.greedy_ids"));
+        assert_eq!(
+            model.generate_greedy_cached(&ids, want.len()),
+            want,
+            "gen{prompt} through the device cache"
+        );
+    }
+}

@@ -52,7 +52,7 @@ fn matmul_is_exact_f32_for_every_layout_the_model_passes() {
     let b_t: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
     let tb_view = Tensor::<2>::from_data(TensorData::new(b_t, [n, k]), &device).transpose();
     for (what, rhs) in [("contiguous", tb.clone()), ("transposed view", tb_view)] {
-        let out = ops::matmul(ta(), rhs).into_data().to_vec::<f32>().unwrap();
+        let out = ops::matmul(ta(), rhs).into_data().try_to_vec::<f32>().unwrap();
         check(out, &expected, k, what);
     }
     // A column slice of a wider tensor: strided rows, copied to a packed layout first.
@@ -67,7 +67,7 @@ fn matmul_is_exact_f32_for_every_layout_the_model_passes() {
         .collect();
     let sliced = Tensor::<2>::from_data(TensorData::new(wide, [m, k + 3]), &device).slice([0..m, 0..k]);
     check(
-        ops::matmul(sliced, tb).into_data().to_vec::<f32>().unwrap(),
+        ops::matmul(sliced, tb).into_data().try_to_vec::<f32>().unwrap(),
         &expected,
         k,
         "column slice",
@@ -79,7 +79,10 @@ fn matmul_is_exact_f32_for_every_layout_the_model_passes() {
     let kk = values(s * h * d, 4);
     let q3 = Tensor::<3>::from_data(TensorData::new(q.clone(), [s, h, d]), &device).swap_dims(0, 1);
     let k3 = Tensor::<3>::from_data(TensorData::new(kk.clone(), [s, h, d]), &device).swap_dims(0, 1);
-    let out = ops::matmul(q3, k3.swap_dims(1, 2)).into_data().to_vec::<f32>().unwrap();
+    let out = ops::matmul(q3, k3.swap_dims(1, 2))
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
     let gather = |x: &[f32]| -> Vec<f32> {
         (0..h * s * d)
             .map(|i| {

@@ -51,6 +51,32 @@ pub struct GenerateArgs {
     /// Keep going past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// `host` (the f64 reference model), or the burn device model (f32, its decode path over a latent cache
+    /// on the device): `auto` (the best found), `cuda[:N]`, `hip[:N]`, `wgpu`.
+    #[arg(long, default_value = "host")]
+    device: String,
+}
+
+/// The burn device `spec` names, found and opened through nsa's discovery first: a missing runtime is an
+/// error naming it, not burn's panic.
+fn burn_device(spec: &str) -> Result<nsa_model::device::BurnDevice, Failure> {
+    let found = nsa_backends::select(Some(spec)).map_err(|e| usage(e.to_string()))?;
+    nsa_model::device::burn_device(&found.info.id()).map_err(usage)
+}
+
+/// One model's decode path: appends a token, returns its logits.
+enum Decoder {
+    Host(ReferenceModel, nsa_model::reference_decode::LatentCache),
+    Device(nsa_model::device::DeviceModel, nsa_model::device_decode::DeviceCache),
+}
+
+impl Decoder {
+    fn step(&mut self, id: u32) -> Vec<f64> {
+        match self {
+            Decoder::Host(model, cache) => model.decode_step(cache, id),
+            Decoder::Device(model, cache) => model.decode_step(cache, id),
+        }
+    }
 }
 
 fn model_dir(path: &Option<PathBuf>) -> PathBuf {
@@ -111,11 +137,7 @@ pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
     let dir = model_dir(&args.model_path);
     let burn_device = match args.device.as_str() {
         "host" => None,
-        spec => {
-            // Found and opened through nsa's discovery first: a missing runtime is an error naming it.
-            let found = nsa_backends::select(Some(spec)).map_err(|e| usage(e.to_string()))?;
-            Some(nsa_model::device::burn_device(&found.info.id()).map_err(usage)?)
-        }
+        spec => Some(burn_device(spec)?),
     };
     type Prefill = Box<dyn Fn(&[u32]) -> nsa_model::reference::Forward>;
     let (config, prefill): (nsa_model::ModelConfig, Prefill) = match burn_device {
@@ -242,28 +264,40 @@ pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
     }
     let dir = model_dir(&args.model_path);
     let tokenizer = Tokenizer::load(&dir).map_err(usage)?;
-    let model = load(&dir)?;
+    let (config, mut decoder) = if args.device == "host" {
+        let model = load(&dir)?;
+        let cache = model.new_cache();
+        (model.config.clone(), Decoder::Host(model, cache))
+    } else {
+        let device = burn_device(&args.device)?;
+        eprintln!("loading {} (burn device model, f32, {})", dir.display(), args.device);
+        let model = nsa_model::device::DeviceModel::load(&dir, &device).map_err(usage)?;
+        let cache = model.new_cache();
+        (model.config.clone(), Decoder::Device(model, cache))
+    };
     let mut ids = tokenizer.encode(&args.prompt)?;
     if ids.is_empty() {
         return Err(usage("--prompt encodes to no tokens"));
     }
     let prompt_len = ids.len();
-    let vocab = model.config.vocab_size;
+    let vocab = config.vocab_size;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let mut shown = String::new();
     let mut stdout = std::io::stdout().lock();
     // The decode path: the prompt token by token into the latent cache, then one step per new token.
-    let mut cache = model.new_cache();
+    let start = std::time::Instant::now();
     let mut logits = Vec::new();
     for id in &ids {
-        logits = model.decode_step(&mut cache, *id);
+        logits = decoder.step(*id);
     }
+    let prompt_time = start.elapsed();
+    let start = std::time::Instant::now();
     for step in 0..args.max_tokens {
         if step > 0 {
-            logits = model.decode_step(&mut cache, *ids.last().expect("a prompt"));
+            logits = decoder.step(*ids.last().expect("a prompt"));
         }
         let next = sample(&logits[..vocab], args.temperature, args.top_p, &mut rng);
-        if !args.ignore_eos && model.config.eos_token_ids.contains(&next) {
+        if !args.ignore_eos && config.eos_token_ids.contains(&next) {
             break;
         }
         ids.push(next);
@@ -281,6 +315,11 @@ pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
     } else {
         let _ = writeln!(stdout);
     }
-    eprintln!("{} tokens generated", ids.len() - prompt_len);
+    let generated = ids.len() - prompt_len;
+    eprintln!(
+        "{generated} tokens generated; prompt {prompt_len} tokens in {:.0} ms, decode {:.1} tokens/s",
+        prompt_time.as_secs_f64() * 1e3,
+        generated.saturating_sub(1) as f64 / start.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -502,6 +502,26 @@ fn generate_streams_the_golden_greedy_continuation() {
     assert!(run.status.success(), "{}", stderr(&run));
     assert_eq!(stdout(&run).trim_end_matches('\n'), tokenizer.decode(&greedy).unwrap());
     assert!(stderr(&run).contains("20 tokens generated"));
+    // The same continuation from the burn device model's decode path (wgpu: lavapipe in CI).
+    let device = nsa(&[
+        "generate",
+        "--prompt",
+        &prompt,
+        "--max-tokens",
+        "20",
+        "--ignore-eos",
+        "--device",
+        "wgpu",
+    ]);
+    assert!(device.status.success(), "{}", stderr(&device));
+    assert_eq!(stdout(&device), stdout(&run));
+    let missing = nsa(&["generate", "--prompt", "Hello", "--device", "cuda"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        stderr(&missing).contains("no cuda device 0 on this machine"),
+        "{}",
+        stderr(&missing)
+    );
     // Sampling is reproducible by seed.
     let sampled = |seed: &str| {
         let out = nsa(&[

@@ -1,0 +1,172 @@
+//! The device model's decode path: one token at a time against per-layer caches on the device — the
+//! normalized KV latent, the rotated rope key and the indexer's key of every earlier token. Attention runs
+//! in MLA's absorbed form (queries taken into the latent space by W_UK, outputs lifted back by W_UV), as
+//! the decode kernels compute it; the tests check it against the prefill's MHA form and the golden
+//! generations.
+use crate::device::{DeviceModel, host};
+use crate::ops::matmul;
+use burn::tensor::{IndexingUpdateOp, Tensor, activation};
+
+struct LayerCache {
+    /// [t, kv_lora_rank]
+    latent: Tensor<2>,
+    /// [t, qk_rope_head_dim]
+    k_pe: Tensor<2>,
+    /// [t, index_head_dim]
+    index_k: Tensor<2>,
+}
+
+/// What decoding has cached so far, per layer.
+pub struct DeviceCache {
+    layers: Vec<Option<LayerCache>>,
+    len: usize,
+}
+
+impl DeviceCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// `rows` appended below `cache` (or the first rows).
+fn append(cache: Option<Tensor<2>>, rows: Tensor<2>) -> Tensor<2> {
+    match cache {
+        Some(cache) => Tensor::cat(vec![cache, rows], 0),
+        None => rows,
+    }
+}
+
+impl DeviceModel {
+    pub fn new_cache(&self) -> DeviceCache {
+        DeviceCache {
+            layers: (0..self.config.num_hidden_layers).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    /// Appends token `id` at position `cache.len()`; returns its logits [vocab] on the host.
+    pub fn decode_step(&self, cache: &mut DeviceCache, id: u32) -> Vec<f64> {
+        let c = &self.config;
+        let s = cache.len;
+        let cos_sin = self.cos_sin(s, 1);
+        let mut x = self.embed(&[id]);
+        for layer in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{layer}");
+            let h = self.rms_norm(x.clone(), &format!("{p}.input_layernorm.weight"));
+            let q_lora = self.q_lora(&p, &h);
+            let previous = cache.layers[layer].take();
+            let (old_latent, old_k_pe, old_index_k) = match previous {
+                Some(l) => (Some(l.latent), Some(l.k_pe), Some(l.index_k)),
+                None => (None, None, None),
+            };
+
+            // The indexer: this token's key joins the cache; its query scores every cached key.
+            let (ih, d, rope) = (c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim);
+            let rotate = |x: Tensor<3>| {
+                let [n, heads, _] = x.dims();
+                let pe = self.rope(
+                    x.clone().slice([0..n, 0..heads, 0..rope]),
+                    &cos_sin.0,
+                    &cos_sin.1,
+                    false,
+                );
+                Tensor::cat(vec![pe, x.slice([0..n, 0..heads, rope..d])], 2)
+            };
+            let q_idx = rotate(
+                self.linear(q_lora.clone(), &format!("{p}.self_attn.indexer.wq_b.weight"))
+                    .reshape([1, ih, d]),
+            )
+            .reshape([ih, d]);
+            let k_idx = self.indexer_key(&p, &h);
+            let index_k = append(old_index_k, rotate(k_idx.reshape([1, 1, d])).reshape([1, d]));
+            let t = s + 1;
+            let weights = self
+                .linear(h.clone(), &format!("{p}.self_attn.indexer.weights_proj.weight"))
+                .mul_scalar((ih as f64).powf(-0.5));
+            // score[t] = Σ_h relu(q[h] · k[t] · d^−½) · w[h]
+            let dots = matmul(q_idx, index_k.clone().transpose()).mul_scalar((d as f64).powf(-0.5));
+            let scores = matmul(weights, activation::relu(dots)); // [1, t]
+            let k_top = c.index_topk.min(t);
+            let (_, chosen) = scores.topk_with_indices(k_top, 1);
+            let allowed = Tensor::<2>::zeros([1, t], &self.device)
+                .scatter(1, chosen, Tensor::ones([1, k_top], &self.device), IndexingUpdateOp::Add)
+                .greater_elem(0.5);
+
+            // MLA, absorbed: the latent and the rope key join the cache.
+            let (heads, nope, v_dim, rank) = (c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank);
+            let qk = nope + rope;
+            let q_name = if c.q_lora_rank.is_some() { "q_b_proj" } else { "q_proj" };
+            let q = self
+                .linear(q_lora, &format!("{p}.self_attn.{q_name}.weight"))
+                .reshape([1, heads, qk]);
+            let q_pe = self
+                .rope(
+                    q.clone().slice([0..1, 0..heads, nope..qk]),
+                    &cos_sin.0,
+                    &cos_sin.1,
+                    true,
+                )
+                .reshape([heads, 1, rope]);
+            let q_nope = q.slice([0..1, 0..heads, 0..nope]).reshape([heads, 1, nope]);
+            let kv_a = self.linear(h, &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"));
+            let latent = append(
+                old_latent,
+                self.rms_norm(
+                    kv_a.clone().slice([0..1, 0..rank]),
+                    &format!("{p}.self_attn.kv_a_layernorm.weight"),
+                ),
+            );
+            let k_pe = append(
+                old_k_pe,
+                self.rope(
+                    kv_a.slice([0..1, rank..rank + rope]).reshape([1, 1, rope]),
+                    &cos_sin.0,
+                    &cos_sin.1,
+                    true,
+                )
+                .reshape([1, rope]),
+            );
+            // kv_b_proj [heads · (nope + v), rank] per head: W_UK (nope rows), then W_UV (v rows).
+            let w_kv =
+                self.w(&format!("{p}.self_attn.kv_b_proj.weight"))
+                    .transpose()
+                    .reshape([heads, nope + v_dim, rank]);
+            let w_uk = w_kv.clone().slice([0..heads, 0..nope, 0..rank]);
+            let w_uv = w_kv.slice([0..heads, nope..nope + v_dim, 0..rank]);
+            let q_latent = matmul(q_nope, w_uk); // [heads, 1, rank]
+            let latent_b = latent.clone().reshape([1, t, rank]).expand([heads, t, rank]);
+            let k_pe_b = k_pe.clone().reshape([1, t, rope]).expand([heads, t, rope]);
+            let logits = matmul(q_latent, latent_b.clone().swap_dims(1, 2))
+                .add(matmul(q_pe, k_pe_b.swap_dims(1, 2)))
+                .mul_scalar(c.softmax_scale());
+            let blocked = allowed.bool_not().reshape([1, 1, t]).expand([heads, 1, t]);
+            let probs = activation::softmax(logits.mask_fill(blocked, f32::NEG_INFINITY), 2);
+            let out_latent = matmul(probs, latent_b); // [heads, 1, rank]
+            let out = matmul(out_latent, w_uv.swap_dims(1, 2)).reshape([1, heads * v_dim]);
+            x = x.add(self.linear(out, &format!("{p}.self_attn.o_proj.weight")));
+            (x, _) = self.ffn(layer, x);
+            cache.layers[layer] = Some(LayerCache { latent, k_pe, index_k });
+        }
+        cache.len += 1;
+        host(self.lm_logits(x))
+    }
+
+    /// Greedy decoding through the cache: the prompt token by token, then `count` new tokens.
+    pub fn generate_greedy_cached(&self, prompt: &[u32], count: usize) -> Vec<u32> {
+        let mut cache = self.new_cache();
+        let mut logits = Vec::new();
+        for id in prompt {
+            logits = self.decode_step(&mut cache, *id);
+        }
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            let next = crate::reference::argmax(&logits);
+            out.push(next);
+            logits = self.decode_step(&mut cache, next);
+        }
+        out
+    }
+}
