@@ -120,6 +120,19 @@ fn runtime_of(device: &cubecl::Device) -> Option<RuntimeKind> {
 
 fn open(runtime: RuntimeKind, index: usize, device: cubecl::Device) -> Option<Device> {
     let client = std::panic::catch_unwind(|| device.client()).ok()?;
+    Some(Device::from_client(runtime, index, &device, client))
+}
+
+impl Device {
+    /// A device from a client opened elsewhere (burn's tensors carry theirs): nsa's kernels launched with
+    /// it work on that client's buffers. `device` is the cubecl device the client belongs to.
+    pub fn from_client(runtime: RuntimeKind, index: usize, device: &cubecl::Device, client: ComputeClient) -> Device {
+        let info = describe(runtime, index, device, &client);
+        Device { info, client }
+    }
+}
+
+fn describe(runtime: RuntimeKind, index: usize, device: &cubecl::Device, client: &ComputeClient) -> DeviceInfo {
     let props = client.properties();
     let hardware = &props.hardware;
     let fingerprint = &props.identity.fingerprint;
@@ -127,7 +140,7 @@ fn open(runtime: RuntimeKind, index: usize, device: cubecl::Device) -> Option<De
         // cubecl fingerprints CUDA devices as `ptx_sm90`, HIP ones as `hip-kernel_gfx942`.
         RuntimeKind::Cuda => fingerprint.trim_start_matches("ptx_").replacen("sm", "sm_", 1),
         RuntimeKind::Hip => fingerprint.trim_start_matches("hip-kernel_").to_string(),
-        RuntimeKind::Wgpu => match &device {
+        RuntimeKind::Wgpu => match device {
             cubecl::Device::Wgpu(d) => format!("{:?}", d.kind).to_lowercase(),
             _ => String::new(),
         },
@@ -160,7 +173,7 @@ fn open(runtime: RuntimeKind, index: usize, device: cubecl::Device) -> Option<De
                 n: 8,
             }),
     };
-    let info = DeviceInfo {
+    DeviceInfo {
         runtime,
         index,
         name: props.identity.name.clone(),
@@ -168,8 +181,7 @@ fn open(runtime: RuntimeKind, index: usize, device: cubecl::Device) -> Option<De
         memory_bytes: total_memory(runtime, index),
         driver: driver_version(runtime),
         features,
-    };
-    Some(Device { info, client })
+    }
 }
 
 /// Total device memory, asked of the driver where this build can (CUDA); other runtimes do not say.

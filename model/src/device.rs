@@ -1,8 +1,8 @@
-//! DeepSeek-V3.2 prefill on burn tensors on a device (f32). First form: burn's own ops for every step
-//! (matmuls, norms, RoPE, the indexer's scores and top-k mask, softmax attention in the MHA form, the router,
-//! every expert computed for every token and weighted — fine for the tiny model, not for 256 experts); nsa's
-//! kernels (indexer, top-k, sparse MLA, MoE) replace the hot steps next, and the decode path is still the
-//! host reference's.
+//! DeepSeek-V3.2 prefill on burn tensors on a device (f32): burn's ops for norms, RoPE, softmax attention in
+//! the MHA form, the router and the experts (every expert computed for every token and weighted — fine for
+//! the tiny model, not for 256 experts); nsa's kernels as custom ops (`ops`) for every matmul (exact f32) and
+//! the indexer's scores and top-k. Sparse MLA and the MoE kernels are next. The decode path is
+//! `device_decode`.
 use crate::checkpoint::expected_tensors;
 use crate::reference::Forward;
 use crate::{Checkpoint, ModelConfig, ModelError};
@@ -16,7 +16,6 @@ pub type BurnDevice = Device;
 /// The burn device for `spec`: `wgpu` / `wgpu:0` (burn's default adapter: a GPU, or lavapipe), `cuda[:N]`,
 /// `hip[:N]` (also `rocm[:N]`). Burn panics when the runtime's library is missing: check with nsa's
 /// device discovery first.
-
 pub fn burn_device(spec: &str) -> Result<Device, String> {
     let (runtime, index) = match spec.split_once(':') {
         Some((runtime, index)) => {
@@ -43,6 +42,8 @@ pub fn burn_device(spec: &str) -> Result<Device, String> {
 pub struct DeviceModel {
     pub config: ModelConfig,
     pub(crate) device: Device,
+    /// The same device as nsa's kernels see it (burn's client), for the custom ops.
+    pub(crate) kernels: nsa_backends::Device,
     /// Linear weights, transposed to [in, out] once at load; norms and biases as [1, d].
     weights: HashMap<String, Tensor<2>>,
     inv_freq: Vec<f64>,
@@ -66,9 +67,11 @@ impl DeviceModel {
             weights.insert(name, tensor);
         }
         let inv_freq = crate::reference::inv_freq(&config);
+        let kernels = crate::ops::kernel_device(&weights["model.embed_tokens.weight"]);
         Ok(DeviceModel {
             config,
             device: device.clone(),
+            kernels,
             weights,
             inv_freq,
         })
@@ -151,28 +154,22 @@ impl DeviceModel {
         };
         let q = rotate(q);
         let k = rotate(k.reshape([n, 1, d])).reshape([n, d]);
+        // score[s, t] = Σ_h relu(q[s, h] · k[t] · d^−½) · w[s, h] · H^−½: both scales folded into w.
         let weights = self
             .linear(h.clone(), &format!("{p}.self_attn.indexer.weights_proj.weight"))
-            .mul_scalar((heads as f64).powf(-0.5));
-        // score[s, t] = Σ_h relu(q[s, h] · k[t] · d^−½) · w[s, h]
-        let dots = crate::ops::matmul(q.reshape([n * heads, d]), k.transpose()).mul_scalar((d as f64).powf(-0.5));
-        let scores = activation::relu(dots)
-            .reshape([n, heads, n])
-            .mul(weights.reshape([n, heads, 1]))
-            .sum_dim(1)
-            .reshape([n, n]);
-        // Future keys (t > s) are blocked.
+            .mul_scalar((heads as f64).powf(-0.5) * (d as f64).powf(-0.5));
+        let k_top = c.index_topk.min(n);
+        // nsa's indexer_logits and topk kernels; a query with fewer causal keys than k_top gets −1s,
+        // replaced by its own position (always chosen).
+        let chosen = crate::ops::indexer_topk(&self.kernels, q, weights, k, k_top, 0);
         let positions = Tensor::<1, Int>::arange(0..n as i64, &self.device);
+        let own = positions.clone().reshape([n, 1]).expand([n, k_top]);
+        let chosen = chosen.clone().mask_where(chosen.lower_elem(0), own);
         let future = positions
             .clone()
             .reshape([1, n])
             .expand([n, n])
             .greater(positions.reshape([n, 1]).expand([n, n]));
-        // Blocked with a finite floor, not −∞: rows with fewer causal keys than k still get valid indices
-        // from top-k (burn returned negative ones among −∞ ties); the causal mask removes them after.
-        let scores = scores.mask_fill(future.clone(), -1e30);
-        let k_top = c.index_topk.min(n);
-        let (_, chosen) = scores.topk_with_indices(k_top, 1);
         let picked = Tensor::<2>::zeros([n, n], &self.device)
             .scatter(
                 1,
@@ -395,6 +392,7 @@ impl DeviceModel {
                     .filter(|t| (0..=s as i32).contains(t))
                     .collect();
                 row.sort();
+                row.dedup(); // short rows are padded with their own position
                 keys[s * c.index_topk..][..row.len()].copy_from_slice(&row);
             }
             result.index_topk.push(keys);

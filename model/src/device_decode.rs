@@ -83,14 +83,20 @@ impl DeviceModel {
             let k_idx = self.indexer_key(&p, &h);
             let index_k = append(old_index_k, rotate(k_idx.reshape([1, 1, d])).reshape([1, d]));
             let t = s + 1;
+            // score[t] = Σ_h relu(q[h] · k[t] · d^−½) · w[h] · H^−½ (scales folded into w), by nsa's
+            // indexer_logits and topk kernels; every cached key is causal, so none comes back −1.
             let weights = self
                 .linear(h.clone(), &format!("{p}.self_attn.indexer.weights_proj.weight"))
-                .mul_scalar((ih as f64).powf(-0.5));
-            // score[t] = Σ_h relu(q[h] · k[t] · d^−½) · w[h]
-            let dots = matmul(q_idx, index_k.clone().transpose()).mul_scalar((d as f64).powf(-0.5));
-            let scores = matmul(weights, activation::relu(dots)); // [1, t]
+                .mul_scalar((ih as f64).powf(-0.5) * (d as f64).powf(-0.5));
             let k_top = c.index_topk.min(t);
-            let (_, chosen) = scores.topk_with_indices(k_top, 1);
+            let chosen = crate::ops::indexer_topk(
+                &self.kernels,
+                q_idx.reshape([1, ih, d]),
+                weights,
+                index_k.clone(),
+                k_top,
+                s,
+            );
             let allowed = Tensor::<2>::zeros([1, t], &self.device)
                 .scatter(1, chosen, Tensor::ones([1, k_top], &self.device), IndexingUpdateOp::Add)
                 .greater_elem(0.5);

@@ -1,11 +1,14 @@
 //! nsa kernels as custom ops on burn tensors: the buffers of burn's CubeCL backend (one type for every
 //! runtime) are handed to our launches, and the result comes back as a burn tensor.
 use burn::backend::Cube;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Int, Tensor};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
+use nsa_backends::cubecl::server::Handle;
 use nsa_dsl::Format;
+use nsa_kernels::Problem;
 use nsa_kernels::gemm::{self, Operand};
+use nsa_kernels::tuning::default_variant;
 
 /// a · b for f32 tensors of rank 2 ([m, k] · [k, n]) or 3 (the same batch on both sides), in exact f32
 /// on every runtime. Burn's own matmul rounds f32 to tf32 on NVIDIA tensor cores (~1e-3 relative), too
@@ -55,4 +58,76 @@ fn matrix_layout(shape: &[usize], strides: &[usize]) -> bool {
 
 fn operand(tensor: &CubeTensor) -> Operand {
     Operand::new(tensor.handle.clone(), tensor.meta.shape(), tensor.meta.strides())
+}
+
+/// nsa's view of the device `tensor` lives on, with burn's own client: registered kernels launched with
+/// it read and write burn's buffers.
+pub fn kernel_device(tensor: &Tensor<2>) -> nsa_backends::Device {
+    use nsa_backends::{RuntimeKind, cubecl};
+    let t = tensor.clone().try_into_primitive::<Cube>().expect("a CubeCL tensor");
+    let runtime = match &t.device {
+        cubecl::Device::Cuda(_) => RuntimeKind::Cuda,
+        cubecl::Device::Hip(_) => RuntimeKind::Hip,
+        _ => RuntimeKind::Wgpu,
+    };
+    nsa_backends::Device::from_client(runtime, 0, &t.device, t.client)
+}
+
+/// Launches registered kernel `name` on the default variant for `problem` (the first the device runs).
+fn launch(device: &nsa_backends::Device, name: &str, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
+    let kernel = nsa_kernels::find_kernel(name).expect("a registered kernel");
+    kernel.validate(problem).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let variant = default_variant(kernel, problem, device.features())
+        .unwrap_or_else(|| panic!("no variant of {name} runs {problem} on {}", device.info.id()));
+    kernel.launch(variant, device, problem, inputs, outputs);
+}
+
+/// The lightning indexer's selection through nsa's `indexer_logits` and `topk` kernels: for each of the
+/// n queries, at positions `first`, `first` + 1, …, the `k` causal keys of highest score
+/// Σ_h w[t, h] · ReLU(q[t, h] · key[s]) (scales folded into w), as positions [n, k], −1 padded where a
+/// query has fewer than k keys. q [n, h, d], w [n, h], keys [s, d] (positions 0..s), f32.
+pub fn indexer_topk(
+    device: &nsa_backends::Device,
+    q: Tensor<3>,
+    w: Tensor<2>,
+    keys: Tensor<2>,
+    k: usize,
+    first: usize,
+) -> Tensor<2, Int> {
+    let [n, h, d] = q.dims();
+    let s = keys.dims()[0];
+    assert!(first + n <= s, "queries past the last key");
+    let client = &device.client;
+    let contiguous = |t: CubeTensor| into_contiguous(t).handle;
+    let q = q.try_into_primitive::<Cube>().expect("a CubeCL tensor");
+    let cube_device = q.device.clone();
+    let q = contiguous(q);
+    let w = contiguous(primitive(w));
+    let keys = contiguous(primitive(keys));
+    let positions: Vec<i32> = (first as i32..(first + n) as i32).collect();
+    let q_pos = client.create_from_slice(bytemuck::cast_slice(&positions));
+    let zeros = client.create_from_slice(bytemuck::cast_slice(&vec![0i32; n]));
+    let logits = client.empty(4 * n * s);
+    let problem = Problem::new(Format::F32, &[("t", n), ("h", h), ("d", d), ("s", s)], &[]);
+    launch(
+        device,
+        "indexer_logits",
+        &problem,
+        &[q, w, keys, q_pos.clone(), zeros.clone()],
+        std::slice::from_ref(&logits),
+    );
+    let chosen = client.empty(4 * n * k);
+    let problem = Problem::new(Format::F32, &[("t", n), ("s", s), ("k", k)], &[]);
+    launch(
+        device,
+        "topk",
+        &problem,
+        &[logits, zeros, q_pos],
+        std::slice::from_ref(&chosen),
+    );
+    let tensor = CubeTensor::new_contiguous(client.clone(), cube_device, [n, k].into(), chosen, DType::I32);
+    let chosen = Tensor::<2, Int>::from_primitive::<Cube>(tensor);
+    // Burn's default int type, as its own ops (scatter, gather) produce and take.
+    let default = Tensor::<1, Int>::zeros([1], &chosen.device()).dtype();
+    chosen.cast(default)
 }
