@@ -66,7 +66,7 @@ fn burn_device(spec: &str) -> Result<nsa_model::device::BurnDevice, Failure> {
 
 /// One model's decode path: appends a token, returns its logits.
 enum Decoder {
-    Host(ReferenceModel, nsa_model::reference_decode::LatentCache),
+    Host(Box<ReferenceModel>, nsa_model::reference_decode::LatentCache),
     Device(
         Box<nsa_model::device::DeviceModel>,
         nsa_model::device_decode::DeviceCache,
@@ -270,13 +270,13 @@ pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
     let (config, mut decoder) = if args.device == "host" {
         let model = load(&dir)?;
         let cache = model.new_cache();
-        (model.config.clone(), Decoder::Host(model, cache))
+        (model.config.clone(), Decoder::Host(Box::new(model), cache))
     } else {
         let device = burn_device(&args.device)?;
         eprintln!("loading {} (burn device model, f32, {})", dir.display(), args.device);
         let model = nsa_model::device::DeviceModel::load(&dir, &device).map_err(usage)?;
         let cache = model.new_cache();
-        (model.config.clone(), Decoder::Device(Box::new(model), cache))
+        (model.config.clone(), Decoder::Device(model, cache))
     };
     let mut ids = tokenizer.encode(&args.prompt)?;
     if ids.is_empty() {
