@@ -67,10 +67,7 @@ fn burn_device(spec: &str) -> Result<nsa_model::device::BurnDevice, Failure> {
 /// One model's decode path: appends a token, returns its logits.
 enum Decoder {
     Host(Box<ReferenceModel>, nsa_model::reference_decode::LatentCache),
-    Device(
-        Box<nsa_model::device::DeviceModel>,
-        nsa_model::device_decode::DeviceCache,
-    ),
+    Device(nsa_model::device::DeviceModel, nsa_model::device_decode::DeviceCache),
 }
 
 impl Decoder {
