@@ -67,7 +67,10 @@ fn burn_device(spec: &str) -> Result<nsa_model::device::BurnDevice, Failure> {
 /// One model's decode path: appends a token, returns its logits.
 enum Decoder {
     Host(Box<ReferenceModel>, nsa_model::reference_decode::LatentCache),
-    Device(nsa_model::device::DeviceModel, nsa_model::device_decode::DeviceCache),
+    Device(
+        Box<nsa_model::device::DeviceModel>,
+        nsa_model::device_decode::DeviceCache,
+    ),
 }
 
 impl Decoder {
@@ -273,7 +276,7 @@ pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
         eprintln!("loading {} (burn device model, f32, {})", dir.display(), args.device);
         let model = nsa_model::device::DeviceModel::load(&dir, &device).map_err(usage)?;
         let cache = model.new_cache();
-        (model.config.clone(), Decoder::Device(model, cache))
+        (model.config.clone(), Decoder::Device(Box::new(model), cache))
     };
     let mut ids = tokenizer.encode(&args.prompt)?;
     if ids.is_empty() {
