@@ -4,6 +4,7 @@
 //! the indexer's scores and top-k. Sparse MLA and the MoE kernels are next. The decode path is
 //! `device_decode`.
 use crate::checkpoint::expected_tensors;
+use crate::ops::matmul;
 use crate::reference::Forward;
 use crate::{Checkpoint, ModelConfig, ModelError};
 use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData, activation};
@@ -39,8 +40,30 @@ pub fn burn_device(spec: &str) -> Result<Device, String> {
     }
 }
 
+/// How the prefill computes attention (SGLang's MHA one-shot vs sparse prefill choice).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillAttention {
+    /// The MHA form (k and v expanded per head by kv_b_proj) under the indexer's mask.
+    Mha,
+    /// The absorbed form over the indexer's chosen keys through nsa's sparse MLA kernel.
+    Sparse,
+}
+
+impl PrefillAttention {
+    /// SGLang's rule (the `mha_one_shot` strategy's default): MHA for sequences of at most 2048 tokens.
+    pub fn rule(tokens: usize) -> PrefillAttention {
+        if tokens <= 2048 {
+            PrefillAttention::Mha
+        } else {
+            PrefillAttention::Sparse
+        }
+    }
+}
+
 pub struct DeviceModel {
     pub config: ModelConfig,
+    /// The prefill's attention form; `None` follows [`PrefillAttention::rule`].
+    pub prefill_attention: Option<PrefillAttention>,
     pub(crate) device: Device,
     /// The same device as nsa's kernels see it (burn's client), for the custom ops.
     pub(crate) kernels: nsa_backends::Device,
@@ -70,6 +93,7 @@ impl DeviceModel {
         let kernels = crate::ops::kernel_device(&weights["model.embed_tokens.weight"]);
         Ok(DeviceModel {
             config,
+            prefill_attention: None,
             device: device.clone(),
             kernels,
             weights,
@@ -131,7 +155,7 @@ impl DeviceModel {
     }
 
     /// [n, n] bool: key t allowed for query s (t ≤ s and among the indexer's top index_topk), and the
-    /// chosen keys per row ([n, k] with k = min(index_topk, n)).
+    /// chosen keys per row ([n, k] with k = min(index_topk, n), −1 padded where a row has fewer).
     fn indexer(
         &self,
         p: &str,
@@ -164,19 +188,14 @@ impl DeviceModel {
         let chosen = crate::ops::indexer_topk(&self.kernels, q, weights, k, k_top, 0);
         let positions = Tensor::<1, Int>::arange(0..n as i64, &self.device);
         let own = positions.clone().reshape([n, 1]).expand([n, k_top]);
-        let chosen = chosen.clone().mask_where(chosen.lower_elem(0), own);
+        let filled = chosen.clone().mask_where(chosen.clone().lower_elem(0), own);
         let future = positions
             .clone()
             .reshape([1, n])
             .expand([n, n])
             .greater(positions.reshape([n, 1]).expand([n, n]));
         let picked = Tensor::<2>::zeros([n, n], &self.device)
-            .scatter(
-                1,
-                chosen.clone(),
-                Tensor::ones([n, k_top], &self.device),
-                IndexingUpdateOp::Add,
-            )
+            .scatter(1, filled, Tensor::ones([n, k_top], &self.device), IndexingUpdateOp::Add)
             .greater_elem(0.5);
         (picked.bool_and(future.bool_not()), chosen)
     }
@@ -250,6 +269,86 @@ impl DeviceModel {
         let blocked = allowed.bool_not().reshape([1, n, n]).expand([heads, n, n]);
         let probs = activation::softmax(scores.mask_fill(blocked, f32::NEG_INFINITY), 2);
         let out = crate::ops::matmul(probs, v).swap_dims(0, 1).reshape([n, heads * v_dim]);
+        self.linear(out, &format!("{p}.self_attn.o_proj.weight"))
+    }
+
+    /// MLA in the absorbed form over the indexer's chosen keys, through nsa's sparse_mla_prefill kernel
+    /// (SGLang's sparse prefill): queries taken into the latent space by W_UK, the kernel's latent outputs
+    /// lifted back by W_UV. The kernel works at DeepSeek's dims (576 = 512 latent + 64 rope, heads in 16s):
+    /// smaller models are zero-padded into them, which leaves every dot product unchanged.
+    fn attention_sparse(
+        &self,
+        p: &str,
+        h: &Tensor<2>,
+        q_lora: &Tensor<2>,
+        chosen: Tensor<2, Int>,
+        cos_sin: &(Tensor<2>, Tensor<2>),
+    ) -> Tensor<2> {
+        use nsa_kernels::sparse_mla::{D_QK, D_V};
+        let c = &self.config;
+        let [n, _] = h.dims();
+        let (heads, nope, rope, v_dim, rank) = (
+            c.num_attention_heads,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+            c.kv_lora_rank,
+        );
+        assert!(
+            rank <= D_V && rope <= D_QK - D_V,
+            "latent {rank} + rope {rope} exceed the kernel's 512 + 64"
+        );
+        let qk = nope + rope;
+        let q_name = if c.q_lora_rank.is_some() { "q_b_proj" } else { "q_proj" };
+        let q = self
+            .linear(q_lora.clone(), &format!("{p}.self_attn.{q_name}.weight"))
+            .reshape([n, heads, qk]);
+        let q_pe = self.rope(
+            q.clone().slice([0..n, 0..heads, nope..qk]),
+            &cos_sin.0,
+            &cos_sin.1,
+            true,
+        );
+        let q_nope = q.slice([0..n, 0..heads, 0..nope]).swap_dims(0, 1); // [heads, n, nope]
+        let w_kv = self
+            .w(&format!("{p}.self_attn.kv_b_proj.weight"))
+            .transpose()
+            .reshape([heads, nope + v_dim, rank]);
+        let w_uk = w_kv.clone().slice([0..heads, 0..nope, 0..rank]);
+        let w_uv = w_kv.slice([0..heads, nope..nope + v_dim, 0..rank]);
+        let q_latent = matmul(q_nope, w_uk).swap_dims(0, 1); // [n, heads, rank]
+        let kv_a = self.linear(h.clone(), &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"));
+        let latent = self.rms_norm(
+            kv_a.clone().slice([0..n, 0..rank]),
+            &format!("{p}.self_attn.kv_a_layernorm.weight"),
+        );
+        let k_pe = self
+            .rope(
+                kv_a.slice([0..n, rank..rank + rope]).reshape([n, 1, rope]),
+                &cos_sin.0,
+                &cos_sin.1,
+                true,
+            )
+            .reshape([n, rope]);
+        // Zero-padded to [latent | 0 | rope | 0] = 576 columns, heads to a multiple of 16.
+        let padded_heads = heads.next_multiple_of(16);
+        let zeros3 = |cols: usize| Tensor::<3>::zeros([n, heads, cols], &self.device);
+        let q_full = Tensor::cat(vec![q_latent, zeros3(D_V - rank), q_pe, zeros3(D_QK - D_V - rope)], 2);
+        let q_full = if padded_heads > heads {
+            Tensor::cat(
+                vec![q_full, Tensor::zeros([n, padded_heads - heads, D_QK], &self.device)],
+                1,
+            )
+        } else {
+            q_full
+        };
+        let zeros2 = |cols: usize| Tensor::<2>::zeros([n, cols], &self.device);
+        let kv = Tensor::cat(vec![latent, zeros2(D_V - rank), k_pe, zeros2(D_QK - D_V - rope)], 1);
+        let out = crate::ops::sparse_mla_prefill(&self.kernels, q_full, kv, chosen, c.softmax_scale());
+        let out_latent = out.slice([0..n, 0..heads, 0..rank]).swap_dims(0, 1); // [heads, n, rank]
+        let out = matmul(out_latent, w_uv.swap_dims(1, 2)) // [heads, n, v]
+            .swap_dims(0, 1)
+            .reshape([n, heads * v_dim]);
         self.linear(out, &format!("{p}.self_attn.o_proj.weight"))
     }
 
@@ -377,7 +476,11 @@ impl DeviceModel {
             let h = self.rms_norm(x.clone(), &format!("{p}.input_layernorm.weight"));
             let q_lora = self.q_lora(&p, &h);
             let (allowed, chosen) = self.indexer(&p, &h, &q_lora, &cos_sin);
-            x = x.add(self.attention(&p, &h, &q_lora, allowed, &cos_sin));
+            let attention = match self.prefill_attention.unwrap_or(PrefillAttention::rule(n)) {
+                PrefillAttention::Mha => self.attention(&p, &h, &q_lora, allowed, &cos_sin),
+                PrefillAttention::Sparse => self.attention_sparse(&p, &h, &q_lora, chosen.clone(), &cos_sin),
+            };
+            x = x.add(attention);
             let router;
             (x, router) = self.ffn(layer, x);
             result.layer_out.push(host(x.clone()));

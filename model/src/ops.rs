@@ -131,3 +131,52 @@ pub fn indexer_topk(
     let default = Tensor::<1, Int>::zeros([1], &chosen.device()).dtype();
     chosen.cast(default)
 }
+
+/// Sparse MLA in the absorbed form through nsa's `sparse_mla_prefill` kernel (FlashMLA's sparse prefill):
+/// for each query row and head, softmax(sm_scale · q · kv_iᵀ) over the rows i its `indices` name (−1:
+/// none), applied to kv_i[..512]. q [n, heads, 576], kv [s, 576] (512 latent + 64 rope), indices [n, k]
+/// → out [n, heads, 512]; heads a multiple of 16.
+pub fn sparse_mla_prefill(
+    device: &nsa_backends::Device,
+    q: Tensor<3>,
+    kv: Tensor<2>,
+    indices: Tensor<2, Int>,
+    sm_scale: f64,
+) -> Tensor<3> {
+    let [n, heads, d_qk] = q.dims();
+    let [s, _] = kv.dims();
+    let [_, k] = indices.dims();
+    let (d_v, client) = (nsa_kernels::sparse_mla::D_V, &device.client);
+    let out = Tensor::<3>::empty([n, heads, d_v], &q.device());
+    let q = into_contiguous(q.try_into_primitive::<Cube>().expect("a CubeCL tensor")).handle;
+    let kv = into_contiguous(primitive(kv)).handle;
+    let indices = into_contiguous(
+        indices
+            .cast(DType::I32)
+            .try_into_primitive::<Cube>()
+            .expect("a CubeCL tensor"),
+    )
+    .handle;
+    let out = out.try_into_primitive::<Cube>().expect("a CubeCL tensor");
+    let (lse, max_logit) = (client.empty(4 * n * heads), client.empty(4 * n * heads));
+    let problem = Problem::new(
+        Format::F32,
+        &[
+            ("s_q", n),
+            ("h_q", heads),
+            ("s_kv", s),
+            ("topk", k),
+            ("d_qk", d_qk),
+            ("d_v", d_v),
+        ],
+        &[("sm_scale", sm_scale), ("mask", 0.0)],
+    );
+    launch(
+        device,
+        "sparse_mla_prefill",
+        &problem,
+        &[q, kv, indices],
+        &[out.handle.clone(), lse, max_logit],
+    );
+    Tensor::from_primitive::<Cube>(out)
+}

@@ -2,13 +2,24 @@
 //! in CI): logits, every layer's residual stream, the indexer's top-k sets and the router's experts.
 use burn::tensor::{Device, DeviceKind};
 use nsa_model::bundled_model_dir;
-use nsa_model::device::DeviceModel;
+use nsa_model::device::{DeviceModel, PrefillAttention};
 use nsa_model::reference::ReferenceModel;
 
 #[test]
 fn device_prefill_matches_the_reference_and_transformers() {
+    prefill_matches(PrefillAttention::Mha);
+}
+
+/// The absorbed form through nsa's sparse_mla_prefill kernel (the tiny model zero-padded into its dims).
+#[test]
+fn sparse_kernel_prefill_matches_the_reference_and_transformers() {
+    prefill_matches(PrefillAttention::Sparse);
+}
+
+fn prefill_matches(attention: PrefillAttention) {
     let device = Device::wgpu(DeviceKind::DefaultDevice);
-    let model = DeviceModel::load(&bundled_model_dir(), &device).unwrap();
+    let mut model = DeviceModel::load(&bundled_model_dir(), &device).unwrap();
+    model.prefill_attention = Some(attention);
     let reference = ReferenceModel::load(&bundled_model_dir()).unwrap();
     let bytes = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -34,7 +45,7 @@ fn device_prefill_matches_the_reference_and_transformers() {
         }
         assert_eq!(ours.index_topk, theirs.index_topk, "seq{n}: indexer top-k");
         assert_eq!(ours.router_topk_ids, theirs.router_topk_ids, "seq{n}: router experts");
-        eprintln!("seq{n}: device logits max |Δ| {error:.2e}");
+        eprintln!("seq{n} ({attention:?}): device logits max |Δ| {error:.2e}");
     }
 }
 

@@ -28,6 +28,10 @@ pub struct ForwardArgs {
     /// found), `cuda[:N]`, `hip[:N]`, `wgpu`.
     #[arg(long, default_value = "host")]
     device: String,
+    /// The device model's prefill attention: `mha` (the MHA form under the indexer's mask), `sparse` (the
+    /// absorbed form through nsa's sparse MLA kernel), `auto` (SGLang's rule: mha up to 2048 tokens).
+    #[arg(long, default_value = "auto")]
+    attention: String,
 }
 
 #[derive(clap::Args)]
@@ -136,6 +140,16 @@ pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
             args.dtype
         )));
     }
+    use nsa_model::device::PrefillAttention;
+    let attention = match args.attention.as_str() {
+        "auto" => None,
+        "mha" => Some(PrefillAttention::Mha),
+        "sparse" => Some(PrefillAttention::Sparse),
+        other => return Err(usage(format!("--attention {other}: expected mha, sparse or auto"))),
+    };
+    if attention.is_some() && args.device == "host" {
+        return Err(usage("--attention chooses the device model's form: give --device too"));
+    }
     let ids = read_ids(&args.input_ids)?;
     let dir = model_dir(&args.model_path);
     let burn_device = match args.device.as_str() {
@@ -150,7 +164,8 @@ pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
         }
         Some(device) => {
             eprintln!("loading {} (burn device model, f32, {})", dir.display(), args.device);
-            let model = nsa_model::device::DeviceModel::load(&dir, &device).map_err(usage)?;
+            let mut model = nsa_model::device::DeviceModel::load(&dir, &device).map_err(usage)?;
+            model.prefill_attention = attention;
             (model.config.clone(), Box::new(move |ids| model.forward(ids)))
         }
     };

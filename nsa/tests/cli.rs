@@ -411,27 +411,32 @@ fn forward_writes_the_golden_logits_and_refuses_bad_input() {
         assert!(file.tensor(name).is_ok(), "{name} written");
     }
     assert_eq!(file.tensor("layer2.router_topk_ids").unwrap().shape(), [8, 2]);
-    // The burn device model on the default wgpu adapter (lavapipe in CI) writes the same logits.
-    let device_out = dir.join("device.safetensors");
-    let run = nsa(&[
-        "forward",
-        "--input-ids",
-        input.to_str().unwrap(),
-        "--out",
-        device_out.to_str().unwrap(),
-        "--device",
-        "wgpu",
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
-    let device_bytes = std::fs::read(&device_out).unwrap();
-    let device_file = safetensors::SafeTensors::deserialize(&device_bytes).unwrap();
-    let device_logits = f32s(&device_file, "logits");
-    let error = device_logits
-        .iter()
-        .zip(&theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
-    assert!(error <= 1e-3, "device logits max |Δ| {error}");
+    // The burn device model on the default wgpu adapter (lavapipe in CI) writes the same logits, in
+    // both attention forms (MHA with burn's ops, absorbed through nsa's sparse MLA kernel).
+    for attention in ["mha", "sparse"] {
+        let device_out = dir.join("device.safetensors");
+        let run = nsa(&[
+            "forward",
+            "--input-ids",
+            input.to_str().unwrap(),
+            "--out",
+            device_out.to_str().unwrap(),
+            "--device",
+            "wgpu",
+            "--attention",
+            attention,
+        ]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let device_bytes = std::fs::read(&device_out).unwrap();
+        let device_file = safetensors::SafeTensors::deserialize(&device_bytes).unwrap();
+        let device_logits = f32s(&device_file, "logits");
+        let error = device_logits
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(error <= 1e-3, "device logits ({attention}) max |Δ| {error}");
+    }
 
     // Bad input: a usage error (exit 2) naming the problem, nothing written.
     let bad_ids = dir.join("bad.safetensors");
@@ -458,6 +463,28 @@ fn forward_writes_the_golden_logits_and_refuses_bad_input() {
         (
             vec!["--input-ids", other.to_str().unwrap(), "--out", o],
             "no tensor `input_ids`",
+        ),
+        (
+            vec![
+                "--input-ids",
+                input.to_str().unwrap(),
+                "--out",
+                o,
+                "--attention",
+                "dense",
+            ],
+            "expected mha, sparse or auto",
+        ),
+        (
+            vec![
+                "--input-ids",
+                input.to_str().unwrap(),
+                "--out",
+                o,
+                "--attention",
+                "sparse",
+            ],
+            "give --device too",
         ),
         (
             vec!["--input-ids", input.to_str().unwrap(), "--out", o, "--dtype", "bf16"],
