@@ -1,8 +1,7 @@
-//! DeepSeek-V3.2 prefill on burn tensors on a device (f32): burn's ops for norms, RoPE, softmax attention in
-//! the MHA form, the router and the experts (every expert computed for every token and weighted — fine for
-//! the tiny model, not for 256 experts); nsa's kernels as custom ops (`ops`) for every matmul (exact f32) and
-//! the indexer's scores and top-k. Sparse MLA and the MoE kernels are next. The decode path is
-//! `device_decode`.
+//! DeepSeek-V3.2 prefill on burn tensors on a device (f32): burn's ops for norms, RoPE, the MHA form's
+//! softmax attention and the shared expert; nsa's kernels as custom ops (`ops`) for every matmul (exact
+//! f32), the indexer's scores and top-k, the absorbed-form sparse MLA prefill, the MoE router and the routed
+//! experts. The decode path is `device_decode`.
 use crate::checkpoint::expected_tensors;
 use crate::ops::matmul;
 use crate::reference::Forward;
@@ -65,6 +64,9 @@ pub struct DeviceModel {
     /// The prefill's attention form; `None` follows [`PrefillAttention::rule`].
     pub prefill_attention: Option<PrefillAttention>,
     pub(crate) device: Device,
+    /// Per MoE layer prefix: the routed experts' weights stacked as nsa's moe_experts kernel reads them,
+    /// w13 [experts, 2·inter, hidden] (gate rows, then up rows) and w2 [experts, hidden, inter].
+    experts: HashMap<String, (Tensor<3>, Tensor<3>)>,
     /// The same device as nsa's kernels see it (burn's client), for the custom ops.
     pub(crate) kernels: nsa_backends::Device,
     /// Linear weights, transposed to [in, out] once at load; norms and biases as [1, d].
@@ -91,10 +93,30 @@ impl DeviceModel {
         }
         let inv_freq = crate::reference::inv_freq(&config);
         let kernels = crate::ops::kernel_device(&weights["model.embed_tokens.weight"]);
+        let mut experts = HashMap::new();
+        for layer in (0..config.num_hidden_layers).filter(|l| config.is_moe_layer(*l)) {
+            let p = format!("model.layers.{layer}");
+            // Linear weights are kept as [in, out] views of the checkpoint's [out, in]: transposed back.
+            let stacked = |names: &[&str]| -> Tensor<3> {
+                let per_expert: Vec<Tensor<3>> = (0..config.n_routed_experts)
+                    .map(|e| {
+                        let rows: Vec<Tensor<2>> = names
+                            .iter()
+                            .map(|n| weights[&format!("{p}.mlp.experts.{e}.{n}.weight")].clone().transpose())
+                            .collect();
+                        Tensor::cat(rows, 0).unsqueeze::<3>()
+                    })
+                    .collect();
+                Tensor::cat(per_expert, 0)
+            };
+            let pair = (stacked(&["gate_proj", "up_proj"]), stacked(&["down_proj"]));
+            experts.insert(p, pair);
+        }
         Ok(DeviceModel {
             config,
             prefill_attention: None,
             device: device.clone(),
+            experts,
             kernels,
             weights,
             inv_freq,
@@ -361,44 +383,20 @@ impl DeviceModel {
     /// The noaux_tc router; experts computed for every token and weighted (zero where not chosen).
     pub(crate) fn moe(&self, p: &str, x: Tensor<2>) -> (Tensor<2>, Tensor<2, Int>) {
         let c = &self.config;
-        let [n, _] = x.dims();
-        let (experts, groups) = (c.n_routed_experts, c.n_group);
-        let scores = activation::sigmoid(self.linear(x.clone(), &format!("{p}.mlp.gate.weight")));
-        let biased = scores
-            .clone()
-            .add(self.w(&format!("{p}.mlp.gate.e_score_correction_bias")));
-        let group_scores = biased
-            .clone()
-            .reshape([n, groups, experts / groups])
-            .topk(2, 2)
-            .sum_dim(2)
-            .reshape([n, groups]);
-        let (_, kept) = group_scores.topk_with_indices(c.topk_group, 1);
-        let kept = Tensor::<2>::zeros([n, groups], &self.device)
-            .scatter(
-                1,
-                kept,
-                Tensor::ones([n, c.topk_group], &self.device),
-                IndexingUpdateOp::Add,
-            )
-            .reshape([n, groups, 1])
-            .expand([n, groups, experts / groups])
-            .reshape([n, experts])
-            .lower_elem(0.5);
-        let (_, ids) = biased.mask_fill(kept, 0.0).topk_with_indices(c.num_experts_per_tok, 1);
-        let mut weights = scores.gather(1, ids.clone());
-        if c.norm_topk_prob {
-            let sum = weights.clone().sum_dim(1).add_scalar(1e-20);
-            weights = weights.div(sum);
-        }
-        let weights = weights.mul_scalar(c.routed_scaling_factor);
-        let combine =
-            Tensor::<2>::zeros([n, experts], &self.device).scatter(1, ids.clone(), weights, IndexingUpdateOp::Add);
-        let mut out = Tensor::<2>::zeros(x.dims(), &self.device);
-        for e in 0..experts {
-            let y = self.mlp(&format!("{p}.mlp.experts.{e}"), x.clone());
-            out = out.add(y.mul(combine.clone().slice([0..n, e..e + 1])));
-        }
+        // nsa's moe_gate and moe_experts kernels: the router on the exact-f32 logits, the routed experts
+        // on the experts' stacked weights.
+        let logits = self.linear(x.clone(), &format!("{p}.mlp.gate.weight"));
+        let gate = crate::ops::GateConfig {
+            top_k: c.num_experts_per_tok,
+            n_group: c.n_group,
+            topk_group: c.topk_group,
+            scaling: c.routed_scaling_factor,
+            norm: c.norm_topk_prob,
+        };
+        let bias = self.w(&format!("{p}.mlp.gate.e_score_correction_bias"));
+        let (ids, weights) = crate::ops::moe_gate(&self.kernels, logits, bias, &gate);
+        let (w13, w2) = &self.experts[p];
+        let mut out = crate::ops::moe_experts(&self.kernels, x.clone(), ids.clone(), weights, w13, w2);
         if c.n_shared_experts > 0 {
             out = out.add(self.mlp(&format!("{p}.mlp.shared_experts"), x));
         }

@@ -180,3 +180,110 @@ pub fn sparse_mla_prefill(
     );
     Tensor::from_primitive::<Cube>(out)
 }
+
+/// DeepSeek's `noaux_tc` router through nsa's `moe_gate` kernel: logits [n, experts] (x · gateᵀ), bias
+/// [1, experts] → (expert ids [n, top_k], weights [n, top_k]).
+pub fn moe_gate(
+    device: &nsa_backends::Device,
+    logits: Tensor<2>,
+    bias: Tensor<2>,
+    gate: &GateConfig,
+) -> (Tensor<2, Int>, Tensor<2>) {
+    let [n, experts] = logits.dims();
+    let cube_device = primitive(logits.clone()).device;
+    let logits = into_contiguous(primitive(logits)).handle;
+    let bias = into_contiguous(primitive(bias)).handle;
+    let (ids, weights) = (
+        device.client.empty(4 * n * gate.top_k),
+        device.client.empty(4 * n * gate.top_k),
+    );
+    let problem = Problem::new(
+        Format::F32,
+        &[("tokens", n), ("experts", experts), ("top_k", gate.top_k)],
+        &[
+            ("n_group", gate.n_group as f64),
+            ("topk_group", gate.topk_group as f64),
+            ("scaling", gate.scaling),
+            ("norm", if gate.norm { 1.0 } else { 0.0 }),
+        ],
+    );
+    launch(
+        device,
+        "moe_gate",
+        &problem,
+        &[logits, bias],
+        &[ids.clone(), weights.clone()],
+    );
+    let wrap = |handle, dtype| {
+        CubeTensor::new_contiguous(
+            device.client.clone(),
+            cube_device.clone(),
+            [n, gate.top_k].into(),
+            handle,
+            dtype,
+        )
+    };
+    let ids = Tensor::<2, Int>::from_primitive::<Cube>(wrap(ids, DType::I32));
+    let default = Tensor::<1, Int>::zeros([1], &ids.device()).dtype();
+    (
+        ids.cast(default),
+        Tensor::from_primitive::<Cube>(wrap(weights, DType::F32)),
+    )
+}
+
+/// The router's settings (config.json's n_group, topk_group, num_experts_per_tok, routed_scaling_factor,
+/// norm_topk_prob).
+pub struct GateConfig {
+    pub top_k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub scaling: f64,
+    pub norm: bool,
+}
+
+/// The routed experts through nsa's `moe_experts` kernel: x [n, hidden], ids / weights [n, top_k] (from
+/// [`moe_gate`]), w13 [experts, 2·inter, hidden] (gate rows, then up rows), w2 [experts, hidden, inter]
+/// → Σ_k weights · down(silu(gate · x) ⊙ (up · x)) [n, hidden].
+pub fn moe_experts(
+    device: &nsa_backends::Device,
+    x: Tensor<2>,
+    ids: Tensor<2, Int>,
+    weights: Tensor<2>,
+    w13: &Tensor<3>,
+    w2: &Tensor<3>,
+) -> Tensor<2> {
+    let [n, hidden] = x.dims();
+    let [_, top_k] = ids.dims();
+    let [experts, _, inter] = w2.dims();
+    let out = Tensor::<2>::empty([n, hidden], &x.device());
+    let handle3 =
+        |t: &Tensor<3>| into_contiguous(t.clone().try_into_primitive::<Cube>().expect("a CubeCL tensor")).handle;
+    let x = into_contiguous(primitive(x)).handle;
+    let ids = into_contiguous(
+        ids.cast(DType::I32)
+            .try_into_primitive::<Cube>()
+            .expect("a CubeCL tensor"),
+    )
+    .handle;
+    let weights = into_contiguous(primitive(weights)).handle;
+    let out = primitive(out);
+    let problem = Problem::new(
+        Format::F32,
+        &[
+            ("tokens", n),
+            ("hidden", hidden),
+            ("inter", inter),
+            ("experts", experts),
+            ("top_k", top_k),
+        ],
+        &[],
+    );
+    launch(
+        device,
+        "moe_experts",
+        &problem,
+        &[x, ids, weights, handle3(w13), handle3(w2)],
+        std::slice::from_ref(&out.handle),
+    );
+    Tensor::from_primitive::<Cube>(out)
+}
