@@ -13,6 +13,7 @@ pub mod indexer;
 pub mod indexer_fp8;
 pub mod ir;
 pub mod launch;
+pub mod layer_plan;
 pub mod mha_prefill;
 pub mod mla_decode;
 pub mod moe_experts;

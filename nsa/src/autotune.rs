@@ -233,35 +233,41 @@ fn time_plan(
     for step in strategy.plan(option, shape) {
         let (kernel, problem) = (step.kernel, step.problem);
         let version = versions.entry(kernel.name()).or_insert_with(|| kernel_version(kernel));
-        let picked = table
-            .choose(kernel.name(), version, &problem)
-            .map(parse_label)
-            .and_then(|(name, params)| {
-                let variant = kernel.variants().iter().find(|v| v.name == name)?;
-                kernel.supports(variant, &problem, device.features()).ok()?;
-                let mut tuned = problem.clone();
-                for (n, v) in params {
-                    tuned.set_param(&n, v);
-                }
-                Some((variant, tuned))
-            });
-        let (variant, problem) = match picked {
-            Some(pick) => pick,
-            None => {
-                let variant = default_variant(kernel, &problem, device.features()).ok_or_else(|| {
-                    Failure::Run(format!(
-                        "{}: no variant of {} runs {problem} on this device",
-                        strategy.name(),
-                        kernel.name()
-                    ))
-                })?;
-                (variant, problem)
-            }
-        };
+        let (variant, problem) = pick(Some(table), version, kernel, &problem, device)
+            .map_err(|e| Failure::Run(format!("{}: {e}", strategy.name())))?;
         let inputs = kernel.random_inputs(&problem, rng);
         total += bench::time(kernel, variant, device, &problem, &inputs, 20.0)?.median_ms;
     }
     Ok(total)
+}
+
+/// The variant (with its tuned parameters) that runs `problem`: the table's fastest at the nearest
+/// bucket where the device runs it, else the default variant.
+pub fn pick(
+    table: Option<&TuningTable>,
+    version: &str,
+    kernel: &'static dyn Kernel,
+    problem: &Problem,
+    device: &nsa_backends::Device,
+) -> Result<(&'static Variant, Problem), String> {
+    let picked = table
+        .and_then(|t| t.choose(kernel.name(), version, problem))
+        .map(parse_label)
+        .and_then(|(name, params)| {
+            let variant = kernel.variants().iter().find(|v| v.name == name)?;
+            kernel.supports(variant, problem, device.features()).ok()?;
+            let mut tuned = problem.clone();
+            for (n, v) in params {
+                tuned.set_param(&n, v);
+            }
+            Some((variant, tuned))
+        });
+    match picked {
+        Some(pick) => Ok(pick),
+        None => default_variant(kernel, problem, device.features())
+            .map(|variant| (variant, problem.clone()))
+            .ok_or_else(|| format!("no variant of {} runs {problem} on this device", kernel.name())),
+    }
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {

@@ -61,7 +61,7 @@ fn problems(kernel: &dyn Kernel, overrides: &[String]) -> Result<Vec<Problem>, F
     Ok(problems)
 }
 
-fn torch_ms(script: &str, kernel: &str, problem: &Problem) -> Result<f64, String> {
+pub(crate) fn torch_ms(script: &str, kernel: &str, problem: &Problem) -> Result<f64, String> {
     let mut args = vec![
         script.to_string(),
         kernel.to_string(),

@@ -1,6 +1,7 @@
 //! `nsa`: the one binary. Each subcommand is a thin layer over the crates.
 mod autotune;
 mod bench;
+mod bench_layer;
 mod devices;
 mod ir;
 mod model_cmd;
@@ -34,6 +35,8 @@ enum Command {
     RunKernel(run_kernel::Args),
     /// Time kernel variants on a device beside a PyTorch reference.
     Bench(bench::Args),
+    /// Time one DeepSeek-V3.2 layer's prefill as nsa's kernel launches, split by group, beside PyTorch.
+    BenchLayer(bench_layer::Args),
     /// Measure every kernel variant on a grid of shapes on a device and write a tuning table.
     Autotune(autotune::Args),
     /// One prefill of token ids through a DeepSeek-V3.2 checkpoint; writes logits and per-layer selections.
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Selftest(args) => selftest::run(args),
         Command::RunKernel(args) => run_kernel::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchLayer(args) => bench_layer::run(args),
         Command::Autotune(args) => autotune::run(args),
         Command::Forward(args) => model_cmd::forward(args),
         Command::Generate(args) => model_cmd::generate(args),

@@ -569,3 +569,47 @@ fn generate_streams_the_golden_greedy_continuation() {
     let bad = nsa(&["generate", "--prompt", "Hello", "--top-p", "0"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn bench_layer_times_every_step_and_splits_the_layer() {
+    let run = nsa(&[
+        "bench-layer",
+        "--shape",
+        "small",
+        "--tokens",
+        "8",
+        "--contexts",
+        "32,64",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let out = stdout(&run);
+    for expected in [
+        "context 32:",
+        "context 64:",
+        "indexer_logits",
+        "sparse_mla",
+        "moe_experts",
+        "split:",
+        "tokens/s per layer",
+    ] {
+        assert!(out.contains(expected), "`{expected}` missing from:\n{out}");
+    }
+    for group in ["projections", "indexer", "top-k", "attention", "moe"] {
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with(group) && l.contains('%')),
+            "{group}:\n{out}"
+        );
+    }
+    for (args, mentions) in [
+        (vec!["bench-layer", "--shape", "huge"], "v32, small"),
+        (
+            vec!["bench-layer", "--shape", "small", "--tokens", "64", "--contexts", "32"],
+            "at least --tokens",
+        ),
+    ] {
+        let output = nsa(&args);
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(stderr(&output).contains(mentions), "{}", stderr(&output));
+    }
+}
