@@ -62,17 +62,43 @@ pub fn time_unless_slower(
     give_up_ms: f64,
 ) -> Result<Timing, KernelError> {
     kernel.validate(problem)?;
-    let client = &device.client;
-    let input_handles: Vec<Handle> = inputs
+    time_uploaded(
+        kernel,
+        variant,
+        device,
+        problem,
+        &upload(device, inputs),
+        target_batch_ms,
+        give_up_ms,
+    )
+}
+
+/// Inputs copied to the device once, for timing several variants on them ([`time_uploaded`]).
+pub fn upload(device: &Device, inputs: &[HostTensor]) -> Vec<Handle> {
+    inputs
         .iter()
-        .map(|t| client.create_from_slice(bytemuck::cast_slice(&t.words)))
-        .collect();
+        .map(|t| device.client.create_from_slice(bytemuck::cast_slice(&t.words)))
+        .collect()
+}
+
+/// [`time_unless_slower`] on inputs already on the device (model-sized ones take seconds to copy).
+pub fn time_uploaded(
+    kernel: &dyn Kernel,
+    variant: &Variant,
+    device: &Device,
+    problem: &Problem,
+    input_handles: &[Handle],
+    target_batch_ms: f64,
+    give_up_ms: f64,
+) -> Result<Timing, KernelError> {
+    kernel.validate(problem)?;
+    let client = &device.client;
     let output_handles: Vec<Handle> = kernel
         .outputs()
         .iter()
         .map(|spec| client.empty(4 * spec.words(problem).max(1)))
         .collect();
-    let launch = || kernel.launch(variant, device, problem, &input_handles, &output_handles);
+    let launch = || kernel.launch(variant, device, problem, input_handles, &output_handles);
 
     // Warm-up: compile, then measure one launch to size the batches.
     launch();
