@@ -9,6 +9,9 @@ use std::path::Path;
 
 pub struct ReferenceModel {
     pub config: ModelConfig,
+    /// Emulate bf16 inference: every linear, norm and attention output and the residual stream rounded to
+    /// bf16 (products and sums stay exact, as tensor cores accumulate in f32); else all f64.
+    pub bf16: bool,
     weights: HashMap<String, Vec<f64>>,
     /// Rotary inverse frequencies (YaRN-scaled when the config says so), one per rotated pair.
     inv_freq: Vec<f64>,
@@ -122,9 +125,35 @@ impl ReferenceModel {
         let inv_freq = inv_freq(&config);
         Ok(ReferenceModel {
             config,
+            bf16: false,
             weights,
             inv_freq,
         })
+    }
+
+    /// Rounds `values` to bf16 when emulating bf16 inference.
+    pub(crate) fn round(&self, values: &mut [f64]) {
+        if self.bf16 {
+            values.iter_mut().for_each(|v| *v = half::bf16::from_f64(*v).to_f64());
+        }
+    }
+
+    pub(crate) fn linear(&self, x: &[f64], w: &[f64], k: usize) -> Vec<f64> {
+        let mut out = linear(x, w, k);
+        self.round(&mut out);
+        out
+    }
+
+    pub(crate) fn rms_norm(&self, x: &[f64], weight: &[f64], eps: f64) -> Vec<f64> {
+        let mut out = rms_norm(x, weight, eps);
+        self.round(&mut out);
+        out
+    }
+
+    pub(crate) fn layer_norm(&self, x: &[f64], weight: &[f64], bias: &[f64], eps: f64) -> Vec<f64> {
+        let mut out = layer_norm(x, weight, bias, eps);
+        self.round(&mut out);
+        out
     }
 
     pub(crate) fn w(&self, name: &str) -> &[f64] {
@@ -173,8 +202,8 @@ impl ReferenceModel {
     pub(crate) fn q_lora(&self, p: &str, h: &[f64]) -> Vec<f64> {
         let c = &self.config;
         match c.q_lora_rank {
-            Some(_) => rms_norm(
-                &linear(h, self.w(&format!("{p}.self_attn.q_a_proj.weight")), c.hidden_size),
+            Some(_) => self.rms_norm(
+                &self.linear(h, self.w(&format!("{p}.self_attn.q_a_proj.weight")), c.hidden_size),
                 self.w(&format!("{p}.self_attn.q_a_layernorm.weight")),
                 c.rms_norm_eps,
             ),
@@ -187,7 +216,7 @@ impl ReferenceModel {
     pub(crate) fn ffn(&self, layer: usize, x: &mut [f64], n: usize) -> Option<Vec<i32>> {
         let c = &self.config;
         let p = format!("model.layers.{layer}");
-        let h = rms_norm(
+        let h = self.rms_norm(
             x,
             self.w(&format!("{p}.post_attention_layernorm.weight")),
             c.rms_norm_eps,
@@ -199,19 +228,20 @@ impl ReferenceModel {
             (self.mlp(&format!("{p}.mlp"), &h, c.intermediate_size), None)
         };
         x.iter_mut().zip(&out).for_each(|(x, m)| *x += m);
+        self.round(x);
         router
     }
 
     /// Final norm and LM head: logits [n, vocab] of the residual stream `x`.
     pub(crate) fn lm_logits(&self, x: &[f64]) -> Vec<f64> {
         let c = &self.config;
-        let normed = rms_norm(x, self.w("model.norm.weight"), c.rms_norm_eps);
+        let normed = self.rms_norm(x, self.w("model.norm.weight"), c.rms_norm_eps);
         let head = if c.tie_word_embeddings {
             "model.embed_tokens.weight"
         } else {
             "lm_head.weight"
         };
-        linear(&normed, self.w(head), c.hidden_size)
+        self.linear(&normed, self.w(head), c.hidden_size)
     }
 
     /// The lightning indexer's keys per row: the top `index_topk` causal positions by
@@ -220,15 +250,15 @@ impl ReferenceModel {
         let c = &self.config;
         let (heads, d, hidden) = (c.index_n_heads, c.index_head_dim, c.hidden_size);
         let q_in = q_lora.len() / n;
-        let mut q = linear(q_lora, self.w(&format!("{p}.self_attn.indexer.wq_b.weight")), q_in);
-        let k_raw = linear(h, self.w(&format!("{p}.self_attn.indexer.wk.weight")), hidden);
-        let mut k = layer_norm(
+        let mut q = self.linear(q_lora, self.w(&format!("{p}.self_attn.indexer.wq_b.weight")), q_in);
+        let k_raw = self.linear(h, self.w(&format!("{p}.self_attn.indexer.wk.weight")), hidden);
+        let mut k = self.layer_norm(
             &k_raw,
             self.w(&format!("{p}.self_attn.indexer.k_norm.weight")),
             self.w(&format!("{p}.self_attn.indexer.k_norm.bias")),
             1e-6,
         );
-        let weights = linear(h, self.w(&format!("{p}.self_attn.indexer.weights_proj.weight")), hidden);
+        let weights = self.linear(h, self.w(&format!("{p}.self_attn.indexer.weights_proj.weight")), hidden);
         for t in 0..n {
             for head in 0..heads {
                 self.rope(&mut q[(t * heads + head) * d..][..d], 0, t, false);
@@ -261,13 +291,13 @@ impl ReferenceModel {
         let qk = nope + rope;
         let q_in = q_lora.len() / n;
         let q_name = if c.q_lora_rank.is_some() { "q_b_proj" } else { "q_proj" };
-        let mut q = linear(q_lora, self.w(&format!("{p}.self_attn.{q_name}.weight")), q_in);
-        let kv_a = linear(h, self.w(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight")), hidden);
+        let mut q = self.linear(q_lora, self.w(&format!("{p}.self_attn.{q_name}.weight")), q_in);
+        let kv_a = self.linear(h, self.w(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight")), hidden);
         let width = c.kv_lora_rank + rope;
         let latent: Vec<f64> = kv_a.chunks(width).flat_map(|r| r[..c.kv_lora_rank].to_vec()).collect();
         let mut k_pe: Vec<f64> = kv_a.chunks(width).flat_map(|r| r[c.kv_lora_rank..].to_vec()).collect();
-        let kv = linear(
-            &rms_norm(
+        let kv = self.linear(
+            &self.rms_norm(
                 &latent,
                 self.w(&format!("{p}.self_attn.kv_a_layernorm.weight")),
                 c.rms_norm_eps,
@@ -316,22 +346,23 @@ impl ReferenceModel {
                 }
             }
         }
-        linear(&out, self.w(&format!("{p}.self_attn.o_proj.weight")), heads * v_dim)
+        self.round(&mut out);
+        self.linear(&out, self.w(&format!("{p}.self_attn.o_proj.weight")), heads * v_dim)
     }
 
     pub(crate) fn mlp(&self, prefix: &str, x: &[f64], width: usize) -> Vec<f64> {
         let hidden = self.config.hidden_size;
-        let gate = linear(x, self.w(&format!("{prefix}.gate_proj.weight")), hidden);
-        let up = linear(x, self.w(&format!("{prefix}.up_proj.weight")), hidden);
+        let gate = self.linear(x, self.w(&format!("{prefix}.gate_proj.weight")), hidden);
+        let up = self.linear(x, self.w(&format!("{prefix}.up_proj.weight")), hidden);
         let act: Vec<f64> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
-        linear(&act, self.w(&format!("{prefix}.down_proj.weight")), width)
+        self.linear(&act, self.w(&format!("{prefix}.down_proj.weight")), width)
     }
 
     /// The noaux_tc router and the experts: returns the layer's MLP output and the chosen experts.
     pub(crate) fn moe(&self, p: &str, x: &[f64], n: usize) -> (Vec<f64>, Vec<i32>) {
         let c = &self.config;
         let (hidden, experts, top_k) = (c.hidden_size, c.n_routed_experts, c.num_experts_per_tok);
-        let logits = linear(x, self.w(&format!("{p}.mlp.gate.weight")), hidden);
+        let logits = self.linear(x, self.w(&format!("{p}.mlp.gate.weight")), hidden);
         let bias = self.w(&format!("{p}.mlp.gate.e_score_correction_bias"));
         let per_group = experts / c.n_group;
         let mut out = vec![0.0; n * hidden];
@@ -409,12 +440,13 @@ impl ReferenceModel {
         };
         for layer in 0..c.num_hidden_layers {
             let p = format!("model.layers.{layer}");
-            let h = rms_norm(&x, self.w(&format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
+            let h = self.rms_norm(&x, self.w(&format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
             // The indexer reads the normalized q LoRA output, which attention computes first.
             let q_lora = self.q_lora(&p, &h);
             let keys = self.indexer(&p, &h, &q_lora, n);
             let attn = self.attention(&p, &h, &q_lora, n, &keys);
             x.iter_mut().zip(&attn).for_each(|(x, a)| *x += a);
+            self.round(&mut x);
             let router = self.ffn(layer, &mut x, n);
             result.layer_out.push(x.clone());
             result.index_topk.push(keys);

@@ -3,7 +3,7 @@
 //! the indexer's key. Queries are absorbed into the latent space (q_nope · W_UK per head) and the output is
 //! lifted back by W_UV, as the device decode kernels compute it; the tests check it against the prefill's
 //! MHA form and the golden generations.
-use crate::reference::{ReferenceModel, argmax, layer_norm, linear, rms_norm, top_keys};
+use crate::reference::{ReferenceModel, argmax, top_keys};
 
 #[derive(Default, Clone)]
 struct LayerCache {
@@ -46,25 +46,25 @@ impl ReferenceModel {
         for layer in 0..c.num_hidden_layers {
             let p = format!("model.layers.{layer}");
             let lc = &mut cache.layers[layer];
-            let h = rms_norm(&x, self.w(&format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
+            let h = self.rms_norm(&x, self.w(&format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
             let q_lora = self.q_lora(&p, &h);
             let q_in = q_lora.len();
 
             // The indexer: this token's key joins the cache; its query scores every cached key.
             let (ih, d) = (c.index_n_heads, c.index_head_dim);
-            let mut q_idx = linear(&q_lora, self.w(&format!("{p}.self_attn.indexer.wq_b.weight")), q_in);
+            let mut q_idx = self.linear(&q_lora, self.w(&format!("{p}.self_attn.indexer.wq_b.weight")), q_in);
             for head in 0..ih {
                 self.rope(&mut q_idx[head * d..][..d], 0, s, false);
             }
-            let mut k_idx = layer_norm(
-                &linear(&h, self.w(&format!("{p}.self_attn.indexer.wk.weight")), hidden),
+            let mut k_idx = self.layer_norm(
+                &self.linear(&h, self.w(&format!("{p}.self_attn.indexer.wk.weight")), hidden),
                 self.w(&format!("{p}.self_attn.indexer.k_norm.weight")),
                 self.w(&format!("{p}.self_attn.indexer.k_norm.bias")),
                 1e-6,
             );
             self.rope(&mut k_idx, 0, s, false);
             lc.index_k.extend(&k_idx);
-            let weights = linear(
+            let weights = self.linear(
                 &h,
                 self.w(&format!("{p}.self_attn.indexer.weights_proj.weight")),
                 hidden,
@@ -84,12 +84,12 @@ impl ReferenceModel {
             );
             let qk = nope + rope;
             let q_name = if c.q_lora_rank.is_some() { "q_b_proj" } else { "q_proj" };
-            let mut q = linear(&q_lora, self.w(&format!("{p}.self_attn.{q_name}.weight")), q_in);
+            let mut q = self.linear(&q_lora, self.w(&format!("{p}.self_attn.{q_name}.weight")), q_in);
             for head in 0..heads {
                 self.rope(&mut q[head * qk..][..qk], nope, s, true);
             }
-            let kv_a = linear(&h, self.w(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight")), hidden);
-            lc.latent.extend(rms_norm(
+            let kv_a = self.linear(&h, self.w(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight")), hidden);
+            lc.latent.extend(self.rms_norm(
                 &kv_a[..rank],
                 self.w(&format!("{p}.self_attn.kv_a_layernorm.weight")),
                 c.rms_norm_eps,
@@ -138,8 +138,10 @@ impl ReferenceModel {
                     out[head * v_dim + j] = w_uv.iter().zip(&out_latent).map(|(a, b)| a * b).sum();
                 }
             }
-            let attn = linear(&out, self.w(&format!("{p}.self_attn.o_proj.weight")), heads * v_dim);
+            self.round(&mut out);
+            let attn = self.linear(&out, self.w(&format!("{p}.self_attn.o_proj.weight")), heads * v_dim);
             x.iter_mut().zip(&attn).for_each(|(x, a)| *x += a);
+            self.round(&mut x);
             self.ffn(layer, &mut x, 1);
         }
         cache.len += 1;

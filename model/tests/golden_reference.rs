@@ -128,3 +128,37 @@ fn the_absorbed_decode_path_agrees_with_the_prefill_and_generates_the_golden_tok
         );
     }
 }
+
+/// bf16 inference (emulated: every activation rounded to bf16) against the fp32 golden logits. Its bound is
+/// looser and statistical: bf16's ~2⁻⁹ relative rounding exceeds this random model's smallest top-k gaps
+/// (indexer 1.8e-4, router 7e-4; golden README), so selections flip on longer sequences and single logits
+/// move with them. Documented bounds (BENCHMARKS.md): 8 tokens — no flips, logits within 0.1; every
+/// sequence — mean |Δ| ≤ 0.1 and the top token equal on ≥ 80 % of positions (measured: 100 %, 95 %, 85 %).
+#[test]
+fn bf16_inference_stays_within_its_documented_bound() {
+    let mut model = ReferenceModel::load(&bundled_model_dir()).unwrap();
+    model.bf16 = true;
+    let bytes = std::fs::read(GOLDEN).unwrap();
+    let golden = SafeTensors::deserialize(&bytes).unwrap();
+    let vocab = model.config.vocab_size;
+    for n in [8usize, 40, 100] {
+        let ids: Vec<u32> = values(&golden, &format!("seq{n}.input_ids"))
+            .iter()
+            .map(|v| *v as u32)
+            .collect();
+        let ours = model.forward(&ids);
+        let theirs = values(&golden, &format!("seq{n}.logits"));
+        let mean = ours.logits.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f64>() / theirs.len() as f64;
+        let top = |l: &[f64]| l.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+        let agree = (0..n)
+            .filter(|r| top(&ours.logits[r * vocab..][..vocab]) == top(&theirs[r * vocab..][..vocab]))
+            .count();
+        let max = max_abs_diff(&ours.logits, &theirs);
+        eprintln!("seq{n} bf16: logits max |Δ| {max:.2e}, mean |Δ| {mean:.2e}, top token equal {agree}/{n}");
+        assert!(mean <= 0.1, "seq{n}: mean |Δ| {mean:e}");
+        assert!(agree * 100 >= 80 * n, "seq{n}: top token equal on {agree} of {n}");
+        if n == 8 {
+            assert!(max <= 0.1, "seq8: logits max |Δ| {max:e}");
+        }
+    }
+}

@@ -21,7 +21,8 @@ pub struct ForwardArgs {
     /// Where to write logits, layer_out, layer{l}.index_topk and layer{l}.router_topk_ids.
     #[arg(long)]
     out: PathBuf,
-    /// Compute precision: f32 (the host reference computes in f64 and writes f32).
+    /// Compute precision: f32 (the host reference computes in f64 and writes f32), or bf16 (on the host:
+    /// the reference with every activation rounded to bf16, as bf16 inference stores them).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// `host` (the f64 reference model), or the burn device model (f32) on a device: `auto` (the best
@@ -134,12 +135,16 @@ fn read_ids(path: &Path) -> Result<Vec<u32>, Failure> {
 }
 
 pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
-    if args.dtype != "f32" {
-        return Err(usage(format!(
-            "--dtype {}: only f32 is built (the host reference); bf16 needs the device model, not built yet",
-            args.dtype
-        )));
-    }
+    let bf16 = match args.dtype.as_str() {
+        "f32" => false,
+        "bf16" if args.device == "host" => true,
+        "bf16" => {
+            return Err(usage(
+                "--dtype bf16 runs on the host reference (emulated: bf16 activations); the device model is f32 only so far",
+            ));
+        }
+        other => return Err(usage(format!("--dtype {other}: expected f32 or bf16"))),
+    };
     use nsa_model::device::PrefillAttention;
     let attention = match args.attention.as_str() {
         "auto" => None,
@@ -159,7 +164,8 @@ pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
     type Prefill = Box<dyn Fn(&[u32]) -> nsa_model::reference::Forward>;
     let (config, prefill): (nsa_model::ModelConfig, Prefill) = match burn_device {
         None => {
-            let model = load(&dir)?;
+            let mut model = load(&dir)?;
+            model.bf16 = bf16;
             (model.config.clone(), Box::new(move |ids| model.forward(ids)))
         }
         Some(device) => {

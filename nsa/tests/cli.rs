@@ -487,8 +487,21 @@ fn forward_writes_the_golden_logits_and_refuses_bad_input() {
             "give --device too",
         ),
         (
-            vec!["--input-ids", input.to_str().unwrap(), "--out", o, "--dtype", "bf16"],
-            "bf16",
+            vec!["--input-ids", input.to_str().unwrap(), "--out", o, "--dtype", "f16"],
+            "expected f32 or bf16",
+        ),
+        (
+            vec![
+                "--input-ids",
+                input.to_str().unwrap(),
+                "--out",
+                o,
+                "--dtype",
+                "bf16",
+                "--device",
+                "wgpu",
+            ],
+            "the device model is f32 only",
         ),
         (
             // CI has no CUDA: a clear error from discovery, not burn's panic on the missing driver.
