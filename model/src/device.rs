@@ -3,6 +3,7 @@
 //! f32), the indexer's scores and top-k, the absorbed-form sparse MLA prefill, the MoE router and the routed
 //! experts. The decode path is `device_decode`.
 use crate::checkpoint::expected_tensors;
+use crate::device_decode::DeviceCache;
 use crate::ops::matmul;
 use crate::reference::Forward;
 use crate::{Checkpoint, ModelConfig, ModelError};
@@ -177,14 +178,15 @@ impl DeviceModel {
     }
 
     /// [n, n] bool: key t allowed for query s (t ≤ s and among the indexer's top index_topk), and the
-    /// chosen keys per row ([n, k] with k = min(index_topk, n), −1 padded where a row has fewer).
+    /// chosen keys per row ([n, k] with k = min(index_topk, n), −1 padded where a row has fewer), and the
+    /// indexer's rotated keys [n, index_head_dim] (what decoding caches).
     fn indexer(
         &self,
         p: &str,
         h: &Tensor<2>,
         q_lora: &Tensor<2>,
         cos_sin: &(Tensor<2>, Tensor<2>),
-    ) -> (Tensor<2, Bool>, Tensor<2, Int>) {
+    ) -> (Tensor<2, Bool>, Tensor<2, Int>, Tensor<2>) {
         let c = &self.config;
         let [n, _] = h.dims();
         let (heads, d) = (c.index_n_heads, c.index_head_dim);
@@ -207,7 +209,7 @@ impl DeviceModel {
         let k_top = c.index_topk.min(n);
         // nsa's indexer_logits and topk kernels; a query with fewer causal keys than k_top gets −1s,
         // replaced by its own position (always chosen).
-        let chosen = crate::ops::indexer_topk(&self.kernels, q, weights, k, k_top, 0);
+        let chosen = crate::ops::indexer_topk(&self.kernels, q, weights, k.clone(), k_top, 0);
         let positions = Tensor::<1, Int>::arange(0..n as i64, &self.device);
         let own = positions.clone().reshape([n, 1]).expand([n, k_top]);
         let filled = chosen.clone().mask_where(chosen.clone().lower_elem(0), own);
@@ -219,7 +221,7 @@ impl DeviceModel {
         let picked = Tensor::<2>::zeros([n, n], &self.device)
             .scatter(1, filled, Tensor::ones([n, k_top], &self.device), IndexingUpdateOp::Add)
             .greater_elem(0.5);
-        (picked.bool_and(future.bool_not()), chosen)
+        (picked.bool_and(future.bool_not()), chosen, k)
     }
 
     /// The indexer's key [n, index_head_dim] before RoPE: wk, then LayerNorm (eps 1e-6) with weight and bias.
@@ -234,23 +236,45 @@ impl DeviceModel {
             .add(self.w(&format!("{p}.self_attn.indexer.k_norm.bias")))
     }
 
-    /// MLA in the MHA form over the allowed keys; returns the o_proj output [n, hidden].
+    /// What MLA caches per token: the normalized KV latent [n, kv_lora_rank] and the rotated rope key
+    /// [n, qk_rope_head_dim] (shared by all heads).
+    pub(crate) fn kv_latent(&self, p: &str, h: &Tensor<2>, cos_sin: &(Tensor<2>, Tensor<2>)) -> (Tensor<2>, Tensor<2>) {
+        let c = &self.config;
+        let [n, _] = h.dims();
+        let (rope, rank) = (c.qk_rope_head_dim, c.kv_lora_rank);
+        let kv_a = self.linear(h.clone(), &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"));
+        let latent = self.rms_norm(
+            kv_a.clone().slice([0..n, 0..rank]),
+            &format!("{p}.self_attn.kv_a_layernorm.weight"),
+        );
+        let k_pe = self
+            .rope(
+                kv_a.slice([0..n, rank..rank + rope]).reshape([n, 1, rope]),
+                &cos_sin.0,
+                &cos_sin.1,
+                true,
+            )
+            .reshape([n, rope]);
+        (latent, k_pe)
+    }
+
+    /// MLA in the MHA form over the allowed keys (the latent and rope keys from [`Self::kv_latent`]);
+    /// returns the o_proj output [n, hidden].
     fn attention(
         &self,
         p: &str,
-        h: &Tensor<2>,
         q_lora: &Tensor<2>,
+        (latent, k_pe): (Tensor<2>, Tensor<2>),
         allowed: Tensor<2, Bool>,
         cos_sin: &(Tensor<2>, Tensor<2>),
     ) -> Tensor<2> {
         let c = &self.config;
-        let [n, _] = h.dims();
-        let (heads, nope, rope, v_dim, rank) = (
+        let [n, _] = latent.dims();
+        let (heads, nope, rope, v_dim) = (
             c.num_attention_heads,
             c.qk_nope_head_dim,
             c.qk_rope_head_dim,
             c.v_head_dim,
-            c.kv_lora_rank,
         );
         let qk = nope + rope;
         let q_name = if c.q_lora_rank.is_some() { "q_b_proj" } else { "q_proj" };
@@ -264,17 +288,7 @@ impl DeviceModel {
             true,
         );
         let q = Tensor::cat(vec![q.slice([0..n, 0..heads, 0..nope]), q_pe], 2);
-        let kv_a = self.linear(h.clone(), &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"));
-        let latent = self.rms_norm(
-            kv_a.clone().slice([0..n, 0..rank]),
-            &format!("{p}.self_attn.kv_a_layernorm.weight"),
-        );
-        let k_pe = self.rope(
-            kv_a.slice([0..n, rank..rank + rope]).reshape([n, 1, rope]),
-            &cos_sin.0,
-            &cos_sin.1,
-            true,
-        );
+        let k_pe = k_pe.reshape([n, 1, rope]);
         let kv = self
             .linear(latent, &format!("{p}.self_attn.kv_b_proj.weight"))
             .reshape([n, heads, nope + v_dim]);
@@ -301,14 +315,14 @@ impl DeviceModel {
     fn attention_sparse(
         &self,
         p: &str,
-        h: &Tensor<2>,
         q_lora: &Tensor<2>,
+        (latent, k_pe): (Tensor<2>, Tensor<2>),
         chosen: Tensor<2, Int>,
         cos_sin: &(Tensor<2>, Tensor<2>),
     ) -> Tensor<2> {
         use nsa_kernels::sparse_mla::{D_QK, D_V};
         let c = &self.config;
-        let [n, _] = h.dims();
+        let [n, _] = latent.dims();
         let (heads, nope, rope, v_dim, rank) = (
             c.num_attention_heads,
             c.qk_nope_head_dim,
@@ -339,19 +353,6 @@ impl DeviceModel {
         let w_uk = w_kv.clone().slice([0..heads, 0..nope, 0..rank]);
         let w_uv = w_kv.slice([0..heads, nope..nope + v_dim, 0..rank]);
         let q_latent = matmul(q_nope, w_uk).swap_dims(0, 1); // [n, heads, rank]
-        let kv_a = self.linear(h.clone(), &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"));
-        let latent = self.rms_norm(
-            kv_a.clone().slice([0..n, 0..rank]),
-            &format!("{p}.self_attn.kv_a_layernorm.weight"),
-        );
-        let k_pe = self
-            .rope(
-                kv_a.slice([0..n, rank..rank + rope]).reshape([n, 1, rope]),
-                &cos_sin.0,
-                &cos_sin.1,
-                true,
-            )
-            .reshape([n, rope]);
         // Zero-padded to [latent | 0 | rope | 0] = 576 columns, heads to a multiple of 16.
         let padded_heads = heads.next_multiple_of(16);
         let zeros3 = |cols: usize| Tensor::<3>::zeros([n, heads, cols], &self.device);
@@ -450,6 +451,12 @@ impl DeviceModel {
 
     /// One prefill of `ids` from position 0; results copied back to the host.
     pub fn forward(&self, ids: &[u32]) -> Forward {
+        self.prefill(ids).0
+    }
+
+    /// [`Self::forward`], and the cache its tokens leave for decoding to continue from.
+    pub fn prefill(&self, ids: &[u32]) -> (Forward, DeviceCache) {
+        let mut cache = self.new_cache();
         let c = &self.config;
         let n = ids.len();
         let mut x = self.embed(ids);
@@ -473,10 +480,13 @@ impl DeviceModel {
             let p = format!("model.layers.{layer}");
             let h = self.rms_norm(x.clone(), &format!("{p}.input_layernorm.weight"));
             let q_lora = self.q_lora(&p, &h);
-            let (allowed, chosen) = self.indexer(&p, &h, &q_lora, &cos_sin);
+            let (allowed, chosen, index_k) = self.indexer(&p, &h, &q_lora, &cos_sin);
+            let (latent, k_pe) = self.kv_latent(&p, &h, &cos_sin);
+            cache.store(layer, latent.clone(), k_pe.clone(), index_k);
+            let kv = (latent, k_pe);
             let attention = match self.prefill_attention.unwrap_or(PrefillAttention::rule(n)) {
-                PrefillAttention::Mha => self.attention(&p, &h, &q_lora, allowed, &cos_sin),
-                PrefillAttention::Sparse => self.attention_sparse(&p, &h, &q_lora, chosen.clone(), &cos_sin),
+                PrefillAttention::Mha => self.attention(&p, &q_lora, kv, allowed, &cos_sin),
+                PrefillAttention::Sparse => self.attention_sparse(&p, &q_lora, kv, chosen.clone(), &cos_sin),
             };
             x = x.add(attention);
             let router;
@@ -504,7 +514,8 @@ impl DeviceModel {
             }));
         }
         result.logits = host(self.lm_logits(x));
-        result
+        cache.advance(n);
+        (result, cache)
     }
 }
 

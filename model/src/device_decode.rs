@@ -23,6 +23,25 @@ pub struct DeviceCache {
 }
 
 impl DeviceCache {
+    /// Appends a chunk's rows to `layer`'s caches (the prefill's, all layers, then [`Self::advance`]).
+    pub(crate) fn store(&mut self, layer: usize, latent: Tensor<2>, k_pe: Tensor<2>, index_k: Tensor<2>) {
+        let previous = self.layers[layer].take();
+        let (old_latent, old_k_pe, old_index_k) = match previous {
+            Some(l) => (Some(l.latent), Some(l.k_pe), Some(l.index_k)),
+            None => (None, None, None),
+        };
+        self.layers[layer] = Some(LayerCache {
+            latent: append(old_latent, latent),
+            k_pe: append(old_k_pe, k_pe),
+            index_k: append(old_index_k, index_k),
+        });
+    }
+
+    /// Counts `n` tokens stored in every layer.
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -57,11 +76,6 @@ impl DeviceModel {
             let p = format!("model.layers.{layer}");
             let h = self.rms_norm(x.clone(), &format!("{p}.input_layernorm.weight"));
             let q_lora = self.q_lora(&p, &h);
-            let previous = cache.layers[layer].take();
-            let (old_latent, old_k_pe, old_index_k) = match previous {
-                Some(l) => (Some(l.latent), Some(l.k_pe), Some(l.index_k)),
-                None => (None, None, None),
-            };
 
             // The indexer: this token's key joins the cache; its query scores every cached key.
             let (ih, d, rope) = (c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim);
@@ -80,8 +94,12 @@ impl DeviceModel {
                     .reshape([1, ih, d]),
             )
             .reshape([ih, d]);
-            let k_idx = self.indexer_key(&p, &h);
-            let index_k = append(old_index_k, rotate(k_idx.reshape([1, 1, d])).reshape([1, d]));
+            // This token's latent, rope key and indexer key join the cache first: it attends to itself.
+            let k_idx = rotate(self.indexer_key(&p, &h).reshape([1, 1, d])).reshape([1, d]);
+            let (latent, k_pe) = self.kv_latent(&p, &h, &cos_sin);
+            cache.store(layer, latent, k_pe, k_idx);
+            let stored = cache.layers[layer].as_ref().expect("just stored");
+            let (latent, k_pe, index_k) = (stored.latent.clone(), stored.k_pe.clone(), stored.index_k.clone());
             let t = s + 1;
             // score[t] = Σ_h relu(q[h] · k[t] · d^−½) · w[h] · H^−½ (scales folded into w), by nsa's
             // indexer_logits and topk kernels; every cached key is causal, so none comes back −1.
@@ -117,24 +135,6 @@ impl DeviceModel {
                 )
                 .reshape([heads, 1, rope]);
             let q_nope = q.slice([0..1, 0..heads, 0..nope]).reshape([heads, 1, nope]);
-            let kv_a = self.linear(h, &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"));
-            let latent = append(
-                old_latent,
-                self.rms_norm(
-                    kv_a.clone().slice([0..1, 0..rank]),
-                    &format!("{p}.self_attn.kv_a_layernorm.weight"),
-                ),
-            );
-            let k_pe = append(
-                old_k_pe,
-                self.rope(
-                    kv_a.slice([0..1, rank..rank + rope]).reshape([1, 1, rope]),
-                    &cos_sin.0,
-                    &cos_sin.1,
-                    true,
-                )
-                .reshape([1, rope]),
-            );
             // kv_b_proj [heads · (nope + v), rank] per head: W_UK (nope rows), then W_UV (v rows).
             let w_kv =
                 self.w(&format!("{p}.self_attn.kv_b_proj.weight"))
@@ -154,19 +154,21 @@ impl DeviceModel {
             let out = matmul(out_latent, w_uv.swap_dims(1, 2)).reshape([1, heads * v_dim]);
             x = x.add(self.linear(out, &format!("{p}.self_attn.o_proj.weight")));
             (x, _) = self.ffn(layer, x);
-            cache.layers[layer] = Some(LayerCache { latent, k_pe, index_k });
         }
-        cache.len += 1;
+        cache.advance(1);
         host(self.lm_logits(x))
     }
 
-    /// Greedy decoding through the cache: the prompt token by token, then `count` new tokens.
+    /// The prompt through one prefill, which leaves its cache: returns the last position's logits.
+    pub fn prefill_prompt(&self, prompt: &[u32]) -> (Vec<f64>, DeviceCache) {
+        let (forward, cache) = self.prefill(prompt);
+        let vocab = self.config.vocab_size;
+        (forward.logits[(prompt.len() - 1) * vocab..].to_vec(), cache)
+    }
+
+    /// Greedy decoding through the cache: the prompt in one prefill, then `count` decode steps.
     pub fn generate_greedy_cached(&self, prompt: &[u32], count: usize) -> Vec<u32> {
-        let mut cache = self.new_cache();
-        let mut logits = Vec::new();
-        for id in prompt {
-            logits = self.decode_step(&mut cache, *id);
-        }
+        let (mut logits, mut cache) = self.prefill_prompt(prompt);
         let mut out = Vec::with_capacity(count);
         for _ in 0..count {
             let next = crate::reference::argmax(&logits);

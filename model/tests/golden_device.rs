@@ -86,13 +86,28 @@ fn device_decode_agrees_with_the_prefill_and_generates_the_golden_tokens() {
     }
     assert_eq!(cache.len(), ids.len());
     eprintln!("device decode vs prefill: max |Δ| {worst:.2e} over 40 positions");
+    // A prefill of the first 20 tokens leaves the cache decoding continues from.
+    let (_, mut cache) = model.prefill_prompt(&ids[..20]);
+    assert_eq!(cache.len(), 20);
+    for (position, id) in ids.iter().enumerate().skip(20) {
+        let logits = model.decode_step(&mut cache, *id);
+        let error = logits
+            .iter()
+            .zip(&prefill[position * vocab..][..vocab])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            error < 1e-4,
+            "position {position} after a 20-token prefill: max |Δ| {error:e}"
+        );
+    }
     for prompt in [8, 40] {
         let ids = ids_of(&format!("gen{prompt}.prompt_ids"));
         let want = ids_of(&format!("gen{prompt}.greedy_ids"));
         assert_eq!(
             model.generate_greedy_cached(&ids, want.len()),
             want,
-            "gen{prompt} through the device cache"
+            "gen{prompt}: prompt prefilled into the device cache, then decoded"
         );
     }
 }

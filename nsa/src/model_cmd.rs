@@ -79,6 +79,19 @@ enum Decoder {
 }
 
 impl Decoder {
+    /// The prompt into the cache; the last position's logits. The device model runs one prefill, the
+    /// host reference decodes it token by token.
+    fn prompt(&mut self, ids: &[u32]) -> Vec<f64> {
+        match self {
+            Decoder::Host(..) => ids.iter().fold(Vec::new(), |_, id| self.step(*id)),
+            Decoder::Device(model, cache) => {
+                let (logits, filled) = model.prefill_prompt(ids);
+                *cache = filled;
+                logits
+            }
+        }
+    }
+
     fn step(&mut self, id: u32) -> Vec<f64> {
         match self {
             Decoder::Host(model, cache) => model.decode_step(cache, id),
@@ -308,12 +321,9 @@ pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let mut shown = String::new();
     let mut stdout = std::io::stdout().lock();
-    // The decode path: the prompt token by token into the latent cache, then one step per new token.
+    // The prompt into the latent cache, then one decode step per new token.
     let start = std::time::Instant::now();
-    let mut logits = Vec::new();
-    for id in &ids {
-        logits = decoder.step(*id);
-    }
+    let mut logits = decoder.prompt(&ids);
     let prompt_time = start.elapsed();
     let start = std::time::Instant::now();
     for step in 0..args.max_tokens {
