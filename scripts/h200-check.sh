@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU checks the open issues wait for, for a CUDA machine without Rust (the lent H200): run from the
+# repository root with a release `nsa` built elsewhere.
+#
+#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest | layer | autotune[=BUDGET]
+#
+# golden    the device model on CUDA against transformers' golden outputs (MHA and sparse-kernel prefill),
+#           then a generation through the device cache (bench/golden_compare.py checks without numpy)
+# selftest  every kernel variant against its f64 reference
+# layer     `nsa bench-layer` at DeepSeek-V3.2's shapes, PyTorch beside each step
+# autotune  `nsa autotune` (resumes OUT/table.json; default budget 8m), then --show and --plot
+set -u
+nsa=$1 out=$2
+shift 2
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+mkdir -p "$out"
+status=0
+for stage in "$@"; do
+  echo "=== $stage ($(date +%T))"
+  case $stage in
+    golden)
+      python3 bench/golden_compare.py ids "$out"
+      for attention in mha sparse; do
+        for n in 8 40 100; do
+          "$nsa" forward --device cuda --attention "$attention" --input-ids "$out/ids$n.safetensors" \
+            --out "$out/$attention$n.safetensors" 2>&1 | grep -E "prefill|error"
+        done
+        python3 bench/golden_compare.py check "$out/$attention%d.safetensors" || status=1
+      done
+      "$nsa" generate --device cuda --prompt "<｜begin▁of▁sentence｜><｜User｜>Hello" --max-tokens 24 --ignore-eos || status=1
+      ;;
+    selftest) "$nsa" selftest --device cuda || status=1 ;;
+    layer)
+      table=()
+      [ -f "$out/table.json" ] && table=(--table "$out/table.json")
+      "$nsa" bench-layer --device cuda --torch bench/torch_reference.py "${table[@]}" || status=1
+      ;;
+    autotune*)
+      budget=${stage#autotune=}
+      [ "$budget" = autotune ] && budget=8m
+      "$nsa" autotune --device cuda --budget "$budget" --out "$out/table.json" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -8
+      "$nsa" autotune --show --out "$out/table.json" --plot "$out/table.svg" || status=1
+      ;;
+    *) echo "unknown stage $stage (golden, selftest, layer, autotune[=BUDGET])" >&2; exit 2 ;;
+  esac
+done
+exit $status
