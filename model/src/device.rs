@@ -312,7 +312,11 @@ impl DeviceModel {
     /// (SGLang's sparse prefill): queries taken into the latent space by W_UK, the kernel's latent outputs
     /// lifted back by W_UV. The kernel works at DeepSeek's dims (576 = 512 latent + 64 rope, heads in 16s):
     /// smaller models are zero-padded into them, which leaves every dot product unchanged.
-    fn attention_sparse(
+    ///
+    /// `q_lora` [n, ·] holds the queries (at the positions `cos_sin` gives), `latent` / `k_pe` [s, ·] every
+    /// key row, `chosen` [n, k] the rows each query attends to (−1: none): the prefill's own tokens, or a
+    /// decode step over the cache.
+    pub(crate) fn attention_sparse(
         &self,
         p: &str,
         q_lora: &Tensor<2>,
@@ -322,7 +326,8 @@ impl DeviceModel {
     ) -> Tensor<2> {
         use nsa_kernels::sparse_mla::{D_QK, D_V};
         let c = &self.config;
-        let [n, _] = latent.dims();
+        let [n, _] = q_lora.dims();
+        let [s, _] = latent.dims();
         let (heads, nope, rope, v_dim, rank) = (
             c.num_attention_heads,
             c.qk_nope_head_dim,
@@ -365,7 +370,7 @@ impl DeviceModel {
         } else {
             q_full
         };
-        let zeros2 = |cols: usize| Tensor::<2>::zeros([n, cols], &self.device);
+        let zeros2 = |cols: usize| Tensor::<2>::zeros([s, cols], &self.device);
         let kv = Tensor::cat(vec![latent, zeros2(D_V - rank), k_pe, zeros2(D_QK - D_V - rope)], 1);
         let out = crate::ops::sparse_mla_prefill(&self.kernels, q_full, kv, chosen, c.softmax_scale());
         let out_latent = out.slice([0..n, 0..heads, 0..rank]).swap_dims(0, 1); // [heads, n, rank]

@@ -1,11 +1,10 @@
 //! The device model's decode path: one token at a time against per-layer caches on the device — the
-//! normalized KV latent, the rotated rope key and the indexer's key of every earlier token. Attention runs
-//! in MLA's absorbed form (queries taken into the latent space by W_UK, outputs lifted back by W_UV), as
-//! the decode kernels compute it; the tests check it against the prefill's MHA form and the golden
-//! generations.
+//! normalized KV latent, the rotated rope key and the indexer's key of every earlier token. The indexer
+//! (nsa's indexer_logits + topk kernels) picks the cached rows and attention runs in MLA's absorbed form
+//! over them through nsa's sparse MLA kernel; the tests check it against the prefill's MHA form and the
+//! golden generations.
 use crate::device::{DeviceModel, host};
-use crate::ops::matmul;
-use burn::tensor::{IndexingUpdateOp, Tensor, activation};
+use burn::tensor::Tensor;
 
 struct LayerCache {
     /// [t, kv_lora_rank]
@@ -115,44 +114,10 @@ impl DeviceModel {
                 k_top,
                 s,
             );
-            let allowed = Tensor::<2>::zeros([1, t], &self.device)
-                .scatter(1, chosen, Tensor::ones([1, k_top], &self.device), IndexingUpdateOp::Add)
-                .greater_elem(0.5);
-
-            // MLA, absorbed: the latent and the rope key join the cache.
-            let (heads, nope, v_dim, rank) = (c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank);
-            let qk = nope + rope;
-            let q_name = if c.q_lora_rank.is_some() { "q_b_proj" } else { "q_proj" };
-            let q = self
-                .linear(q_lora, &format!("{p}.self_attn.{q_name}.weight"))
-                .reshape([1, heads, qk]);
-            let q_pe = self
-                .rope(
-                    q.clone().slice([0..1, 0..heads, nope..qk]),
-                    &cos_sin.0,
-                    &cos_sin.1,
-                    true,
-                )
-                .reshape([heads, 1, rope]);
-            let q_nope = q.slice([0..1, 0..heads, 0..nope]).reshape([heads, 1, nope]);
-            // kv_b_proj [heads · (nope + v), rank] per head: W_UK (nope rows), then W_UV (v rows).
-            let w_kv =
-                self.w(&format!("{p}.self_attn.kv_b_proj.weight"))
-                    .transpose()
-                    .reshape([heads, nope + v_dim, rank]);
-            let w_uk = w_kv.clone().slice([0..heads, 0..nope, 0..rank]);
-            let w_uv = w_kv.slice([0..heads, nope..nope + v_dim, 0..rank]);
-            let q_latent = matmul(q_nope, w_uk); // [heads, 1, rank]
-            let latent_b = latent.clone().reshape([1, t, rank]).expand([heads, t, rank]);
-            let k_pe_b = k_pe.clone().reshape([1, t, rope]).expand([heads, t, rope]);
-            let logits = matmul(q_latent, latent_b.clone().swap_dims(1, 2))
-                .add(matmul(q_pe, k_pe_b.swap_dims(1, 2)))
-                .mul_scalar(c.softmax_scale());
-            let blocked = allowed.bool_not().reshape([1, 1, t]).expand([heads, 1, t]);
-            let probs = activation::softmax(logits.mask_fill(blocked, f32::NEG_INFINITY), 2);
-            let out_latent = matmul(probs, latent_b); // [heads, 1, rank]
-            let out = matmul(out_latent, w_uv.swap_dims(1, 2)).reshape([1, heads * v_dim]);
-            x = x.add(self.linear(out, &format!("{p}.self_attn.o_proj.weight")));
+            // MLA, absorbed, over the chosen cached rows: nsa's sparse MLA kernel, as the prefill's
+            // sparse form.
+            let attention = self.attention_sparse(&p, &q_lora, (latent, k_pe), chosen, &cos_sin);
+            x = x.add(attention);
             (x, _) = self.ffn(layer, x);
         }
         cache.advance(1);
