@@ -111,6 +111,8 @@ impl DeviceModel {
                 Tensor::cat(per_expert, 0)
             };
             let pair = (stacked(&["gate_proj", "up_proj"]), stacked(&["down_proj"]));
+            // The stacked copies are the only ones the kernels read: free the per-expert tensors.
+            weights.retain(|name, _| !name.starts_with(&format!("{p}.mlp.experts.")));
             experts.insert(p, pair);
         }
         Ok(DeviceModel {
