@@ -5,7 +5,7 @@
 use crate::{Failure, usage};
 use nsa_model::reference::ReferenceModel;
 use nsa_model::{Tokenizer, bundled_model_dir};
-use rand::{Rng, SeedableRng};
+use nsa_runtime::sampling::{Sampler, SamplingParams, StopMatcher};
 use safetensors::{Dtype, tensor::TensorView};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -51,8 +51,17 @@ pub struct GenerateArgs {
     /// Sample from the smallest set of tokens whose probability reaches top_p.
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
+    /// Sample among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Drop tokens less likely than min_p × the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Stop before this text (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
     /// Keep going past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
@@ -263,42 +272,16 @@ pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The next token from the last row of logits: greedy at temperature 0, else nucleus sampling.
-fn sample(logits: &[f64], temperature: f64, top_p: f64, rng: &mut rand::rngs::StdRng) -> u32 {
-    if temperature <= 0.0 {
-        return nsa_model::reference::argmax(logits);
-    }
-    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let mut probs: Vec<(f64, usize)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (((l - max) / temperature).exp(), i))
-        .collect();
-    let total: f64 = probs.iter().map(|p| p.0).sum();
-    probs.iter_mut().for_each(|p| p.0 /= total);
-    probs.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let mut kept = 0.0;
-    let cut = probs
-        .iter()
-        .position(|p| {
-            kept += p.0;
-            kept >= top_p
-        })
-        .map_or(probs.len(), |i| i + 1);
-    let mut draw = rng.random::<f64>() * probs[..cut].iter().map(|p| p.0).sum::<f64>();
-    for (p, id) in &probs[..cut] {
-        draw -= p;
-        if draw <= 0.0 {
-            return *id as u32;
-        }
-    }
-    probs[cut - 1].1 as u32
-}
-
 pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
-    if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 || args.temperature < 0.0 {
-        return Err(usage("--top-p must be in (0, 1] and --temperature ≥ 0"));
-    }
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        min_p: args.min_p,
+    };
+    params
+        .validate()
+        .map_err(|e| usage(format!("--{}", e.replacen('_', "-", 1))))?;
     let dir = model_dir(&args.model_path);
     let tokenizer = Tokenizer::load(&dir).map_err(usage)?;
     let (config, mut decoder) = if args.device == "host" {
@@ -318,37 +301,49 @@ pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
     }
     let prompt_len = ids.len();
     let vocab = config.vocab_size;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let mut shown = String::new();
+    let mut sampler = Sampler::new(Some(args.seed));
+    let mut stops = StopMatcher::new(&args.stop);
     let mut stdout = std::io::stdout().lock();
+    let mut show = |text: &str| {
+        let _ = write!(stdout, "{text}");
+        let _ = stdout.flush();
+    };
     // The prompt into the latent cache, then one decode step per new token.
     let start = std::time::Instant::now();
     let mut logits = decoder.prompt(&ids);
     let prompt_time = start.elapsed();
     let start = std::time::Instant::now();
+    // Text decoded so far; a token that ends inside a UTF-8 character waits for the next one.
+    let (mut decoded, mut stopped) = (String::new(), false);
     for step in 0..args.max_tokens {
         if step > 0 {
             logits = decoder.step(*ids.last().expect("a prompt"));
         }
-        let next = sample(&logits[..vocab], args.temperature, args.top_p, &mut rng);
+        let next = sampler.sample(&logits[..vocab], &params, 0).token;
         if !args.ignore_eos && config.eos_token_ids.contains(&next) {
             break;
         }
         ids.push(next);
-        // Print what the new token completes; a partial UTF-8 character waits for the next one.
         let text = tokenizer.decode(&ids[prompt_len..])?;
-        if !text.ends_with('\u{fffd}') && text.len() > shown.len() && text.starts_with(&shown) {
-            let _ = write!(stdout, "{}", &text[shown.len()..]);
-            let _ = stdout.flush();
-            shown = text;
+        if !text.ends_with('\u{fffd}') && text.len() > decoded.len() && text.starts_with(&decoded) {
+            let (out, stop) = stops.push(&text[decoded.len()..]);
+            show(&out);
+            decoded = text;
+            if stop {
+                stopped = true;
+                break;
+            }
         }
     }
-    let text = tokenizer.decode(&ids[prompt_len..])?;
-    if text.starts_with(&shown) {
-        let _ = writeln!(stdout, "{}", &text[shown.len()..]);
-    } else {
-        let _ = writeln!(stdout);
+    if !stopped {
+        let text = tokenizer.decode(&ids[prompt_len..])?;
+        let (out, stop) = stops.push(text.strip_prefix(decoded.as_str()).unwrap_or(""));
+        show(&out);
+        if !stop {
+            show(&stops.finish());
+        }
     }
+    show("\n");
     let generated = ids.len() - prompt_len;
     eprintln!(
         "{generated} tokens generated; prompt {prompt_len} tokens in {:.0} ms, decode {:.1} tokens/s",

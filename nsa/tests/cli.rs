@@ -562,6 +562,24 @@ fn generate_streams_the_golden_greedy_continuation() {
         "{}",
         stderr(&missing)
     );
+    // A stop string ends the output before it, also when it spans tokens.
+    let full = tokenizer.decode(&greedy).unwrap();
+    let at = (full.len() / 2..full.len() - 4)
+        .find(|&i| full.as_bytes()[i..i + 4].iter().all(u8::is_ascii_alphanumeric))
+        .expect("four letters in a row past the middle");
+    let stop = &full[at..at + 4];
+    let cut = nsa(&[
+        "generate",
+        "--prompt",
+        &prompt,
+        "--max-tokens",
+        "20",
+        "--ignore-eos",
+        "--stop",
+        stop,
+    ]);
+    assert!(cut.status.success(), "{}", stderr(&cut));
+    assert_eq!(stdout(&cut).trim_end_matches('\n'), &full[..full.find(stop).unwrap()]);
     // Sampling is reproducible by seed.
     let sampled = |seed: &str| {
         let out = nsa(&[

@@ -1,0 +1,196 @@
+//! Choosing the next token from a position's logits, as OpenAI's and SGLang's sampling parameters define it:
+//! temperature (0 = greedy), top_k, top_p (nucleus), min_p (relative to the most likely token), a seed for
+//! reproducible draws, and log-probabilities of the chosen and the most likely tokens. Stop strings are
+//! matched on the streamed text by [`StopMatcher`].
+use rand::{Rng, SeedableRng};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0: greedy (the most likely token; ties to the lowest id).
+    pub temperature: f64,
+    /// Keep the smallest set of most likely tokens whose probability reaches top_p; 1 keeps all.
+    pub top_p: f64,
+    /// Keep the k most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Drop tokens less likely than min_p × the most likely one's probability; 0 keeps all.
+    pub min_p: f64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Rejects values outside the parameters' ranges, naming the parameter.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!("temperature must be ≥ 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        Ok(())
+    }
+}
+
+/// The chosen token and log-probabilities (natural log, of the distribution before any filtering at
+/// temperature 1, as OpenAI reports them).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f64,
+    /// The `top_logprobs` most likely tokens, most likely first.
+    pub top_logprobs: Vec<(u32, f64)>,
+}
+
+/// Draws tokens for one request; seeded for reproducible sampling.
+pub struct Sampler {
+    rng: rand::rngs::StdRng,
+}
+
+impl Sampler {
+    pub fn new(seed: Option<u64>) -> Sampler {
+        Sampler {
+            rng: match seed {
+                Some(seed) => rand::rngs::StdRng::seed_from_u64(seed),
+                None => rand::rngs::StdRng::from_os_rng(),
+            },
+        }
+    }
+
+    pub fn sample(&mut self, logits: &[f64], params: &SamplingParams, top_logprobs: usize) -> Sampled {
+        assert!(!logits.is_empty(), "sampling from no logits");
+        let logprobs = log_softmax(logits);
+        let token = if params.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.draw(logits, params)
+        };
+        let mut ranked: Vec<(u32, f64)> = logprobs.iter().enumerate().map(|(i, l)| (i as u32, *l)).collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        ranked.truncate(top_logprobs);
+        Sampled {
+            token,
+            logprob: logprobs[token as usize],
+            top_logprobs: ranked,
+        }
+    }
+
+    fn draw(&mut self, logits: &[f64], params: &SamplingParams) -> u32 {
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut probs: Vec<(f64, u32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (((l - max) / params.temperature).exp(), i as u32))
+            .collect();
+        let total: f64 = probs.iter().map(|p| p.0).sum();
+        probs.iter_mut().for_each(|p| p.0 /= total);
+        // Most likely first (ties to the lower id), then the filters in SGLang's order: top-k, top-p, min-p.
+        probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        if params.top_k > 0 {
+            probs.truncate(params.top_k);
+        }
+        let mut kept = 0.0;
+        let cut = probs
+            .iter()
+            .position(|p| {
+                kept += p.0;
+                kept >= params.top_p
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(cut);
+        let floor = params.min_p * probs[0].0;
+        probs.retain(|p| p.0 >= floor);
+        let mut draw = self.rng.random::<f64>() * probs.iter().map(|p| p.0).sum::<f64>();
+        for (p, id) in &probs {
+            draw -= p;
+            if draw <= 0.0 {
+                return *id;
+            }
+        }
+        probs[probs.len() - 1].1
+    }
+}
+
+/// The most likely token (ties to the lowest id).
+pub fn argmax(logits: &[f64]) -> u32 {
+    let mut best = 0;
+    for (i, l) in logits.iter().enumerate() {
+        if *l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn log_softmax(logits: &[f64]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let log_total = logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln() + max;
+    logits.iter().map(|l| l - log_total).collect()
+}
+
+/// Stop strings over streamed text: [`StopMatcher::push`] returns the text that can be shown now (text that
+/// might begin a stop string is held back) and whether a stop string ended the output; the stop string
+/// itself is never shown.
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+    stopped: bool,
+}
+
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> StopMatcher {
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+            stopped: false,
+        }
+    }
+
+    /// New text → (text to emit, stopped).
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        if self.stopped {
+            return (String::new(), true);
+        }
+        self.held.push_str(text);
+        let first = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
+        if let Some(at) = first {
+            self.stopped = true;
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // Hold back the longest suffix that begins some stop string (at a character boundary).
+        let keep = self
+            .stops
+            .iter()
+            .map(|s| {
+                (1..s.len().min(self.held.len() + 1))
+                    .rev()
+                    .find(|&n| {
+                        let start = self.held.len() - n;
+                        self.held.is_char_boundary(start) && s.starts_with(&self.held[start..])
+                    })
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0);
+        let rest = self.held.split_off(self.held.len() - keep);
+        (std::mem::replace(&mut self.held, rest), false)
+    }
+
+    /// The end of the output without a stop: whatever was held back.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}

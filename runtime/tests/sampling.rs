@@ -1,0 +1,164 @@
+//! Sampling against the distributions its parameters define, measured over many seeded draws, and stop
+//! strings over every chunking of a stream.
+use nsa_runtime::sampling::{Sampler, SamplingParams, StopMatcher};
+
+/// Draw counts per token over `draws` samples.
+fn histogram(logits: &[f64], params: &SamplingParams, draws: usize) -> Vec<usize> {
+    let mut sampler = Sampler::new(Some(7));
+    let mut counts = vec![0; logits.len()];
+    for _ in 0..draws {
+        counts[sampler.sample(logits, params, 0).token as usize] += 1;
+    }
+    counts
+}
+
+// Probabilities at temperature 1: 0.5, 0.25, 0.125, 0.0625, 0.0625.
+const LOGITS: [f64; 5] = [
+    3.0,
+    2.3068528194400546,
+    1.6137056388801092,
+    0.9205584583201638,
+    0.9205584583201638,
+];
+
+#[test]
+fn greedy_picks_the_most_likely_token_and_reports_logprobs() {
+    let params = SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let sampled = Sampler::new(Some(1)).sample(&LOGITS, &params, 3);
+    assert_eq!(sampled.token, 0);
+    assert!((sampled.logprob - 0.5f64.ln()).abs() < 1e-12);
+    let top: Vec<u32> = sampled.top_logprobs.iter().map(|t| t.0).collect();
+    assert_eq!(top, vec![0, 1, 2]);
+    assert!((sampled.top_logprobs[2].1 - 0.125f64.ln()).abs() < 1e-12);
+}
+
+#[test]
+fn draws_follow_the_filtered_distribution() {
+    let n = 40_000;
+    let share = |counts: &[usize], i: usize| counts[i] as f64 / n as f64;
+    // Temperature 1, no filters: the softmax itself (4σ ≈ 0.01 at n = 40 000).
+    let all = histogram(&LOGITS, &SamplingParams::default(), n);
+    for (i, p) in [0.5, 0.25, 0.125, 0.0625, 0.0625].iter().enumerate() {
+        assert!(
+            (share(&all, i) - p).abs() < 0.01,
+            "token {i}: {} vs {p}",
+            share(&all, i)
+        );
+    }
+    // top_k 2: 2/3 and 1/3 of the two most likely.
+    let k2 = histogram(
+        &LOGITS,
+        &SamplingParams {
+            top_k: 2,
+            ..Default::default()
+        },
+        n,
+    );
+    assert!((share(&k2, 0) - 2.0 / 3.0).abs() < 0.01 && k2[2..].iter().all(|c| *c == 0));
+    // top_p 0.7: 0.5 + 0.25 reaches it, so the same two.
+    let p7 = histogram(
+        &LOGITS,
+        &SamplingParams {
+            top_p: 0.7,
+            ..Default::default()
+        },
+        n,
+    );
+    assert!((share(&p7, 0) - 2.0 / 3.0).abs() < 0.01 && p7[2..].iter().all(|c| *c == 0));
+    // min_p 0.2: keeps p ≥ 0.1 (the first three): 4/7, 2/7, 1/7.
+    let m2 = histogram(
+        &LOGITS,
+        &SamplingParams {
+            min_p: 0.2,
+            ..Default::default()
+        },
+        n,
+    );
+    assert!((share(&m2, 2) - 1.0 / 7.0).abs() < 0.01 && m2[3..].iter().all(|c| *c == 0));
+    // Temperature 0.5 squares the odds: 0.5² : 0.25² : … normalized.
+    let t = histogram(
+        &LOGITS,
+        &SamplingParams {
+            temperature: 0.5,
+            ..Default::default()
+        },
+        n,
+    );
+    let z = 0.25 + 0.0625 + 0.015625 + 2.0 * 0.00390625;
+    assert!((share(&t, 0) - 0.25 / z).abs() < 0.01);
+}
+
+#[test]
+fn a_seed_reproduces_the_draws() {
+    let params = SamplingParams::default();
+    let run = |seed| {
+        let mut sampler = Sampler::new(Some(seed));
+        (0..50)
+            .map(|_| sampler.sample(&LOGITS, &params, 0).token)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run(3), run(3));
+    assert_ne!(run(3), run(4));
+}
+
+#[test]
+fn bad_parameters_are_named() {
+    for (params, mentions) in [
+        (
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            "top_p",
+        ),
+        (
+            SamplingParams {
+                min_p: 1.5,
+                ..Default::default()
+            },
+            "min_p",
+        ),
+    ] {
+        assert!(params.validate().unwrap_err().contains(mentions));
+    }
+    assert!(SamplingParams::default().validate().is_ok());
+}
+
+#[test]
+fn stop_strings_end_the_stream_at_every_chunking() {
+    let text = "The answer is 42.\n\nUser: next";
+    let stops = vec!["\n\nUser:".to_string(), "zzz".to_string()];
+    // Every way of cutting the text in two or three pieces gives the same visible text.
+    for a in 0..=text.len() {
+        for b in a..=text.len() {
+            let mut matcher = StopMatcher::new(&stops);
+            let mut shown = String::new();
+            let mut stopped = false;
+            for piece in [&text[..a], &text[a..b], &text[b..]] {
+                let (out, stop) = matcher.push(piece);
+                shown.push_str(&out);
+                stopped |= stop;
+            }
+            if !stopped {
+                shown.push_str(&matcher.finish());
+            }
+            assert!(stopped, "split at {a}, {b}");
+            assert_eq!(shown, "The answer is 42.", "split at {a}, {b}");
+        }
+    }
+    // No stop string: everything comes back, the held-back tail at finish.
+    let mut matcher = StopMatcher::new(&stops);
+    let (out, stopped) = matcher.push("ends with zz");
+    assert!(!stopped);
+    assert_eq!(out + &matcher.finish(), "ends with zz");
+}
