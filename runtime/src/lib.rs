@@ -1,3 +1,5 @@
 //! The serving runtime (issue 7). Built so far: sampling (temperature, top-k, top-p, min-p, seeds,
-//! log-probabilities) and stop strings over streamed text. Paged caches and the scheduler are not built yet.
+//! log-probabilities), stop strings over streamed text, KV pages with prefix reuse. The scheduler and the
+//! device caches behind the pages are not built yet.
+pub mod pages;
 pub mod sampling;
