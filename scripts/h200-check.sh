@@ -7,7 +7,7 @@
 # golden    the device model on CUDA against transformers' golden outputs (MHA and sparse-kernel prefill),
 #           then a generation through the device cache (bench/golden_compare.py checks without numpy)
 # selftest  every kernel variant against its f64 reference
-# layer     `nsa bench-layer` at DeepSeek-V3.2's shapes, PyTorch beside each step
+# layer     `nsa bench-layer` (prefill and decode) at DeepSeek-V3.2's shapes, PyTorch beside each step
 # autotune  `nsa autotune` (resumes OUT/table.json; default budget 8m), then --show and --plot
 set -u
 nsa=$1 out=$2
@@ -34,6 +34,7 @@ for stage in "$@"; do
       table=()
       [ -f "$out/table.json" ] && table=(--table "$out/table.json")
       "$nsa" bench-layer --device cuda --torch bench/torch_reference.py "${table[@]}" || status=1
+      "$nsa" bench-layer --device cuda --phase decode --torch bench/torch_reference.py "${table[@]}" || status=1
       ;;
     autotune*)
       budget=${stage#autotune=}

@@ -1,5 +1,6 @@
 //! One DeepSeek-V3.2 decoder layer (DSA attention + MoE) as the chain of nsa kernel launches a prefill of
-//! `q` new tokens over a context of `kv` tokens runs, grouped as the time split `nsa bench-layer` reports:
+//! `q` new tokens over a context of `kv` tokens runs ([`prefill_layer`]), or a decode step of a batch over
+//! the paged FP8 caches ([`decode_layer`]), grouped as the time split `nsa bench-layer` reports:
 //! projections (the dense linear layers), indexer (its projections and logits over the context), top-k,
 //! attention (q absorption, sparse MLA, W_UV) and MoE (router, 256 routed experts, shared expert).
 //! Norms and RoPE (< 1 % of the layer) are left out.
@@ -77,6 +78,69 @@ pub struct LayerStep {
     pub step: Step,
     /// Whether the step's cost depends on the context length (else it is timed once per token count).
     pub per_context: bool,
+}
+
+/// Tokens per page of the paged caches.
+const PAGE: usize = 64;
+
+/// The layer's launches for one decode step of `batch` sequences with `context` cached tokens each, over
+/// DeepSeek's FP8 caches (656-byte latent rows, 132-byte indexer rows): projections and MoE on `batch`
+/// tokens, the FP8 indexer and top-k over each sequence's context, sparse MLA decode.
+pub fn decode_layer(shape: &LayerShape, format: Format, batch: usize, context: usize) -> Vec<LayerStep> {
+    let s = shape;
+    let max_pages = context.div_ceil(PAGE);
+    let pages = batch * max_pages;
+    let mut steps = prefill_layer(shape, format, batch, context);
+    let replace = |name: &str, kernel: &'static dyn Kernel, problem: Problem, steps: &mut Vec<LayerStep>| {
+        let step = steps.iter_mut().find(|st| st.name == name).expect("a prefill step");
+        step.step = Step { kernel, problem };
+    };
+    replace(
+        "indexer_logits",
+        &crate::indexer_fp8::IndexerFp8,
+        Problem::new(
+            Format::F32,
+            &[
+                ("t", batch),
+                ("h", s.index_heads),
+                ("d", s.index_dim),
+                ("b", batch),
+                ("pages", pages),
+                ("page_size", PAGE),
+                ("token_bytes", s.index_dim + 4),
+                ("max_pages", max_pages),
+            ],
+            &[("next_n", 1.0), ("bench", 1.0)],
+        ),
+        &mut steps,
+    );
+    replace(
+        "sparse_mla",
+        &crate::sparse_mla_decode::SparseMlaDecode,
+        Problem::new(
+            format,
+            &[
+                ("b", batch),
+                ("s_q", 1),
+                ("h_q", s.heads),
+                ("d_qk", LATENT + ROPE),
+                ("d_v", LATENT),
+                ("pages", pages),
+                ("page_size", PAGE),
+                ("token_bytes", 656),
+                ("max_pages", max_pages),
+                ("topk", s.topk),
+            ],
+            &[
+                ("sm_scale", ((s.nope + ROPE) as f64).powf(-0.5)),
+                ("logical", 0.0),
+                ("num_splits", 0.0),
+                ("mask", 0.0),
+            ],
+        ),
+        &mut steps,
+    );
+    steps
 }
 
 /// The layer's launches for `q` new tokens over `kv` context tokens, in `format`.

@@ -1,4 +1,4 @@
-//! `nsa bench-layer`: one DeepSeek-V3.2 decoder layer's prefill as nsa's kernel launches
+//! `nsa bench-layer`: one DeepSeek-V3.2 decoder layer's prefill or decode step as nsa's kernel launches
 //! (`nsa_kernels::layer_plan`), timed step by step on a device at each context length, with the time split
 //! into projections, indexer, top-k, attention and MoE, and beside each step the PyTorch reference of the
 //! same computation (`bench/torch_reference.py`).
@@ -6,16 +6,23 @@ use crate::autotune::pick;
 use crate::{Failure, open_device, usage};
 use nsa_dsl::Format;
 use nsa_kernels::bench;
-use nsa_kernels::layer_plan::{GROUPS, LayerShape, prefill_layer};
+use nsa_kernels::layer_plan::{GROUPS, LayerShape, decode_layer, prefill_layer};
 use nsa_kernels::tuning::{DeviceKey, TuningTable, kernel_version};
 use rand::SeedableRng;
 use std::collections::BTreeMap;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `prefill` (a chunk of --tokens new tokens) or `decode` (one step of --batch sequences over paged
+    /// FP8 caches).
+    #[arg(long, default_value = "prefill")]
+    phase: String,
     /// New tokens per prefill chunk.
     #[arg(long, default_value_t = 2048)]
     tokens: usize,
+    /// Sequences per decode step.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
     /// Context lengths (tokens already in the cache, the chunk's included), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "4096,32768,131072")]
     contexts: Vec<usize>,
@@ -39,8 +46,17 @@ pub fn run(args: Args) -> Result<(), Failure> {
         .into_iter()
         .find(|s| s.name == args.shape)
         .ok_or_else(|| usage(format!("unknown --shape `{}`; valid: v32, small", args.shape)))?;
-    if args.tokens == 0 || args.contexts.iter().any(|&c| c < args.tokens) {
-        return Err(usage("--tokens must be ≥ 1 and every context at least --tokens long"));
+    let decode = match args.phase.as_str() {
+        "prefill" => false,
+        "decode" => true,
+        other => return Err(usage(format!("unknown --phase `{other}`; valid: prefill, decode"))),
+    };
+    // Tokens a layer pass produces: the prefill chunk, or one per decoded sequence.
+    let tokens = if decode { args.batch } else { args.tokens };
+    if tokens == 0 || (!decode && args.contexts.iter().any(|&c| c < args.tokens)) {
+        return Err(usage(
+            "--tokens / --batch must be ≥ 1 and every prefill context at least --tokens long",
+        ));
     }
     let device = open_device(args.device.as_deref())?;
     let table = match &args.table {
@@ -54,12 +70,17 @@ pub fn run(args: Args) -> Result<(), Failure> {
         Format::F32
     };
     println!(
-        "bench-layer {} on {} — {} ({}), {format}, {} new tokens per prefill",
+        "bench-layer {} {} on {} — {} ({}), {format}, {}",
         shape.name,
+        args.phase,
         device.info.id(),
         device.info.name,
         device.info.arch,
-        args.tokens
+        if decode {
+            format!("a decode step of {tokens} sequences")
+        } else {
+            format!("{tokens} new tokens per prefill")
+        }
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
     let mut versions = BTreeMap::new();
@@ -73,7 +94,12 @@ pub fn run(args: Args) -> Result<(), Failure> {
         );
         let mut groups: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
         let mut torch_complete = args.torch.is_some();
-        for step in prefill_layer(&shape, format, args.tokens, context) {
+        let steps = if decode {
+            decode_layer(&shape, format, tokens, context)
+        } else {
+            prefill_layer(&shape, format, tokens, context)
+        };
+        for step in steps {
             let kernel = step.step.kernel;
             let version = versions.entry(kernel.name()).or_insert_with(|| kernel_version(kernel));
             let (variant, problem) = pick(table.as_ref(), version, kernel, &step.step.problem, &device)
@@ -128,7 +154,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         };
         println!(
             "  layer        {total:>10.3} ms  = {:.0} tokens/s per layer{torch}",
-            args.tokens as f64 / (total * 1e-3)
+            tokens as f64 / (total * 1e-3)
         );
     }
     Ok(())

@@ -632,7 +632,26 @@ fn bench_layer_times_every_step_and_splits_the_layer() {
             "{group}:\n{out}"
         );
     }
+    // A decode step of a batch over the paged FP8 caches.
+    let decode = nsa(&[
+        "bench-layer",
+        "--shape",
+        "small",
+        "--phase",
+        "decode",
+        "--batch",
+        "3",
+        "--contexts",
+        "128",
+    ]);
+    assert!(decode.status.success(), "{}", stderr(&decode));
+    let out = stdout(&decode);
+    assert!(
+        out.contains("a decode step of 3 sequences") && out.contains("tokens/s per layer"),
+        "{out}"
+    );
     for (args, mentions) in [
+        (vec!["bench-layer", "--phase", "train"], "prefill, decode"),
         (vec!["bench-layer", "--shape", "huge"], "v32, small"),
         (
             vec!["bench-layer", "--shape", "small", "--tokens", "64", "--contexts", "32"],
