@@ -16,7 +16,14 @@ pub use config::ModelConfig;
 pub use error::ModelError;
 pub use tokenizer::Tokenizer;
 
-/// The bundled tiny checkpoint (`models/tiny-v32`), the default model when no `--model-path` is given.
+/// The bundled tiny checkpoint (`models/tiny-v32`), the default model when no `--model-path` is given: in
+/// the source tree the binary was built from, else `models/tiny-v32` under the working directory (a binary
+/// copied to another machine and run from a checkout).
 pub fn bundled_model_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v32")
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-v32");
+    let here = std::path::PathBuf::from("models/tiny-v32");
+    if !built.join("config.json").exists() && here.join("config.json").exists() {
+        return here;
+    }
+    built
 }
