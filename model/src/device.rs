@@ -179,16 +179,19 @@ impl DeviceModel {
         }
     }
 
-    /// [n, n] bool: key t allowed for query s (t ≤ s and among the indexer's top index_topk), and the
-    /// chosen keys per row ([n, k] with k = min(index_topk, n), −1 padded where a row has fewer), and the
-    /// indexer's rotated keys [n, index_head_dim] (what decoding caches).
-    fn indexer(
+    /// The indexer's choice for the n queries at positions `first`.. (the rows of `h` and `q_lora`): for
+    /// each, the `min(index_topk, first + n)` causal keys of highest score through nsa's indexer_logits and
+    /// topk kernels ([n, k], −1 padded where a row has fewer causal keys), over the `earlier` keys
+    /// ([first, index_head_dim], from the cache) and the new tokens' own rotated keys, which it returns too.
+    pub(crate) fn index_select(
         &self,
         p: &str,
         h: &Tensor<2>,
         q_lora: &Tensor<2>,
         cos_sin: &(Tensor<2>, Tensor<2>),
-    ) -> (Tensor<2, Bool>, Tensor<2, Int>, Tensor<2>) {
+        earlier: Option<Tensor<2>>,
+        first: usize,
+    ) -> (Tensor<2, Int>, Tensor<2>) {
         let c = &self.config;
         let [n, _] = h.dims();
         let (heads, d) = (c.index_n_heads, c.index_head_dim);
@@ -204,14 +207,33 @@ impl DeviceModel {
         };
         let q = rotate(q);
         let k = rotate(k.reshape([n, 1, d])).reshape([n, d]);
+        let keys = match earlier {
+            Some(earlier) => Tensor::cat(vec![earlier, k.clone()], 0),
+            None => k.clone(),
+        };
         // score[s, t] = Σ_h relu(q[s, h] · k[t] · d^−½) · w[s, h] · H^−½: both scales folded into w.
         let weights = self
             .linear(h.clone(), &format!("{p}.self_attn.indexer.weights_proj.weight"))
             .mul_scalar((heads as f64).powf(-0.5) * (d as f64).powf(-0.5));
-        let k_top = c.index_topk.min(n);
-        // nsa's indexer_logits and topk kernels; a query with fewer causal keys than k_top gets −1s,
-        // replaced by its own position (always chosen).
-        let chosen = crate::ops::indexer_topk(&self.kernels, q, weights, k.clone(), k_top, 0);
+        let k_top = c.index_topk.min(first + n);
+        (
+            crate::ops::indexer_topk(&self.kernels, q, weights, keys, k_top, first),
+            k,
+        )
+    }
+
+    /// The prefill's indexer ([`Self::index_select`] from position 0) and its [n, n] mask: key t allowed
+    /// for query s when t ≤ s and t is chosen. Returns the mask, the choice and the rotated keys.
+    fn indexer(
+        &self,
+        p: &str,
+        h: &Tensor<2>,
+        q_lora: &Tensor<2>,
+        cos_sin: &(Tensor<2>, Tensor<2>),
+    ) -> (Tensor<2, Bool>, Tensor<2, Int>, Tensor<2>) {
+        let (chosen, k) = self.index_select(p, h, q_lora, cos_sin, None, 0);
+        let [n, k_top] = chosen.dims();
+        // A query with fewer causal keys than k_top has −1s: replaced by its own position (always chosen).
         let positions = Tensor::<1, Int>::arange(0..n as i64, &self.device);
         let own = positions.clone().reshape([n, 1]).expand([n, k_top]);
         let filled = chosen.clone().mask_where(chosen.clone().lower_elem(0), own);
@@ -260,6 +282,26 @@ impl DeviceModel {
         (latent, k_pe)
     }
 
+    /// MLA's queries from the q LoRA output: per head the nope part [n, heads, qk_nope_head_dim] and the
+    /// rotated (interleaved RoPE) part [n, heads, qk_rope_head_dim].
+    fn mla_query(&self, p: &str, q_lora: &Tensor<2>, cos_sin: &(Tensor<2>, Tensor<2>)) -> (Tensor<3>, Tensor<3>) {
+        let c = &self.config;
+        let [n, _] = q_lora.dims();
+        let (heads, nope) = (c.num_attention_heads, c.qk_nope_head_dim);
+        let qk = nope + c.qk_rope_head_dim;
+        let q_name = if c.q_lora_rank.is_some() { "q_b_proj" } else { "q_proj" };
+        let q = self
+            .linear(q_lora.clone(), &format!("{p}.self_attn.{q_name}.weight"))
+            .reshape([n, heads, qk]);
+        let q_pe = self.rope(
+            q.clone().slice([0..n, 0..heads, nope..qk]),
+            &cos_sin.0,
+            &cos_sin.1,
+            true,
+        );
+        (q.slice([0..n, 0..heads, 0..nope]), q_pe)
+    }
+
     /// MLA in the MHA form over the allowed keys (the latent and rope keys from [`Self::kv_latent`]);
     /// returns the o_proj output [n, hidden].
     fn attention(
@@ -278,18 +320,8 @@ impl DeviceModel {
             c.qk_rope_head_dim,
             c.v_head_dim,
         );
-        let qk = nope + rope;
-        let q_name = if c.q_lora_rank.is_some() { "q_b_proj" } else { "q_proj" };
-        let q = self
-            .linear(q_lora.clone(), &format!("{p}.self_attn.{q_name}.weight"))
-            .reshape([n, heads, qk]);
-        let q_pe = self.rope(
-            q.clone().slice([0..n, 0..heads, nope..qk]),
-            &cos_sin.0,
-            &cos_sin.1,
-            true,
-        );
-        let q = Tensor::cat(vec![q.slice([0..n, 0..heads, 0..nope]), q_pe], 2);
+        let (q_nope, q_pe) = self.mla_query(p, q_lora, cos_sin);
+        let q = Tensor::cat(vec![q_nope, q_pe], 2);
         let k_pe = k_pe.reshape([n, 1, rope]);
         let kv = self
             .linear(latent, &format!("{p}.self_attn.kv_b_proj.weight"))
@@ -341,18 +373,8 @@ impl DeviceModel {
             rank <= D_V && rope <= D_QK - D_V,
             "latent {rank} + rope {rope} exceed the kernel's 512 + 64"
         );
-        let qk = nope + rope;
-        let q_name = if c.q_lora_rank.is_some() { "q_b_proj" } else { "q_proj" };
-        let q = self
-            .linear(q_lora.clone(), &format!("{p}.self_attn.{q_name}.weight"))
-            .reshape([n, heads, qk]);
-        let q_pe = self.rope(
-            q.clone().slice([0..n, 0..heads, nope..qk]),
-            &cos_sin.0,
-            &cos_sin.1,
-            true,
-        );
-        let q_nope = q.slice([0..n, 0..heads, 0..nope]).swap_dims(0, 1); // [heads, n, nope]
+        let (q_nope, q_pe) = self.mla_query(p, q_lora, cos_sin);
+        let q_nope = q_nope.swap_dims(0, 1); // [heads, n, nope]
         let w_kv = self
             .w(&format!("{p}.self_attn.kv_b_proj.weight"))
             .transpose()

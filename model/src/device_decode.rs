@@ -76,44 +76,15 @@ impl DeviceModel {
             let h = self.rms_norm(x.clone(), &format!("{p}.input_layernorm.weight"));
             let q_lora = self.q_lora(&p, &h);
 
-            // The indexer: this token's key joins the cache; its query scores every cached key.
-            let (ih, d, rope) = (c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim);
-            let rotate = |x: Tensor<3>| {
-                let [n, heads, _] = x.dims();
-                let pe = self.rope(
-                    x.clone().slice([0..n, 0..heads, 0..rope]),
-                    &cos_sin.0,
-                    &cos_sin.1,
-                    false,
-                );
-                Tensor::cat(vec![pe, x.slice([0..n, 0..heads, rope..d])], 2)
-            };
-            let q_idx = rotate(
-                self.linear(q_lora.clone(), &format!("{p}.self_attn.indexer.wq_b.weight"))
-                    .reshape([1, ih, d]),
-            )
-            .reshape([ih, d]);
-            // This token's latent, rope key and indexer key join the cache first: it attends to itself.
-            let k_idx = rotate(self.indexer_key(&p, &h).reshape([1, 1, d])).reshape([1, d]);
+            // The indexer over the cached keys and this token's own; every one is causal, so none of the
+            // choice is −1. This token's latent, rope key and indexer key join the cache: it attends to
+            // itself.
+            let earlier = cache.layers[layer].as_ref().map(|l| l.index_k.clone());
+            let (chosen, k_idx) = self.index_select(&p, &h, &q_lora, &cos_sin, earlier, s);
             let (latent, k_pe) = self.kv_latent(&p, &h, &cos_sin);
             cache.store(layer, latent, k_pe, k_idx);
             let stored = cache.layers[layer].as_ref().expect("just stored");
-            let (latent, k_pe, index_k) = (stored.latent.clone(), stored.k_pe.clone(), stored.index_k.clone());
-            let t = s + 1;
-            // score[t] = Σ_h relu(q[h] · k[t] · d^−½) · w[h] · H^−½ (scales folded into w), by nsa's
-            // indexer_logits and topk kernels; every cached key is causal, so none comes back −1.
-            let weights = self
-                .linear(h.clone(), &format!("{p}.self_attn.indexer.weights_proj.weight"))
-                .mul_scalar((ih as f64).powf(-0.5) * (d as f64).powf(-0.5));
-            let k_top = c.index_topk.min(t);
-            let chosen = crate::ops::indexer_topk(
-                &self.kernels,
-                q_idx.reshape([1, ih, d]),
-                weights,
-                index_k.clone(),
-                k_top,
-                s,
-            );
+            let (latent, k_pe) = (stored.latent.clone(), stored.k_pe.clone());
             // MLA, absorbed, over the chosen cached rows: nsa's sparse MLA kernel, as the prefill's
             // sparse form.
             let attention = self.attention_sparse(&p, &q_lora, (latent, k_pe), chosen, &cos_sin);

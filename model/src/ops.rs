@@ -60,6 +60,43 @@ fn operand(tensor: &CubeTensor) -> Operand {
     Operand::new(tensor.handle.clone(), tensor.meta.shape(), tensor.meta.strides())
 }
 
+/// A kernel input: the tensor's buffer, row-major.
+fn input<const D: usize>(tensor: Tensor<D>) -> Handle {
+    into_contiguous(primitive(tensor)).handle
+}
+
+/// A kernel input of i32 indices (burn's ints may be i64).
+fn int_input(tensor: Tensor<2, Int>) -> Handle {
+    let tensor = tensor
+        .cast(DType::I32)
+        .try_into_primitive::<Cube>()
+        .expect("a CubeCL tensor");
+    into_contiguous(tensor).handle
+}
+
+/// The cubecl device a tensor lives on (to wrap kernel outputs as burn tensors).
+fn cube_device<const D: usize>(tensor: &Tensor<D>) -> nsa_backends::cubecl::Device {
+    tensor
+        .clone()
+        .try_into_primitive::<Cube>()
+        .expect("a CubeCL tensor")
+        .device
+}
+
+/// A kernel's i32 output [rows, cols] as a burn int tensor of burn's default int type (what its own ops,
+/// scatter and gather, produce and take).
+fn int_output(
+    device: &nsa_backends::Device,
+    on: nsa_backends::cubecl::Device,
+    shape: [usize; 2],
+    handle: Handle,
+) -> Tensor<2, Int> {
+    let tensor = CubeTensor::new_contiguous(device.client.clone(), on, shape.into(), handle, DType::I32);
+    let ints = Tensor::<2, Int>::from_primitive::<Cube>(tensor);
+    let default = Tensor::<1, Int>::zeros([1], &ints.device()).dtype();
+    ints.cast(default)
+}
+
 /// nsa's view of the device `tensor` lives on, with burn's own client: registered kernels launched with
 /// it read and write burn's buffers.
 pub fn kernel_device(tensor: &Tensor<2>) -> nsa_backends::Device {
@@ -98,12 +135,8 @@ pub fn indexer_topk(
     let s = keys.dims()[0];
     assert!(first + n <= s, "queries past the last key");
     let client = &device.client;
-    let contiguous = |t: CubeTensor| into_contiguous(t).handle;
-    let q = q.try_into_primitive::<Cube>().expect("a CubeCL tensor");
-    let cube_device = q.device.clone();
-    let q = contiguous(q);
-    let w = contiguous(primitive(w));
-    let keys = contiguous(primitive(keys));
+    let on = cube_device(&w);
+    let (q, w, keys) = (input(q), input(w), input(keys));
     let positions: Vec<i32> = (first as i32..(first + n) as i32).collect();
     let q_pos = client.create_from_slice(bytemuck::cast_slice(&positions));
     let zeros = client.create_from_slice(bytemuck::cast_slice(&vec![0i32; n]));
@@ -125,11 +158,7 @@ pub fn indexer_topk(
         &[logits, zeros, q_pos],
         std::slice::from_ref(&chosen),
     );
-    let tensor = CubeTensor::new_contiguous(client.clone(), cube_device, [n, k].into(), chosen, DType::I32);
-    let chosen = Tensor::<2, Int>::from_primitive::<Cube>(tensor);
-    // Burn's default int type, as its own ops (scatter, gather) produce and take.
-    let default = Tensor::<1, Int>::zeros([1], &chosen.device()).dtype();
-    chosen.cast(default)
+    int_output(device, on, [n, k], chosen)
 }
 
 /// Sparse MLA in the absorbed form through nsa's `sparse_mla_prefill` kernel (FlashMLA's sparse prefill):
@@ -148,16 +177,8 @@ pub fn sparse_mla_prefill(
     let [_, k] = indices.dims();
     let (d_v, client) = (nsa_kernels::sparse_mla::D_V, &device.client);
     let out = Tensor::<3>::empty([n, heads, d_v], &q.device());
-    let q = into_contiguous(q.try_into_primitive::<Cube>().expect("a CubeCL tensor")).handle;
-    let kv = into_contiguous(primitive(kv)).handle;
-    let indices = into_contiguous(
-        indices
-            .cast(DType::I32)
-            .try_into_primitive::<Cube>()
-            .expect("a CubeCL tensor"),
-    )
-    .handle;
-    let out = out.try_into_primitive::<Cube>().expect("a CubeCL tensor");
+    let (q, kv, indices) = (input(q), input(kv), int_input(indices));
+    let out = primitive(out);
     let (lse, max_logit) = (client.empty(4 * n * heads), client.empty(4 * n * heads));
     let problem = Problem::new(
         Format::F32,
@@ -190,9 +211,8 @@ pub fn moe_gate(
     gate: &GateConfig,
 ) -> (Tensor<2, Int>, Tensor<2>) {
     let [n, experts] = logits.dims();
-    let cube_device = primitive(logits.clone()).device;
-    let logits = into_contiguous(primitive(logits)).handle;
-    let bias = into_contiguous(primitive(bias)).handle;
+    let on = cube_device(&logits);
+    let (logits, bias) = (input(logits), input(bias));
     let (ids, weights) = (
         device.client.empty(4 * n * gate.top_k),
         device.client.empty(4 * n * gate.top_k),
@@ -214,20 +234,16 @@ pub fn moe_gate(
         &[logits, bias],
         &[ids.clone(), weights.clone()],
     );
-    let wrap = |handle, dtype| {
-        CubeTensor::new_contiguous(
-            device.client.clone(),
-            cube_device.clone(),
-            [n, gate.top_k].into(),
-            handle,
-            dtype,
-        )
-    };
-    let ids = Tensor::<2, Int>::from_primitive::<Cube>(wrap(ids, DType::I32));
-    let default = Tensor::<1, Int>::zeros([1], &ids.device()).dtype();
+    let weights = CubeTensor::new_contiguous(
+        device.client.clone(),
+        on.clone(),
+        [n, gate.top_k].into(),
+        weights,
+        DType::F32,
+    );
     (
-        ids.cast(default),
-        Tensor::from_primitive::<Cube>(wrap(weights, DType::F32)),
+        int_output(device, on, [n, gate.top_k], ids),
+        Tensor::from_primitive::<Cube>(weights),
     )
 }
 
@@ -256,16 +272,8 @@ pub fn moe_experts(
     let [_, top_k] = ids.dims();
     let [experts, _, inter] = w2.dims();
     let out = Tensor::<2>::empty([n, hidden], &x.device());
-    let handle3 =
-        |t: &Tensor<3>| into_contiguous(t.clone().try_into_primitive::<Cube>().expect("a CubeCL tensor")).handle;
-    let x = into_contiguous(primitive(x)).handle;
-    let ids = into_contiguous(
-        ids.cast(DType::I32)
-            .try_into_primitive::<Cube>()
-            .expect("a CubeCL tensor"),
-    )
-    .handle;
-    let weights = into_contiguous(primitive(weights)).handle;
+    let (x, ids, weights) = (input(x), int_input(ids), input(weights));
+    let (w13, w2) = (input(w13.clone()), input(w2.clone()));
     let out = primitive(out);
     let problem = Problem::new(
         Format::F32,
@@ -282,7 +290,7 @@ pub fn moe_experts(
         device,
         "moe_experts",
         &problem,
-        &[x, ids, weights, handle3(w13), handle3(w2)],
+        &[x, ids, weights, w13, w2],
         std::slice::from_ref(&out.handle),
     );
     Tensor::from_primitive::<Cube>(out)

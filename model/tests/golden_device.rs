@@ -5,6 +5,11 @@ use nsa_model::bundled_model_dir;
 use nsa_model::device::{DeviceModel, PrefillAttention};
 use nsa_model::reference::ReferenceModel;
 
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
 #[test]
 fn device_prefill_matches_the_reference_and_transformers() {
     prefill_matches(PrefillAttention::Mha);
@@ -36,7 +41,6 @@ fn prefill_matches(attention: PrefillAttention) {
             .collect();
         let ours = model.forward(&ids);
         let theirs = reference.forward(&ids);
-        let max_diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
         let error = max_diff(&ours.logits, &theirs.logits);
         assert!(error <= 1e-3, "seq{n}: logits max |Δ| {error:e} against the reference");
         for layer in 0..3 {
@@ -76,11 +80,7 @@ fn device_decode_agrees_with_the_prefill_and_generates_the_golden_tokens() {
     let mut worst = 0f64;
     for (position, id) in ids.iter().enumerate() {
         let logits = model.decode_step(&mut cache, *id);
-        let error = logits
-            .iter()
-            .zip(&prefill[position * vocab..][..vocab])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
+        let error = max_diff(&logits, &prefill[position * vocab..][..vocab]);
         assert!(error < 1e-4, "position {position}: decode vs prefill max |Δ| {error:e}");
         worst = worst.max(error);
     }
@@ -91,11 +91,7 @@ fn device_decode_agrees_with_the_prefill_and_generates_the_golden_tokens() {
     assert_eq!(cache.len(), 20);
     for (position, id) in ids.iter().enumerate().skip(20) {
         let logits = model.decode_step(&mut cache, *id);
-        let error = logits
-            .iter()
-            .zip(&prefill[position * vocab..][..vocab])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
+        let error = max_diff(&logits, &prefill[position * vocab..][..vocab]);
         assert!(
             error < 1e-4,
             "position {position} after a 20-token prefill: max |Δ| {error:e}"

@@ -29,6 +29,10 @@ fn values(file: &SafeTensors, name: &str) -> Vec<f64> {
     }
 }
 
+fn token_ids(file: &SafeTensors, name: &str) -> Vec<u32> {
+    values(file, name).iter().map(|v| *v as u32).collect()
+}
+
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
@@ -41,10 +45,7 @@ fn reference_prefill_and_greedy_generation_match_transformers() {
     let golden = SafeTensors::deserialize(&bytes).unwrap();
     let c = &model.config;
     for n in [8usize, 40, 100] {
-        let ids: Vec<u32> = values(&golden, &format!("seq{n}.input_ids"))
-            .iter()
-            .map(|v| *v as u32)
-            .collect();
+        let ids = token_ids(&golden, &format!("seq{n}.input_ids"));
         let out = model.forward(&ids);
         let logits_error = max_abs_diff(&out.logits, &values(&golden, &format!("seq{n}.logits")));
         assert!(logits_error <= 1e-3, "seq{n}: logits max |Δ| {logits_error:e}");
@@ -84,14 +85,8 @@ fn reference_prefill_and_greedy_generation_match_transformers() {
         eprintln!("seq{n}: logits max |Δ| {logits_error:.2e}");
     }
     for prompt in [8, 40] {
-        let ids: Vec<u32> = values(&golden, &format!("gen{prompt}.prompt_ids"))
-            .iter()
-            .map(|v| *v as u32)
-            .collect();
-        let want: Vec<u32> = values(&golden, &format!("gen{prompt}.greedy_ids"))
-            .iter()
-            .map(|v| *v as u32)
-            .collect();
+        let ids = token_ids(&golden, &format!("gen{prompt}.prompt_ids"));
+        let want = token_ids(&golden, &format!("gen{prompt}.greedy_ids"));
         assert_eq!(model.generate_greedy(&ids, want.len()), want, "gen{prompt}");
     }
 }
@@ -102,7 +97,7 @@ fn the_absorbed_decode_path_agrees_with_the_prefill_and_generates_the_golden_tok
     let bytes = std::fs::read(GOLDEN).unwrap();
     let golden = SafeTensors::deserialize(&bytes).unwrap();
     // 40 tokens: rows past index_topk (16) are really sparse, in both paths.
-    let ids: Vec<u32> = values(&golden, "seq40.input_ids").iter().map(|v| *v as u32).collect();
+    let ids = token_ids(&golden, "seq40.input_ids");
     let prefill = model.forward(&ids).logits;
     let vocab = model.config.vocab_size;
     let mut cache = model.new_cache();
@@ -113,14 +108,8 @@ fn the_absorbed_decode_path_agrees_with_the_prefill_and_generates_the_golden_tok
     }
     assert_eq!(cache.len(), ids.len());
     for prompt in [8, 40] {
-        let ids: Vec<u32> = values(&golden, &format!("gen{prompt}.prompt_ids"))
-            .iter()
-            .map(|v| *v as u32)
-            .collect();
-        let want: Vec<u32> = values(&golden, &format!("gen{prompt}.greedy_ids"))
-            .iter()
-            .map(|v| *v as u32)
-            .collect();
+        let ids = token_ids(&golden, &format!("gen{prompt}.prompt_ids"));
+        let want = token_ids(&golden, &format!("gen{prompt}.greedy_ids"));
         assert_eq!(
             model.generate_greedy_cached(&ids, want.len()),
             want,
@@ -142,10 +131,7 @@ fn bf16_inference_stays_within_its_documented_bound() {
     let golden = SafeTensors::deserialize(&bytes).unwrap();
     let vocab = model.config.vocab_size;
     for n in [8usize, 40, 100] {
-        let ids: Vec<u32> = values(&golden, &format!("seq{n}.input_ids"))
-            .iter()
-            .map(|v| *v as u32)
-            .collect();
+        let ids = token_ids(&golden, &format!("seq{n}.input_ids"));
         let ours = model.forward(&ids);
         let theirs = values(&golden, &format!("seq{n}.logits"));
         let mean = ours.logits.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f64>() / theirs.len() as f64;
