@@ -2,14 +2,16 @@
 # Installs what building and testing nsa needs on Debian 12 (bookworm):
 #  - Mesa's lavapipe Vulkan driver, the software GPU the wgpu runtime uses when no real GPU is present;
 #  - Debian's LLVM 22, pointed to by a shim where cubecl's LLVM bundler looks, so the cuda/hip runtimes build
-#    offline (the bundler would otherwise download LLVM 23.1 at build time).
+#    offline (the bundler would otherwise download LLVM 23.1 at build time);
+#  - curl and a Python virtual environment with the `openai` package ($HOME/.cache/nsa-venv), the real
+#    clients the server's tests drive `nsa serve` with.
 # Idempotent: safe to run again.
 set -euo pipefail
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-pkgs="mesa-vulkan-drivers libvulkan1 llvm-22-dev libpolly-22-dev liblld-22-dev xz-utils pkg-config"
+pkgs="mesa-vulkan-drivers libvulkan1 llvm-22-dev libpolly-22-dev liblld-22-dev xz-utils pkg-config curl python3-venv"
 missing=""
 for p in $pkgs; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
@@ -42,4 +44,9 @@ fi
 SHIM
 chmod +x "$shim_dir/bin/llvm-config"
 touch "$shim_dir/.tracel-llvm-installed"
-echo "setup-deps: ok (LLVM shim at $shim_dir)"
+venv="${NSA_VENV:-$HOME/.cache/nsa-venv}"
+if ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "openai>=1.50"
+fi
+echo "setup-deps: ok (LLVM shim at $shim_dir, Python clients in $venv)"

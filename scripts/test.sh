@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: formatting, then every test in release (debug would build the GPU stack twice), kernel
-# tests on the best device found (lavapipe's Vulkan on a machine without a GPU), and snapshot drift.
+# tests on the best device found (lavapipe's Vulkan on a machine without a GPU), snapshot drift, and
+# `nsa serve` driven by curl and OpenAI's Python client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/nsa-target}"
@@ -13,3 +14,5 @@ if find . -name '*.snap.new' -not -path './target/*' | grep -q .; then
   echo "pending snapshot changes (.snap.new) — review with cargo insta review" >&2
   exit 1
 fi
+cargo build --release --locked -p nsa
+./scripts/test-clients.sh

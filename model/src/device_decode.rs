@@ -6,6 +6,7 @@
 use crate::device::{DeviceModel, host};
 use burn::tensor::Tensor;
 
+#[derive(Clone)]
 struct LayerCache {
     /// [t, kv_lora_rank]
     latent: Tensor<2>,
@@ -16,6 +17,7 @@ struct LayerCache {
 }
 
 /// What decoding has cached so far, per layer.
+#[derive(Clone)]
 pub struct DeviceCache {
     layers: Vec<Option<LayerCache>>,
     len: usize,
@@ -43,6 +45,56 @@ impl DeviceCache {
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// The cached rows of positions `start..end` (a page of a paged cache).
+    pub fn slice(&self, start: usize, end: usize) -> DeviceCache {
+        assert!(
+            start <= end && end <= self.len,
+            "rows {start}..{end} of a {}-row cache",
+            self.len
+        );
+        let rows = |t: &Tensor<2>| t.clone().slice(start..end);
+        DeviceCache {
+            layers: (self.layers.iter())
+                .map(|l| {
+                    l.as_ref().filter(|_| end > start).map(|l| LayerCache {
+                        latent: rows(&l.latent),
+                        k_pe: rows(&l.k_pe),
+                        index_k: rows(&l.index_k),
+                    })
+                })
+                .collect(),
+            len: end - start,
+        }
+    }
+
+    /// `parts`' rows one after another (pages joined back into a sequence's cache); at least one part
+    /// has rows.
+    pub fn concat(parts: &[DeviceCache]) -> DeviceCache {
+        let parts: Vec<&DeviceCache> = parts.iter().filter(|p| p.len > 0).collect();
+        let first = parts.first().expect("concat joins at least one non-empty part");
+        let join = |pick: &dyn Fn(&LayerCache) -> Tensor<2>, l: usize| {
+            Tensor::cat(
+                parts
+                    .iter()
+                    .map(|p| pick(p.layers[l].as_ref().expect("a non-empty part")))
+                    .collect(),
+                0,
+            )
+        };
+        DeviceCache {
+            layers: (0..first.layers.len())
+                .map(|l| {
+                    Some(LayerCache {
+                        latent: join(&|c| c.latent.clone(), l),
+                        k_pe: join(&|c| c.k_pe.clone(), l),
+                        index_k: join(&|c| c.index_k.clone(), l),
+                    })
+                })
+                .collect(),
+            len: parts.iter().map(|p| p.len).sum(),
+        }
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0

@@ -16,6 +16,7 @@ struct LayerCache {
 }
 
 /// What decoding has cached so far, per layer.
+#[derive(Clone)]
 pub struct LatentCache {
     layers: Vec<LayerCache>,
     len: usize,
@@ -24,6 +25,44 @@ pub struct LatentCache {
 impl LatentCache {
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// The cached rows of positions `start..end` (a page of a paged cache).
+    pub fn slice(&self, start: usize, end: usize) -> LatentCache {
+        assert!(
+            start <= end && end <= self.len,
+            "rows {start}..{end} of a {}-row cache",
+            self.len
+        );
+        let rows = |v: &Vec<f64>| {
+            let width = v.len() / self.len.max(1);
+            v[start * width..end * width].to_vec()
+        };
+        LatentCache {
+            layers: (self.layers.iter())
+                .map(|l| LayerCache {
+                    latent: rows(&l.latent),
+                    k_pe: rows(&l.k_pe),
+                    index_k: rows(&l.index_k),
+                })
+                .collect(),
+            len: end - start,
+        }
+    }
+
+    /// `parts`' rows one after another (pages joined back into a sequence's cache).
+    pub fn concat(parts: &[LatentCache]) -> LatentCache {
+        let layers = parts.first().map_or(0, |p| p.layers.len());
+        LatentCache {
+            layers: (0..layers)
+                .map(|l| LayerCache {
+                    latent: parts.iter().flat_map(|p| p.layers[l].latent.iter().copied()).collect(),
+                    k_pe: parts.iter().flat_map(|p| p.layers[l].k_pe.iter().copied()).collect(),
+                    index_k: parts.iter().flat_map(|p| p.layers[l].index_k.iter().copied()).collect(),
+                })
+                .collect(),
+            len: parts.iter().map(|p| p.len).sum(),
+        }
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0

@@ -68,6 +68,8 @@ pub struct Scheduler {
     running: Vec<Request>,
     /// Preemptions so far (requests sent back to wait for pages).
     pub preemptions: usize,
+    /// Whether finished requests' pages serve later requests' prefixes (`--disable-radix-cache` turns off).
+    prefix_reuse: bool,
 }
 
 impl Scheduler {
@@ -80,7 +82,38 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
+            prefix_reuse: true,
         }
+    }
+
+    /// Every request computes its whole prompt (SGLang's `--disable-radix-cache`).
+    pub fn disable_prefix_reuse(&mut self) {
+        self.prefix_reuse = false;
+    }
+
+    /// Drops request `id` wherever it is (its client went away); false if it is not here. What it computed
+    /// stays as a cached prefix.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        if let Some(index) = self.waiting.iter().position(|r| r.id == id) {
+            let mut request = self.waiting.remove(index).expect("found");
+            self.release(&mut request);
+            return true;
+        }
+        if let Some(index) = self.running.iter().position(|r| r.id == id) {
+            let request = self.running.remove(index);
+            self.retire(request);
+            return true;
+        }
+        false
+    }
+
+    /// Pages in use by running requests or cached prefixes.
+    pub fn used_pages(&self) -> usize {
+        self.pool.total_pages() - self.pool.free_pages()
+    }
+
+    pub fn total_pages(&self) -> usize {
+        self.pool.total_pages()
     }
 
     /// Queues a request; an empty prompt, one past the context length or one no pool could hold is refused.
@@ -189,6 +222,7 @@ impl Scheduler {
             };
             // At least the last token is computed again: its logits give the next token.
             let usable = &request.tokens[..request.tokens.len() - 1];
+            let usable = if self.prefix_reuse { usable } else { &[] };
             let found = self.cache.lookup(usable, &mut self.pool);
             request.computed = found.tokens;
             request.pages = found.pages.clone();
@@ -266,7 +300,11 @@ impl Scheduler {
 
     /// A finished request's full pages become a cached prefix; its own references go.
     fn retire(&mut self, mut request: Request) {
-        let cached = request.computed.min(request.tokens.len());
+        let cached = if self.prefix_reuse {
+            request.computed.min(request.tokens.len())
+        } else {
+            0
+        };
         self.cache
             .insert(&request.tokens[..cached], &request.pages, &mut self.pool);
         self.release(&mut request);

@@ -1,3 +1,159 @@
-//! OpenAI-compatible HTTP server (issue 7). Built so far: the streaming output parsers (reasoning, DSML and
-//! V3.1 tool calls). The HTTP layer, chat encoding and the runtime are not built yet.
+//! `nsa serve`: an OpenAI-compatible server (axum + tokio) over the serving runtime — the engine thread
+//! runs the scheduler and the model (the host f64 reference or the burn device model), the handlers
+//! encode chats in DeepSeek-V3.2's format and parse its output (reasoning, DSML / v3.1 tool calls).
+pub mod api;
+pub mod chat;
+pub mod http;
+pub mod metrics;
 pub mod parsers;
+pub mod text;
+pub mod worker;
+
+use http::{AppState, ServedModel, ToolCallParser};
+use metrics::Metrics;
+use nsa_model::device::DeviceModel;
+use nsa_model::reference::ReferenceModel;
+use nsa_model::{ModelConfig, Tokenizer};
+use nsa_runtime::sampling::SamplingParams;
+use nsa_runtime::scheduler::SchedulerConfig;
+use std::path::PathBuf;
+use std::sync::Arc;
+use worker::WorkerConfig;
+
+/// Where the model runs.
+#[derive(Clone, Debug)]
+pub enum ModelDevice {
+    /// The f64 reference model on the CPU.
+    Host,
+    /// The burn device model (f32) on this device (`cuda:0`, `hip:0`, `wgpu`), checked by the caller.
+    Burn(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub model_path: PathBuf,
+    pub device: ModelDevice,
+    pub host: String,
+    pub port: u16,
+    pub served_model_name: Option<String>,
+    pub context_length: Option<usize>,
+    pub page_size: usize,
+    pub max_running_requests: usize,
+    pub chunked_prefill_size: usize,
+    pub max_total_tokens: Option<usize>,
+    pub disable_radix_cache: bool,
+    pub reasoning_parser: bool,
+    pub tool_call_parser: Option<ToolCallParser>,
+    /// The prefill's attention form on the device model (`None`: SGLang's rule).
+    pub sparse_prefill: Option<bool>,
+}
+
+/// generation_config.json's sampling defaults (temperature, top_p, top_k), where present.
+fn sampling_defaults(dir: &std::path::Path) -> SamplingParams {
+    let mut params = SamplingParams::default();
+    let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else {
+        return params;
+    };
+    let config: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    if let Some(t) = config["temperature"].as_f64() {
+        params.temperature = t;
+    }
+    if let Some(p) = config["top_p"].as_f64() {
+        params.top_p = p;
+    }
+    if let Some(k) = config["top_k"].as_u64() {
+        params.top_k = k as usize;
+    }
+    params
+}
+
+/// Loads the model, binds the port, serves until Ctrl-C. `ready` is called with the bound address.
+pub fn serve(config: ServeConfig, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String> {
+    let dir = config.model_path.clone();
+    let model_config = ModelConfig::load(&dir).map_err(|e| e.to_string())?;
+    let tokenizer = Arc::new(Tokenizer::load(&dir).map_err(|e| e.to_string())?);
+    let context_length = config.context_length.unwrap_or(model_config.max_position_embeddings);
+    let total_tokens = config
+        .max_total_tokens
+        .unwrap_or(context_length * config.max_running_requests.min(16));
+    if total_tokens < context_length {
+        eprintln!(
+            "warning: the cache holds {total_tokens} tokens, fewer than the context length {context_length}: \
+             longer requests are refused"
+        );
+    }
+    let worker_config = WorkerConfig {
+        scheduler: SchedulerConfig {
+            max_running: config.max_running_requests,
+            chunked_prefill: config.chunked_prefill_size,
+            context_length,
+        },
+        page_size: config.page_size,
+        total_pages: total_tokens.div_ceil(config.page_size),
+        prefix_reuse: !config.disable_radix_cache,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let worker = match &config.device {
+        ModelDevice::Host => {
+            let dir = dir.clone();
+            worker::start(
+                move || ReferenceModel::load(&dir).map_err(|e| e.to_string()),
+                worker_config,
+                metrics.clone(),
+            )?
+        }
+        ModelDevice::Burn(spec) => {
+            let (dir, spec, sparse) = (dir.clone(), spec.clone(), config.sparse_prefill);
+            let load = move || {
+                let device = nsa_model::device::burn_device(&spec)?;
+                let mut model = DeviceModel::load(&dir, &device).map_err(|e| e.to_string())?;
+                model.prefill_attention = sparse.map(|sparse| {
+                    if sparse {
+                        nsa_model::device::PrefillAttention::Sparse
+                    } else {
+                        nsa_model::device::PrefillAttention::Mha
+                    }
+                });
+                Ok(model)
+            };
+            worker::start(load, worker_config, metrics.clone())?
+        }
+    };
+    let name = config.served_model_name.clone().unwrap_or_else(|| {
+        let dir = dir.canonicalize().unwrap_or(dir.clone());
+        dir.file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let state = Arc::new(AppState {
+        worker,
+        tokenizer: tokenizer.clone(),
+        metrics,
+        model: ServedModel {
+            name,
+            context_length,
+            vocab_size: model_config.vocab_size,
+            eos_token_ids: model_config.eos_token_ids.clone(),
+            defaults: sampling_defaults(&dir),
+            reasoning_parser: config.reasoning_parser,
+            tool_call_parser: config.tool_call_parser,
+        },
+        next_id: Default::default(),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async move {
+        let address = format!("{}:{}", config.host, config.port);
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+        ready(listener.local_addr().map_err(|e| e.to_string())?);
+        axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .map_err(|e| format!("server error: {e}"))
+    })
+}

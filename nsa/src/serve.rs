@@ -1,0 +1,194 @@
+//! `nsa serve`: SGLang's `launch_server` for DeepSeek-V3.2 — an OpenAI-compatible server. Flags are named
+//! as SGLang's where the meaning is the same; flags for features not built yet are refused with a message
+//! rather than ignored.
+use crate::{Failure, usage};
+use clap::Args as ClapArgs;
+use nsa_server::http::ToolCallParser;
+use nsa_server::{ModelDevice, ServeConfig};
+use std::path::PathBuf;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// A DeepSeek-V3.2 checkpoint directory (config.json, safetensors, tokenizer.json); default: the
+    /// bundled tiny model.
+    #[arg(long)]
+    model_path: Option<PathBuf>,
+    /// `auto` (a CUDA or HIP GPU if found, else the host), `host` (the f64 reference model on the CPU),
+    /// or the burn device model (f32) on `cuda[:N]`, `hip[:N]`, `wgpu`.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (printed at start).
+    #[arg(long, default_value_t = 30000)]
+    port: u16,
+    /// The model name clients send and `/v1/models` lists; default: the model directory's name.
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// The longest sequence (prompt + output); default: the config's max_position_embeddings.
+    #[arg(long)]
+    context_length: Option<usize>,
+    /// Tokens per KV cache page.
+    #[arg(long, default_value_t = 64)]
+    page_size: usize,
+    /// Requests in the running batch at once (more wait).
+    #[arg(long, default_value_t = 64)]
+    max_running_requests: usize,
+    /// Prompt tokens fed per scheduler step, over all requests in prefill.
+    #[arg(long, default_value_t = 8192)]
+    chunked_prefill_size: usize,
+    /// KV cache capacity in tokens (pages × page size); default: context length × min(16, max running).
+    #[arg(long)]
+    max_total_tokens: Option<usize>,
+    /// Do not reuse finished requests' cached prefixes.
+    #[arg(long)]
+    disable_radix_cache: bool,
+    /// `deepseek-v3`: split `<think>…</think>` into reasoning_content.
+    #[arg(long)]
+    reasoning_parser: Option<String>,
+    /// `deepseekv32` (DSML) or `deepseekv31` (special tokens): tool calls → OpenAI tool_calls.
+    #[arg(long)]
+    tool_call_parser: Option<String>,
+    /// `flashmla_sparse` (nsa's sparse MLA prefill kernel) or `auto` (SGLang's ≤ 2048-token MHA rule).
+    #[arg(long, default_value = "auto")]
+    nsa_prefill_backend: String,
+    /// `flashmla_sparse` (nsa's sparse MLA kernel over the latent cache; the only decode path built).
+    #[arg(long, default_value = "flashmla_sparse")]
+    nsa_decode_backend: String,
+    /// `auto`: the cache in the model's dtype (f32 on a device, f64 on the host); fp8_e4m3 / bf16 caches in
+    /// the server are not built.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
+    /// Tensor parallelism: only 1 is built.
+    #[arg(long, alias = "tp-size", default_value_t = 1)]
+    tp: usize,
+    /// Data parallelism: only 1 is built.
+    #[arg(long, alias = "dp-size", default_value_t = 1)]
+    dp: usize,
+    /// Not built (the cache pool is sized by --max-total-tokens): refused when given.
+    #[arg(long)]
+    mem_fraction_static: Option<f64>,
+    /// Not built: refused when given.
+    #[arg(long)]
+    enable_dp_attention: bool,
+    /// Accepted for SGLang command-line compatibility; nsa runs no code from the checkpoint.
+    #[arg(long)]
+    trust_remote_code: bool,
+}
+
+fn not_built(flag: &str, why: &str) -> Failure {
+    usage(format!("{flag} is not built yet in nsa serve: {why}"))
+}
+
+/// The device `auto` means for serving: a CUDA or HIP GPU, else the host (the f32 device model on a
+/// software Vulkan adapter is slower than the host reference).
+fn model_device(spec: &str) -> Result<ModelDevice, Failure> {
+    match spec {
+        "host" | "cpu" => Ok(ModelDevice::Host),
+        "auto" => {
+            for runtime in ["cuda", "hip"] {
+                if let Ok(found) = nsa_backends::select(Some(runtime)) {
+                    return Ok(ModelDevice::Burn(found.info.id()));
+                }
+            }
+            Ok(ModelDevice::Host)
+        }
+        spec => {
+            let found = nsa_backends::select(Some(spec)).map_err(usage)?;
+            Ok(ModelDevice::Burn(found.info.id()))
+        }
+    }
+}
+
+fn config(args: Args) -> Result<ServeConfig, Failure> {
+    if args.tp != 1 {
+        return Err(not_built("--tp", "one device per server"));
+    }
+    if args.dp != 1 || args.enable_dp_attention {
+        return Err(not_built(
+            "data parallelism (--dp, --enable-dp-attention)",
+            "one device per server",
+        ));
+    }
+    if args.mem_fraction_static.is_some() {
+        return Err(not_built(
+            "--mem-fraction-static",
+            "size the cache with --max-total-tokens",
+        ));
+    }
+    if args.kv_cache_dtype != "auto" {
+        return Err(not_built(
+            &format!("--kv-cache-dtype {}", args.kv_cache_dtype),
+            "the serving cache keeps the model's dtype (auto)",
+        ));
+    }
+    let sparse_prefill = match args.nsa_prefill_backend.as_str() {
+        "auto" => None,
+        "flashmla_sparse" => Some(true),
+        other => {
+            return Err(not_built(
+                &format!("--nsa-prefill-backend {other}"),
+                "valid: auto, flashmla_sparse",
+            ));
+        }
+    };
+    if args.nsa_decode_backend != "flashmla_sparse" {
+        return Err(not_built(
+            &format!("--nsa-decode-backend {}", args.nsa_decode_backend),
+            "valid: flashmla_sparse",
+        ));
+    }
+    let reasoning_parser = match args.reasoning_parser.as_deref() {
+        None => false,
+        Some("deepseek-v3") => true,
+        Some(other) => return Err(usage(format!("--reasoning-parser {other}: valid: deepseek-v3"))),
+    };
+    let tool_call_parser = match args.tool_call_parser.as_deref() {
+        None => None,
+        Some("deepseekv32") => Some(ToolCallParser::Deepseekv32),
+        Some("deepseekv31") => Some(ToolCallParser::Deepseekv31),
+        Some(other) => {
+            return Err(usage(format!(
+                "--tool-call-parser {other}: valid: deepseekv32, deepseekv31"
+            )));
+        }
+    };
+    for (flag, value) in [
+        ("--page-size", args.page_size),
+        ("--max-running-requests", args.max_running_requests),
+        ("--chunked-prefill-size", args.chunked_prefill_size),
+    ] {
+        if value == 0 {
+            return Err(usage(format!("{flag} must be at least 1")));
+        }
+    }
+    Ok(ServeConfig {
+        model_path: args.model_path.unwrap_or_else(nsa_model::bundled_model_dir),
+        device: model_device(&args.device)?,
+        host: args.host,
+        port: args.port,
+        served_model_name: args.served_model_name,
+        context_length: args.context_length,
+        page_size: args.page_size,
+        max_running_requests: args.max_running_requests,
+        chunked_prefill_size: args.chunked_prefill_size,
+        max_total_tokens: args.max_total_tokens,
+        disable_radix_cache: args.disable_radix_cache,
+        reasoning_parser,
+        tool_call_parser,
+        sparse_prefill,
+    })
+}
+
+pub fn run(args: Args) -> Result<(), Failure> {
+    let config = config(args)?;
+    let device = match &config.device {
+        ModelDevice::Host => "host (f64 reference model)".to_string(),
+        ModelDevice::Burn(id) => format!("{id} (burn device model, f32)"),
+    };
+    eprintln!("loading {} on {device}", config.model_path.display());
+    nsa_server::serve(config, |address| {
+        eprintln!("serving on http://{address} (OpenAI API under /v1; /health, /metrics); Ctrl-C stops");
+    })
+    .map_err(Failure::Run)
+}

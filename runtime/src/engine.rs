@@ -1,0 +1,194 @@
+//! The model side of the scheduler: runs a step's batch on a model with a per-sequence cache (the host
+//! reference's latent cache or the device model's), keeping the cache's rows in the scheduler's pages so
+//! that a request reusing a cached prefix, or one recomputed after preemption, starts from the pages'
+//! rows. Samples each request's next token with its own parameters and seed.
+use crate::pages::PageId;
+use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::scheduler::{Engine, Work};
+use nsa_model::device::DeviceModel;
+use nsa_model::device_decode::DeviceCache;
+use nsa_model::reference::ReferenceModel;
+use nsa_model::reference_decode::LatentCache;
+use std::collections::HashMap;
+
+/// A model that extends a sequence's cache token by token and slices / joins caches by rows.
+pub trait CachedModel {
+    type Cache: Clone;
+    fn empty_cache(&self) -> Self::Cache;
+    fn cache_len(cache: &Self::Cache) -> usize;
+    /// Feeds `tokens` at positions `cache_len..`; the last token's logits.
+    fn extend(&self, cache: &mut Self::Cache, tokens: &[u32]) -> Vec<f64>;
+    fn slice(cache: &Self::Cache, start: usize, end: usize) -> Self::Cache;
+    /// Joins non-empty parts.
+    fn concat(parts: &[Self::Cache]) -> Self::Cache;
+}
+
+impl CachedModel for ReferenceModel {
+    type Cache = LatentCache;
+    fn empty_cache(&self) -> LatentCache {
+        self.new_cache()
+    }
+    fn cache_len(cache: &LatentCache) -> usize {
+        cache.len()
+    }
+    /// Token by token through the decode path, so a sequence's results do not depend on how the
+    /// scheduler chunked it (batched greedy outputs equal single-request ones exactly).
+    fn extend(&self, cache: &mut LatentCache, tokens: &[u32]) -> Vec<f64> {
+        let mut logits = Vec::new();
+        for &token in tokens {
+            logits = self.decode_step(cache, token);
+        }
+        logits
+    }
+    fn slice(cache: &LatentCache, start: usize, end: usize) -> LatentCache {
+        cache.slice(start, end)
+    }
+    fn concat(parts: &[LatentCache]) -> LatentCache {
+        LatentCache::concat(parts)
+    }
+}
+
+impl CachedModel for DeviceModel {
+    type Cache = DeviceCache;
+    fn empty_cache(&self) -> DeviceCache {
+        self.new_cache()
+    }
+    fn cache_len(cache: &DeviceCache) -> usize {
+        cache.len()
+    }
+    /// A fresh sequence's tokens in one prefill; later tokens through the decode path.
+    fn extend(&self, cache: &mut DeviceCache, tokens: &[u32]) -> Vec<f64> {
+        if cache.is_empty() && tokens.len() > 1 {
+            let (logits, filled) = self.prefill_prompt(tokens);
+            *cache = filled;
+            return logits;
+        }
+        let mut logits = Vec::new();
+        for &token in tokens {
+            logits = self.decode_step(cache, token);
+        }
+        logits
+    }
+    fn slice(cache: &DeviceCache, start: usize, end: usize) -> DeviceCache {
+        cache.slice(start, end)
+    }
+    fn concat(parts: &[DeviceCache]) -> DeviceCache {
+        DeviceCache::concat(parts)
+    }
+}
+
+struct Sequence {
+    params: SamplingParams,
+    sampler: Sampler,
+    top_logprobs: usize,
+}
+
+pub struct ModelEngine<M: CachedModel> {
+    model: M,
+    page_size: usize,
+    /// Caches of the sequences that ran last step, by request.
+    caches: HashMap<u64, M::Cache>,
+    /// The rows each page holds (a page's rows, up to page_size of them).
+    pages: HashMap<PageId, M::Cache>,
+    sequences: HashMap<u64, Sequence>,
+    /// What the last step sampled, by request (log-probabilities for the response).
+    sampled: HashMap<u64, Sampled>,
+}
+
+impl<M: CachedModel> ModelEngine<M> {
+    pub fn new(model: M, page_size: usize) -> ModelEngine<M> {
+        ModelEngine {
+            model,
+            page_size,
+            caches: HashMap::new(),
+            pages: HashMap::new(),
+            sequences: HashMap::new(),
+            sampled: HashMap::new(),
+        }
+    }
+
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// Sampling of `request`'s tokens (before the scheduler first runs it).
+    pub fn register(&mut self, request: u64, params: SamplingParams, seed: Option<u64>, top_logprobs: usize) {
+        let sequence = Sequence {
+            params,
+            sampler: Sampler::new(seed),
+            top_logprobs,
+        };
+        self.sequences.insert(request, sequence);
+    }
+
+    /// `request` finished or was cancelled: its cache and sampler go (its pages' rows stay).
+    pub fn forget(&mut self, request: u64) {
+        self.caches.remove(&request);
+        self.sequences.remove(&request);
+        self.sampled.remove(&request);
+    }
+
+    /// The token sampled for `request` in the last step, with its log-probabilities.
+    pub fn take_sampled(&mut self, request: u64) -> Option<Sampled> {
+        self.sampled.remove(&request)
+    }
+
+    /// The sequence's cache holding exactly `work.start` rows: its own from the last step, or rebuilt from
+    /// its pages (a cached prefix, or a recompute after preemption).
+    fn cache_for(&mut self, work: &Work) -> M::Cache {
+        if let Some(cache) = self.caches.remove(&work.request)
+            && M::cache_len(&cache) == work.start
+        {
+            return cache;
+        }
+        if work.start == 0 {
+            return self.model.empty_cache();
+        }
+        let parts: Vec<M::Cache> = (0..work.start.div_ceil(self.page_size))
+            .map(|i| {
+                let rows = self
+                    .pages
+                    .get(&work.pages[i])
+                    .expect("a prefix page's rows were written");
+                let take = (work.start - i * self.page_size).min(self.page_size);
+                M::slice(rows, 0, take)
+            })
+            .collect();
+        M::concat(&parts)
+    }
+
+    /// Copies rows `start..end` of `cache` into the pages that hold them.
+    fn write_pages(&mut self, cache: &M::Cache, pages: &[PageId], start: usize, end: usize) {
+        let touched = start / self.page_size..end.div_ceil(self.page_size);
+        for (i, page) in pages.iter().enumerate().take(touched.end).skip(touched.start) {
+            let page_end = ((i + 1) * self.page_size).min(end);
+            self.pages.insert(*page, M::slice(cache, i * self.page_size, page_end));
+        }
+    }
+}
+
+impl<M: CachedModel> Engine for ModelEngine<M> {
+    fn run(&mut self, batch: &[Work]) -> Vec<u32> {
+        let mut tokens = Vec::new();
+        for work in batch {
+            let mut cache = self.cache_for(work);
+            let logits = self.model.extend(&mut cache, &work.tokens);
+            let end = work.start + work.tokens.len();
+            self.write_pages(&cache, &work.pages, work.start, end);
+            self.caches.insert(work.request, cache);
+            if work.wants_token {
+                let sequence = self.sequences.entry(work.request).or_insert_with(|| Sequence {
+                    params: SamplingParams::default(),
+                    sampler: Sampler::new(None),
+                    top_logprobs: 0,
+                });
+                let sampled = sequence
+                    .sampler
+                    .sample(&logits, &sequence.params, sequence.top_logprobs);
+                tokens.push(sampled.token);
+                self.sampled.insert(work.request, sampled);
+            }
+        }
+        tokens
+    }
+}

@@ -1,0 +1,97 @@
+//! The engine on the bundled tiny model: requests batched by the scheduler — with chunked prefill, prefixes
+//! rebuilt from the pages of earlier requests, and preemption in a small pool — give each request exactly
+//! the tokens of its own greedy generation through the model's cache. Host reference (exact) and the burn
+//! device model on the default wgpu device (lavapipe in CI).
+use nsa_model::bundled_model_dir;
+use nsa_model::device::DeviceModel;
+use nsa_model::reference::ReferenceModel;
+use nsa_runtime::engine::{CachedModel, ModelEngine};
+use nsa_runtime::pages::PagePool;
+use nsa_runtime::sampling::SamplingParams;
+use nsa_runtime::scheduler::{Event, Scheduler, SchedulerConfig};
+use std::collections::HashMap;
+
+const PAGE: usize = 4;
+
+fn greedy() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    }
+}
+
+/// Runs `prompts` (each for `count` tokens, no stop token) through the scheduler and engine; returns each
+/// request's tokens and how many requests were preempted.
+fn serve<M: CachedModel>(model: M, prompts: &[Vec<u32>], count: usize, pages: usize) -> (Vec<Vec<u32>>, usize) {
+    let config = SchedulerConfig {
+        max_running: 4,
+        chunked_prefill: 6,
+        context_length: 256,
+    };
+    let mut scheduler = Scheduler::new(config, PagePool::new(pages, PAGE));
+    let mut engine = ModelEngine::new(model, PAGE);
+    let mut outputs: HashMap<u64, Vec<u32>> = HashMap::new();
+    // The first request runs alone and finishes: the others share its prefix pages.
+    for (id, prompt) in prompts.iter().enumerate() {
+        engine.register(id as u64, greedy(), Some(0), 0);
+        scheduler
+            .add(id as u64, prompt.clone(), count, Vec::new())
+            .expect("fits");
+        if id == 0 {
+            while !scheduler.is_idle() {
+                collect(scheduler.step(&mut engine), &mut outputs, &mut engine);
+            }
+        }
+    }
+    while !scheduler.is_idle() {
+        collect(scheduler.step(&mut engine), &mut outputs, &mut engine);
+    }
+    let outputs = (0..prompts.len() as u64)
+        .map(|id| outputs.remove(&id).unwrap_or_default())
+        .collect();
+    (outputs, scheduler.preemptions)
+}
+
+fn collect<M: CachedModel>(events: Vec<Event>, outputs: &mut HashMap<u64, Vec<u32>>, engine: &mut ModelEngine<M>) {
+    for event in events {
+        match event {
+            Event::Token { request, token } => outputs.entry(request).or_default().push(token),
+            Event::Finished { request, .. } => engine.forget(request),
+        }
+    }
+}
+
+/// Prompts sharing a 9-token prefix (two full pages) with the first, plus one unrelated.
+fn prompts() -> Vec<Vec<u32>> {
+    let shared: Vec<u32> = vec![0, 3, 17, 250, 31, 77, 400, 12, 9];
+    let mut prompts: Vec<Vec<u32>> = (0..4u32)
+        .map(|i| [shared.clone(), vec![100 + i, 5 + i]].concat())
+        .collect();
+    prompts.push(vec![0, 3, 600, 601, 602]);
+    prompts
+}
+
+#[test]
+fn host_engine_outputs_equal_each_request_alone() {
+    let model = ReferenceModel::load(&bundled_model_dir()).expect("model");
+    let expected: Vec<Vec<u32>> = prompts().iter().map(|p| model.generate_greedy_cached(p, 8)).collect();
+    // Roomy pool: prefixes are reused. Tight pool (12 pages for 4 running requests of up to 5 pages): preempted.
+    for pages in [64, 12] {
+        let model = ReferenceModel::load(&bundled_model_dir()).expect("model");
+        let (outputs, preempted) = serve(model, &prompts(), 8, pages);
+        assert_eq!(outputs, expected, "{pages} pages");
+        if pages == 12 {
+            assert!(preempted > 0, "the tight pool should preempt");
+        }
+    }
+}
+
+#[test]
+fn device_engine_outputs_equal_each_request_alone() {
+    let device = nsa_model::device::burn_device("wgpu").expect("wgpu");
+    let model = DeviceModel::load(&bundled_model_dir(), &device).expect("model");
+    let prompts = &prompts()[..3];
+    let expected: Vec<Vec<u32>> = prompts.iter().map(|p| model.generate_greedy_cached(p, 4)).collect();
+    let (outputs, _) = serve(model, prompts, 4, 64);
+    assert_eq!(outputs, expected);
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# `nsa serve` with no arguments (the bundled tiny model, on the best device found), driven by real clients:
+# curl and OpenAI's Python package (tests/clients/openai_client.py). Run by scripts/test.sh after the
+# cargo tests; needs the release binary and scripts/setup-deps.sh's virtual environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nsa="${CARGO_TARGET_DIR:-$HOME/.cache/nsa-target}/release/nsa"
+venv="${NSA_VENV:-$HOME/.cache/nsa-venv}"
+port="${NSA_TEST_PORT:-30123}"
+if ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
+  echo "test-clients: no Python with the openai package at $venv — run ./scripts/setup-deps.sh" >&2
+  exit 1
+fi
+log=$(mktemp)
+"$nsa" serve --port "$port" --reasoning-parser deepseek-v3 --tool-call-parser deepseekv32 >"$log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true; rm -f "$log"' EXIT
+base="http://127.0.0.1:$port"
+for _ in $(seq 1 240); do
+  curl -sf "$base/health" >/dev/null && break
+  kill -0 $server 2>/dev/null || { cat "$log" >&2; echo "test-clients: nsa serve exited" >&2; exit 1; }
+  sleep 0.5
+done
+curl -sf "$base/health" >/dev/null || { cat "$log" >&2; echo "test-clients: nsa serve did not come up" >&2; exit 1; }
+
+fail() { echo "test-clients: $1" >&2; cat "$log" >&2; exit 1; }
+# curl: a chat completion, a stream ending in [DONE], an error object with a 400.
+curl -sf "$base/v1/chat/completions" -H 'content-type: application/json' \
+  -d '{"messages":[{"role":"user","content":"Hello"}],"max_tokens":8,"temperature":0}' | grep -q '"chat.completion"' \
+  || fail "curl chat completion"
+curl -sfN "$base/v1/completions" -H 'content-type: application/json' \
+  -d '{"prompt":"Hello","max_tokens":8,"stream":true}' | tail -n 2 | grep -q 'data: \[DONE\]' || fail "curl stream"
+code=$(curl -s -o /tmp/nsa-error.json -w '%{http_code}' "$base/v1/completions" -H 'content-type: application/json' -d '{"prompt":')
+[ "$code" = 400 ] && grep -q '"invalid_request_error"' /tmp/nsa-error.json || fail "curl malformed JSON → $code"
+curl -sf "$base/metrics" | grep -q '^nsa_requests_total' || fail "curl metrics"
+echo "test-clients: curl checks passed"
+
+"$venv/bin/python" tests/clients/openai_client.py "$base/v1" || fail "openai client"
