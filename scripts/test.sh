@@ -14,5 +14,4 @@ if find . -name '*.snap.new' -not -path './target/*' | grep -q .; then
   echo "pending snapshot changes (.snap.new) — review with cargo insta review" >&2
   exit 1
 fi
-cargo build --release --locked -p nsa
 ./scripts/test-clients.sh
