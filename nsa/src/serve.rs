@@ -65,7 +65,8 @@ pub struct Args {
     /// Data parallelism: only 1 is built.
     #[arg(long, alias = "dp-size", default_value_t = 1)]
     dp: usize,
-    /// Not built (the cache pool is sized by --max-total-tokens): refused when given.
+    /// The fraction of the device's memory (the host's for `--device host`) for the weights and the KV
+    /// cache together; the cache gets what the weights leave (ignored when --max-total-tokens is given).
     #[arg(long)]
     mem_fraction_static: Option<f64>,
     /// Not built: refused when given.
@@ -88,15 +89,22 @@ fn model_device(spec: &str) -> Result<ModelDevice, Failure> {
         "auto" => {
             for runtime in ["cuda", "hip"] {
                 if let Ok(found) = nsa_backends::select(Some(runtime)) {
-                    return Ok(ModelDevice::Burn(found.info.id()));
+                    return Ok(burn(found));
                 }
             }
             Ok(ModelDevice::Host)
         }
         spec => {
             let found = nsa_backends::select(Some(spec)).map_err(usage)?;
-            Ok(ModelDevice::Burn(found.info.id()))
+            Ok(burn(found))
         }
+    }
+}
+
+fn burn(found: nsa_backends::Device) -> ModelDevice {
+    ModelDevice::Burn {
+        id: found.info.id(),
+        memory_bytes: found.info.memory_bytes,
     }
 }
 
@@ -108,12 +116,6 @@ fn config(args: Args) -> Result<ServeConfig, Failure> {
         return Err(not_built(
             "data parallelism (--dp, --enable-dp-attention)",
             "one device per server",
-        ));
-    }
-    if args.mem_fraction_static.is_some() {
-        return Err(not_built(
-            "--mem-fraction-static",
-            "size the cache with --max-total-tokens",
         ));
     }
     if args.kv_cache_dtype != "auto" {
@@ -173,6 +175,7 @@ fn config(args: Args) -> Result<ServeConfig, Failure> {
         max_running_requests: args.max_running_requests,
         chunked_prefill_size: args.chunked_prefill_size,
         max_total_tokens: args.max_total_tokens,
+        mem_fraction_static: args.mem_fraction_static,
         disable_radix_cache: args.disable_radix_cache,
         reasoning_parser,
         tool_call_parser,
@@ -184,7 +187,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let config = config(args)?;
     let device = match &config.device {
         ModelDevice::Host => "host (f64 reference model)".to_string(),
-        ModelDevice::Burn(id) => format!("{id} (burn device model, f32)"),
+        ModelDevice::Burn { id, .. } => format!("{id} (burn device model, f32)"),
     };
     eprintln!("loading {} on {device}", config.model_path.display());
     nsa_server::serve(config, |address| {

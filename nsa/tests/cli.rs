@@ -663,3 +663,38 @@ fn bench_layer_times_every_step_and_splits_the_layer() {
         assert!(stderr(&output).contains(mentions), "{}", stderr(&output));
     }
 }
+
+#[test]
+fn serve_refuses_flags_for_what_is_not_built() {
+    for (args, says) in [
+        (&["serve", "--tp", "2"][..], "--tp is not built"),
+        (&["serve", "--dp", "2"][..], "data parallelism"),
+        (&["serve", "--enable-dp-attention"][..], "data parallelism"),
+        (
+            &["serve", "--kv-cache-dtype", "fp8_e4m3"][..],
+            "--kv-cache-dtype fp8_e4m3 is not built",
+        ),
+        (
+            &["serve", "--nsa-prefill-backend", "tilelang"][..],
+            "valid: auto, flashmla_sparse",
+        ),
+        (&["serve", "--nsa-decode-backend", "fa3"][..], "valid: flashmla_sparse"),
+        (&["serve", "--reasoning-parser", "qwen3"][..], "valid: deepseek-v3"),
+        (
+            &["serve", "--tool-call-parser", "llama3"][..],
+            "valid: deepseekv32, deepseekv31",
+        ),
+        (&["serve", "--page-size", "0"][..], "--page-size must be at least 1"),
+    ] {
+        let output = nsa(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(says), "{args:?}: {}", stderr(&output));
+    }
+    let output = nsa(&["serve", "--device", "host", "--mem-fraction-static", "1.5"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("--mem-fraction-static must be in (0, 1]"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -50,7 +50,7 @@ pub struct AppState {
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
@@ -63,6 +63,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             }
         })
         .with_state(state)
+}
+
+/// 200 while the engine runs; 503 once it has stopped (e.g. a device error), so a supervisor restarts us.
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.worker.is_alive() {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped").into_response()
+    }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -259,10 +268,6 @@ fn sse(rx: mpsc::Receiver<Value>) -> Response {
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
-fn engine_error(message: String) -> ApiError {
-    ApiError::bad_request(message, None)
-}
-
 // ---- /v1/completions
 
 fn completion_logprobs(state: &AppState, sampled: &[Sampled], offset: usize) -> Value {
@@ -322,7 +327,7 @@ async fn completions_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Respons
                     sampled.extend(piece.logprobs);
                 }
                 Next::Done { finish, tokens } => break (finish, tokens),
-                Next::Failed(reason) => return Err(engine_error(reason)),
+                Next::Failed(error) => return Err(error),
             }
         };
         let logprobs = top.map(|_| completion_logprobs(state, &sampled, 0));
@@ -364,8 +369,8 @@ async fn completions_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Respons
                     let _ = tx.send(Value::Null).await;
                     return;
                 }
-                Next::Failed(reason) => {
-                    let _ = tx.send(engine_error(reason).body()).await;
+                Next::Failed(error) => {
+                    let _ = tx.send(error.body()).await;
                     let _ = tx.send(Value::Null).await;
                     return;
                 }
@@ -494,7 +499,7 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiE
             let (piece, end) = match text.next().await {
                 Next::Piece(piece) => (piece, None),
                 Next::Done { finish, tokens } => (Default::default(), Some((finish, tokens))),
-                Next::Failed(reason) => return Err(engine_error(reason)),
+                Next::Failed(error) => return Err(error),
             };
             sampled.extend(piece.logprobs);
             for event in parsers.push(&piece.text, end.is_some()) {
@@ -554,8 +559,8 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiE
             let (piece, end) = match text.next().await {
                 Next::Piece(piece) => (piece, None),
                 Next::Done { finish, tokens } => (Default::default(), Some((finish, tokens))),
-                Next::Failed(reason) => {
-                    let _ = tx.send(engine_error(reason).body()).await;
+                Next::Failed(error) => {
+                    let _ = tx.send(error.body()).await;
                     let _ = tx.send(Value::Null).await;
                     return;
                 }

@@ -25,8 +25,9 @@ use worker::WorkerConfig;
 pub enum ModelDevice {
     /// The f64 reference model on the CPU.
     Host,
-    /// The burn device model (f32) on this device (`cuda:0`, `hip:0`, `wgpu`), checked by the caller.
-    Burn(String),
+    /// The burn device model (f32) on this device (`cuda:0`, `hip:0`, `wgpu`), checked by the caller, with
+    /// its memory where the runtime reports it.
+    Burn { id: String, memory_bytes: Option<u64> },
 }
 
 #[derive(Clone, Debug)]
@@ -41,6 +42,9 @@ pub struct ServeConfig {
     pub max_running_requests: usize,
     pub chunked_prefill_size: usize,
     pub max_total_tokens: Option<usize>,
+    /// The fraction of the device's memory (the host's for the host model) for weights plus KV cache; the
+    /// cache gets what the weights leave. `--max-total-tokens` wins when both are given.
+    pub mem_fraction_static: Option<f64>,
     pub disable_radix_cache: bool,
     pub reasoning_parser: bool,
     pub tool_call_parser: Option<ToolCallParser>,
@@ -67,21 +71,68 @@ fn sampling_defaults(dir: &std::path::Path) -> SamplingParams {
     params
 }
 
+/// The host's memory (MemTotal of /proc/meminfo), where it can be read.
+fn host_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// How many tokens the cache holds when weights and cache share `fraction` of the memory: weights are
+/// kept as f32 on a device and f64 on the host; each cached token keeps its latent, rope key and indexer key
+/// per layer twice (the running sequence's cache and its pages).
+fn cache_tokens(config: &ModelConfig, device: &ModelDevice, fraction: f64) -> Result<usize, String> {
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(format!("--mem-fraction-static must be in (0, 1], got {fraction}"));
+    }
+    let (memory, element) = match device {
+        ModelDevice::Host => (host_memory(), 8),
+        ModelDevice::Burn { memory_bytes, .. } => (*memory_bytes, 4),
+    };
+    let memory =
+        memory.ok_or("--mem-fraction-static: this device does not report its memory; give --max-total-tokens")?;
+    let weights: u64 = nsa_model::checkpoint::expected_tensors(config)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>() as u64 * element)
+        .sum();
+    let per_token = (config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim + config.index_head_dim))
+        as u64
+        * element
+        * 2;
+    let budget = (memory as f64 * fraction) as u64;
+    if budget <= weights {
+        return Err(format!(
+            "--mem-fraction-static {fraction}: {:.2} GB of {:.2} GB leaves nothing for the cache after the weights ({:.2} GB)",
+            budget as f64 / 1e9,
+            memory as f64 / 1e9,
+            weights as f64 / 1e9
+        ));
+    }
+    Ok(((budget - weights) / per_token) as usize)
+}
+
 /// Loads the model, binds the port, serves until Ctrl-C. `ready` is called with the bound address.
 pub fn serve(config: ServeConfig, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String> {
     let dir = config.model_path.clone();
     let model_config = ModelConfig::load(&dir).map_err(|e| e.to_string())?;
     let tokenizer = Arc::new(Tokenizer::load(&dir).map_err(|e| e.to_string())?);
     let context_length = config.context_length.unwrap_or(model_config.max_position_embeddings);
-    let total_tokens = config
-        .max_total_tokens
-        .unwrap_or(context_length * config.max_running_requests.min(16));
+    let total_tokens = match (config.max_total_tokens, config.mem_fraction_static) {
+        (Some(tokens), _) => tokens,
+        (None, Some(fraction)) => cache_tokens(&model_config, &config.device, fraction)?,
+        (None, None) => context_length * config.max_running_requests.min(16),
+    };
     if total_tokens < context_length {
         eprintln!(
             "warning: the cache holds {total_tokens} tokens, fewer than the context length {context_length}: \
              longer requests are refused"
         );
     }
+    eprintln!(
+        "cache: {total_tokens} tokens in pages of {} (context length {context_length})",
+        config.page_size
+    );
     let worker_config = WorkerConfig {
         scheduler: SchedulerConfig {
             max_running: config.max_running_requests,
@@ -102,8 +153,8 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(std::net::SocketAddr)) -> R
                 metrics.clone(),
             )?
         }
-        ModelDevice::Burn(spec) => {
-            let (dir, spec, sparse) = (dir.clone(), spec.clone(), config.sparse_prefill);
+        ModelDevice::Burn { id, .. } => {
+            let (dir, spec, sparse) = (dir.clone(), id.clone(), config.sparse_prefill);
             let load = move || {
                 let device = nsa_model::device::burn_device(&spec)?;
                 let mut model = DeviceModel::load(&dir, &device).map_err(|e| e.to_string())?;

@@ -1,6 +1,7 @@
 //! A request's tokens from the engine → text as it becomes final: incremental detokenization (a token that
 //! ends inside a UTF-8 character waits for the next), stop tokens left out of the text, stop strings cut
 //! (the request ends there), log-probabilities kept beside, timings recorded for the metrics.
+use crate::api::ApiError;
 use crate::metrics::Metrics;
 use crate::worker::Out;
 use nsa_model::Tokenizer;
@@ -24,8 +25,8 @@ pub enum Next {
         finish: &'static str,
         tokens: usize,
     },
-    /// The engine refused the request, or went away.
-    Failed(String),
+    /// The engine refused the request (400: it needs more cache than exists), or went away (503).
+    Failed(ApiError),
 }
 
 pub struct TextStream {
@@ -83,12 +84,16 @@ impl TextStream {
         loop {
             let Some(out) = self.rx.recv().await else {
                 self.finish = Some("error");
-                return Next::Failed("the engine stopped".into());
+                return Next::Failed(ApiError {
+                    status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    message: "the engine stopped (see the server's log)".into(),
+                    param: None,
+                });
             };
             match out {
                 Out::Refused(reason) => {
                     self.finish = Some("error");
-                    return Next::Failed(reason);
+                    return Next::Failed(ApiError::bad_request(reason, None));
                 }
                 Out::Finished(reason) => {
                     let finish = match reason {

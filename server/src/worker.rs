@@ -7,6 +7,7 @@ use nsa_runtime::pages::PagePool;
 use nsa_runtime::sampling::{Sampled, SamplingParams};
 use nsa_runtime::scheduler::{Event, FinishReason, Scheduler, SchedulerConfig};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use tokio::sync::mpsc;
 
@@ -44,9 +45,24 @@ pub struct WorkerConfig {
 #[derive(Clone)]
 pub struct WorkerHandle {
     tx: std_mpsc::Sender<Submit>,
+    alive: Arc<AtomicBool>,
+}
+
+/// Marks the engine dead when its thread ends, panics included.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 impl WorkerHandle {
+    /// Whether the engine thread still runs (`/health` reports it).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
     /// Queues a request; its tokens arrive on `submit.out`. False when the engine thread is gone.
     pub fn submit(&self, submit: Submit) -> bool {
         self.tx.send(submit).is_ok()
@@ -62,9 +78,12 @@ where
 {
     let (tx, rx) = std_mpsc::channel::<Submit>();
     let (ready_tx, ready_rx) = std_mpsc::channel::<Result<(), String>>();
+    let alive = Arc::new(AtomicBool::new(true));
+    let guard = AliveGuard(alive.clone());
     std::thread::Builder::new()
         .name("nsa-engine".into())
         .spawn(move || {
+            let _guard = guard;
             let model = match load() {
                 Ok(model) => {
                     let _ = ready_tx.send(Ok(()));
@@ -79,7 +98,7 @@ where
         })
         .map_err(|e| format!("cannot start the engine thread: {e}"))?;
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok(WorkerHandle { tx }),
+        Ok(Ok(())) => Ok(WorkerHandle { tx, alive }),
         Ok(Err(error)) => Err(error),
         Err(_) => Err("the engine thread stopped while loading the model".into()),
     }

@@ -26,6 +26,7 @@ fn server() -> &'static str {
             chunked_prefill_size: 32,
             // A small pool (40 pages): 64 clients make requests wait and preempt each other.
             max_total_tokens: Some(640),
+            mem_fraction_static: None,
             disable_radix_cache: false,
             reasoning_parser: true,
             tool_call_parser: Some(ToolCallParser::Deepseekv32),
