@@ -147,6 +147,44 @@ impl DeviceModel {
         host(self.lm_logits(x))
     }
 
+    /// One decode step of several sequences at once: `ids[i]` is appended to `caches[i]`. Norms, the
+    /// projections, the MoE and the LM head run on the whole batch; the indexer and attention run per
+    /// sequence over its own cache. Returns each sequence's logits [vocab] on the host.
+    pub fn decode_batch(&self, caches: &mut [&mut DeviceCache], ids: &[u32]) -> Vec<Vec<f64>> {
+        assert_eq!(caches.len(), ids.len(), "a token per sequence");
+        let c = &self.config;
+        let rows: Vec<(Tensor<2>, Tensor<2>)> = caches.iter().map(|cache| self.cos_sin(cache.len, 1)).collect();
+        let batch_cos_sin = (
+            Tensor::cat(rows.iter().map(|r| r.0.clone()).collect(), 0),
+            Tensor::cat(rows.iter().map(|r| r.1.clone()).collect(), 0),
+        );
+        let row = |t: &Tensor<2>, i: usize| t.clone().slice(i..i + 1);
+        let mut x = self.embed(ids);
+        for layer in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{layer}");
+            let h = self.rms_norm(x.clone(), &format!("{p}.input_layernorm.weight"));
+            let q_lora = self.q_lora(&p, &h);
+            let (latent, k_pe) = self.kv_latent(&p, &h, &batch_cos_sin);
+            let mut attention = Vec::with_capacity(ids.len());
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let (h, q_lora) = (row(&h, i), row(&q_lora, i));
+                let earlier = cache.layers[layer].as_ref().map(|l| l.index_k.clone());
+                let (chosen, k_idx) = self.index_select(&p, &h, &q_lora, &rows[i], earlier, cache.len);
+                cache.store(layer, row(&latent, i), row(&k_pe, i), k_idx);
+                let stored = cache.layers[layer].as_ref().expect("just stored");
+                let kv = (stored.latent.clone(), stored.k_pe.clone());
+                attention.push(self.attention_sparse(&p, &q_lora, kv, chosen, &rows[i]));
+            }
+            x = x.add(Tensor::cat(attention, 0));
+            (x, _) = self.ffn(layer, x);
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(1);
+        }
+        let logits = host(self.lm_logits(x));
+        logits.chunks(c.vocab_size).map(<[f64]>::to_vec).collect()
+    }
+
     /// The prompt through one prefill, which leaves its cache: returns the last position's logits.
     pub fn prefill_prompt(&self, prompt: &[u32]) -> (Vec<f64>, DeviceCache) {
         let (forward, cache) = self.prefill(prompt);

@@ -107,3 +107,35 @@ fn device_decode_agrees_with_the_prefill_and_generates_the_golden_tokens() {
         );
     }
 }
+
+/// A batched decode step (projections and MoE over all sequences, attention per sequence) gives each
+/// sequence the logits of its own decode step, for sequences at different positions.
+#[test]
+fn batched_decode_equals_one_sequence_at_a_time() {
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let model = DeviceModel::load(&bundled_model_dir(), &device).unwrap();
+    let prompts: [&[u32]; 3] = [&[0, 5, 9], &[0, 44, 81, 100, 7, 3, 2], &[0, 11]];
+    let next = [17u32, 250, 3];
+    let mut singles = Vec::new();
+    let mut batched = Vec::new();
+    for prompt in prompts {
+        let (_, mut cache) = model.prefill_prompt(prompt);
+        batched.push(cache.clone());
+        singles.push((model.decode_step(&mut cache, next[singles.len()]), cache));
+    }
+    let mut refs: Vec<&mut _> = batched.iter_mut().collect();
+    let logits = model.decode_batch(&mut refs, &next);
+    for (i, ((single, single_cache), batch)) in singles.iter().zip(&logits).enumerate() {
+        let diff = max_diff(single, batch);
+        assert!(diff < 1e-5, "sequence {i}: batched logits differ by {diff:e}");
+        assert_eq!(single_cache.len(), batched[i].len());
+    }
+    // And the caches continue identically: one more batched step against single steps.
+    let again = [1u32, 2, 3];
+    let mut refs: Vec<&mut _> = batched.iter_mut().collect();
+    let logits = model.decode_batch(&mut refs, &again);
+    for (i, (_, cache)) in singles.iter_mut().enumerate() {
+        let single = model.decode_step(cache, again[i]);
+        assert!(max_diff(&single, &logits[i]) < 1e-5, "sequence {i}, second step");
+    }
+}

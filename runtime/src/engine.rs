@@ -21,6 +21,15 @@ pub trait CachedModel {
     fn slice(cache: &Self::Cache, start: usize, end: usize) -> Self::Cache;
     /// Joins non-empty parts.
     fn concat(parts: &[Self::Cache]) -> Self::Cache;
+    /// Appends `tokens[i]` to `caches[i]` for every sequence; each one's logits. One by one unless the
+    /// model batches.
+    fn decode_batch(&self, caches: &mut [&mut Self::Cache], tokens: &[u32]) -> Vec<Vec<f64>> {
+        caches
+            .iter_mut()
+            .zip(tokens)
+            .map(|(cache, &token)| self.extend(cache, &[token]))
+            .collect()
+    }
 }
 
 impl CachedModel for ReferenceModel {
@@ -74,6 +83,10 @@ impl CachedModel for DeviceModel {
     }
     fn concat(parts: &[DeviceCache]) -> DeviceCache {
         DeviceCache::concat(parts)
+    }
+    /// One batched step (projections and MoE over all sequences at once).
+    fn decode_batch(&self, caches: &mut [&mut DeviceCache], tokens: &[u32]) -> Vec<Vec<f64>> {
+        DeviceModel::decode_batch(self, caches, tokens)
     }
 }
 
@@ -168,11 +181,29 @@ impl<M: CachedModel> ModelEngine<M> {
 }
 
 impl<M: CachedModel> Engine for ModelEngine<M> {
+    /// Prompt chunks run sequence by sequence; every single-token item (decodes) runs in one batched step.
     fn run(&mut self, batch: &[Work]) -> Vec<u32> {
+        let mut caches: Vec<M::Cache> = batch.iter().map(|work| self.cache_for(work)).collect();
+        let mut logits: Vec<Vec<f64>> = vec![Vec::new(); batch.len()];
+        let decodes: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].tokens.len() == 1).collect();
+        for (i, work) in batch.iter().enumerate().filter(|(_, w)| w.tokens.len() > 1) {
+            logits[i] = self.model.extend(&mut caches[i], &work.tokens);
+        }
+        if !decodes.is_empty() {
+            let tokens: Vec<u32> = decodes.iter().map(|&i| batch[i].tokens[0]).collect();
+            let mut decoding: Vec<&mut M::Cache> = caches
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| batch[*i].tokens.len() == 1)
+                .map(|(_, cache)| cache)
+                .collect();
+            let results = self.model.decode_batch(&mut decoding, &tokens);
+            for (&i, result) in decodes.iter().zip(results) {
+                logits[i] = result;
+            }
+        }
         let mut tokens = Vec::new();
-        for work in batch {
-            let mut cache = self.cache_for(work);
-            let logits = self.model.extend(&mut cache, &work.tokens);
+        for ((work, cache), logits) in batch.iter().zip(caches).zip(logits) {
             let end = work.start + work.tokens.len();
             self.write_pages(&cache, &work.pages, work.start, end);
             self.caches.insert(work.request, cache);
