@@ -555,6 +555,7 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiE
         {
             return;
         }
+        let mut held = Vec::new();
         loop {
             let (piece, end) = match text.next().await {
                 Next::Piece(piece) => (piece, None),
@@ -565,8 +566,13 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiE
                     return;
                 }
             };
-            let mut logprobs = top.map_or(Value::Null, |_| chat_logprobs(&state, &piece.logprobs));
+            // Tokens whose text a parser holds back keep their log-probabilities for the next delta.
+            held.extend(piece.logprobs);
             let events = parsers.push(&piece.text, end.is_some());
+            let mut logprobs = match (top, events.is_empty() && end.is_none()) {
+                (Some(_), false) => chat_logprobs(&state, &std::mem::take(&mut held)),
+                _ => Value::Null,
+            };
             for event in events {
                 let delta = match event {
                     Event::Content(t) => json!({"content": t}),
@@ -586,7 +592,7 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiE
             }
             if let Some((finish, tokens)) = end {
                 let finish = if parsers.calls > 0 { "tool_calls" } else { finish };
-                let _ = tx.send(chunk(json!({}), Value::Null, json!(finish))).await;
+                let _ = tx.send(chunk(json!({}), logprobs, json!(finish))).await;
                 if prepared.include_usage {
                     let _ = tx
                         .send(
