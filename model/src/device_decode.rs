@@ -6,14 +6,62 @@
 use crate::device::{DeviceModel, host};
 use burn::tensor::Tensor;
 
+/// One layer's cached rows in buffers with room to grow (doubling), so a decode step writes its row in
+/// place instead of copying the whole cache.
 #[derive(Clone)]
 struct LayerCache {
-    /// [t, kv_lora_rank]
+    /// [capacity, kv_lora_rank]
     latent: Tensor<2>,
-    /// [t, qk_rope_head_dim]
+    /// [capacity, qk_rope_head_dim]
     k_pe: Tensor<2>,
-    /// [t, index_head_dim]
+    /// [capacity, index_head_dim]
     index_k: Tensor<2>,
+    /// Rows in use.
+    rows: usize,
+}
+
+impl LayerCache {
+    fn new(latent: Tensor<2>, k_pe: Tensor<2>, index_k: Tensor<2>) -> LayerCache {
+        let rows = latent.dims()[0];
+        LayerCache {
+            latent,
+            k_pe,
+            index_k,
+            rows,
+        }
+    }
+
+    fn latent(&self) -> Tensor<2> {
+        self.latent.clone().slice(0..self.rows)
+    }
+    fn k_pe(&self) -> Tensor<2> {
+        self.k_pe.clone().slice(0..self.rows)
+    }
+    fn index_k(&self) -> Tensor<2> {
+        self.index_k.clone().slice(0..self.rows)
+    }
+
+    fn append(self, latent: Tensor<2>, k_pe: Tensor<2>, index_k: Tensor<2>) -> LayerCache {
+        let (rows, n) = (self.rows, latent.dims()[0]);
+        LayerCache {
+            latent: write_rows(self.latent, rows, latent),
+            k_pe: write_rows(self.k_pe, rows, k_pe),
+            index_k: write_rows(self.index_k, rows, index_k),
+            rows: rows + n,
+        }
+    }
+}
+
+/// `new` written at rows `rows..` of `buffer` (grown to twice its size, or more, when it is full).
+fn write_rows(buffer: Tensor<2>, rows: usize, new: Tensor<2>) -> Tensor<2> {
+    let ([capacity, width], n) = (buffer.dims(), new.dims()[0]);
+    let buffer = if rows + n > capacity {
+        let grown = Tensor::<2>::zeros([(2 * capacity).max(rows + n), width], &buffer.device());
+        grown.slice_assign(0..rows, buffer.slice(0..rows))
+    } else {
+        buffer
+    };
+    buffer.slice_assign(rows..rows + n, new)
 }
 
 /// What decoding has cached so far, per layer.
@@ -26,15 +74,9 @@ pub struct DeviceCache {
 impl DeviceCache {
     /// Appends a chunk's rows to `layer`'s caches (the prefill's, all layers, then [`Self::advance`]).
     pub(crate) fn store(&mut self, layer: usize, latent: Tensor<2>, k_pe: Tensor<2>, index_k: Tensor<2>) {
-        let previous = self.layers[layer].take();
-        let (old_latent, old_k_pe, old_index_k) = match previous {
-            Some(l) => (Some(l.latent), Some(l.k_pe), Some(l.index_k)),
-            None => (None, None, None),
-        };
-        self.layers[layer] = Some(LayerCache {
-            latent: append(old_latent, latent),
-            k_pe: append(old_k_pe, k_pe),
-            index_k: append(old_index_k, index_k),
+        self.layers[layer] = Some(match self.layers[layer].take() {
+            Some(cache) => cache.append(latent, k_pe, index_k),
+            None => LayerCache::new(latent, k_pe, index_k),
         });
     }
 
@@ -54,15 +96,13 @@ impl DeviceCache {
             "rows {start}..{end} of a {}-row cache",
             self.len
         );
-        let rows = |t: &Tensor<2>| t.clone().slice(start..end);
+        let rows = |t: Tensor<2>| t.slice(start..end);
         DeviceCache {
             layers: (self.layers.iter())
                 .map(|l| {
-                    l.as_ref().filter(|_| end > start).map(|l| LayerCache {
-                        latent: rows(&l.latent),
-                        k_pe: rows(&l.k_pe),
-                        index_k: rows(&l.index_k),
-                    })
+                    l.as_ref()
+                        .filter(|_| end > start)
+                        .map(|l| LayerCache::new(rows(l.latent()), rows(l.k_pe()), rows(l.index_k())))
                 })
                 .collect(),
             len: end - start,
@@ -86,11 +126,11 @@ impl DeviceCache {
         DeviceCache {
             layers: (0..first.layers.len())
                 .map(|l| {
-                    Some(LayerCache {
-                        latent: join(&|c| c.latent.clone(), l),
-                        k_pe: join(&|c| c.k_pe.clone(), l),
-                        index_k: join(&|c| c.index_k.clone(), l),
-                    })
+                    Some(LayerCache::new(
+                        join(&|c| c.latent(), l),
+                        join(&|c| c.k_pe(), l),
+                        join(&|c| c.index_k(), l),
+                    ))
                 })
                 .collect(),
             len: parts.iter().map(|p| p.len).sum(),
@@ -98,14 +138,6 @@ impl DeviceCache {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-}
-
-/// `rows` appended below `cache` (or the first rows).
-fn append(cache: Option<Tensor<2>>, rows: Tensor<2>) -> Tensor<2> {
-    match cache {
-        Some(cache) => Tensor::cat(vec![cache, rows], 0),
-        None => rows,
     }
 }
 
@@ -131,12 +163,12 @@ impl DeviceModel {
             // The indexer over the cached keys and this token's own; every one is causal, so none of the
             // choice is −1. This token's latent, rope key and indexer key join the cache: it attends to
             // itself.
-            let earlier = cache.layers[layer].as_ref().map(|l| l.index_k.clone());
+            let earlier = cache.layers[layer].as_ref().map(LayerCache::index_k);
             let (chosen, k_idx) = self.index_select(&p, &h, &q_lora, &cos_sin, earlier, s);
             let (latent, k_pe) = self.kv_latent(&p, &h, &cos_sin);
             cache.store(layer, latent, k_pe, k_idx);
             let stored = cache.layers[layer].as_ref().expect("just stored");
-            let (latent, k_pe) = (stored.latent.clone(), stored.k_pe.clone());
+            let (latent, k_pe) = (stored.latent(), stored.k_pe());
             // MLA, absorbed, over the chosen cached rows: nsa's sparse MLA kernel, as the prefill's
             // sparse form.
             let attention = self.attention_sparse(&p, &q_lora, (latent, k_pe), chosen, &cos_sin);
@@ -168,11 +200,11 @@ impl DeviceModel {
             let mut attention = Vec::with_capacity(ids.len());
             for (i, cache) in caches.iter_mut().enumerate() {
                 let (h, q_lora) = (row(&h, i), row(&q_lora, i));
-                let earlier = cache.layers[layer].as_ref().map(|l| l.index_k.clone());
+                let earlier = cache.layers[layer].as_ref().map(LayerCache::index_k);
                 let (chosen, k_idx) = self.index_select(&p, &h, &q_lora, &rows[i], earlier, cache.len);
                 cache.store(layer, row(&latent, i), row(&k_pe, i), k_idx);
                 let stored = cache.layers[layer].as_ref().expect("just stored");
-                let kv = (stored.latent.clone(), stored.k_pe.clone());
+                let kv = (stored.latent(), stored.k_pe());
                 attention.push(self.attention_sparse(&p, &q_lora, kv, chosen, &rows[i]));
             }
             x = x.add(Tensor::cat(attention, 0));

@@ -101,11 +101,16 @@ pub struct ModelEngine<M: CachedModel> {
     page_size: usize,
     /// Caches of the sequences that ran last step, by request.
     caches: HashMap<u64, M::Cache>,
-    /// The rows each page holds (a page's rows, up to page_size of them).
+    /// The rows each full page holds, written when its sequence finishes (only finished sequences' full
+    /// pages are reused as prefixes; a preempted sequence starts again from nothing).
     pages: HashMap<PageId, M::Cache>,
+    /// Each running sequence's pages, as its last step listed them.
+    sequence_pages: HashMap<u64, Vec<PageId>>,
     sequences: HashMap<u64, Sequence>,
     /// What the last step sampled, by request (log-probabilities for the response).
     sampled: HashMap<u64, Sampled>,
+    /// Sequences that started from a cached prefix's pages.
+    pub prefix_hits: usize,
 }
 
 impl<M: CachedModel> ModelEngine<M> {
@@ -115,8 +120,10 @@ impl<M: CachedModel> ModelEngine<M> {
             page_size,
             caches: HashMap::new(),
             pages: HashMap::new(),
+            sequence_pages: HashMap::new(),
             sequences: HashMap::new(),
             sampled: HashMap::new(),
+            prefix_hits: 0,
         }
     }
 
@@ -134,8 +141,16 @@ impl<M: CachedModel> ModelEngine<M> {
         self.sequences.insert(request, sequence);
     }
 
-    /// `request` finished or was cancelled: its cache and sampler go (its pages' rows stay).
+    /// `request` finished or was cancelled: its full pages take its rows (a later request may reuse them as
+    /// a prefix); its cache and sampler go.
     pub fn forget(&mut self, request: u64) {
+        if let (Some(cache), Some(pages)) = (self.caches.get(&request), self.sequence_pages.remove(&request)) {
+            let full = M::cache_len(cache) / self.page_size;
+            for (i, page) in pages.iter().enumerate().take(full) {
+                let rows = M::slice(cache, i * self.page_size, (i + 1) * self.page_size);
+                self.pages.insert(*page, rows);
+            }
+        }
         self.caches.remove(&request);
         self.sequences.remove(&request);
         self.sampled.remove(&request);
@@ -157,6 +172,7 @@ impl<M: CachedModel> ModelEngine<M> {
         if work.start == 0 {
             return self.model.empty_cache();
         }
+        self.prefix_hits += 1;
         let parts: Vec<M::Cache> = (0..work.start.div_ceil(self.page_size))
             .map(|i| {
                 let rows = self
@@ -168,15 +184,6 @@ impl<M: CachedModel> ModelEngine<M> {
             })
             .collect();
         M::concat(&parts)
-    }
-
-    /// Copies rows `start..end` of `cache` into the pages that hold them.
-    fn write_pages(&mut self, cache: &M::Cache, pages: &[PageId], start: usize, end: usize) {
-        let touched = start / self.page_size..end.div_ceil(self.page_size);
-        for (i, page) in pages.iter().enumerate().take(touched.end).skip(touched.start) {
-            let page_end = ((i + 1) * self.page_size).min(end);
-            self.pages.insert(*page, M::slice(cache, i * self.page_size, page_end));
-        }
     }
 }
 
@@ -204,8 +211,7 @@ impl<M: CachedModel> Engine for ModelEngine<M> {
         }
         let mut tokens = Vec::new();
         for ((work, cache), logits) in batch.iter().zip(caches).zip(logits) {
-            let end = work.start + work.tokens.len();
-            self.write_pages(&cache, &work.pages, work.start, end);
+            self.sequence_pages.insert(work.request, work.pages.clone());
             self.caches.insert(work.request, cache);
             if work.wants_token {
                 let sequence = self.sequences.entry(work.request).or_insert_with(|| Sequence {

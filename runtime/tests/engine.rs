@@ -21,8 +21,8 @@ fn greedy() -> SamplingParams {
 }
 
 /// Runs `prompts` (each for `count` tokens, no stop token) through the scheduler and engine; returns each
-/// request's tokens and how many requests were preempted.
-fn serve<M: CachedModel>(model: M, prompts: &[Vec<u32>], count: usize, pages: usize) -> (Vec<Vec<u32>>, usize) {
+/// request's tokens, how many requests were preempted and how many started from cached prefix pages.
+fn serve<M: CachedModel>(model: M, prompts: &[Vec<u32>], count: usize, pages: usize) -> (Vec<Vec<u32>>, usize, usize) {
     let config = SchedulerConfig {
         max_running: 4,
         chunked_prefill: 6,
@@ -49,7 +49,7 @@ fn serve<M: CachedModel>(model: M, prompts: &[Vec<u32>], count: usize, pages: us
     let outputs = (0..prompts.len() as u64)
         .map(|id| outputs.remove(&id).unwrap_or_default())
         .collect();
-    (outputs, scheduler.preemptions)
+    (outputs, scheduler.preemptions, engine.prefix_hits)
 }
 
 fn collect<M: CachedModel>(events: Vec<Event>, outputs: &mut HashMap<u64, Vec<u32>>, engine: &mut ModelEngine<M>) {
@@ -78,10 +78,15 @@ fn host_engine_outputs_equal_each_request_alone() {
     // Roomy pool: prefixes are reused. Tight pool (12 pages for 4 running requests of up to 5 pages): preempted.
     for pages in [64, 12] {
         let model = ReferenceModel::load(&bundled_model_dir()).expect("model");
-        let (outputs, preempted) = serve(model, &prompts(), 8, pages);
+        let (outputs, preempted, prefix_hits) = serve(model, &prompts(), 8, pages);
         assert_eq!(outputs, expected, "{pages} pages");
         if pages == 12 {
             assert!(preempted > 0, "the tight pool should preempt");
+        } else {
+            assert!(
+                prefix_hits >= 4,
+                "the shared prefix should be reused: {prefix_hits} hits"
+            );
         }
     }
 }
@@ -92,6 +97,10 @@ fn device_engine_outputs_equal_each_request_alone() {
     let model = DeviceModel::load(&bundled_model_dir(), &device).expect("model");
     let prompts = &prompts()[..3];
     let expected: Vec<Vec<u32>> = prompts.iter().map(|p| model.generate_greedy_cached(p, 4)).collect();
-    let (outputs, _) = serve(model, prompts, 4, 64);
+    let (outputs, _, prefix_hits) = serve(model, prompts, 4, 64);
     assert_eq!(outputs, expected);
+    assert!(
+        prefix_hits >= 2,
+        "the shared prefix should be reused: {prefix_hits} hits"
+    );
 }
