@@ -84,7 +84,7 @@ fn host_engine_outputs_equal_each_request_alone() {
             assert!(preempted > 0, "the tight pool should preempt");
         } else {
             assert!(
-                prefix_hits >= 4,
+                prefix_hits >= 3,
                 "the shared prefix should be reused: {prefix_hits} hits"
             );
         }
