@@ -151,17 +151,24 @@ impl DeviceModel {
 
     /// Appends token `id` at position `cache.len()`; returns its logits [vocab] on the host.
     pub fn decode_step(&self, cache: &mut DeviceCache, id: u32) -> Vec<f64> {
+        self.extend(cache, &[id])
+    }
+
+    /// Appends `ids` at positions `cache.len()..` in one pass (a prompt chunk after a cached prefix, or a
+    /// single decode token); returns the last one's logits [vocab] on the host.
+    pub fn extend(&self, cache: &mut DeviceCache, ids: &[u32]) -> Vec<f64> {
         let c = &self.config;
-        let s = cache.len;
-        let cos_sin = self.cos_sin(s, 1);
-        let mut x = self.embed(&[id]);
+        let (s, n) = (cache.len, ids.len());
+        assert!(n > 0, "extend takes at least one token");
+        let cos_sin = self.cos_sin(s, n);
+        let mut x = self.embed(ids);
         for layer in 0..c.num_hidden_layers {
             let p = format!("model.layers.{layer}");
             let h = self.rms_norm(x.clone(), &format!("{p}.input_layernorm.weight"));
             let q_lora = self.q_lora(&p, &h);
 
-            // The indexer over the cached keys and this token's own; every one is causal, so none of the
-            // choice is −1. This token's latent, rope key and indexer key join the cache: it attends to
+            // The indexer over the cached keys and the new tokens' own (causally: query i sees keys up to
+            // s + i). The new latents, rope keys and indexer keys join the cache: each token attends to
             // itself.
             let earlier = cache.layers[layer].as_ref().map(LayerCache::index_k);
             let (chosen, k_idx) = self.index_select(&p, &h, &q_lora, &cos_sin, earlier, s);
@@ -175,8 +182,8 @@ impl DeviceModel {
             x = x.add(attention);
             (x, _) = self.ffn(layer, x);
         }
-        cache.advance(1);
-        host(self.lm_logits(x))
+        cache.advance(n);
+        host(self.lm_logits(x.slice(n - 1..n)))
     }
 
     /// One decode step of several sequences at once: `ids[i]` is appended to `caches[i]`. Norms, the

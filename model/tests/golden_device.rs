@@ -139,3 +139,23 @@ fn batched_decode_equals_one_sequence_at_a_time() {
         assert!(max_diff(&single, &logits[i]) < 1e-5, "sequence {i}, second step");
     }
 }
+
+/// A prompt chunk after a cached prefix in one pass gives the logits and cache of feeding it token by token.
+#[test]
+fn chunk_after_a_prefix_equals_token_by_token() {
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let model = DeviceModel::load(&bundled_model_dir(), &device).unwrap();
+    let (prefix, chunk) = ([0u32, 7, 300, 12, 5], [41u32, 99, 3, 250, 8, 16]);
+    let (_, mut stepped) = model.prefill_prompt(&prefix);
+    let mut chunked = stepped.clone();
+    let mut last = Vec::new();
+    for id in chunk {
+        last = model.decode_step(&mut stepped, id);
+    }
+    let once = model.extend(&mut chunked, &chunk);
+    let diff = max_diff(&last, &once);
+    assert!(diff < 1e-5, "chunk logits differ by {diff:e}");
+    // Both caches continue the same way.
+    let (a, b) = (model.decode_step(&mut stepped, 1), model.decode_step(&mut chunked, 1));
+    assert!(max_diff(&a, &b) < 1e-5);
+}

@@ -65,18 +65,14 @@ impl CachedModel for DeviceModel {
     fn cache_len(cache: &DeviceCache) -> usize {
         cache.len()
     }
-    /// A fresh sequence's tokens in one prefill; later tokens through the decode path.
+    /// A fresh sequence's tokens in one prefill; later chunks in one pass over the cached prefix.
     fn extend(&self, cache: &mut DeviceCache, tokens: &[u32]) -> Vec<f64> {
         if cache.is_empty() && tokens.len() > 1 {
             let (logits, filled) = self.prefill_prompt(tokens);
             *cache = filled;
             return logits;
         }
-        let mut logits = Vec::new();
-        for &token in tokens {
-            logits = self.decode_step(cache, token);
-        }
-        logits
+        DeviceModel::extend(self, cache, tokens)
     }
     fn slice(cache: &DeviceCache, start: usize, end: usize) -> DeviceCache {
         cache.slice(start, end)
