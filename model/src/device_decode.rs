@@ -4,7 +4,7 @@
 //! over them through nsa's sparse MLA kernel; the tests check it against the prefill's MHA form and the
 //! golden generations.
 use crate::device::{DeviceModel, host};
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 /// One layer's cached rows in buffers with room to grow (doubling), so a decode step writes its row in
 /// place instead of copying the whole cache.
@@ -204,17 +204,38 @@ impl DeviceModel {
             let h = self.rms_norm(x.clone(), &format!("{p}.input_layernorm.weight"));
             let q_lora = self.q_lora(&p, &h);
             let (latent, k_pe) = self.kv_latent(&p, &h, &batch_cos_sin);
-            let mut attention = Vec::with_capacity(ids.len());
+            // The indexer per sequence over its own keys; attention once for the batch over every
+            // sequence's rows laid end to end, each one's chosen rows shifted to where its cache starts.
+            let (mut latents, mut k_pes, mut chosen_rows, mut offset) = (Vec::new(), Vec::new(), Vec::new(), 0);
             for (i, cache) in caches.iter_mut().enumerate() {
                 let (h, q_lora) = (row(&h, i), row(&q_lora, i));
                 let earlier = cache.layers[layer].as_ref().map(LayerCache::index_k);
                 let (chosen, k_idx) = self.index_select(&p, &h, &q_lora, &rows[i], earlier, cache.len);
                 cache.store(layer, row(&latent, i), row(&k_pe, i), k_idx);
                 let stored = cache.layers[layer].as_ref().expect("just stored");
-                let kv = (stored.latent(), stored.k_pe());
-                attention.push(self.attention_sparse(&p, &q_lora, kv, chosen, &rows[i]));
+                latents.push(stored.latent());
+                k_pes.push(stored.k_pe());
+                let shifted = chosen.clone().add_scalar(offset as i64);
+                chosen_rows.push(shifted.mask_where(chosen.clone().lower_elem(0), chosen));
+                offset += stored.rows;
             }
-            x = x.add(Tensor::cat(attention, 0));
+            let width = chosen_rows.iter().map(|c| c.dims()[1]).max().unwrap_or(0);
+            let chosen = Tensor::cat(
+                chosen_rows
+                    .into_iter()
+                    .map(|c| {
+                        let pad = width - c.dims()[1];
+                        if pad == 0 {
+                            return c;
+                        }
+                        let none = Tensor::<2, Int>::zeros([1, pad], &c.device()).sub_scalar(1);
+                        Tensor::cat(vec![c, none], 1)
+                    })
+                    .collect(),
+                0,
+            );
+            let kv = (Tensor::cat(latents, 0), Tensor::cat(k_pes, 0));
+            x = x.add(self.attention_sparse(&p, &q_lora, kv, chosen, &batch_cos_sin));
             (x, _) = self.ffn(layer, x);
         }
         for cache in caches.iter_mut() {
