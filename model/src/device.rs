@@ -192,6 +192,20 @@ impl DeviceModel {
         earlier: Option<Tensor<2>>,
         first: usize,
     ) -> (Tensor<2, Int>, Tensor<2>) {
+        let (q, k, weights) = self.index_query_key(p, h, q_lora, cos_sin);
+        let chosen = self.index_choose(q, weights, earlier, k.clone(), first);
+        (chosen, k)
+    }
+
+    /// The indexer's rotated queries [n, heads, d], rotated keys [n, d] and head weights [n, heads] (both
+    /// scales folded in) for the rows of `h` / `q_lora` — row by row, so a batch of sequences shares it.
+    pub(crate) fn index_query_key(
+        &self,
+        p: &str,
+        h: &Tensor<2>,
+        q_lora: &Tensor<2>,
+        cos_sin: &(Tensor<2>, Tensor<2>),
+    ) -> (Tensor<3>, Tensor<2>, Tensor<2>) {
         let c = &self.config;
         let [n, _] = h.dims();
         let (heads, d) = (c.index_n_heads, c.index_head_dim);
@@ -207,19 +221,30 @@ impl DeviceModel {
         };
         let q = rotate(q);
         let k = rotate(k.reshape([n, 1, d])).reshape([n, d]);
-        let keys = match earlier {
-            Some(earlier) => Tensor::cat(vec![earlier, k.clone()], 0),
-            None => k.clone(),
-        };
         // score[s, t] = Σ_h relu(q[s, h] · k[t] · d^−½) · w[s, h] · H^−½: both scales folded into w.
         let weights = self
             .linear(h.clone(), &format!("{p}.self_attn.indexer.weights_proj.weight"))
             .mul_scalar((heads as f64).powf(-0.5) * (d as f64).powf(-0.5));
-        let k_top = c.index_topk.min(first + n);
-        (
-            crate::ops::indexer_topk(&self.kernels, q, weights, keys, k_top, first),
-            k,
-        )
+        (q, k, weights)
+    }
+
+    /// The `min(index_topk, first + n)` causal keys of highest score for n queries of one sequence at
+    /// positions `first`.., over its `earlier` keys and the new ones (nsa's indexer_logits + topk).
+    pub(crate) fn index_choose(
+        &self,
+        q: Tensor<3>,
+        weights: Tensor<2>,
+        earlier: Option<Tensor<2>>,
+        new_keys: Tensor<2>,
+        first: usize,
+    ) -> Tensor<2, Int> {
+        let n = q.dims()[0];
+        let keys = match earlier {
+            Some(earlier) => Tensor::cat(vec![earlier, new_keys], 0),
+            None => new_keys,
+        };
+        let k_top = self.config.index_topk.min(first + n);
+        crate::ops::indexer_topk(&self.kernels, q, weights, keys, k_top, first)
     }
 
     /// The prefill's indexer ([`Self::index_select`] from position 0) and its [n, n] mask: key t allowed

@@ -204,13 +204,16 @@ impl DeviceModel {
             let h = self.rms_norm(x.clone(), &format!("{p}.input_layernorm.weight"));
             let q_lora = self.q_lora(&p, &h);
             let (latent, k_pe) = self.kv_latent(&p, &h, &batch_cos_sin);
-            // The indexer per sequence over its own keys; attention once for the batch over every
+            let (index_q, index_k, index_w) = self.index_query_key(&p, &h, &q_lora, &batch_cos_sin);
+            // The indexer's scores and top-k per sequence over its own keys; attention once for the batch over every
             // sequence's rows laid end to end, each one's chosen rows shifted to where its cache starts.
             let (mut latents, mut k_pes, mut chosen_rows, mut offset) = (Vec::new(), Vec::new(), Vec::new(), 0);
+            let [_, index_heads, index_dim] = index_q.dims();
             for (i, cache) in caches.iter_mut().enumerate() {
-                let (h, q_lora) = (row(&h, i), row(&q_lora, i));
+                let q = index_q.clone().slice([i..i + 1, 0..index_heads, 0..index_dim]);
                 let earlier = cache.layers[layer].as_ref().map(LayerCache::index_k);
-                let (chosen, k_idx) = self.index_select(&p, &h, &q_lora, &rows[i], earlier, cache.len);
+                let k_idx = row(&index_k, i);
+                let chosen = self.index_choose(q, row(&index_w, i), earlier, k_idx.clone(), cache.len);
                 cache.store(layer, row(&latent, i), row(&k_pe, i), k_idx);
                 let stored = cache.layers[layer].as_ref().expect("just stored");
                 latents.push(stored.latent());
