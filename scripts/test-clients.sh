@@ -12,6 +12,20 @@ if ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
   exit 1
 fi
 log=$(mktemp)
+# First `nsa serve` exactly as a new user starts it (no arguments: the bundled model on port 30000), when
+# that port is free.
+if ! curl -s -o /dev/null http://127.0.0.1:30000/ 2>/dev/null; then
+  "$nsa" serve >"$log" 2>&1 &
+  plain=$!
+  for _ in $(seq 1 240); do curl -sf http://127.0.0.1:30000/health >/dev/null && break; sleep 0.5; done
+  curl -sf http://127.0.0.1:30000/v1/models | grep -q '"tiny-v32"' \
+    && curl -sf http://127.0.0.1:30000/v1/completions -H 'content-type: application/json' \
+      -d '{"prompt":"Hello","max_tokens":4}' | grep -q '"text_completion"' \
+    || { cat "$log" >&2; echo "test-clients: plain nsa serve failed" >&2; kill $plain; exit 1; }
+  kill $plain
+  wait $plain 2>/dev/null || true
+  echo "test-clients: nsa serve with no arguments answered on port 30000"
+fi
 "$nsa" serve --port "$port" --reasoning-parser deepseek-v3 --tool-call-parser deepseekv32 >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -f "$log"' EXIT
