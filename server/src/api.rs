@@ -92,6 +92,45 @@ pub struct Sampling {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<i64>,
+    /// Not built: refused unless 0 / empty (silently ignoring them would change what the client asked for).
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+    pub best_of: Option<i64>,
+    pub response_format: Option<Value>,
+}
+
+impl Sampling {
+    /// Refuses the parameters nsa does not implement when they would change the output.
+    pub fn refuse_unbuilt(&self) -> Result<(), ApiError> {
+        let not_built = |param: &'static str| {
+            Err(ApiError::bad_request(
+                format!("{param} is not supported by nsa serve yet"),
+                Some(param),
+            ))
+        };
+        if self.presence_penalty.is_some_and(|p| p != 0.0) {
+            return not_built("presence_penalty");
+        }
+        if self.frequency_penalty.is_some_and(|p| p != 0.0) {
+            return not_built("frequency_penalty");
+        }
+        if self.repetition_penalty.is_some_and(|p| p != 1.0) {
+            return not_built("repetition_penalty");
+        }
+        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+            return not_built("logit_bias");
+        }
+        if self.best_of.is_some_and(|b| b != 1) {
+            return not_built("best_of");
+        }
+        match &self.response_format {
+            None | Some(Value::Null) => Ok(()),
+            Some(format) if format["type"] == "text" => Ok(()),
+            Some(_) => not_built("response_format"),
+        }
+    }
 }
 
 #[derive(Deserialize)]

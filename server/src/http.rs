@@ -127,6 +127,7 @@ impl AppState {
                 param: Some("model"),
             });
         }
+        sampling.refuse_unbuilt()?;
         if sampling.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad_request(
                 "n must be 1 (several choices per request are not built)",

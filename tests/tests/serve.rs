@@ -345,6 +345,9 @@ fn bad_requests_get_openai_errors() {
         json!({"prompt": "hi", "logprobs": 50}),
         json!({"prompt": ""}),
         json!({"prompt": [99999999]}),
+        json!({"prompt": "hi", "presence_penalty": 0.5}),
+        json!({"prompt": "hi", "logit_bias": {"5": 10}}),
+        json!({"prompt": "hi", "response_format": {"type": "json_object"}}),
     ] {
         let (status, body) = post("/v1/completions", &bad);
         error_of(status, &body, 400);
