@@ -257,12 +257,6 @@ impl DeviceModel {
         cos_sin: &(Tensor<2>, Tensor<2>),
     ) -> (Tensor<2, Bool>, Tensor<2, Int>, Tensor<2>) {
         let (chosen, k) = self.index_select(p, h, q_lora, cos_sin, None, 0);
-        (self.choice_mask(&chosen), chosen, k)
-    }
-
-    /// The [n, n] attention mask of a fresh sequence's choice [n, k]: key t allowed for query s when t ≤ s
-    /// and t is chosen.
-    pub(crate) fn choice_mask(&self, chosen: &Tensor<2, Int>) -> Tensor<2, Bool> {
         let [n, k_top] = chosen.dims();
         // A query with fewer causal keys than k_top has −1s: replaced by its own position (always chosen).
         let positions = Tensor::<1, Int>::arange(0..n as i64, &self.device);
@@ -276,7 +270,7 @@ impl DeviceModel {
         let picked = Tensor::<2>::zeros([n, n], &self.device)
             .scatter(1, filled, Tensor::ones([n, k_top], &self.device), IndexingUpdateOp::Add)
             .greater_elem(0.5);
-        picked.bool_and(future.bool_not())
+        (picked.bool_and(future.bool_not()), chosen, k)
     }
 
     /// The indexer's key [n, index_head_dim] before RoPE: wk, then LayerNorm (eps 1e-6) with weight and bias.
@@ -335,7 +329,7 @@ impl DeviceModel {
 
     /// MLA in the MHA form over the allowed keys (the latent and rope keys from [`Self::kv_latent`]);
     /// returns the o_proj output [n, hidden].
-    pub(crate) fn attention(
+    fn attention(
         &self,
         p: &str,
         q_lora: &Tensor<2>,

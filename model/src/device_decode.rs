@@ -4,7 +4,7 @@
 //! over them through nsa's sparse MLA kernel; the tests check it against the prefill's MHA form and the
 //! golden generations.
 use crate::device::{DeviceModel, host};
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 /// One layer's cached rows in buffers with room to grow (doubling), so a decode step writes its row in
 /// place instead of copying the whole cache.
@@ -218,10 +218,25 @@ impl DeviceModel {
                 let stored = cache.layers[layer].as_ref().expect("just stored");
                 latents.push(stored.latent());
                 k_pes.push(stored.k_pe());
-                chosen_rows.push((chosen, offset));
+                let shifted = chosen.clone().add_scalar(offset as i64);
+                chosen_rows.push(shifted.mask_where(chosen.clone().lower_elem(0), chosen));
                 offset += stored.rows;
             }
-            let chosen = crate::device_batch::shifted_choice(chosen_rows);
+            let width = chosen_rows.iter().map(|c| c.dims()[1]).max().unwrap_or(0);
+            let chosen = Tensor::cat(
+                chosen_rows
+                    .into_iter()
+                    .map(|c| {
+                        let pad = width - c.dims()[1];
+                        if pad == 0 {
+                            return c;
+                        }
+                        let none = Tensor::<2, Int>::zeros([1, pad], &c.device()).sub_scalar(1);
+                        Tensor::cat(vec![c, none], 1)
+                    })
+                    .collect(),
+                0,
+            );
             let kv = (Tensor::cat(latents, 0), Tensor::cat(k_pes, 0));
             x = x.add(self.attention_sparse(&p, &q_lora, kv, chosen, &batch_cos_sin));
             (x, _) = self.ffn(layer, x);

@@ -4,7 +4,6 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device;
-pub mod device_batch;
 pub mod device_decode;
 pub mod error;
 pub mod ops;

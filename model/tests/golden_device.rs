@@ -159,27 +159,3 @@ fn chunk_after_a_prefix_equals_token_by_token() {
     let (a, b) = (model.decode_step(&mut stepped, 1), model.decode_step(&mut chunked, 1));
     assert!(max_diff(&a, &b) < 1e-5);
 }
-
-/// Fresh prompts prefilled together (either attention form) give each one's own prefill: logits and a
-/// cache that decodes on identically.
-#[test]
-fn batched_prefill_equals_one_prompt_at_a_time() {
-    let device = Device::wgpu(DeviceKind::DefaultDevice);
-    let mut model = DeviceModel::load(&bundled_model_dir(), &device).unwrap();
-    let prompts: [&[u32]; 3] = [&[0, 5, 9, 31, 7], &[0, 44, 81, 100, 7, 3, 2, 19, 250], &[0, 11]];
-    for attention in [PrefillAttention::Mha, PrefillAttention::Sparse] {
-        model.prefill_attention = Some(attention);
-        let batched = model.prefill_batch(&prompts);
-        for (i, (prompt, (logits, cache))) in prompts.iter().zip(batched).enumerate() {
-            let (alone, mut alone_cache) = model.prefill_prompt(prompt);
-            let diff = max_diff(&alone, &logits);
-            assert!(diff < 1e-5, "{attention:?} prompt {i}: logits differ by {diff:e}");
-            let mut cache = cache;
-            let (a, b) = (model.decode_step(&mut alone_cache, 4), model.decode_step(&mut cache, 4));
-            assert!(
-                max_diff(&a, &b) < 1e-5,
-                "{attention:?} prompt {i}: decode after the prefill"
-            );
-        }
-    }
-}

@@ -30,17 +30,6 @@ pub trait CachedModel {
             .map(|(cache, &token)| self.extend(cache, &[token]))
             .collect()
     }
-    /// Fresh sequences' prompts: each one's last logits and cache. One by one unless the model batches.
-    fn prefill_batch(&self, prompts: &[&[u32]]) -> Vec<(Vec<f64>, Self::Cache)> {
-        prompts
-            .iter()
-            .map(|prompt| {
-                let mut cache = self.empty_cache();
-                let logits = self.extend(&mut cache, prompt);
-                (logits, cache)
-            })
-            .collect()
-    }
 }
 
 impl CachedModel for ReferenceModel {
@@ -94,10 +83,6 @@ impl CachedModel for DeviceModel {
     /// One batched step (projections and MoE over all sequences at once).
     fn decode_batch(&self, caches: &mut [&mut DeviceCache], tokens: &[u32]) -> Vec<Vec<f64>> {
         DeviceModel::decode_batch(self, caches, tokens)
-    }
-    /// One pass over all the prompts.
-    fn prefill_batch(&self, prompts: &[&[u32]]) -> Vec<(Vec<f64>, DeviceCache)> {
-        DeviceModel::prefill_batch(self, prompts)
     }
 }
 
@@ -199,26 +184,13 @@ impl<M: CachedModel> ModelEngine<M> {
 }
 
 impl<M: CachedModel> Engine for ModelEngine<M> {
-    /// Fresh prompts run in one batched prefill, chunks after a cached prefix sequence by sequence, and
-    /// every single-token item (decodes) in one batched step.
+    /// Prompt chunks run sequence by sequence; every single-token item (decodes) runs in one batched step.
     fn run(&mut self, batch: &[Work]) -> Vec<u32> {
         let mut caches: Vec<M::Cache> = batch.iter().map(|work| self.cache_for(work)).collect();
         let mut logits: Vec<Vec<f64>> = vec![Vec::new(); batch.len()];
         let decodes: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].tokens.len() == 1).collect();
-        let fresh: Vec<usize> = (0..batch.len())
-            .filter(|&i| batch[i].tokens.len() > 1 && M::cache_len(&caches[i]) == 0)
-            .collect();
-        if !fresh.is_empty() {
-            let prompts: Vec<&[u32]> = fresh.iter().map(|&i| batch[i].tokens.as_slice()).collect();
-            for (&i, (result, cache)) in fresh.iter().zip(self.model.prefill_batch(&prompts)) {
-                logits[i] = result;
-                caches[i] = cache;
-            }
-        }
-        for (i, work) in batch.iter().enumerate() {
-            if work.tokens.len() > 1 && !fresh.contains(&i) {
-                logits[i] = self.model.extend(&mut caches[i], &work.tokens);
-            }
+        for (i, work) in batch.iter().enumerate().filter(|(_, w)| w.tokens.len() > 1) {
+            logits[i] = self.model.extend(&mut caches[i], &work.tokens);
         }
         if !decodes.is_empty() {
             let tokens: Vec<u32> = decodes.iter().map(|&i| batch[i].tokens[0]).collect();
