@@ -50,3 +50,35 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 }
+
+/// The text of a growing token sequence, piece by piece, decoding only a short window each time (the
+/// tokens since the text last grew, behind those of the piece before for context) rather than the whole
+/// sequence: a token that ends inside a UTF-8 character waits for the next one.
+#[derive(Default)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    /// Where the window starts: a character boundary.
+    prefix: usize,
+    /// Tokens before this are in the text given out.
+    read: usize,
+}
+
+impl IncrementalDecoder {
+    /// Appends `id`; returns the text it completes (empty while it ends inside a character).
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, ModelError> {
+        self.ids.push(id);
+        let new = self.pending(tokenizer)?;
+        if new.is_empty() || new.ends_with('\u{fffd}') {
+            return Ok(String::new());
+        }
+        (self.prefix, self.read) = (self.read, self.ids.len());
+        Ok(new)
+    }
+
+    /// The text of the tokens not given out yet (an unfinished character shows as U+FFFD).
+    pub fn pending(&self, tokenizer: &Tokenizer) -> Result<String, ModelError> {
+        let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = tokenizer.decode(&self.ids[self.prefix..])?;
+        Ok(now.strip_prefix(before.as_str()).unwrap_or_default().to_string())
+    }
+}

@@ -227,3 +227,27 @@ fn a_config_with_mtp_layers_expects_their_weights() {
         .to_string();
     assert!(e.contains("model.layers.3."), "{e}");
 }
+
+/// Text pieces of the incremental decoder join to the whole sequence's decode at every prefix, for random
+/// token sequences (many of the tiny vocabulary's tokens are parts of multi-byte characters).
+#[test]
+fn incremental_decoding_equals_decoding_the_whole_sequence() {
+    use nsa_model::tokenizer::IncrementalDecoder;
+    let tokenizer = Tokenizer::load(&bundled_model_dir()).unwrap();
+    let mut state = 0x2545f4914f6cdd1du64;
+    for _ in 0..20 {
+        let mut decoder = IncrementalDecoder::default();
+        let (mut ids, mut text) = (Vec::new(), String::new());
+        for _ in 0..60 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let id = 16 + (state % 1008) as u32; // past the special tokens
+            ids.push(id);
+            text.push_str(&decoder.push(&tokenizer, id).unwrap());
+            let whole = tokenizer.decode(&ids).unwrap();
+            let pending = decoder.pending(&tokenizer).unwrap();
+            assert_eq!(format!("{text}{pending}"), whole, "{ids:?}");
+        }
+    }
+}

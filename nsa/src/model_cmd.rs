@@ -4,6 +4,7 @@
 //! `--dtype bf16` is refused rather than faked.
 use crate::{Failure, usage};
 use nsa_model::reference::ReferenceModel;
+use nsa_model::tokenizer::IncrementalDecoder;
 use nsa_model::{Tokenizer, bundled_model_dir};
 use nsa_runtime::sampling::{Sampler, SamplingParams, StopMatcher};
 use safetensors::{Dtype, tensor::TensorView};
@@ -313,8 +314,7 @@ pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
     let mut logits = decoder.prompt(&ids);
     let prompt_time = start.elapsed();
     let start = std::time::Instant::now();
-    // Text decoded so far; a token that ends inside a UTF-8 character waits for the next one.
-    let (mut decoded, mut stopped) = (String::new(), false);
+    let (mut text, mut stopped) = (IncrementalDecoder::default(), false);
     for step in 0..args.max_tokens {
         if step > 0 {
             logits = decoder.step(*ids.last().expect("a prompt"));
@@ -324,11 +324,10 @@ pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
             break;
         }
         ids.push(next);
-        let text = tokenizer.decode(&ids[prompt_len..])?;
-        if !text.ends_with('\u{fffd}') && text.len() > decoded.len() && text.starts_with(&decoded) {
-            let (out, stop) = stops.push(&text[decoded.len()..]);
+        let piece = text.push(&tokenizer, next)?;
+        if !piece.is_empty() {
+            let (out, stop) = stops.push(&piece);
             show(&out);
-            decoded = text;
             if stop {
                 stopped = true;
                 break;
@@ -336,8 +335,7 @@ pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
         }
     }
     if !stopped {
-        let text = tokenizer.decode(&ids[prompt_len..])?;
-        let (out, stop) = stops.push(text.strip_prefix(decoded.as_str()).unwrap_or(""));
+        let (out, stop) = stops.push(&text.pending(&tokenizer)?);
         show(&out);
         if !stop {
             show(&stops.finish());

@@ -92,6 +92,16 @@ struct Sequence {
     top_logprobs: usize,
 }
 
+impl Sequence {
+    fn new(params: SamplingParams, seed: Option<u64>, top_logprobs: usize) -> Sequence {
+        Sequence {
+            params,
+            sampler: Sampler::new(seed),
+            top_logprobs,
+        }
+    }
+}
+
 pub struct ModelEngine<M: CachedModel> {
     model: M,
     page_size: usize,
@@ -123,18 +133,10 @@ impl<M: CachedModel> ModelEngine<M> {
         }
     }
 
-    pub fn model(&self) -> &M {
-        &self.model
-    }
-
     /// Sampling of `request`'s tokens (before the scheduler first runs it).
     pub fn register(&mut self, request: u64, params: SamplingParams, seed: Option<u64>, top_logprobs: usize) {
-        let sequence = Sequence {
-            params,
-            sampler: Sampler::new(seed),
-            top_logprobs,
-        };
-        self.sequences.insert(request, sequence);
+        self.sequences
+            .insert(request, Sequence::new(params, seed, top_logprobs));
     }
 
     /// `request` finished or was cancelled: its full pages take its rows (a later request may reuse them as
@@ -210,11 +212,8 @@ impl<M: CachedModel> Engine for ModelEngine<M> {
             self.sequence_pages.insert(work.request, work.pages.clone());
             self.caches.insert(work.request, cache);
             if work.wants_token {
-                let sequence = self.sequences.entry(work.request).or_insert_with(|| Sequence {
-                    params: SamplingParams::default(),
-                    sampler: Sampler::new(None),
-                    top_logprobs: 0,
-                });
+                let sequence = (self.sequences.entry(work.request))
+                    .or_insert_with(|| Sequence::new(SamplingParams::default(), None, 0));
                 let sampled = sequence
                     .sampler
                     .sample(&logits, &sequence.params, sequence.top_logprobs);

@@ -257,6 +257,21 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
+/// The stream's last events (those given), then `[DONE]`; stops early when the client is gone.
+async fn end_stream(tx: &mpsc::Sender<Value>, last: [Option<Value>; 2]) {
+    for event in last.into_iter().flatten().chain([Value::Null]) {
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The chunk `stream_options.include_usage` asks for: no choices, the request's token counts.
+fn usage_chunk(id: &str, object: &str, model: &str, prompt: usize, completion: usize) -> Value {
+    json!({"id": id, "object": object, "created": created(), "model": model, "choices": [],
+        "usage": usage(prompt, completion)})
+}
+
 /// An SSE response fed by a task; the task stops (and the request is cancelled) when the client goes away.
 fn sse(rx: mpsc::Receiver<Value>) -> Response {
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
@@ -358,23 +373,13 @@ async fn completions_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Respons
                     chunk(piece.text, logprobs, Value::Null)
                 }
                 Next::Done { finish, tokens } => {
-                    let _ = tx.send(chunk(String::new(), Value::Null, json!(finish))).await;
-                    if prepared.include_usage {
-                        let _ = tx
-                            .send(
-                                json!({"id": id, "object": "text_completion", "created": created(), "model": model,
-                            "choices": [], "usage": usage(prompt_tokens, tokens)}),
-                            )
-                            .await;
-                    }
-                    let _ = tx.send(Value::Null).await;
-                    return;
+                    let last = chunk(String::new(), Value::Null, json!(finish));
+                    let usage = prepared
+                        .include_usage
+                        .then(|| usage_chunk(&id, "text_completion", &model, prompt_tokens, tokens));
+                    return end_stream(&tx, [Some(last), usage]).await;
                 }
-                Next::Failed(error) => {
-                    let _ = tx.send(error.body()).await;
-                    let _ = tx.send(Value::Null).await;
-                    return;
-                }
+                Next::Failed(error) => return end_stream(&tx, [Some(error.body()), None]).await,
             };
             if tx.send(message).await.is_err() {
                 return;
@@ -561,11 +566,7 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiE
             let (piece, end) = match text.next().await {
                 Next::Piece(piece) => (piece, None),
                 Next::Done { finish, tokens } => (Default::default(), Some((finish, tokens))),
-                Next::Failed(error) => {
-                    let _ = tx.send(error.body()).await;
-                    let _ = tx.send(Value::Null).await;
-                    return;
-                }
+                Next::Failed(error) => return end_stream(&tx, [Some(error.body()), None]).await,
             };
             // Tokens whose text a parser holds back keep their log-probabilities for the next delta.
             held.extend(piece.logprobs);
@@ -593,17 +594,11 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiE
             }
             if let Some((finish, tokens)) = end {
                 let finish = if parsers.calls > 0 { "tool_calls" } else { finish };
-                let _ = tx.send(chunk(json!({}), logprobs, json!(finish))).await;
-                if prepared.include_usage {
-                    let _ = tx
-                        .send(
-                            json!({"id": id, "object": "chat.completion.chunk", "created": created(),
-                        "model": model, "choices": [], "usage": usage(prompt_tokens, tokens)}),
-                        )
-                        .await;
-                }
-                let _ = tx.send(Value::Null).await;
-                return;
+                let last = chunk(json!({}), logprobs, json!(finish));
+                let usage = prepared
+                    .include_usage
+                    .then(|| usage_chunk(&id, "chat.completion.chunk", &model, prompt_tokens, tokens));
+                return end_stream(&tx, [Some(last), usage]).await;
             }
         }
     });

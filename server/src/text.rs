@@ -5,6 +5,7 @@ use crate::api::ApiError;
 use crate::metrics::Metrics;
 use crate::worker::Out;
 use nsa_model::Tokenizer;
+use nsa_model::tokenizer::IncrementalDecoder;
 use nsa_runtime::sampling::{Sampled, StopMatcher};
 use nsa_runtime::scheduler::FinishReason;
 use std::sync::Arc;
@@ -34,8 +35,7 @@ pub struct TextStream {
     tokenizer: Arc<Tokenizer>,
     stop_tokens: Vec<u32>,
     stops: StopMatcher,
-    ids: Vec<u32>,
-    decoded: String,
+    decoder: IncrementalDecoder,
     pending_logprobs: Vec<Sampled>,
     tokens: usize,
     metrics: Arc<Metrics>,
@@ -58,8 +58,7 @@ impl TextStream {
             tokenizer,
             stop_tokens,
             stops: StopMatcher::new(stop_strings),
-            ids: Vec::new(),
-            decoded: String::new(),
+            decoder: IncrementalDecoder::default(),
             pending_logprobs: Vec::new(),
             tokens: 0,
             metrics,
@@ -67,10 +66,6 @@ impl TextStream {
             last_token: None,
             finish: None,
         }
-    }
-
-    pub fn tokens(&self) -> usize {
-        self.tokens
     }
 
     /// The next piece of text (possibly empty, with log-probabilities only), or the end.
@@ -119,13 +114,10 @@ impl TextStream {
                     if self.stop_tokens.contains(&token) {
                         continue;
                     }
-                    self.ids.push(token);
-                    let text = self.tokenizer.decode(&self.ids).unwrap_or_default();
-                    if text.ends_with('\u{fffd}') || !text.starts_with(&self.decoded) {
+                    let new = self.decoder.push(&self.tokenizer, token).unwrap_or_default();
+                    if new.is_empty() {
                         continue;
                     }
-                    let new = text[self.decoded.len()..].to_string();
-                    self.decoded = text;
                     let (text, stopped) = self.stops.push(&new);
                     if stopped {
                         // Closing the channel cancels the request in the engine.

@@ -6,6 +6,7 @@ use nsa_runtime::engine::{CachedModel, ModelEngine};
 use nsa_runtime::pages::PagePool;
 use nsa_runtime::sampling::{Sampled, SamplingParams};
 use nsa_runtime::scheduler::{Event, FinishReason, Scheduler, SchedulerConfig};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -115,7 +116,7 @@ fn run<M: CachedModel>(
     if !config.prefix_reuse {
         scheduler.disable_prefix_reuse();
     }
-    let mut outs: std::collections::HashMap<u64, mpsc::UnboundedSender<Out>> = Default::default();
+    let mut outs: HashMap<u64, mpsc::UnboundedSender<Out>> = HashMap::new();
     let mut next_id = 0u64;
     loop {
         // Idle: wait for work. Busy: take what has arrived and keep stepping.
@@ -147,10 +148,7 @@ fn run<M: CachedModel>(
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
-            scheduler.cancel(id);
-            engine.forget(id);
-            outs.remove(&id);
-            metrics.cancelled();
+            cancel(id, &mut scheduler, &mut engine, &mut outs, metrics);
         }
         for event in scheduler.step(&mut engine) {
             match event {
@@ -160,10 +158,8 @@ fn run<M: CachedModel>(
                     let delivered = outs
                         .get(&request)
                         .is_some_and(|out| out.send(Out::Token { token, sampled }).is_ok());
-                    if !delivered && scheduler.cancel(request) {
-                        engine.forget(request);
-                        outs.remove(&request);
-                        metrics.cancelled();
+                    if !delivered {
+                        cancel(request, &mut scheduler, &mut engine, &mut outs, metrics);
                     }
                 }
                 Event::Finished { request, reason } => {
@@ -181,5 +177,21 @@ fn run<M: CachedModel>(
             scheduler.total_pages(),
             scheduler.preemptions,
         );
+    }
+}
+
+/// Drops request `id`, whose handler is gone: out of the scheduler (what it computed stays a cached
+/// prefix) and the engine. A request that already finished this step is left to its Finished event.
+fn cancel<M: CachedModel>(
+    id: u64,
+    scheduler: &mut Scheduler,
+    engine: &mut ModelEngine<M>,
+    outs: &mut HashMap<u64, mpsc::UnboundedSender<Out>>,
+    metrics: &Metrics,
+) {
+    if scheduler.cancel(id) {
+        engine.forget(id);
+        outs.remove(&id);
+        metrics.cancelled();
     }
 }
