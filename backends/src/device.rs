@@ -53,6 +53,9 @@ pub struct DeviceFeatures {
     pub cmma_bf16: bool,
     /// Warp `mma.sync` m16n8k16 on bf16 with f32 accumulation, registers in PTX's documented layout.
     pub mma_m16n8k16_bf16: bool,
+    /// Hopper's warpgroup MMA (`wgmma`, sm_90a): CUDA devices of compute capability 9.0 exactly (Blackwell
+    /// has tcgen05 instead).
+    pub wgmma: bool,
 }
 
 /// A device as listed by `nsa devices`.
@@ -172,6 +175,7 @@ fn describe(runtime: RuntimeKind, index: usize, device: &cubecl::Device, client:
                 k: 16,
                 n: 8,
             }),
+        wgmma: runtime == RuntimeKind::Cuda && arch == "sm_90",
     };
     DeviceInfo {
         runtime,

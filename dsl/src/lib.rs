@@ -8,6 +8,7 @@
 //! - [`mma`]: tensor-core tiles (bf16 in, f32 accumulate) for the CUDA/HIP variants.
 //! - [`warp_mma`]: warp tensor-core multiplies with fragments in a known register layout (CUDA `mma.sync`), for
 //!   kernels that rescale accumulator rows in registers (flash attention).
+//! - [`wgmma`]: Hopper warpgroup multiplies from swizzled shared-memory tiles (sm_90a inline PTX).
 //! - [`select`]: order-preserving keys for radix select, cube-wide prefix sums for compaction.
 //!
 //! Every buffer is addressed as 32-bit words (`&[u32]`): a bf16 word holds two elements, an e4m3 word four.
@@ -19,6 +20,7 @@ pub mod reduce;
 pub mod select;
 pub mod softmax;
 pub mod warp_mma;
+pub mod wgmma;
 
 pub use format::Format;
 pub use reduce::Reduction;

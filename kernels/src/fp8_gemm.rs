@@ -5,7 +5,8 @@
 //! → c [m, n] (bf16 or f32): c[i, j] = Σ_g a_scales[i, g] · b_scales[j / 128, g] · Σ_{k ∈ g} a[i, k]·b[j, k],
 //! each group's sum accumulated in f32 and then scaled (DeepSeek's promotion per K block). k a multiple of 128.
 //! Variants: `simt` (one unit per output, everywhere) and `mma` (CUDA: 128 × 128 tiles, e4m3 widened to f16
-//! exactly in shared memory, m16n8k16 f16 multiplies; n a multiple of 128).
+//! exactly in shared memory, m16n8k16 f16 multiplies; n a multiple of 128) and `wgmma` (Hopper: e4m3
+//! warpgroup multiplies from swizzled tiles, see [`crate::fp8_gemm_wgmma`]).
 use crate::fp8_act::{quantize_group, quantize_weight_blocks};
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::spec::{Storage, TensorSpec};
@@ -24,6 +25,11 @@ const TILE: usize = 128;
 const ROW_CHUNKS: usize = GROUP / 8 + 1;
 
 pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "wgmma",
+        summary: "128 × 128 tiles, 2 warpgroups of e4m3 wgmma m64n128k32, 4-stage cp.async pipeline (Hopper)",
+        needs_plane_ops: true,
+    },
     Variant {
         name: "mma",
         summary: "128 × 128 tiles, 8 planes of 32 × 64, f16 mma.sync on widened e4m3 (CUDA)",
@@ -244,8 +250,15 @@ impl Kernel for Fp8Gemm {
     fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         for format in Format::ALL {
-            // (m, n, k): a partial row tile, one token, several column tiles and K groups, odd n (simt).
-            for (m, n, k) in [(5, 256, 512), (1, 384, 128), (70, 256, 256), (3, 130, 256)] {
+            // (m, n, k): a partial row tile, one token, several column tiles and K groups, odd n (simt), two row
+            // tiles over 8 K groups (twice round the wgmma pipeline's stages).
+            for (m, n, k) in [
+                (5, 256, 512),
+                (1, 384, 128),
+                (70, 256, 256),
+                (3, 130, 256),
+                (200, 256, 1024),
+            ] {
                 problems.push(Problem::new(format, &dims(m, n, k), &[("bench", 0.0)]));
             }
         }
@@ -283,6 +296,18 @@ impl Kernel for Fp8Gemm {
         Ok(())
     }
     fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        if variant.name == "wgmma" {
+            if !features.wgmma {
+                return Err("needs Hopper warpgroup MMA (CUDA sm_90)".into());
+            }
+            if problem.format != Format::Bf16 || !problem.dim("n").is_multiple_of(TILE) {
+                return Err(format!(
+                    "needs bf16 output and n a multiple of 128, got {} n={}",
+                    problem.format,
+                    problem.dim("n")
+                ));
+            }
+        }
         if variant.name == "mma" {
             if !features.mma_m16n8k16_bf16 || features.plane_size != 32 {
                 return Err("needs warp mma.sync m16n8k16 (CUDA)".into());
@@ -298,14 +323,18 @@ impl Kernel for Fp8Gemm {
         Ok(())
     }
     fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
-        variant.name != "mma" || target == IrTarget::Cuda
+        variant.name == "simt" || target == IrTarget::Cuda
+    }
+    fn fp8_math(&self, variant: &Variant) -> bool {
+        variant.name == "wgmma"
     }
     fn supports_format(&self, variant: &Variant, format: Format) -> bool {
-        variant.name != "mma" || format == Format::Bf16
+        variant.name == "simt" || format == Format::Bf16
     }
     fn shared_memory_bytes(&self, variant: &Variant, _: &Problem) -> usize {
         match variant.name {
             "mma" => 2 * 16 * TILE * ROW_CHUNKS,
+            "wgmma" => crate::fp8_gemm_wgmma::shared_memory_bytes(),
             _ => 0,
         }
     }
@@ -379,6 +408,9 @@ impl Kernel for Fp8Gemm {
     fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
         let (m, n, k) = (problem.dim("m"), problem.dim("n"), problem.dim("k"));
         let (kg, ng) = (k / GROUP, n.div_ceil(GROUP));
+        if variant.name == "wgmma" {
+            return crate::fp8_gemm_wgmma::launch(device, problem, inputs, outputs);
+        }
         if variant.name == "mma" {
             return fp8_gemm_mma_kernel::launch(
                 &device.client,
@@ -413,6 +445,9 @@ impl Kernel for Fp8Gemm {
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         let (props, target_props) = nsa_backends::ir_properties(target);
         let a = slice_arg;
+        if variant.name == "wgmma" {
+            return crate::fp8_gemm_wgmma::define(target);
+        }
         if variant.name == "mma" {
             return fp8_gemm_mma_kernel::Fp8GemmMmaKernel::new(
                 ir_settings(CubeDim::new_1d(256)),

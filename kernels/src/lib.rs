@@ -6,6 +6,7 @@ pub mod check;
 pub mod error;
 pub mod fp8_act;
 pub mod fp8_gemm;
+pub mod fp8_gemm_wgmma;
 pub mod fp8_kv;
 pub mod fp8_kv_dequant;
 pub mod gemm;

@@ -240,6 +240,10 @@ pub trait Kernel: Sync {
         }
         Ok(())
     }
+    /// Whether `variant` multiplies on FP8 tensor cores (its roofline is the FP8 peak, twice bf16's).
+    fn fp8_math(&self, _variant: &Variant) -> bool {
+        false
+    }
     /// Whether `variant` compiles for `target` (`nsa ir`, the snapshots).
     fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
         variant.supports_target(target)

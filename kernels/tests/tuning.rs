@@ -20,6 +20,7 @@ fn features() -> DeviceFeatures {
         multiprocessors: None,
         cmma_bf16: false,
         mma_m16n8k16_bf16: false,
+        wgmma: false,
     }
 }
 

@@ -35,6 +35,9 @@ pub struct Args {
 }
 
 /// Measured on the lent H200 (../shared/notes/platform-facts.md): bf16 matmul and device copy.
+/// FP8 tensor-core rate over bf16's (Hopper's data sheet: 1979 / 989 TFLOP/s dense).
+const FP8_RATE: f64 = 2.0;
+
 fn default_peaks(arch: &str) -> Option<(f64, f64)> {
     (arch == "sm_90").then_some((790.0, 4240.0))
 }
@@ -117,7 +120,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
         device.info.arch
     );
     if let Some((f, b)) = peaks {
-        println!("roofline: {f} TFLOP/s (bf16 tensor-core peak), {b} GB/s");
+        println!(
+            "roofline: {f} TFLOP/s (bf16 tensor-core peak; {} for FP8 variants), {b} GB/s",
+            f * FP8_RATE
+        );
     }
     println!(
         "{:<14} {:<58} {:>10} {:>9} {:>9} {:>9} {:>11} {:>9}",
@@ -157,6 +163,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             let seconds = timing.median_ms / 1e3;
             let (tflops, gbps) = (spec.flops as f64 / seconds / 1e12, spec.bytes as f64 / seconds / 1e9);
             let roofline = peaks.map_or("-".to_string(), |(f, b)| {
+                let f = if kernel.fp8_math(variant) { f * FP8_RATE } else { f };
                 let floor = (spec.flops as f64 / (f * 1e12)).max(spec.bytes as f64 / (b * 1e9));
                 format!("{:.1}%", 100.0 * floor / seconds)
             });

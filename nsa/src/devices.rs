@@ -40,6 +40,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             ("tensor-cores", f.tensor_cores),
             ("cmma-bf16", f.cmma_bf16),
             ("mma-m16n8k16", f.mma_m16n8k16_bf16),
+            ("wgmma", f.wgmma),
             ("tma", f.tma),
             ("bf16", f.bf16),
             ("fp8", f.fp8),

@@ -1,0 +1,84 @@
+//! Hopper warpgroup MMA (PTX `wgmma.mma_async`, sm_90a only): one warpgroup (4 warps, 128 units, all
+//! convergent) multiplies a 64-row A tile by an N-row B tile straight from shared memory, described by
+//! 64-bit matrix descriptors. CubeCL has no wrapper, so this is inline PTX (CUDA C++ path only).
+//!
+//! Tiles are K-major with the 128-byte swizzle: rows of 128 bytes (128 e4m3 or 64 bf16), 16-byte chunk
+//! `c` of row `r` stored at chunk `c ^ (r % 8)` ([`swizzled_chunk`]), 8-row atoms 1024 bytes apart; a
+//! tile starts on a 1024-byte boundary. Each k step of a multiply starts 32 bytes further along the rows.
+//!
+//! Result layout (m64nN, f32): warp w of the warpgroup holds rows 16w.., lane = 4g + t, element
+//! 4i + {0, 1} = row 16w + g, columns 8i + 2t + {0, 1}; 4i + {2, 3} = row 16w + g + 8, same columns —
+//! per warp, the m16n8 accumulator layout of [`crate::warp_mma`].
+use cubecl::prelude::*;
+use cubecl_cpp::cuda::ptx::generic_to_shared;
+
+/// Bytes per swizzled row and per 8-row swizzle atom (the stride between atoms).
+pub const ROW_BYTES: u32 = 128;
+pub const ATOM_BYTES: u32 = 1024;
+
+/// Descriptor bits besides the start address: stride between 8-row atoms (1024 >> 4 at bit 32), 128-byte
+/// swizzle (1 at bit 62). The leading-dimension offset is unused for swizzled K-major tiles.
+const SW128_K_MAJOR: u64 = (64u64 << 32) | (1u64 << 62);
+
+/// Shared-window byte address of a shared slice's first element (what descriptors and `.shared` take).
+#[cube]
+pub fn shared_address<T: CubePrimitive>(slice: &[T]) -> u32 {
+    generic_to_shared::<T>(slice.as_ptr())
+}
+
+/// Index, in 16-byte chunks from the tile start, of chunk `chunk` (0..8) of row `row` of a swizzled tile.
+#[cube]
+pub fn swizzled_chunk(row: usize, chunk: usize) -> usize {
+    row * 8 + (chunk ^ (row % 8))
+}
+
+/// Descriptor of a K-major, 128-byte-swizzled tile at shared address `address` (1024-byte aligned).
+#[cube]
+pub fn sw128_descriptor(address: u32) -> u64 {
+    u64::cast_from((address & 0x3FFFF) >> 4) | SW128_K_MAJOR
+}
+
+/// The PTX of `steps` multiplies after the first: descriptors advanced by 32 bytes (2 in the encoded
+/// address) each, accumulating into operand 0 (the result vector; results come first).
+fn following_steps(instruction: &str, steps: usize) -> String {
+    let mut text = String::new();
+    for _ in 1..steps {
+        text.push_str("add.s64 wg_da, wg_da, 2;\nadd.s64 wg_db, wg_db, 2;\n");
+        text.push_str(&format!("{instruction} $0, wg_da, wg_db, wg_p1, 1, 1;\n"));
+    }
+    text
+}
+
+/// D = Σ over `steps` k32 steps of A·Bᵀ for e4m3 tiles, from zero, in f32: A 64 rows at descriptor `a`,
+/// B `n` rows at descriptor `b` (both K-major, swizzled). `NC` must be `n / 2` (the f32 values each unit
+/// holds). The warpgroup waits for the products, so the result is ready on return.
+#[cube]
+pub fn wgmma_e4m3_fresh<NC: Size>(a: u64, b: u64, #[comptime] n: usize, #[comptime] steps: usize) -> Vector<f32, NC> {
+    let instruction = comptime!(format!("wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3"));
+    let rest = comptime!(following_steps(&instruction, steps));
+    let d: Vector<f32, NC>;
+    gpu_asm!(
+        "{{\n.reg .b64 wg_da, wg_db;\n.reg .pred wg_p0, wg_p1;\nmov.b64 wg_da, {a};\nmov.b64 wg_db, {b};",
+        "setp.ne.b64 wg_p0, wg_da, wg_da;\nsetp.eq.b64 wg_p1, wg_da, wg_da;\nwgmma.fence.sync.aligned;",
+        "{instruction} {d}, wg_da, wg_db, wg_p0, 1, 1;",
+        "{rest}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
+        d = out(_) d,
+        a = in(_) a,
+        b = in(_) b,
+    );
+    d
+}
+
+/// Waits until at most `pending` groups of this unit's asynchronous copies are still in flight
+/// (`cp.async.wait_group`): the pipelined form of [`crate::warp_mma::wait_async_copies`].
+#[cube]
+pub fn wait_async_copies_pending(#[comptime] pending: u32) {
+    gpu_asm!("cp.async.wait_group {n};", n = const pending);
+}
+
+/// Makes this unit's ordinary shared-memory writes (stores, `cp.async`) visible to the async proxy that
+/// wgmma reads through; a cube barrier after it covers every unit's.
+#[cube]
+pub fn fence_shared_for_wgmma() {
+    sync_async_proxy_shared();
+}
