@@ -38,31 +38,103 @@ pub fn sw128_descriptor(address: u32) -> u64 {
     u64::cast_from((address & 0x3FFFF) >> 4) | SW128_K_MAJOR
 }
 
-/// The PTX of `steps` multiplies after the first: descriptors advanced by 32 bytes (2 in the encoded
+/// The operand type of a warpgroup multiply; either way one k step covers 32 bytes of each row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Operands {
+    /// FP8 e4m3, k32 per step.
+    E4m3,
+    /// bf16, k16 per step (both operands K-major).
+    Bf16,
+}
+
+impl Operands {
+    fn instruction(self, n: usize) -> String {
+        match self {
+            Operands::E4m3 => format!("wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3"),
+            Operands::Bf16 => format!("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16"),
+        }
+    }
+
+    /// The immediate operands after scale-d: A and B not negated (and, for bf16, not transposed).
+    fn immediates(self) -> &'static str {
+        match self {
+            Operands::E4m3 => "1, 1",
+            Operands::Bf16 => "1, 1, 0, 0",
+        }
+    }
+}
+
+/// The PTX of the multiplies after the first: descriptors advanced by 32 bytes (2 in the encoded
 /// address) each, accumulating into operand 0 (the result vector; results come first).
-fn following_steps(instruction: &str, steps: usize) -> String {
+fn following_steps(operands: Operands, n: usize, steps: usize) -> String {
+    let (instruction, immediates) = (operands.instruction(n), operands.immediates());
     let mut text = String::new();
     for _ in 1..steps {
         text.push_str("add.s64 wg_da, wg_da, 2;\nadd.s64 wg_db, wg_db, 2;\n");
-        text.push_str(&format!("{instruction} $0, wg_da, wg_db, wg_p1, 1, 1;\n"));
+        text.push_str(&format!("{instruction} $0, wg_da, wg_db, wg_p1, {immediates};\n"));
     }
     text
 }
 
-/// D = Σ over `steps` k32 steps of A·Bᵀ for e4m3 tiles, from zero, in f32: A 64 rows at descriptor `a`,
-/// B `n` rows at descriptor `b` (both K-major, swizzled). `NC` must be `n / 2` (the f32 values each unit
-/// holds). The warpgroup waits for the products, so the result is ready on return.
+/// D = Σ over `steps` k steps (32 bytes of K each) of A·Bᵀ, from zero, in f32: A 64 rows at descriptor
+/// `a`, B `n` rows at descriptor `b` (both K-major, swizzled). `NC` must be `n / 2` (the f32 values each
+/// unit holds). The warpgroup waits for the products, so the result is ready on return.
 #[cube]
-pub fn wgmma_e4m3_fresh<NC: Size>(a: u64, b: u64, #[comptime] n: usize, #[comptime] steps: usize) -> Vector<f32, NC> {
-    let instruction = comptime!(format!("wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3"));
-    let rest = comptime!(following_steps(&instruction, steps));
+pub fn wgmma_fresh<NC: Size>(
+    a: u64,
+    b: u64,
+    #[comptime] operands: Operands,
+    #[comptime] n: usize,
+    #[comptime] steps: usize,
+) -> Vector<f32, NC> {
+    let instruction = comptime!(operands.instruction(n));
+    let immediates = comptime!(operands.immediates());
+    let rest = comptime!(following_steps(operands, n, steps));
     let d: Vector<f32, NC>;
     gpu_asm!(
         "{{\n.reg .b64 wg_da, wg_db;\n.reg .pred wg_p0, wg_p1;\nmov.b64 wg_da, {a};\nmov.b64 wg_db, {b};",
         "setp.ne.b64 wg_p0, wg_da, wg_da;\nsetp.eq.b64 wg_p1, wg_da, wg_da;\nwgmma.fence.sync.aligned;",
-        "{instruction} {d}, wg_da, wg_db, wg_p0, 1, 1;",
+        "{instruction} {d}, wg_da, wg_db, wg_p0, {immediates};",
         "{rest}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
         d = out(_) d,
+        a = in(_) a,
+        b = in(_) b,
+    );
+    d
+}
+
+/// PTX copying the accumulator inputs into the result registers first (inline PTX has no read-write
+/// operands here): results are operands 0..values, the accumulator values..2·values.
+fn copy_accumulator(values: usize) -> String {
+    (0..values)
+        .map(|i| format!("mov.f32 %{i}, %{};\n", values + i))
+        .collect()
+}
+
+/// `c` + Σ over `steps` k steps of A·Bᵀ (as [`wgmma_fresh`], accumulating onto `c`).
+#[cube]
+pub fn wgmma_accumulate<NC: Size>(
+    c: Vector<f32, NC>,
+    a: u64,
+    b: u64,
+    #[comptime] operands: Operands,
+    #[comptime] n: usize,
+    #[comptime] steps: usize,
+) -> Vector<f32, NC> {
+    let instruction = comptime!(operands.instruction(n));
+    let immediates = comptime!(operands.immediates());
+    let copies = comptime!(copy_accumulator(n / 2));
+    let rest = comptime!(following_steps(operands, n, steps));
+    // A mutable vector reaches inline PTX as its address; an arithmetic result is a value (× 1 folds away).
+    let c = c * Vector::<f32, NC>::new(1.0f32);
+    let d: Vector<f32, NC>;
+    gpu_asm!(
+        "{{\n// accumulator {c}\n{copies}.reg .b64 wg_da, wg_db;\n.reg .pred wg_p1;\nmov.b64 wg_da, {a};",
+        "mov.b64 wg_db, {b};\nsetp.eq.b64 wg_p1, wg_da, wg_da;\nwgmma.fence.sync.aligned;",
+        "{instruction} {d}, wg_da, wg_db, wg_p1, {immediates};",
+        "{rest}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
+        d = out(_) d,
+        c = in(_) c,
         a = in(_) a,
         b = in(_) b,
     );

@@ -197,7 +197,7 @@ pub fn check(
     // Each output has its own tolerance; the result reports the output closest to (or furthest past) it.
     let mut worst_ratio = -1.0;
     for ((spec, output), expected) in kernel.outputs().iter().zip(&outputs).zip(&expected) {
-        let tolerance = kernel.tolerance(spec, problem);
+        let tolerance = kernel.variant_tolerance(variant, spec, problem);
         let (mut got, mut want) = (output.to_f64(), expected.clone());
         kernel.canonicalize(spec, problem, &mut got);
         kernel.canonicalize(spec, problem, &mut want);

@@ -17,8 +17,8 @@ use nsa_dsl::Format;
 use nsa_dsl::format::pack;
 use nsa_dsl::warp_mma::{commit_async_copies, copy_chunk_async};
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, fence_shared_for_wgmma, shared_address, sw128_descriptor, swizzled_chunk, wait_async_copies_pending,
-    wgmma_e4m3_fresh,
+    ATOM_BYTES, Operands, fence_shared_for_wgmma, shared_address, sw128_descriptor, swizzled_chunk,
+    wait_async_copies_pending, wgmma_fresh,
 };
 
 const GROUP: usize = 128;
@@ -124,7 +124,7 @@ fn fp8_gemm_wgmma_kernel(
         let stage = base + ((gi % STAGES) * STAGE_CHUNKS * 16) as u32;
         let a_desc = sw128_descriptor(stage + (warpgroup * 64 * GROUP) as u32);
         let b_desc = sw128_descriptor(stage + (TILE_CHUNKS * 16) as u32);
-        let acc = wgmma_e4m3_fresh::<Const<64>>(a_desc, b_desc, TILE, comptime!(GROUP / 32));
+        let acc = wgmma_fresh::<Const<64>>(a_desc, b_desc, Operands::E4m3, TILE, comptime!(GROUP / 32));
 
         let b_scale = b_scales[tn * groups + gi];
         let s0 = select(row0 < m, a_scales[select(row0 < m, row0, 0usize) * groups + gi], 0.0f32) * b_scale;

@@ -20,6 +20,7 @@ pub mod mla_decode;
 pub mod moe_experts;
 pub mod moe_experts_fp8;
 pub mod moe_experts_mma;
+pub mod moe_experts_wgmma;
 pub mod moe_gate;
 pub mod norm;
 pub mod registry;

@@ -5,25 +5,29 @@
 //! x [tokens, hidden] (bf16 or f32), ids / weights [tokens, top_k], w13 [experts, 2·inter, hidden] u8 with
 //! w13_scales [experts, 2·inter / 128, hidden / 128], w2 [experts, hidden, inter] u8 with w2_scales
 //! [experts, hidden / 128, inter / 128] → out [tokens, hidden]. hidden and inter are multiples of 128.
-//! Variant `simt` (everywhere).
+//! Variants `wgmma` (Hopper: weights widened to bf16 × scale in shared memory, see
+//! [`crate::moe_experts_wgmma`]) and `simt` (everywhere).
 use crate::fp8_act::quantize_weight_blocks;
 use crate::moe_experts::{
-    Layer, MoeExperts, WeightFormat, launch_layer, random_expert_weights, random_routing, reference_layer,
+    Layer, MoeExperts, Projections, WeightFormat, launch_layer, random_expert_weights, random_routing, reference_layer,
 };
 use crate::spec::{Storage, TensorSpec};
 use crate::{DType, HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use nsa_backends::{Device, IrTarget};
+use nsa_backends::{Device, DeviceFeatures, IrTarget};
 use nsa_dsl::{Format, host};
 
 const BLOCK: usize = 128;
 
-pub const VARIANTS: &[Variant] = &[Variant {
-    name: "simt",
-    summary: "moe_experts' steps with e4m3 weights dequantized per 128 × 128 block as they are read",
-    needs_plane_ops: false,
-}];
+pub const VARIANTS: &[Variant] = &[
+    crate::moe_experts_wgmma::VARIANT,
+    Variant {
+        name: "simt",
+        summary: "moe_experts' steps with e4m3 weights dequantized per 128 × 128 block as they are read",
+        needs_plane_ops: false,
+    },
+];
 
 const INPUTS: &[TensorSpec] = &[
     TensorSpec::new("x", &["tokens", "hidden"], Storage::Problem),
@@ -89,14 +93,17 @@ impl Kernel for MoeExpertsFp8 {
     fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         for format in Format::ALL {
-            for (tokens, hidden, inter, experts, top_k) in [(5, 128, 128, 4, 2), (9, 256, 128, 8, 3)] {
+            // The last: experts past 128 rows (wgmma's row tiles), K past the pipeline's stages.
+            for (tokens, hidden, inter, experts, top_k) in
+                [(5, 128, 128, 4, 2), (9, 256, 128, 8, 3), (300, 256, 128, 4, 2)]
+            {
                 problems.push(Problem::new(format, &dims(tokens, hidden, inter, experts, top_k), &[]));
             }
         }
         problems
     }
     fn bench_problems(&self) -> Vec<Problem> {
-        // A 16-expert slice of DeepSeek-V3.2's layer (the portable form only; not measured yet).
+        // A 16-expert slice of DeepSeek-V3.2's layer.
         [256, 8192]
             .into_iter()
             .map(|tokens| Problem::new(Format::Bf16, &dims(tokens, 7168, 2048, 16, 8), &[]))
@@ -130,11 +137,32 @@ impl Kernel for MoeExpertsFp8 {
         }
         Ok(())
     }
+    fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        match variant.name {
+            "wgmma" => crate::moe_experts_wgmma::requirements(problem, features),
+            _ => Ok(()),
+        }
+    }
+    fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
+        variant.name == "simt" || target == IrTarget::Cuda
+    }
+    fn supports_format(&self, variant: &Variant, format: Format) -> bool {
+        variant.name == "simt" || format == Format::Bf16
+    }
+    fn shared_memory_bytes(&self, variant: &Variant, _: &Problem) -> usize {
+        match variant.name {
+            "wgmma" => crate::moe_experts_wgmma::shared_memory_bytes(),
+            _ => 0,
+        }
+    }
     fn flops(&self, problem: &Problem) -> u64 {
         MoeExperts.flops(problem)
     }
     fn tolerance(&self, output: &TensorSpec, problem: &Problem) -> f64 {
         MoeExperts.tolerance(output, problem)
+    }
+    fn variant_tolerance(&self, variant: &Variant, output: &TensorSpec, problem: &Problem) -> f64 {
+        MoeExperts.variant_tolerance(variant, output, problem)
     }
     fn random_inputs(&self, problem: &Problem, rng: &mut rand::rngs::StdRng) -> Vec<HostTensor> {
         let (tokens, hidden, inter) = (problem.dim("tokens"), problem.dim("hidden"), problem.dim("inter"));
@@ -172,7 +200,7 @@ impl Kernel for MoeExpertsFp8 {
         let (x, ids, weights) = (inputs[0].to_f64(), inputs[1].to_f64(), inputs[2].to_f64());
         vec![reference_layer(problem, &x, &ids, &weights, &w13, &w2)]
     }
-    fn launch(&self, _: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
+    fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
         let layer = Layer {
             x: &inputs[0],
             ids: &inputs[1],
@@ -183,9 +211,12 @@ impl Kernel for MoeExpertsFp8 {
             w2_scales: &inputs[6],
             out: &outputs[0],
         };
-        launch_layer(device, problem, layer, WeightFormat::Fp8Block, false);
+        launch_layer(device, problem, layer, WeightFormat::Fp8Block, Projections::of(variant));
     }
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
+        if variant.name == "wgmma" {
+            return crate::moe_experts_wgmma::define(target, true);
+        }
         crate::moe_experts::define_gate_up(variant, target, problem, WeightFormat::Fp8Block)
     }
 }

@@ -14,19 +14,24 @@ pub(crate) const TILE: usize = 64;
 /// 16-byte chunks per shared-memory row: 8 (64 bf16) plus one of padding.
 const ROW_CHUNKS: usize = TILE / 8 + 1;
 
-/// The expert and first permuted row of row tile `tile`, and the end of that expert's rows; `experts` when
-/// the tile is past the last one.
+/// The expert and first permuted row of row tile `tile` (each expert's rows in tiles of `rows`), and the end
+/// of that expert's rows; `experts` when the tile is past the last one.
 #[cube]
-fn expert_tile(offsets: &[u32], experts: usize, tile: usize) -> (usize, usize, usize) {
+pub(crate) fn expert_tile(
+    offsets: &[u32],
+    experts: usize,
+    tile: usize,
+    #[comptime] rows: usize,
+) -> (usize, usize, usize) {
     let mut expert = experts;
     let mut row0 = 0usize;
     let mut counted = 0usize;
     for e in 0..experts {
         let count = (offsets[e + 1] - offsets[e]) as usize;
-        let tiles = count.div_ceil(TILE);
+        let tiles = count.div_ceil(rows);
         if expert == experts && tile < counted + tiles {
             expert = e;
-            row0 = offsets[e] as usize + (tile - counted) * TILE;
+            row0 = offsets[e] as usize + (tile - counted) * rows;
         }
         counted += tiles;
     }
@@ -72,7 +77,7 @@ pub fn gate_up_mma_kernel<N: Size>(
     experts: usize,
     col_tiles: usize,
 ) {
-    let (expert, row0, end) = expert_tile(offsets, experts, CUBE_POS / col_tiles);
+    let (expert, row0, end) = expert_tile(offsets, experts, CUBE_POS / col_tiles, TILE);
     if expert >= experts {
         terminate!();
     }
@@ -160,7 +165,7 @@ pub fn down_mma_kernel<N: Size>(
     experts: usize,
     col_tiles: usize,
 ) {
-    let (expert, row0, end) = expert_tile(offsets, experts, CUBE_POS / col_tiles);
+    let (expert, row0, end) = expert_tile(offsets, experts, CUBE_POS / col_tiles, TILE);
     if expert >= experts {
         terminate!();
     }

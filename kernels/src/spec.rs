@@ -261,6 +261,11 @@ pub trait Kernel: Sync {
             _ => 1e-5,
         }
     }
+    /// The tolerance the check applies to `variant`: by default [`Kernel::tolerance`]; variants that round
+    /// an intermediate to bf16 may widen it to bf16's 1e-2.
+    fn variant_tolerance(&self, _variant: &Variant, output: &TensorSpec, problem: &Problem) -> f64 {
+        self.tolerance(output, problem)
+    }
     /// Puts an output (or its reference) in the order the comparison needs; e.g. top-k sorts each row,
     /// since any order of the selected set is correct.
     fn canonicalize(&self, _output: &TensorSpec, _problem: &Problem, _values: &mut [f64]) {}
