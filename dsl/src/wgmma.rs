@@ -65,20 +65,25 @@ impl Operands {
 }
 
 /// The PTX of the multiplies after the first: descriptors advanced by 32 bytes (2 in the encoded
-/// address) each, accumulating into operand 0 (the result vector; results come first).
-fn following_steps(operands: Operands, n: usize, steps: usize) -> String {
+/// address) each, and past every fourth step (one 128-byte row used up) to the next column block of the
+/// tiles, `block_bytes` on from the last one; accumulating into operand 0 (the result vector).
+fn following_steps(operands: Operands, n: usize, steps: usize, block_bytes: usize) -> String {
     let (instruction, immediates) = (operands.instruction(n), operands.immediates());
     let mut text = String::new();
-    for _ in 1..steps {
-        text.push_str("add.s64 wg_da, wg_da, 2;\nadd.s64 wg_db, wg_db, 2;\n");
+    for step in 1..steps {
+        let advance = if step % 4 == 0 { (block_bytes - 96) >> 4 } else { 2 };
+        text.push_str(&format!(
+            "add.s64 wg_da, wg_da, {advance};\nadd.s64 wg_db, wg_db, {advance};\n"
+        ));
         text.push_str(&format!("{instruction} $0, wg_da, wg_db, wg_p1, {immediates};\n"));
     }
     text
 }
 
 /// D = Σ over `steps` k steps (32 bytes of K each) of A·Bᵀ, from zero, in f32: A 64 rows at descriptor
-/// `a`, B `n` rows at descriptor `b` (both K-major, swizzled). `NC` must be `n / 2` (the f32 values each
-/// unit holds). The warpgroup waits for the products, so the result is ready on return.
+/// `a`, B `n` rows at descriptor `b` (both K-major, swizzled; K past 128 bytes continues in column blocks
+/// `block_bytes` apart in both). `NC` must be `n / 2` (the f32 values each unit holds). The warpgroup
+/// waits for the products, so the result is ready on return.
 #[cube]
 pub fn wgmma_fresh<NC: Size>(
     a: u64,
@@ -86,10 +91,11 @@ pub fn wgmma_fresh<NC: Size>(
     #[comptime] operands: Operands,
     #[comptime] n: usize,
     #[comptime] steps: usize,
+    #[comptime] block_bytes: usize,
 ) -> Vector<f32, NC> {
     let instruction = comptime!(operands.instruction(n));
     let immediates = comptime!(operands.immediates());
-    let rest = comptime!(following_steps(operands, n, steps));
+    let rest = comptime!(following_steps(operands, n, steps, block_bytes));
     let d: Vector<f32, NC>;
     gpu_asm!(
         "{{\n.reg .b64 wg_da, wg_db;\n.reg .pred wg_p0, wg_p1;\nmov.b64 wg_da, {a};\nmov.b64 wg_db, {b};",
@@ -111,7 +117,7 @@ fn copy_accumulator(values: usize) -> String {
         .collect()
 }
 
-/// `c` + Σ over `steps` k steps of A·Bᵀ (as [`wgmma_fresh`], accumulating onto `c`).
+/// `c` + Σ over `steps` (≤ 4) k steps of A·Bᵀ (as [`wgmma_fresh`], accumulating onto `c`).
 #[cube]
 pub fn wgmma_accumulate<NC: Size>(
     c: Vector<f32, NC>,
@@ -124,7 +130,7 @@ pub fn wgmma_accumulate<NC: Size>(
     let instruction = comptime!(operands.instruction(n));
     let immediates = comptime!(operands.immediates());
     let copies = comptime!(copy_accumulator(n / 2));
-    let rest = comptime!(following_steps(operands, n, steps));
+    let rest = comptime!(following_steps(operands, n, steps, 0));
     // A mutable vector reaches inline PTX as its address; an arithmetic result is a value (× 1 folds away).
     let c = c * Vector::<f32, NC>::new(1.0f32);
     let d: Vector<f32, NC>;
@@ -133,6 +139,62 @@ pub fn wgmma_accumulate<NC: Size>(
         "mov.b64 wg_db, {b};\nsetp.eq.b64 wg_p1, wg_da, wg_da;\nwgmma.fence.sync.aligned;",
         "{instruction} {d}, wg_da, wg_db, wg_p1, {immediates};",
         "{rest}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
+        d = out(_) d,
+        c = in(_) c,
+        a = in(_) a,
+        b = in(_) b,
+    );
+    d
+}
+
+/// Descriptor of a bf16 B operand stored MN-major (e.g. V as [key][dim], read with trans-b = 1): rows of
+/// 128 bytes = 64 N values of one k, 128-byte swizzled, 8-row atoms 1024 bytes apart along K, and further
+/// 64-wide N blocks `n_block_bytes` apart.
+#[cube]
+pub fn sw128_mn_major_descriptor(address: u32, #[comptime] n_block_bytes: u32) -> u64 {
+    let lbo = comptime!((n_block_bytes as u64 >> 4) << 16);
+    u64::cast_from((address & 0x3FFFF) >> 4) | lbo | SW128_K_MAJOR
+}
+
+/// The PTX of a register-A product: `steps` k16 multiplies, step j reading A registers
+/// %first_a + 4j .. + 3 and the B descriptor advanced by `b_step_bytes` a step.
+fn register_a_steps(n: usize, steps: usize, first_a: usize, b_step_bytes: usize) -> String {
+    let mut text = String::new();
+    for j in 0..steps {
+        if j > 0 {
+            text.push_str(&format!("add.s64 wg_db, wg_db, {};\n", b_step_bytes >> 4));
+        }
+        let a: Vec<String> = (0..4).map(|r| format!("%{}", first_a + 4 * j + r)).collect();
+        text.push_str(&format!(
+            "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 $0, {{{}}}, wg_db, wg_p1, 1, 1, 1;\n",
+            a.join(", ")
+        ));
+    }
+    text
+}
+
+/// `c` + P·B with P from registers: `a` holds 4 bf16-pair registers per k16 step (per warp, the m16n8k16
+/// A layout — what [`crate::warp_mma::accumulators_as_a`]'s pairs are), B `n` wide and 16·`steps` deep,
+/// stored MN-major at descriptor `b` ([`sw128_mn_major_descriptor`]) and `b_step_bytes` further per step
+/// (16 rows: 2048 bytes). Flash attention's O += P·V.
+#[cube]
+pub fn wgmma_bf16_register_a_accumulate<NC: Size, NA: Size>(
+    c: Vector<f32, NC>,
+    a: Vector<u32, NA>,
+    b: u64,
+    #[comptime] n: usize,
+    #[comptime] steps: usize,
+    #[comptime] b_step_bytes: usize,
+) -> Vector<f32, NC> {
+    let copies = comptime!(copy_accumulator(n / 2));
+    let products = comptime!(register_a_steps(n, steps, n, b_step_bytes));
+    let c = c * Vector::<f32, NC>::new(1.0f32);
+    let a = a * Vector::<u32, NA>::new(1u32);
+    let d: Vector<f32, NC>;
+    gpu_asm!(
+        "{{\n// {d} {c} {a}\n{copies}.reg .b64 wg_db;\n.reg .pred wg_p1;\nmov.b64 wg_db, {b};",
+        "setp.eq.b64 wg_p1, wg_db, wg_db;\nwgmma.fence.sync.aligned;",
+        "{products}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
         d = out(_) d,
         c = in(_) c,
         a = in(_) a,

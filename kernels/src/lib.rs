@@ -16,6 +16,7 @@ pub mod ir;
 pub mod launch;
 pub mod layer_plan;
 pub mod mha_prefill;
+pub mod mha_prefill_wgmma;
 pub mod mla_decode;
 pub mod moe_experts;
 pub mod moe_experts_fp8;

@@ -6,7 +6,8 @@
 //! sm_scale → out [t_q, h, 128] (q's format), lse [t_q, h] f32 (natural log). Query j of a sequence with
 //! q_len queries and k_len ≥ q_len keys sees its keys 0 ..= k_len − q_len + j (causal, the new tokens last).
 //! A query that sees nothing gets out 0 and lse +∞.
-//! Variants: `simt` (one unit per (query, head), everywhere) and `mma` (flash attention on warp mma.sync:
+//! Variants: `wgmma` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
+//! everywhere) and `mma` (flash attention on warp mma.sync:
 //! 64 queries of one head per cube, 16 per plane, Q fragments in registers, O 16 × 128 per plane, K/V
 //! blocks of 64 keys gathered by cp.async one block ahead; CUDA, bf16).
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
@@ -32,6 +33,11 @@ const QK_CHUNKS: usize = D_QK / 8 + 1;
 const V_CHUNKS: usize = D_V / 8 + 1;
 
 pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "wgmma",
+        summary: "flash attention on warpgroup MMA: 64 queries of a head per cube, P in registers (Hopper, bf16)",
+        needs_plane_ops: true,
+    },
     Variant {
         name: "mma",
         summary: "flash attention on mma.sync: 64 queries of a head per cube, O in registers (CUDA, bf16)",
@@ -195,6 +201,25 @@ fn gather_kv<N: Size>(
     );
 }
 
+/// The sequence of query tile `tile` (sequences contribute ⌈q_len / 64⌉ tiles each, in order) and its first
+/// tile; `seqs` past the last.
+#[cube]
+pub(crate) fn query_tile(cu_q: &[i32], seqs: usize, tile: usize) -> (usize, usize) {
+    let mut seq = seqs;
+    let mut first_tile = 0usize;
+    let mut counted = 0usize;
+    for i in 0..seqs {
+        let q_len = (cu_q[i + 1] - cu_q[i]) as usize;
+        let tiles = q_len.div_ceil(BLOCK);
+        if seq == seqs && tile < counted + tiles {
+            seq = i;
+            first_tile = counted;
+        }
+        counted += tiles;
+    }
+    (seq, first_tile)
+}
+
 /// Flash-attention variant. Cube c covers query tile c of the batch (each sequence's queries in tiles of
 /// 64, in order) for one head; plane p owns queries 16p..16p + 16 of the tile.
 #[cube(launch)]
@@ -219,19 +244,7 @@ fn mha_prefill_mma_kernel<N: Size>(
     if CUBE_POS / heads >= tile_bound {
         terminate!();
     }
-    // Find the tile's sequence: sequences contribute ceil(q_len / 64) tiles each, in order.
-    let mut seq = seqs;
-    let mut first_tile = 0usize;
-    let mut counted = 0usize;
-    for i in 0..seqs {
-        let q_len = (cu_q[i + 1] - cu_q[i]) as usize;
-        let tiles = q_len.div_ceil(BLOCK);
-        if seq == seqs && tile < counted + tiles {
-            seq = i;
-            first_tile = counted;
-        }
-        counted += tiles;
-    }
+    let (seq, first_tile) = query_tile(cu_q, seqs, tile);
     if seq >= seqs {
         terminate!();
     }
@@ -553,6 +566,15 @@ impl Kernel for MhaPrefill {
         Ok(())
     }
     fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        if variant.name == "wgmma" {
+            if !features.wgmma {
+                return Err("needs Hopper warpgroup MMA (CUDA sm_90)".into());
+            }
+            if problem.format != Format::Bf16 {
+                return Err(format!("needs bf16, got {}", problem.format));
+            }
+            return Ok(());
+        }
         if variant.name == "mma" {
             if !features.mma_m16n8k16_bf16 || features.plane_size != 32 {
                 return Err("needs warp mma.sync m16n8k16 bf16 (CUDA)".into());
@@ -564,14 +586,15 @@ impl Kernel for MhaPrefill {
         Ok(())
     }
     fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
-        variant.name != "mma" || target == IrTarget::Cuda
+        variant.name == "simt" || target == IrTarget::Cuda
     }
     fn supports_format(&self, variant: &Variant, format: Format) -> bool {
-        variant.name != "mma" || format == Format::Bf16
+        variant.name == "simt" || format == Format::Bf16
     }
     fn shared_memory_bytes(&self, variant: &Variant, _: &Problem) -> usize {
         match variant.name {
             "mma" => 16 * BLOCK * (3 * QK_CHUNKS + 2 * V_CHUNKS),
+            "wgmma" => crate::mha_prefill_wgmma::shared_memory_bytes(),
             _ => 0,
         }
     }
@@ -647,6 +670,9 @@ impl Kernel for MhaPrefill {
         );
         let per_word = problem.format.per_word() as usize;
         let sm_scale = problem.param("sm_scale") as f32;
+        if variant.name == "wgmma" {
+            return crate::mha_prefill_wgmma::launch(device, problem, inputs, outputs);
+        }
         if variant.name == "mma" {
             // At most one partial tile per sequence beyond t_q / 64 full ones.
             let tiles = t_q.div_ceil(BLOCK) + seqs;
@@ -689,6 +715,9 @@ impl Kernel for MhaPrefill {
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         let (props, target_props) = nsa_backends::ir_properties(target);
         let a = slice_arg;
+        if variant.name == "wgmma" {
+            return crate::mha_prefill_wgmma::define(target);
+        }
         if variant.name == "mma" {
             return mha_prefill_mma_kernel::MhaPrefillMmaKernel::new(
                 ir_settings(CubeDim::new_1d(128)),
