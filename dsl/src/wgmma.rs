@@ -203,6 +203,33 @@ pub fn wgmma_bf16_register_a_accumulate<NC: Size, NA: Size>(
     d
 }
 
+/// Starts copying (cp.async) 16-byte chunks `first_chunk..first_chunk + 8` of `rows` rows (from `row0` of a
+/// [rows_total, row_chunks] source) into the swizzled tile at chunk `tile0`; rows past `rows_total` and
+/// chunks past `row_chunks` are zero-filled. All units of the cube share the work.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn copy_rows_swizzled(
+    source: &[Vector<u32, Const<4>>],
+    smem: &mut [Vector<u32, Const<4>>],
+    tile0: usize,
+    row0: usize,
+    rows_total: usize,
+    row_chunks: usize,
+    first_chunk: usize,
+    #[comptime] rows: usize,
+) {
+    let mut i = UNIT_POS as usize;
+    while i < rows * 8 {
+        let (r, c) = (i / 8, i % 8);
+        let valid = row0 + r < rows_total && first_chunk + c < row_chunks;
+        let start = select(valid, (row0 + r) * row_chunks + first_chunk + c, 0usize);
+        let len = select(valid, 1usize, 0usize);
+        let dst = tile0 + swizzled_chunk(r, c);
+        crate::warp_mma::copy_chunk_async(&source[start..start + len], &mut smem[dst..dst + 1]);
+        i += CUBE_DIM as usize;
+    }
+}
+
 /// Waits until at most `pending` groups of this unit's asynchronous copies are still in flight
 /// (`cp.async.wait_group`): the pipelined form of [`crate::warp_mma::wait_async_copies`].
 #[cube]

@@ -15,9 +15,9 @@ use cubecl::server::Handle;
 use nsa_backends::{Device, IrTarget};
 use nsa_dsl::Format;
 use nsa_dsl::format::pack;
-use nsa_dsl::warp_mma::{commit_async_copies, copy_chunk_async};
+use nsa_dsl::warp_mma::commit_async_copies;
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, fence_shared_for_wgmma, shared_address, sw128_descriptor, swizzled_chunk,
+    ATOM_BYTES, Operands, copy_rows_swizzled, fence_shared_for_wgmma, shared_address, sw128_descriptor,
     wait_async_copies_pending, wgmma_fresh,
 };
 
@@ -32,30 +32,6 @@ const UNITS: u32 = 256;
 
 pub fn shared_memory_bytes() -> usize {
     16 * STAGES * STAGE_CHUNKS + ATOM_BYTES as usize
-}
-
-/// Starts copying rows `row0..row0 + 128` of K group `gi` of an e4m3 [rows, k] matrix into the swizzled
-/// tile at chunk `tile0` (rows past the end zero-filled).
-#[cube]
-fn copy_tile(
-    source: &[Vector<u32, Const<4>>],
-    smem: &mut [Vector<u32, Const<4>>],
-    tile0: usize,
-    row0: usize,
-    rows: usize,
-    k: usize,
-    gi: usize,
-) {
-    let mut i = UNIT_POS as usize;
-    while i < TILE_CHUNKS {
-        let (r, c) = (i / 8, i % 8);
-        let valid = row0 + r < rows;
-        let start = (select(valid, row0 + r, 0usize) * k + gi * GROUP) / 16 + c;
-        let len = select(valid, 1usize, 0usize);
-        let dst = tile0 + swizzled_chunk(r, c);
-        copy_chunk_async(&source[start..start + len], &mut smem[dst..dst + 1]);
-        i += UNITS as usize;
-    }
 }
 
 #[cube(launch)]
@@ -95,8 +71,8 @@ fn fp8_gemm_wgmma_kernel(
     for s in 0..comptime!(STAGES - 1) {
         if s < groups {
             let tile0 = skip + s * STAGE_CHUNKS;
-            copy_tile(a, &mut smem, tile0, tm * TILE, m, k, s);
-            copy_tile(b, &mut smem, tile0 + TILE_CHUNKS, tn * TILE, n, k, s);
+            copy_rows_swizzled(a, &mut smem, tile0, tm * TILE, m, k / 16, s * 8, TILE);
+            copy_rows_swizzled(b, &mut smem, tile0 + TILE_CHUNKS, tn * TILE, n, k / 16, s * 8, TILE);
         }
         commit_async_copies();
     }
@@ -116,8 +92,8 @@ fn fp8_gemm_wgmma_kernel(
         let next = gi + STAGES - 1;
         if next < groups {
             let tile0 = skip + (next % STAGES) * STAGE_CHUNKS;
-            copy_tile(a, &mut smem, tile0, tm * TILE, m, k, next);
-            copy_tile(b, &mut smem, tile0 + TILE_CHUNKS, tn * TILE, n, k, next);
+            copy_rows_swizzled(a, &mut smem, tile0, tm * TILE, m, k / 16, next * 8, TILE);
+            copy_rows_swizzled(b, &mut smem, tile0 + TILE_CHUNKS, tn * TILE, n, k / 16, next * 8, TILE);
         }
         commit_async_copies();
 

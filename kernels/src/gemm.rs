@@ -1,7 +1,7 @@
 //! Dense GEMM for the model's bf16 linear layers, through cubek-matmul: c [m, n] = a [m, k] · bᵀ with b
 //! [n, k] (a linear layer's weight, read transposed in place), f32 accumulation.
 //!
-//! Variant `cubek`: bf16 through cubek's `Strategy::Auto`, which picks (and tunes, per device) its own
+//! Variant `wgmma` (Hopper, bf16: [`crate::gemm_wgmma`]). Variant `cubek`: bf16 through cubek's `Strategy::Auto`, which picks (and tunes, per device) its own
 //! tiled or multi-level matmul kernel at launch; so it has no single kernel to show in `nsa ir` or the
 //! snapshots. bf16 needs a device with bf16 arithmetic (CUDA, HIP). f32 takes cubek's `SimpleUnit`
 //! routine (plain f32 FMAs, everywhere): `Auto` would round f32 operands to tf32 on tensor cores
@@ -19,11 +19,18 @@ use cubek_std::InputBinding;
 use nsa_backends::{ComputeClient, Device, DeviceFeatures, IrTarget};
 use nsa_dsl::Format;
 
-pub const VARIANTS: &[Variant] = &[Variant {
-    name: "cubek",
-    summary: "cubek-matmul: bf16 by Strategy::Auto (kernel chosen per device at launch), f32 by SimpleUnit (no tf32)",
-    needs_plane_ops: false,
-}];
+pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "wgmma",
+        summary: "128 × 128 tiles, 2 warpgroups of bf16 wgmma m64n128k16, 4-stage cp.async pipeline (Hopper)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "cubek",
+        summary: "cubek-matmul: bf16 by Strategy::Auto (kernel chosen per device at launch), f32 by SimpleUnit (no tf32)",
+        needs_plane_ops: false,
+    },
+];
 
 const INPUTS: &[TensorSpec] = &[
     TensorSpec::new("a", &["m", "k"], Storage::Problem),
@@ -67,7 +74,8 @@ impl Kernel for Gemm {
         let mut problems = Vec::new();
         for format in Format::ALL {
             // (m, n, k): one token, ragged sizes, a square-ish block.
-            for (m, n, k) in [(1, 96, 64), (37, 70, 130), (128, 128, 256)] {
+            // The last: tails in every dimension for wgmma's 128 × 128 tiles and 64-wide K stages.
+            for (m, n, k) in [(1, 96, 64), (37, 70, 130), (128, 128, 256), (200, 200, 200)] {
                 problems.push(Problem::new(format, &dims(m, n, k), &[]));
             }
         }
@@ -90,15 +98,30 @@ impl Kernel for Gemm {
         }
         Ok(())
     }
-    fn requirements(&self, _: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+    fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        if variant.name == "wgmma" {
+            if !features.wgmma {
+                return Err("needs Hopper warpgroup MMA (CUDA sm_90)".into());
+            }
+            return crate::gemm_wgmma::shape_requirements(problem);
+        }
         if problem.format == Format::Bf16 && !features.bf16 {
             return Err("needs bf16 arithmetic (cubek works on the native type)".into());
         }
         Ok(())
     }
-    fn supports_target(&self, _: &Variant, _: IrTarget) -> bool {
+    fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
         // cubek chooses the kernel at launch: there is no single definition to print.
-        false
+        variant.name == "wgmma" && target == IrTarget::Cuda
+    }
+    fn supports_format(&self, variant: &Variant, format: Format) -> bool {
+        variant.name != "wgmma" || format == Format::Bf16
+    }
+    fn shared_memory_bytes(&self, variant: &Variant, _: &Problem) -> usize {
+        match variant.name {
+            "wgmma" => crate::gemm_wgmma::shared_memory_bytes(),
+            _ => 0,
+        }
     }
     fn flops(&self, problem: &Problem) -> u64 {
         2 * (problem.dim("m") * problem.dim("n") * problem.dim("k")) as u64
@@ -122,7 +145,10 @@ impl Kernel for Gemm {
             .collect();
         vec![c]
     }
-    fn launch(&self, _: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
+    fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
+        if variant.name == "wgmma" {
+            return crate::gemm_wgmma::launch(device, problem, inputs, outputs);
+        }
         let (m, n, k) = (problem.dim("m"), problem.dim("n"), problem.dim("k"));
         // a row-major [m, k], b row-major [n, k] seen as its transpose [k, n], c row-major [m, n].
         let a = Operand::new(inputs[0].clone(), &[m, k], &[k, 1]);
@@ -132,8 +158,12 @@ impl Kernel for Gemm {
             panic!("cubek-matmul cannot run {problem} on this device: {error}");
         }
     }
-    fn define(&self, _: &Variant, _: IrTarget, _: &Problem) -> KernelDefinition {
-        unreachable!("gemm has no IR of its own: cubek picks its kernel at launch (supports_target is false)")
+    fn define(&self, variant: &Variant, target: IrTarget, _: &Problem) -> KernelDefinition {
+        assert_eq!(
+            variant.name, "wgmma",
+            "cubek picks its kernel at launch: no IR of its own"
+        );
+        crate::gemm_wgmma::define(target)
     }
 }
 

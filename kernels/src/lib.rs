@@ -10,6 +10,7 @@ pub mod fp8_gemm_wgmma;
 pub mod fp8_kv;
 pub mod fp8_kv_dequant;
 pub mod gemm;
+pub mod gemm_wgmma;
 pub mod indexer;
 pub mod indexer_fp8;
 pub mod ir;

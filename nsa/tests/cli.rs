@@ -53,7 +53,7 @@ fn bad_input_is_one_line_naming_the_choices_with_exit_code_2() {
         (vec!["ir", "rms_norm", "--variant", "nope"], "plane, shared"),
         (vec!["ir", "rms_norm", "--target", "ptx"], "cuda, hip, wgsl, spirv"),
         (vec!["ir", "rms_norm", "--dtype", "f8"], "f32, bf16"),
-        (vec!["ir", "gemm"], "no variant with generated code"),
+        (vec!["ir", "gemm", "--target", "wgsl"], "no variant with generated code"),
         (vec!["autotune", "--kernels", "nope"], "rms_norm"),
         (vec!["autotune", "--budget", "5 minutes"], "90s, 10m, 1h"),
         (vec!["autotune", "--grid", "huge"], "model, tests"),
