@@ -66,15 +66,14 @@ impl Operands {
 
 /// The PTX of the multiplies after the first: descriptors advanced by 32 bytes (2 in the encoded
 /// address) each, and past every fourth step (one 128-byte row used up) to the next column block of the
-/// tiles, `block_bytes` on from the last one; accumulating into operand 0 (the result vector).
-fn following_steps(operands: Operands, n: usize, steps: usize, block_bytes: usize) -> String {
+/// tiles, `a_block` / `b_block` bytes on from the last one; accumulating into operand 0 (the result).
+fn following_steps(operands: Operands, n: usize, steps: usize, a_block: usize, b_block: usize) -> String {
     let (instruction, immediates) = (operands.instruction(n), operands.immediates());
+    let advance = |block: usize, step: usize| if step % 4 == 0 { (block - 96) >> 4 } else { 2 };
     let mut text = String::new();
     for step in 1..steps {
-        let advance = if step % 4 == 0 { (block_bytes - 96) >> 4 } else { 2 };
-        text.push_str(&format!(
-            "add.s64 wg_da, wg_da, {advance};\nadd.s64 wg_db, wg_db, {advance};\n"
-        ));
+        let (a, b) = (advance(a_block, step), advance(b_block, step));
+        text.push_str(&format!("add.s64 wg_da, wg_da, {a};\nadd.s64 wg_db, wg_db, {b};\n"));
         text.push_str(&format!("{instruction} $0, wg_da, wg_db, wg_p1, {immediates};\n"));
     }
     text
@@ -82,7 +81,7 @@ fn following_steps(operands: Operands, n: usize, steps: usize, block_bytes: usiz
 
 /// D = Σ over `steps` k steps (32 bytes of K each) of A·Bᵀ, from zero, in f32: A 64 rows at descriptor
 /// `a`, B `n` rows at descriptor `b` (both K-major, swizzled; K past 128 bytes continues in column blocks
-/// `block_bytes` apart in both). `NC` must be `n / 2` (the f32 values each unit holds). The warpgroup
+/// `a_block_bytes` / `b_block_bytes` apart). `NC` must be `n / 2` (the f32 values each unit holds). The warpgroup
 /// waits for the products, so the result is ready on return.
 #[cube]
 pub fn wgmma_fresh<NC: Size>(
@@ -91,11 +90,12 @@ pub fn wgmma_fresh<NC: Size>(
     #[comptime] operands: Operands,
     #[comptime] n: usize,
     #[comptime] steps: usize,
-    #[comptime] block_bytes: usize,
+    #[comptime] a_block_bytes: usize,
+    #[comptime] b_block_bytes: usize,
 ) -> Vector<f32, NC> {
     let instruction = comptime!(operands.instruction(n));
     let immediates = comptime!(operands.immediates());
-    let rest = comptime!(following_steps(operands, n, steps, block_bytes));
+    let rest = comptime!(following_steps(operands, n, steps, a_block_bytes, b_block_bytes));
     let d: Vector<f32, NC>;
     gpu_asm!(
         "{{\n.reg .b64 wg_da, wg_db;\n.reg .pred wg_p0, wg_p1;\nmov.b64 wg_da, {a};\nmov.b64 wg_db, {b};",
@@ -130,7 +130,7 @@ pub fn wgmma_accumulate<NC: Size>(
     let instruction = comptime!(operands.instruction(n));
     let immediates = comptime!(operands.immediates());
     let copies = comptime!(copy_accumulator(n / 2));
-    let rest = comptime!(following_steps(operands, n, steps, 0));
+    let rest = comptime!(following_steps(operands, n, steps, 0, 0));
     // A mutable vector reaches inline PTX as its address; an arithmetic result is a value (× 1 folds away).
     let c = c * Vector::<f32, NC>::new(1.0f32);
     let d: Vector<f32, NC>;

@@ -100,7 +100,15 @@ fn fp8_gemm_wgmma_kernel(
         let stage = base + ((gi % STAGES) * STAGE_CHUNKS * 16) as u32;
         let a_desc = sw128_descriptor(stage + (warpgroup * 64 * GROUP) as u32);
         let b_desc = sw128_descriptor(stage + (TILE_CHUNKS * 16) as u32);
-        let acc = wgmma_fresh::<Const<64>>(a_desc, b_desc, Operands::E4m3, TILE, comptime!(GROUP / 32), 0usize);
+        let acc = wgmma_fresh::<Const<64>>(
+            a_desc,
+            b_desc,
+            Operands::E4m3,
+            TILE,
+            comptime!(GROUP / 32),
+            0usize,
+            0usize,
+        );
 
         let b_scale = b_scales[tn * groups + gi];
         let s0 = select(row0 < m, a_scales[select(row0 < m, row0, 0usize) * groups + gi], 0.0f32) * b_scale;

@@ -5,7 +5,7 @@
 //! last key the query sees; optional, default: every key); k_start [t] i32 (the first: in a ragged batch
 //! of sequences whose keys are concatenated, where the query's sequence begins; optional, default 0),
 //! logits [t, s] f32. Tolerance 1e-5 (f32 accumulation of bf16-exact inputs).
-//! Variant `key_per_unit`: one unit per (t, s), looping over heads and d; q is read by all units of a cube
+//! Variant `wgmma` (Hopper: [`crate::indexer_wgmma`]). Variant `key_per_unit`: one unit per (t, s), looping over heads and d; q is read by all units of a cube
 //! at once (a broadcast), k rows stream through.
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::spec::{Storage, TensorSpec};
@@ -22,6 +22,11 @@ use rand::Rng;
 const UNITS: u32 = 128;
 
 pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "wgmma",
+        summary: "Hopper warpgroup MMA: 64 keys × 16 tokens per cube, keys as A, head sum within quads (64 × 128)",
+        needs_plane_ops: true,
+    },
     Variant {
         name: "cmma",
         summary: "tensor cores: 16×16×16 bf16 tiles, 64 keys per cube",
@@ -115,7 +120,14 @@ impl Kernel for IndexerLogits {
         let mut problems = Vec::new();
         for format in Format::ALL {
             // (t, h, d, s): the model's 64 heads × 128, the tiny golden model's 8 × 32, ragged key counts.
-            for (t, h, d, s) in [(3, 64, 128, 300), (16, 8, 32, 16), (5, 4, 64, 1000), (5, 16, 64, 1000)] {
+            // The last: wgmma's shape with token and key tails over several cubes.
+            for (t, h, d, s) in [
+                (3, 64, 128, 300),
+                (16, 8, 32, 16),
+                (5, 4, 64, 1000),
+                (5, 16, 64, 1000),
+                (37, 64, 128, 200),
+            ] {
                 problems.push(Problem::new(format, &[("t", t), ("h", h), ("d", d), ("s", s)], &[]));
             }
         }
@@ -144,6 +156,12 @@ impl Kernel for IndexerLogits {
         Ok(())
     }
     fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+        if variant.name == "wgmma" {
+            if !features.wgmma {
+                return Err("needs Hopper warpgroup MMA (CUDA sm_90)".into());
+            }
+            return crate::indexer_wgmma::shape_requirements(problem);
+        }
         if variant.name == "cmma" {
             if !features.cmma_bf16 || !features.plane_ops {
                 return Err("needs bf16 tensor cores (cmma)".into());
@@ -166,14 +184,23 @@ impl Kernel for IndexerLogits {
     }
     fn shared_memory_bytes(&self, variant: &Variant, problem: &Problem) -> usize {
         match variant.name {
+            "wgmma" => crate::indexer_wgmma::shared_memory_bytes(),
             // The bf16 key block and the f32 scores.
             "cmma" => KEYS_PER_CUBE * problem.dim("d") * 2 + TOKENS_PER_CUBE * problem.dim("h") * KEYS_PER_CUBE * 4,
             _ => 0,
         }
     }
     fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
-        variant.name != "cmma" || matches!(target, IrTarget::Cuda | IrTarget::Hip)
+        match variant.name {
+            "wgmma" => target == IrTarget::Cuda,
+            "cmma" => matches!(target, IrTarget::Cuda | IrTarget::Hip),
+            _ => true,
+        }
     }
+    fn supports_format(&self, variant: &Variant, format: Format) -> bool {
+        variant.name != "wgmma" || format == Format::Bf16
+    }
+
     fn formats(&self) -> &'static [Format] {
         &Format::ALL
     }
@@ -239,6 +266,9 @@ impl Kernel for IndexerLogits {
     }
     fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
         let (t, h, d, s) = (problem.dim("t"), problem.dim("h"), problem.dim("d"), problem.dim("s"));
+        if variant.name == "wgmma" {
+            return crate::indexer_wgmma::launch(device, problem, inputs, outputs);
+        }
         if variant.name == "cmma" {
             // bf16 buffers seen as bf16 slices: element counts, not words.
             let units = (TOKENS_PER_CUBE * h / 16) as u32 * device.features().plane_size;
@@ -278,6 +308,9 @@ impl Kernel for IndexerLogits {
     }
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         let (props, target_props) = nsa_backends::ir_properties(target);
+        if variant.name == "wgmma" {
+            return crate::indexer_wgmma::define(target);
+        }
         if variant.name == "cmma" {
             let (h, d) = (problem.dim("h") as u32, problem.dim("d") as u32);
             return indexer_logits_cmma_kernel::IndexerLogitsCmmaKernel::new(

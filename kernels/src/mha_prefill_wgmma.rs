@@ -184,6 +184,7 @@ fn mha_prefill_wgmma_kernel(
             64usize,
             comptime!(D_QK / 16),
             comptime!(COLUMN_BLOCK * 16),
+            comptime!(COLUMN_BLOCK * 16),
         );
 
         // Online softmax in log₂ units (element 4n + 2r + e: row g + 8r, key 8n + 2t + e); keys past a
