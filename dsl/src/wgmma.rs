@@ -69,7 +69,7 @@ impl Operands {
 /// tiles, `a_block` / `b_block` bytes on from the last one; accumulating into operand 0 (the result).
 fn following_steps(operands: Operands, n: usize, steps: usize, a_block: usize, b_block: usize) -> String {
     let (instruction, immediates) = (operands.instruction(n), operands.immediates());
-    let advance = |block: usize, step: usize| if step % 4 == 0 { (block - 96) >> 4 } else { 2 };
+    let advance = |block: usize, step: usize| if step.is_multiple_of(4) { (block - 96) >> 4 } else { 2 };
     let mut text = String::new();
     for step in 1..steps {
         let (a, b) = (advance(a_block, step), advance(b_block, step));
