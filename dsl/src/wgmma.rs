@@ -12,8 +12,7 @@
 use cubecl::prelude::*;
 use cubecl_cpp::cuda::ptx::generic_to_shared;
 
-/// Bytes per swizzled row and per 8-row swizzle atom (the stride between atoms).
-pub const ROW_BYTES: u32 = 128;
+/// Bytes per 8-row swizzle atom (8 rows of 128 bytes: the stride between atoms, and tiles' alignment).
 pub const ATOM_BYTES: u32 = 1024;
 
 /// Descriptor bits besides the start address: stride between 8-row atoms (1024 >> 4 at bit 32), 128-byte
@@ -24,6 +23,16 @@ const SW128_K_MAJOR: u64 = (64u64 << 32) | (1u64 << 62);
 #[cube]
 pub fn shared_address<T: CubePrimitive>(slice: &[T]) -> u32 {
     generic_to_shared::<T>(slice.as_ptr())
+}
+
+/// Where tiles start in a shared slice of 16-byte chunks allocated one atom (64 chunks) longer than needed:
+/// the chunks to skip to the first 1024-byte boundary, and that boundary's shared address (whatever the
+/// allocation's own alignment).
+#[cube]
+pub fn first_atom<T: CubePrimitive>(smem: &[T]) -> (usize, u32) {
+    let raw = shared_address(smem);
+    let skip = ((ATOM_BYTES - raw % ATOM_BYTES) % ATOM_BYTES) as usize / 16;
+    (skip, raw + (skip * 16) as u32)
 }
 
 /// Index, in 16-byte chunks from the tile start, of chunk `chunk` (0..8) of row `row` of a swizzled tile.

@@ -17,7 +17,7 @@ use nsa_dsl::Format;
 use nsa_dsl::format::pack;
 use nsa_dsl::warp_mma::commit_async_copies;
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, copy_rows_swizzled, fence_shared_for_wgmma, shared_address, sw128_descriptor,
+    ATOM_BYTES, Operands, copy_rows_swizzled, fence_shared_for_wgmma, first_atom, sw128_descriptor,
     wait_async_copies_pending, wgmma_fresh,
 };
 
@@ -62,10 +62,7 @@ fn fp8_gemm_wgmma_kernel(
         comptime!(STAGES * STAGE_CHUNKS + ATOM_BYTES as usize / 16),
         1024usize,
     );
-    // Tiles start on a 1024-byte boundary whatever the allocation's alignment.
-    let raw = shared_address(&smem);
-    let skip = ((ATOM_BYTES - raw % ATOM_BYTES) % ATOM_BYTES) as usize / 16;
-    let base = raw + (skip * 16) as u32;
+    let (skip, base) = first_atom(&smem);
 
     #[unroll]
     for s in 0..comptime!(STAGES - 1) {

@@ -12,7 +12,7 @@ use nsa_backends::{Device, IrTarget};
 use nsa_dsl::Format;
 use nsa_dsl::warp_mma::commit_async_copies;
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, copy_rows_swizzled, fence_shared_for_wgmma, shared_address, sw128_descriptor,
+    ATOM_BYTES, Operands, copy_rows_swizzled, fence_shared_for_wgmma, first_atom, sw128_descriptor,
     wait_async_copies_pending, wgmma_fresh,
 };
 
@@ -95,9 +95,7 @@ fn indexer_logits_wgmma_kernel(
         comptime!(SMEM_CHUNKS + ATOM_BYTES as usize / 16),
         1024usize,
     );
-    let raw = shared_address(&smem);
-    let skip = ((ATOM_BYTES - raw % ATOM_BYTES) % ATOM_BYTES) as usize / 16;
-    let base = raw + (skip * 16) as u32;
+    let (skip, base) = first_atom(&smem);
 
     #[unroll]
     for block in 0..2usize {

@@ -15,7 +15,7 @@ use nsa_dsl::Format;
 use nsa_dsl::format::pack;
 use nsa_dsl::warp_mma::{commit_async_copies, copy_chunk_async, fast_exp2, quad_max, quad_sum, wait_async_copies};
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, fence_shared_for_wgmma, shared_address, sw128_descriptor, sw128_mn_major_descriptor,
+    ATOM_BYTES, Operands, fence_shared_for_wgmma, first_atom, sw128_descriptor, sw128_mn_major_descriptor,
     swizzled_chunk, wgmma_bf16_register_a_accumulate, wgmma_fresh,
 };
 
@@ -103,9 +103,7 @@ fn mha_prefill_wgmma_kernel(
         comptime!(SMEM_CHUNKS + ATOM_BYTES as usize / 16),
         1024usize,
     );
-    let raw = shared_address(&smem);
-    let skip = ((ATOM_BYTES - raw % ATOM_BYTES) % ATOM_BYTES) as usize / 16;
-    let base = raw + (skip * 16) as u32;
+    let (skip, base) = first_atom(&smem);
 
     let last_local = select(local0 + BLOCK < q_len, local0 + BLOCK, q_len) - 1;
     let tile_keys = select(k_len + last_local + 1 > q_len, k_len + last_local + 1 - q_len, 0usize);

@@ -14,7 +14,7 @@ use nsa_dsl::Format;
 use nsa_dsl::format::{e4m3x16_to_bf16_chunks, pack};
 use nsa_dsl::warp_mma::{commit_async_copies, copy_chunk_async};
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, fence_shared_for_wgmma, shared_address, sw128_descriptor, swizzled_chunk,
+    ATOM_BYTES, Operands, fence_shared_for_wgmma, first_atom, sw128_descriptor, swizzled_chunk,
     wait_async_copies_pending, wgmma_accumulate,
 };
 
@@ -190,10 +190,7 @@ fn grouped_product(
         comptime!(STAGES * STAGE_CHUNKS + ATOM_BYTES as usize / 16),
         1024usize,
     );
-    // Tiles start on a 1024-byte boundary whatever the allocation's alignment.
-    let raw = shared_address(&smem);
-    let skip = ((ATOM_BYTES - raw % ATOM_BYTES) % ATOM_BYTES) as usize / 16;
-    let base_address = raw + (skip * 16) as u32;
+    let (skip, base_address) = first_atom(&smem);
 
     #[unroll]
     for s in 0..comptime!(STAGES - 1) {
