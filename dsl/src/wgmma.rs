@@ -252,3 +252,13 @@ pub fn wait_async_copies_pending(#[comptime] pending: u32) {
 pub fn fence_shared_for_wgmma() {
     sync_async_proxy_shared();
 }
+
+/// The start of a pipeline stage: waits until at most `pending` of this unit's copy groups are in flight,
+/// fences its shared-memory writes for wgmma, then the cube barrier — after it every unit's copies up to
+/// there are visible to the multiplies, and every unit is done with the multiplies before it.
+#[cube]
+pub fn await_stage(#[comptime] pending: u32) {
+    wait_async_copies_pending(pending);
+    fence_shared_for_wgmma();
+    sync_cube();
+}

@@ -297,9 +297,7 @@ impl Kernel for Fp8Gemm {
     }
     fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
         if variant.name == "wgmma" {
-            if !features.wgmma {
-                return Err("needs Hopper warpgroup MMA (CUDA sm_90)".into());
-            }
+            crate::spec::needs_wgmma(features)?;
             if problem.format != Format::Bf16 || !problem.dim("n").is_multiple_of(TILE) {
                 return Err(format!(
                     "needs bf16 output and n a multiple of 128, got {} n={}",

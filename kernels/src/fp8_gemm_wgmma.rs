@@ -17,8 +17,7 @@ use nsa_dsl::Format;
 use nsa_dsl::format::pack;
 use nsa_dsl::warp_mma::commit_async_copies;
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, copy_rows_swizzled, fence_shared_for_wgmma, first_atom, sw128_descriptor,
-    wait_async_copies_pending, wgmma_fresh,
+    ATOM_BYTES, Operands, await_stage, copy_rows_swizzled, first_atom, sw128_descriptor, wgmma_fresh,
 };
 
 const GROUP: usize = 128;
@@ -83,9 +82,7 @@ fn fp8_gemm_wgmma_kernel(
     for gi in 0..groups {
         // Group gi has landed (at most STAGES − 2 younger groups pending); the barrier also says every
         // warpgroup is done with the stage the next copy overwrites.
-        wait_async_copies_pending(comptime!(STAGES as u32 - 2));
-        fence_shared_for_wgmma();
-        sync_cube();
+        await_stage(comptime!(STAGES as u32 - 2));
         let next = gi + STAGES - 1;
         if next < groups {
             let tile0 = skip + (next % STAGES) * STAGE_CHUNKS;

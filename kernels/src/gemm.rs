@@ -100,9 +100,7 @@ impl Kernel for Gemm {
     }
     fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
         if variant.name == "wgmma" {
-            if !features.wgmma {
-                return Err("needs Hopper warpgroup MMA (CUDA sm_90)".into());
-            }
+            crate::spec::needs_wgmma(features)?;
             return crate::gemm_wgmma::shape_requirements(problem);
         }
         if problem.format == Format::Bf16 && !features.bf16 {
@@ -111,7 +109,7 @@ impl Kernel for Gemm {
         Ok(())
     }
     fn supports_target(&self, variant: &Variant, target: IrTarget) -> bool {
-        // cubek chooses the kernel at launch: there is no single definition to print.
+        // Only wgmma has code of its own: cubek chooses its kernel at launch, so there is none to print.
         variant.name == "wgmma" && target == IrTarget::Cuda
     }
     fn supports_format(&self, variant: &Variant, format: Format) -> bool {

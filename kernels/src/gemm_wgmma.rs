@@ -11,8 +11,7 @@ use nsa_dsl::Format;
 use nsa_dsl::format::pack;
 use nsa_dsl::warp_mma::commit_async_copies;
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, copy_rows_swizzled, fence_shared_for_wgmma, first_atom, sw128_descriptor,
-    wait_async_copies_pending, wgmma_accumulate,
+    ATOM_BYTES, Operands, await_stage, copy_rows_swizzled, first_atom, sw128_descriptor, wgmma_accumulate,
 };
 
 pub const TILE: usize = 128;
@@ -77,9 +76,7 @@ fn gemm_wgmma_kernel(
     let mut acc = Vector::<f32, Const<64>>::new(0.0f32);
     for ks in 0..steps {
         // Step ks has landed; the barrier also says both warpgroups are done with the slot refilled next.
-        wait_async_copies_pending(comptime!(STAGES as u32 - 2));
-        fence_shared_for_wgmma();
-        sync_cube();
+        await_stage(comptime!(STAGES as u32 - 2));
         let next = ks + STAGES - 1;
         if next < steps {
             let tile0 = skip + (next % STAGES) * STAGE_CHUNKS;

@@ -157,9 +157,7 @@ impl Kernel for IndexerLogits {
     }
     fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
         if variant.name == "wgmma" {
-            if !features.wgmma {
-                return Err("needs Hopper warpgroup MMA (CUDA sm_90)".into());
-            }
+            crate::spec::needs_wgmma(features)?;
             return crate::indexer_wgmma::shape_requirements(problem);
         }
         if variant.name == "cmma" {

@@ -12,8 +12,7 @@ use nsa_backends::{Device, IrTarget};
 use nsa_dsl::Format;
 use nsa_dsl::warp_mma::commit_async_copies;
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, copy_rows_swizzled, fence_shared_for_wgmma, first_atom, sw128_descriptor,
-    wait_async_copies_pending, wgmma_fresh,
+    ATOM_BYTES, Operands, await_stage, copy_rows_swizzled, first_atom, sw128_descriptor, wgmma_fresh,
 };
 
 const HEADS: usize = 64;
@@ -117,9 +116,7 @@ fn indexer_logits_wgmma_kernel(
     let pairs = comptime!(TOKENS / 2);
     for pair in 0..pairs {
         let token0 = token_base + 2 * pair;
-        wait_async_copies_pending(0u32);
-        fence_shared_for_wgmma();
-        sync_cube();
+        await_stage(0u32);
         if pair + 1 < pairs && token0 + 2 < t {
             copy_pair(q, &mut smem, skip, token0 + 2, t, (pair + 1) % 2);
         }

@@ -201,10 +201,38 @@ fn gather_kv<N: Size>(
     );
 }
 
+/// The query tile of this cube for the tensor-core variants, which cover query tile c of the batch for one
+/// head: the head, the tile's sequence (its first query row, query count, first key row, key count) and the
+/// tile's first query within the sequence. Tiles go in reverse — a causal sequence's last tiles see the most
+/// keys, so they start first and the cheap ones fill the tail; cubes past the last tile terminate.
+#[cube]
+pub(crate) fn locate_tile(
+    cu_q: &[i32],
+    cu_k: &[i32],
+    heads: usize,
+    seqs: usize,
+    tile_bound: usize,
+) -> (usize, usize, usize, usize, usize, usize) {
+    let head = CUBE_POS % heads;
+    let tile = tile_bound - 1 - select(CUBE_POS / heads < tile_bound, CUBE_POS / heads, tile_bound - 1);
+    if CUBE_POS / heads >= tile_bound {
+        terminate!();
+    }
+    let (seq, first_tile) = query_tile(cu_q, seqs, tile);
+    if seq >= seqs {
+        terminate!();
+    }
+    let q_start = cu_q[seq] as usize;
+    let q_len = (cu_q[seq + 1] - cu_q[seq]) as usize;
+    let k0 = cu_k[seq] as usize;
+    let k_len = (cu_k[seq + 1] - cu_k[seq]) as usize;
+    (head, q_start, q_len, k0, k_len, (tile - first_tile) * BLOCK)
+}
+
 /// The sequence of query tile `tile` (sequences contribute ⌈q_len / 64⌉ tiles each, in order) and its first
 /// tile; `seqs` past the last.
 #[cube]
-pub(crate) fn query_tile(cu_q: &[i32], seqs: usize, tile: usize) -> (usize, usize) {
+fn query_tile(cu_q: &[i32], seqs: usize, tile: usize) -> (usize, usize) {
     let mut seq = seqs;
     let mut first_tile = 0usize;
     let mut counted = 0usize;
@@ -237,22 +265,7 @@ fn mha_prefill_mma_kernel<N: Size>(
     tile_bound: usize,
     sm_scale: f32,
 ) {
-    let head = CUBE_POS % heads;
-    // Tiles in reverse: a causal sequence's last tiles see the most keys, so they start first and the
-    // cheap ones fill the tail.
-    let tile = tile_bound - 1 - select(CUBE_POS / heads < tile_bound, CUBE_POS / heads, tile_bound - 1);
-    if CUBE_POS / heads >= tile_bound {
-        terminate!();
-    }
-    let (seq, first_tile) = query_tile(cu_q, seqs, tile);
-    if seq >= seqs {
-        terminate!();
-    }
-    let q_start = cu_q[seq] as usize;
-    let q_len = (cu_q[seq + 1] - cu_q[seq]) as usize;
-    let k0 = cu_k[seq] as usize;
-    let k_len = (cu_k[seq + 1] - cu_k[seq]) as usize;
-    let local0 = (tile - first_tile) * BLOCK;
+    let (head, q_start, q_len, k0, k_len, local0) = locate_tile(cu_q, cu_k, heads, seqs, tile_bound);
     let plane = (UNIT_POS / 32) as usize;
     let lane = UNIT_POS_PLANE as usize;
     let (g, t) = (lane / 4, lane % 4);
@@ -567,9 +580,7 @@ impl Kernel for MhaPrefill {
     }
     fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
         if variant.name == "wgmma" {
-            if !features.wgmma {
-                return Err("needs Hopper warpgroup MMA (CUDA sm_90)".into());
-            }
+            crate::spec::needs_wgmma(features)?;
             if problem.format != Format::Bf16 {
                 return Err(format!("needs bf16, got {}", problem.format));
             }

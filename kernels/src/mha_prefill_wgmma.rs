@@ -7,16 +7,16 @@
 //! block ahead into two buffers.
 use crate::Problem;
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
-use crate::mha_prefill::query_tile;
+use crate::mha_prefill::locate_tile;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nsa_backends::{Device, IrTarget};
 use nsa_dsl::Format;
 use nsa_dsl::format::pack;
-use nsa_dsl::warp_mma::{commit_async_copies, copy_chunk_async, fast_exp2, quad_max, quad_sum, wait_async_copies};
+use nsa_dsl::warp_mma::{commit_async_copies, copy_chunk_async, fast_exp2, quad_max, quad_sum};
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, fence_shared_for_wgmma, first_atom, sw128_descriptor, sw128_mn_major_descriptor,
-    swizzled_chunk, wgmma_bf16_register_a_accumulate, wgmma_fresh,
+    ATOM_BYTES, Operands, await_stage, first_atom, sw128_descriptor, sw128_mn_major_descriptor, swizzled_chunk,
+    wgmma_bf16_register_a_accumulate, wgmma_fresh,
 };
 
 const D_QK: usize = 192;
@@ -41,7 +41,7 @@ pub fn shared_memory_bytes() -> usize {
 /// chunk `tile0`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn copy_rows_swizzled(
+fn copy_head_rows_swizzled(
     source: &[Vector<u32, Const<4>>],
     smem: &mut [Vector<u32, Const<4>>],
     tile0: usize,
@@ -80,21 +80,7 @@ fn mha_prefill_wgmma_kernel(
     tile_bound: usize,
     sm_scale: f32,
 ) {
-    let head = CUBE_POS % heads;
-    // Heaviest causal tiles first (see the `mma` variant).
-    let tile = tile_bound - 1 - select(CUBE_POS / heads < tile_bound, CUBE_POS / heads, tile_bound - 1);
-    if CUBE_POS / heads >= tile_bound {
-        terminate!();
-    }
-    let (seq, first_tile) = query_tile(cu_q, seqs, tile);
-    if seq >= seqs {
-        terminate!();
-    }
-    let q_start = cu_q[seq] as usize;
-    let q_len = (cu_q[seq + 1] - cu_q[seq]) as usize;
-    let k0 = cu_k[seq] as usize;
-    let k_len = (cu_k[seq + 1] - cu_k[seq]) as usize;
-    let local0 = (tile - first_tile) * BLOCK;
+    let (head, q_start, q_len, k0, k_len, local0) = locate_tile(cu_q, cu_k, heads, seqs, tile_bound);
     let warp = (UNIT_POS / 32) as usize;
     let lane = UNIT_POS_PLANE as usize;
     let (g, t) = (lane / 4, lane % 4);
@@ -109,7 +95,7 @@ fn mha_prefill_wgmma_kernel(
     let tile_keys = select(k_len + last_local + 1 > q_len, k_len + last_local + 1 - q_len, 0usize);
     let blocks = tile_keys.div_ceil(BLOCK);
 
-    copy_rows_swizzled(
+    copy_head_rows_swizzled(
         q,
         &mut smem,
         skip,
@@ -120,7 +106,7 @@ fn mha_prefill_wgmma_kernel(
         head,
         comptime!(D_QK / 8),
     );
-    copy_rows_swizzled(
+    copy_head_rows_swizzled(
         k,
         &mut smem,
         skip + K_OFFSET,
@@ -131,7 +117,7 @@ fn mha_prefill_wgmma_kernel(
         head,
         comptime!(D_QK / 8),
     );
-    copy_rows_swizzled(
+    copy_head_rows_swizzled(
         v,
         &mut smem,
         skip + V_OFFSET,
@@ -161,15 +147,13 @@ fn mha_prefill_wgmma_kernel(
     let mut block = 0usize;
     while block < blocks {
         let buf = block % 2;
-        wait_async_copies();
-        fence_shared_for_wgmma();
-        sync_cube();
+        await_stage(0u32);
         if block + 1 < blocks {
             let first = (block + 1) * BLOCK;
             let k_tile = skip + K_OFFSET + (1 - buf) * K_CHUNKS;
             let v_tile = skip + V_OFFSET + (1 - buf) * V_CHUNKS;
-            copy_rows_swizzled(k, &mut smem, k_tile, k0, first, k_len, heads, head, comptime!(D_QK / 8));
-            copy_rows_swizzled(v, &mut smem, v_tile, k0, first, k_len, heads, head, comptime!(D_V / 8));
+            copy_head_rows_swizzled(k, &mut smem, k_tile, k0, first, k_len, heads, head, comptime!(D_QK / 8));
+            copy_head_rows_swizzled(v, &mut smem, v_tile, k0, first, k_len, heads, head, comptime!(D_V / 8));
         }
         commit_async_copies();
 

@@ -14,8 +14,7 @@ use nsa_dsl::Format;
 use nsa_dsl::format::{e4m3x16_to_bf16_chunks, pack};
 use nsa_dsl::warp_mma::{commit_async_copies, copy_chunk_async};
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, fence_shared_for_wgmma, first_atom, sw128_descriptor, swizzled_chunk,
-    wait_async_copies_pending, wgmma_accumulate,
+    ATOM_BYTES, Operands, await_stage, first_atom, sw128_descriptor, swizzled_chunk, wgmma_accumulate,
 };
 
 /// Permuted rows per cube; gate/up columns (of h) per cube; K per stage (one 128-byte bf16 row).
@@ -207,9 +206,7 @@ fn grouped_product(
     let mut block_scales = Array::<f32>::new(FP8_LOADS);
     for ks in 0..steps {
         // Step ks has landed; the barrier also says every warpgroup is done with the slot refilled next.
-        wait_async_copies_pending(comptime!(STAGES as u32 - 2));
-        fence_shared_for_wgmma();
-        sync_cube();
+        await_stage(comptime!(STAGES as u32 - 2));
         let next = ks + STAGES - 1;
         let slot0 = skip + (next % STAGES) * STAGE_CHUNKS;
         if next < steps {
@@ -355,9 +352,7 @@ pub(crate) const VARIANT: crate::Variant = crate::Variant {
 };
 
 pub(crate) fn requirements(problem: &crate::Problem, features: &nsa_backends::DeviceFeatures) -> Result<(), String> {
-    if !features.wgmma {
-        return Err("needs Hopper warpgroup MMA (CUDA sm_90)".into());
-    }
+    crate::spec::needs_wgmma(features)?;
     let (hidden, inter) = (problem.dim("hidden"), problem.dim("inter"));
     if problem.format != Format::Bf16 || !hidden.is_multiple_of(128) || !inter.is_multiple_of(64) {
         return Err(format!(

@@ -176,6 +176,15 @@ pub struct KernelSpec {
     pub bytes: u64,
 }
 
+/// The check every Hopper (`wgmma`) variant's `requirements` starts with.
+pub fn needs_wgmma(features: &DeviceFeatures) -> Result<(), String> {
+    if features.wgmma {
+        Ok(())
+    } else {
+        Err("needs Hopper warpgroup MMA (CUDA sm_90)".into())
+    }
+}
+
 /// One kernel family's registration.
 pub trait Kernel: Sync {
     fn name(&self) -> &'static str;
