@@ -166,17 +166,27 @@ pub fn sw128_mn_major_descriptor(address: u32, #[comptime] n_block_bytes: u32) -
 }
 
 /// The PTX of a register-A product: `steps` k16 multiplies, step j reading A registers
-/// %first_a + 4j .. + 3 and the B descriptor advanced by `b_step_bytes` a step.
-fn register_a_steps(n: usize, steps: usize, first_a: usize, b_step_bytes: usize) -> String {
+/// %first_a + 4j .. + 3 and the B descriptor advanced by `advance(j)` (in 16-byte units) before it; the
+/// first step discards the accumulator when `fresh` (predicate wg_p0 false), B transposed when `trans_b`.
+fn register_a_steps(
+    n: usize,
+    steps: usize,
+    first_a: usize,
+    fresh: bool,
+    trans_b: bool,
+    advance: impl Fn(usize) -> usize,
+) -> String {
     let mut text = String::new();
     for j in 0..steps {
         if j > 0 {
-            text.push_str(&format!("add.s64 wg_db, wg_db, {};\n", b_step_bytes >> 4));
+            text.push_str(&format!("add.s64 wg_db, wg_db, {};\n", advance(j)));
         }
         let a: Vec<String> = (0..4).map(|r| format!("%{}", first_a + 4 * j + r)).collect();
+        let p = if fresh && j == 0 { "wg_p0" } else { "wg_p1" };
         text.push_str(&format!(
-            "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 $0, {{{}}}, wg_db, wg_p1, 1, 1, 1;\n",
-            a.join(", ")
+            "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 $0, {{{}}}, wg_db, {p}, 1, 1, {};\n",
+            a.join(", "),
+            u8::from(trans_b)
         ));
     }
     text
@@ -196,7 +206,7 @@ pub fn wgmma_bf16_register_a_accumulate<NC: Size, NA: Size>(
     #[comptime] b_step_bytes: usize,
 ) -> Vector<f32, NC> {
     let copies = comptime!(copy_accumulator(n / 2));
-    let products = comptime!(register_a_steps(n, steps, n, b_step_bytes));
+    let products = comptime!(register_a_steps(n, steps, n, false, true, |_| b_step_bytes >> 4));
     let c = c * Vector::<f32, NC>::new(1.0f32);
     let a = a * Vector::<u32, NA>::new(1u32);
     let d: Vector<f32, NC>;
@@ -206,6 +216,34 @@ pub fn wgmma_bf16_register_a_accumulate<NC: Size, NA: Size>(
         "{products}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
         d = out(_) d,
         c = in(_) c,
+        a = in(_) a,
+        b = in(_) b,
+    );
+    d
+}
+
+/// Σ over `steps` k16 steps of A·Bᵀ from zero, A from registers (4 bf16-pair registers per step, as
+/// [`wgmma_bf16_register_a_accumulate`]'s `a`) and B `n` rows K-major and swizzled at descriptor `b` (K past
+/// 128 bytes in column blocks `b_block_bytes` apart): S = Q·Kᵀ with Q held in registers, so only K is read
+/// from shared memory. `a` may hold more registers than the 4·`steps` used.
+#[cube]
+pub fn wgmma_bf16_register_a_fresh<NC: Size, NA: Size>(
+    a: Vector<u32, NA>,
+    b: u64,
+    #[comptime] n: usize,
+    #[comptime] steps: usize,
+    #[comptime] b_block_bytes: usize,
+) -> Vector<f32, NC> {
+    let products = comptime!(register_a_steps(n, steps, n / 2, true, false, |j| {
+        if j.is_multiple_of(4) { (b_block_bytes - 96) >> 4 } else { 2 }
+    }));
+    let a = a * Vector::<u32, NA>::new(1u32);
+    let d: Vector<f32, NC>;
+    gpu_asm!(
+        "{{\n// {d} {a}\n.reg .b64 wg_db;\n.reg .pred wg_p0, wg_p1;\nmov.b64 wg_db, {b};",
+        "setp.ne.b64 wg_p0, wg_db, wg_db;\nsetp.eq.b64 wg_p1, wg_db, wg_db;\nwgmma.fence.sync.aligned;",
+        "{products}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
+        d = out(_) d,
         a = in(_) a,
         b = in(_) b,
     );

@@ -6,7 +6,7 @@
 //! sm_scale → out [t_q, h, 128] (q's format), lse [t_q, h] f32 (natural log). Query j of a sequence with
 //! q_len queries and k_len ≥ q_len keys sees its keys 0 ..= k_len − q_len + j (causal, the new tokens last).
 //! A query that sees nothing gets out 0 and lse +∞.
-//! Variants: `wgmma` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
+//! Variants: `wgmma` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
 //! everywhere) and `mma` (flash attention on warp mma.sync:
 //! 64 queries of one head per cube, 16 per plane, Q fragments in registers, O 16 × 128 per plane, K/V
 //! blocks of 64 keys gathered by cp.async one block ahead; CUDA, bf16).
@@ -35,7 +35,14 @@ const V_CHUNKS: usize = D_V / 8 + 1;
 pub const VARIANTS: &[Variant] = &[
     Variant {
         name: "wgmma",
-        summary: "flash attention on warpgroup MMA: 64 queries of a head per cube, P in registers (Hopper, bf16)",
+        summary: "flash attention on warpgroup MMA: 128 queries of a head per cube (two warpgroups sharing K/V), \
+                  Q and P in registers (Hopper, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "wgmma_q64",
+        summary: "flash attention on warpgroup MMA: 64 queries of a head per cube, Q and P in registers (Hopper, \
+                  bf16)",
         needs_plane_ops: true,
     },
     Variant {
@@ -49,6 +56,15 @@ pub const VARIANTS: &[Variant] = &[
         needs_plane_ops: false,
     },
 ];
+
+/// Warpgroups per cube of a `wgmma` variant.
+fn wgmma_groups(variant: &Variant) -> Option<usize> {
+    match variant.name {
+        "wgmma" => Some(2),
+        "wgmma_q64" => Some(1),
+        _ => None,
+    }
+}
 
 /// The sequence holding query `query` (by cu_seqlens_q) and how many of its keys that query sees.
 #[cube]
@@ -201,8 +217,8 @@ fn gather_kv<N: Size>(
     );
 }
 
-/// The query tile of this cube for the tensor-core variants, which cover query tile c of the batch for one
-/// head: the head, the tile's sequence (its first query row, query count, first key row, key count) and the
+/// The query tile of this cube for the tensor-core variants, which cover query tile c (of `tile_rows`
+/// queries) of the batch for one head: the head, the tile's sequence (its first query row, query count, first key row, key count) and the
 /// tile's first query within the sequence. Tiles go in reverse — a causal sequence's last tiles see the most
 /// keys, so they start first and the cheap ones fill the tail; cubes past the last tile terminate.
 #[cube]
@@ -212,13 +228,14 @@ pub(crate) fn locate_tile(
     heads: usize,
     seqs: usize,
     tile_bound: usize,
+    #[comptime] tile_rows: usize,
 ) -> (usize, usize, usize, usize, usize, usize) {
     let head = CUBE_POS % heads;
     let tile = tile_bound - 1 - select(CUBE_POS / heads < tile_bound, CUBE_POS / heads, tile_bound - 1);
     if CUBE_POS / heads >= tile_bound {
         terminate!();
     }
-    let (seq, first_tile) = query_tile(cu_q, seqs, tile);
+    let (seq, first_tile) = query_tile(cu_q, seqs, tile, tile_rows);
     if seq >= seqs {
         terminate!();
     }
@@ -226,19 +243,19 @@ pub(crate) fn locate_tile(
     let q_len = (cu_q[seq + 1] - cu_q[seq]) as usize;
     let k0 = cu_k[seq] as usize;
     let k_len = (cu_k[seq + 1] - cu_k[seq]) as usize;
-    (head, q_start, q_len, k0, k_len, (tile - first_tile) * BLOCK)
+    (head, q_start, q_len, k0, k_len, (tile - first_tile) * tile_rows)
 }
 
-/// The sequence of query tile `tile` (sequences contribute ⌈q_len / 64⌉ tiles each, in order) and its first
-/// tile; `seqs` past the last.
+/// The sequence of query tile `tile` (sequences contribute ⌈q_len / tile_rows⌉ tiles each, in order) and its
+/// first tile; `seqs` past the last.
 #[cube]
-fn query_tile(cu_q: &[i32], seqs: usize, tile: usize) -> (usize, usize) {
+fn query_tile(cu_q: &[i32], seqs: usize, tile: usize, #[comptime] tile_rows: usize) -> (usize, usize) {
     let mut seq = seqs;
     let mut first_tile = 0usize;
     let mut counted = 0usize;
     for i in 0..seqs {
         let q_len = (cu_q[i + 1] - cu_q[i]) as usize;
-        let tiles = q_len.div_ceil(BLOCK);
+        let tiles = q_len.div_ceil(tile_rows);
         if seq == seqs && tile < counted + tiles {
             seq = i;
             first_tile = counted;
@@ -265,7 +282,7 @@ fn mha_prefill_mma_kernel<N: Size>(
     tile_bound: usize,
     sm_scale: f32,
 ) {
-    let (head, q_start, q_len, k0, k_len, local0) = locate_tile(cu_q, cu_k, heads, seqs, tile_bound);
+    let (head, q_start, q_len, k0, k_len, local0) = locate_tile(cu_q, cu_k, heads, seqs, tile_bound, BLOCK);
     let plane = (UNIT_POS / 32) as usize;
     let lane = UNIT_POS_PLANE as usize;
     let (g, t) = (lane / 4, lane % 4);
@@ -579,7 +596,7 @@ impl Kernel for MhaPrefill {
         Ok(())
     }
     fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
-        if variant.name == "wgmma" {
+        if variant.name.starts_with("wgmma") {
             crate::spec::needs_wgmma(features)?;
             if problem.format != Format::Bf16 {
                 return Err(format!("needs bf16, got {}", problem.format));
@@ -605,7 +622,7 @@ impl Kernel for MhaPrefill {
     fn shared_memory_bytes(&self, variant: &Variant, _: &Problem) -> usize {
         match variant.name {
             "mma" => 16 * BLOCK * (3 * QK_CHUNKS + 2 * V_CHUNKS),
-            "wgmma" => crate::mha_prefill_wgmma::shared_memory_bytes(),
+            "wgmma" | "wgmma_q64" => crate::mha_prefill_wgmma::shared_memory_bytes(),
             _ => 0,
         }
     }
@@ -681,8 +698,8 @@ impl Kernel for MhaPrefill {
         );
         let per_word = problem.format.per_word() as usize;
         let sm_scale = problem.param("sm_scale") as f32;
-        if variant.name == "wgmma" {
-            return crate::mha_prefill_wgmma::launch(device, problem, inputs, outputs);
+        if let Some(groups) = wgmma_groups(variant) {
+            return crate::mha_prefill_wgmma::launch(device, problem, inputs, outputs, groups);
         }
         if variant.name == "mma" {
             // At most one partial tile per sequence beyond t_q / 64 full ones.
@@ -726,8 +743,8 @@ impl Kernel for MhaPrefill {
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         let (props, target_props) = nsa_backends::ir_properties(target);
         let a = slice_arg;
-        if variant.name == "wgmma" {
-            return crate::mha_prefill_wgmma::define(target);
+        if let Some(groups) = wgmma_groups(variant) {
+            return crate::mha_prefill_wgmma::define(target, groups);
         }
         if variant.name == "mma" {
             return mha_prefill_mma_kernel::MhaPrefillMmaKernel::new(

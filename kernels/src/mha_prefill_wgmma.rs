@@ -1,22 +1,30 @@
-//! `mha_prefill`'s Hopper variant: flash attention on warpgroup MMA. A cube is one warpgroup (128 units)
-//! owning 64 queries of one head, as the `mma` variant (warp w holds queries 16w..16w + 16, in the same
-//! accumulator layout, so the online softmax is the same code path in registers):
-//! S = Q·Kᵀ is m64n64 over 12 k16 steps from swizzled shared tiles (Q and K as three 64-column blocks);
-//! P stays in registers and O += P·V is m64n128 over 4 k16 steps with V read MN-major ([key][dim] as
-//! stored, trans-b), O rescaled in registers first. K/V blocks of 64 keys are gathered by cp.async one
-//! block ahead into two buffers.
+//! `mha_prefill`'s Hopper variants: flash attention on warpgroup MMA. A cube is `groups` warpgroups
+//! (128 units each) owning 64·groups queries of one head; warpgroup w holds queries 64w.., warp i of it
+//! 16 of them in the accumulator layout of the `mma` variant. Q stays in registers for the whole cube
+//! (the A operand of S = Q·Kᵀ, m64n64 over 12 k16 steps, K read from a swizzled shared tile); P stays in
+//! registers and O += P·V is m64n128 over 4 k16 steps with V read MN-major ([key][dim] as stored,
+//! trans-b), O rescaled in registers first. K/V blocks of 64 keys are gathered by cp.async one block
+//! ahead and shared by the warpgroups.
+//!
+//! The products are synchronous and a cube barrier starts every block, so two warpgroups doing the same
+//! step at once would leave the tensor cores idle through both softmaxes. The second warpgroup therefore
+//! runs a step behind: in iteration b the first computes S_b, its softmax and P_b·V_b, while the second
+//! does the softmax and P·V of block b − 1 (S kept in registers across the barrier) and then S_b — one's
+//! softmax overlaps the other's products. V keeps three buffers for that (K two).
+//!
+//! Masking costs a compare and a select per score, so only blocks crossing a warpgroup's causal diagonal
+//! are masked; a warpgroup whose queries see none of a block skips it.
 use crate::Problem;
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::mha_prefill::locate_tile;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nsa_backends::{Device, IrTarget};
-use nsa_dsl::Format;
-use nsa_dsl::format::pack;
+use nsa_dsl::format::pack_bf16x2;
 use nsa_dsl::warp_mma::{commit_async_copies, copy_chunk_async, fast_exp2, quad_max, quad_sum};
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, await_stage, first_atom, sw128_descriptor, sw128_mn_major_descriptor, swizzled_chunk,
-    wgmma_bf16_register_a_accumulate, wgmma_fresh,
+    ATOM_BYTES, await_stage, first_atom, sw128_descriptor, sw128_mn_major_descriptor, swizzled_chunk,
+    wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh,
 };
 
 const D_QK: usize = 192;
@@ -24,13 +32,14 @@ const D_V: usize = 128;
 const BLOCK: usize = 64;
 /// 16-byte chunks of one 64-row × 64-column swizzled block (8 KiB).
 const COLUMN_BLOCK: usize = BLOCK * 8;
-const Q_CHUNKS: usize = 3 * COLUMN_BLOCK;
 const K_CHUNKS: usize = 3 * COLUMN_BLOCK;
 const V_CHUNKS: usize = 2 * COLUMN_BLOCK;
-/// Q, two K buffers, two V buffers (chunks from the aligned base).
-const K_OFFSET: usize = Q_CHUNKS;
-const V_OFFSET: usize = K_OFFSET + 2 * K_CHUNKS;
-const SMEM_CHUNKS: usize = V_OFFSET + 2 * V_CHUNKS;
+const K_BUFFERS: usize = 2;
+const V_BUFFERS: usize = 3;
+/// K buffers, then V buffers (chunks from the aligned base).
+const K_OFFSET: usize = 0;
+const V_OFFSET: usize = K_OFFSET + K_BUFFERS * K_CHUNKS;
+const SMEM_CHUNKS: usize = V_OFFSET + V_BUFFERS * V_CHUNKS;
 
 pub fn shared_memory_bytes() -> usize {
     16 * SMEM_CHUNKS + ATOM_BYTES as usize
@@ -38,7 +47,8 @@ pub fn shared_memory_bytes() -> usize {
 
 /// Starts copying 64 rows of head `head` (positions `first..` of a sequence whose `count` rows start at row
 /// `row0` of `source` [rows, heads, chunks]; past the sequence zero) into swizzled 64-column blocks at
-/// chunk `tile0`.
+/// chunk `tile0`. Unit u copies chunk u % 8 of every 64-column block of rows u / 8 + (units / 8)·i, so
+/// its addresses are computed once per row.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn copy_head_rows_swizzled(
@@ -51,24 +61,97 @@ fn copy_head_rows_swizzled(
     heads: usize,
     head: usize,
     #[comptime] chunks: usize,
+    #[comptime] units: usize,
 ) {
-    let mut i = UNIT_POS as usize;
-    while i < comptime!(BLOCK * chunks) {
-        let (r, c) = (i / chunks, i % chunks);
+    let c = UNIT_POS as usize % 8;
+    let r0 = UNIT_POS as usize / 8;
+    #[unroll]
+    for pass in 0..comptime!(BLOCK * 8 / units) {
+        let r = r0 + pass * comptime!(units / 8);
         let position = first + r;
         let valid = position < count;
-        let start = ((row0 + select(valid, position, 0usize)) * heads + head) * chunks + c;
+        let source_row = ((row0 + select(valid, position, 0usize)) * heads + head) * chunks + c;
         let len = select(valid, 1usize, 0usize);
-        let dst = tile0 + (c / 8) * COLUMN_BLOCK + swizzled_chunk(r, c % 8);
-        copy_chunk_async(&source[start..start + len], &mut smem[dst..dst + 1]);
-        i += CUBE_DIM as usize;
+        let dst_row = tile0 + swizzled_chunk(r, c);
+        #[unroll]
+        for block in 0..comptime!(chunks / 8) {
+            let start = source_row + block * 8;
+            let dst = dst_row + block * COLUMN_BLOCK;
+            copy_chunk_async(&source[start..start + len], &mut smem[dst..dst + 1]);
+        }
     }
+}
+
+/// One block's online softmax of `s` (this warpgroup's 64 queries × 64 keys from `key0`; element
+/// 4n + 2r + e: row g + 8r, key 8n + 2t + e) in log₂ units, then O rescaled and O += P·V (V at descriptor
+/// `v_desc`). With `masked`, keys at or past a row's causal `limit` weigh nothing.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn softmax_and_pv(
+    s: Vector<f32, Const<32>>,
+    o: Vector<f32, Const<64>>,
+    m: &mut Array<f32>,
+    l: &mut Array<f32>,
+    limit: &Array<usize>,
+    key0: usize,
+    t: usize,
+    scale_log2: f32,
+    v_desc: u64,
+    #[comptime] masked: bool,
+) -> Vector<f32, Const<64>> {
+    let mut x = Array::<f32>::new(32usize);
+    #[unroll]
+    for i in 0..32usize {
+        x[i] = s.extract(i);
+    }
+    if masked {
+        #[unroll]
+        for i in 0..32usize {
+            let key = key0 + (i / 4) * 8 + 2 * t + i % 2;
+            x[i] = select(key < limit[(i % 4) / 2], x[i], f32::reinterpret(0xff80_0000u32));
+        }
+    }
+    let mut alpha = Array::<f32>::new(2usize);
+    let mut p = Array::<f32>::new(32usize);
+    #[unroll]
+    for r in 0..2usize {
+        let mut block_max = x[2 * r];
+        #[unroll]
+        for i in 1..16usize {
+            block_max = f32::max(block_max, x[4 * (i / 2) + 2 * r + i % 2]);
+        }
+        let m_new = f32::max(m[r], quad_max(block_max) * scale_log2);
+        alpha[r] = fast_exp2(m[r] - m_new);
+        m[r] = m_new;
+        let mut sum = 0.0f32;
+        #[unroll]
+        for i in 0..16usize {
+            let index = 4 * (i / 2) + 2 * r + i % 2;
+            let pe = fast_exp2(x[index] * scale_log2 - m_new);
+            sum += pe;
+            p[index] = pe;
+        }
+        l[r] = l[r] * alpha[r] + sum;
+    }
+    // O rescaled per row, then O += P·V with P as bf16 pairs in the m16n8k16 A layout: k step j holds
+    // keys 16j.. = accumulator column groups 2j (pairs 0, 1) and 2j + 1 (pairs 2, 3).
+    let mut scale = Vector::<f32, Const<64>>::new(0.0f32);
+    #[unroll]
+    for i in 0..64usize {
+        scale.insert(i, alpha[(i % 4) / 2]);
+    }
+    let mut a = Vector::<u32, Const<16>>::new(0u32);
+    #[unroll]
+    for i in 0..16usize {
+        a.insert(i, pack_bf16x2(p[2 * i], p[2 * i + 1]));
+    }
+    wgmma_bf16_register_a_accumulate::<Const<64>, Const<16>>(o * scale, a, v_desc, 128usize, 4usize, 2048usize)
 }
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn mha_prefill_wgmma_kernel(
-    q: &[Vector<u32, Const<4>>],
+    q: &[u32],
     k: &[Vector<u32, Const<4>>],
     v: &[Vector<u32, Const<4>>],
     cu_q: &[i32],
@@ -79,11 +162,14 @@ fn mha_prefill_wgmma_kernel(
     seqs: usize,
     tile_bound: usize,
     sm_scale: f32,
+    #[comptime] groups: usize,
 ) {
-    let (head, q_start, q_len, k0, k_len, local0) = locate_tile(cu_q, cu_k, heads, seqs, tile_bound);
+    let (head, q_start, q_len, k0, k_len, local0) =
+        locate_tile(cu_q, cu_k, heads, seqs, tile_bound, comptime!(BLOCK * groups));
     let warp = (UNIT_POS / 32) as usize;
     let lane = UNIT_POS_PLANE as usize;
     let (g, t) = (lane / 4, lane % 4);
+    let units = comptime!(128 * groups);
 
     let mut smem = Shared::<[Vector<u32, Const<4>>]>::new_aligned_slice(
         comptime!(SMEM_CHUNKS + ATOM_BYTES as usize / 16),
@@ -91,21 +177,20 @@ fn mha_prefill_wgmma_kernel(
     );
     let (skip, base) = first_atom(&smem);
 
-    let last_local = select(local0 + BLOCK < q_len, local0 + BLOCK, q_len) - 1;
-    let tile_keys = select(k_len + last_local + 1 > q_len, k_len + last_local + 1 - q_len, 0usize);
+    // Keys the whole tile needs; those this warpgroup's last query needs, and the first key any of its
+    // queries cannot see (blocks before it need no mask).
+    let tile_end = select(local0 + BLOCK * groups < q_len, local0 + BLOCK * groups, q_len);
+    let tile_keys = select(k_len + tile_end > q_len, k_len + tile_end - q_len, 0usize);
     let blocks = tile_keys.div_ceil(BLOCK);
-
-    copy_head_rows_swizzled(
-        q,
-        &mut smem,
-        skip,
-        q_start,
-        local0,
-        q_len,
-        heads,
-        head,
-        comptime!(D_QK / 8),
+    let group_first = local0 + (warp / 4) * BLOCK;
+    let group_end = select(group_first + BLOCK < q_len, group_first + BLOCK, q_len);
+    let group_keys = select(
+        group_first < q_len && k_len + group_end > q_len,
+        k_len + group_end - q_len,
+        0usize,
     );
+    let unmasked_keys = select(k_len + group_first + 1 > q_len, k_len + group_first + 1 - q_len, 0usize);
+
     copy_head_rows_swizzled(
         k,
         &mut smem,
@@ -116,21 +201,15 @@ fn mha_prefill_wgmma_kernel(
         heads,
         head,
         comptime!(D_QK / 8),
+        units,
     );
-    copy_head_rows_swizzled(
-        v,
-        &mut smem,
-        skip + V_OFFSET,
-        k0,
-        0,
-        k_len,
-        heads,
-        head,
-        comptime!(D_V / 8),
-    );
+    copy_head_rows_swizzled(v, &mut smem, skip + V_OFFSET, k0, 0, k_len, heads, head, comptime!(D_V / 8), units);
     commit_async_copies();
 
-    let mut o = Vector::<f32, Const<64>>::new(0.0f32);
+    // Q as the A operand of S = Q·Kᵀ, k step j in registers 4j..4j + 3: rows g and g + 8 of this warp's
+    // 16 (register + r), columns 16j + 2t, + 1 (register + 2h: + 8h); rows past the sequence zero. 48 are
+    // used; the vector has 64 because CUDA aligns a vector type to its size, which must be a power of two.
+    let mut qa = Vector::<u32, Const<64>>::new(0u32);
     let mut m = Array::<f32>::new(2usize);
     let mut l = Array::<f32>::new(2usize);
     let mut limit = Array::<usize>::new(2usize);
@@ -140,85 +219,68 @@ fn mha_prefill_wgmma_kernel(
         l[r] = 0.0f32;
         let local = local0 + warp * 16 + g + 8 * r;
         limit[r] = select(k_len + local + 1 > q_len, k_len + local + 1 - q_len, 0usize);
+        let valid = local < q_len;
+        let row = ((q_start + select(valid, local, 0usize)) * heads + head) * comptime!(D_QK / 2) + t;
+        #[unroll]
+        for j in 0..12usize {
+            #[unroll]
+            for h in 0..2usize {
+                qa.insert(4 * j + r + 2 * h, select(valid, q[row + 8 * j + 4 * h], 0u32));
+            }
+        }
     }
+    let mut o = Vector::<f32, Const<64>>::new(0.0f32);
     let scale_log2 = sm_scale * core::f32::consts::LOG2_E;
-    let q_desc = sw128_descriptor(base);
+    // The second warpgroup runs a step behind (see the module docs): S of its previous block, held.
+    let behind = groups > 1 && warp >= 4;
+    let mut held = Vector::<f32, Const<32>>::new(0.0f32);
 
-    let mut block = 0usize;
-    while block < blocks {
-        let buf = block % 2;
+    let mut step = 0usize;
+    while step < blocks + comptime!(groups - 1) {
         await_stage(0u32);
-        if block + 1 < blocks {
-            let first = (block + 1) * BLOCK;
-            let k_tile = skip + K_OFFSET + (1 - buf) * K_CHUNKS;
-            let v_tile = skip + V_OFFSET + (1 - buf) * V_CHUNKS;
-            copy_head_rows_swizzled(k, &mut smem, k_tile, k0, first, k_len, heads, head, comptime!(D_QK / 8));
-            copy_head_rows_swizzled(v, &mut smem, v_tile, k0, first, k_len, heads, head, comptime!(D_V / 8));
+        if step + 1 < blocks {
+            let first = (step + 1) * BLOCK;
+            let k_tile = skip + K_OFFSET + ((step + 1) % K_BUFFERS) * K_CHUNKS;
+            let v_tile = skip + V_OFFSET + ((step + 1) % V_BUFFERS) * V_CHUNKS;
+            copy_head_rows_swizzled(k, &mut smem, k_tile, k0, first, k_len, heads, head, comptime!(D_QK / 8), units);
+            copy_head_rows_swizzled(v, &mut smem, v_tile, k0, first, k_len, heads, head, comptime!(D_V / 8), units);
         }
         commit_async_copies();
 
-        // S = Q·Kᵀ: 64 queries × 64 keys, K = 192 in three 64-column blocks 8 KiB apart.
-        let k_desc = sw128_descriptor(base + ((K_OFFSET + buf * K_CHUNKS) * 16) as u32);
-        let s = wgmma_fresh::<Const<32>>(
-            q_desc,
-            k_desc,
-            Operands::Bf16,
-            64usize,
-            comptime!(D_QK / 16),
-            comptime!(COLUMN_BLOCK * 16),
-            comptime!(COLUMN_BLOCK * 16),
-        );
-
-        // Online softmax in log₂ units (element 4n + 2r + e: row g + 8r, key 8n + 2t + e); keys past a
-        // row's causal limit weigh nothing.
-        let mut p = Array::<f32>::new(32usize);
-        let mut alpha = Array::<f32>::new(2usize);
-        #[unroll]
-        for r in 0..2usize {
-            let mut block_max = f32::reinterpret(0xce80_0000u32);
-            #[unroll]
-            for n in 0..8usize {
-                #[unroll]
-                for e in 0..2usize {
-                    let key = block * BLOCK + n * 8 + 2 * t + e;
-                    let x = s.extract(4 * n + 2 * r + e) * scale_log2;
-                    block_max = select(key < limit[r], f32::max(block_max, x), block_max);
-                }
-            }
-            let m_new = f32::max(m[r], quad_max(block_max));
-            alpha[r] = fast_exp2(m[r] - m_new);
-            m[r] = m_new;
-            l[r] *= alpha[r];
-            #[unroll]
-            for n in 0..8usize {
-                #[unroll]
-                for e in 0..2usize {
-                    let key = block * BLOCK + n * 8 + 2 * t + e;
-                    let x = s.extract(4 * n + 2 * r + e) * scale_log2;
-                    let pe = select(key < limit[r], fast_exp2(x - m_new), 0.0f32);
-                    l[r] += pe;
-                    p[4 * n + 2 * r + e] = pe;
-                }
-            }
-        }
-        // O rescaled per row, then O += P·V with P as bf16 pairs in the m16n8k16 A layout: k step j holds
-        // keys 16j.. = accumulator column groups 2j (pairs 0, 1) and 2j + 1 (pairs 2, 3).
-        let mut scale = Vector::<f32, Const<64>>::new(0.0f32);
-        #[unroll]
-        for i in 0..64usize {
-            scale.insert(i, alpha[(i % 4) / 2]);
-        }
-        let mut a = Vector::<u32, Const<16>>::new(0u32);
-        #[unroll]
-        for i in 0..16usize {
-            a.insert(i, pack(p[2 * i], p[2 * i + 1], Format::Bf16));
-        }
+        // This warpgroup's softmax and P·V run on block `late` (a step behind or not), its S on `step`.
+        let late = select(behind, step - select(step > 0, 1usize, 0usize), step);
+        let k_desc = sw128_descriptor(base + ((K_OFFSET + (step % K_BUFFERS) * K_CHUNKS) * 16) as u32);
         let v_desc = sw128_mn_major_descriptor(
-            base + ((V_OFFSET + buf * V_CHUNKS) * 16) as u32,
+            base + ((V_OFFSET + (late % V_BUFFERS) * V_CHUNKS) * 16) as u32,
             comptime!(COLUMN_BLOCK as u32 * 16),
         );
-        o = wgmma_bf16_register_a_accumulate::<Const<64>, Const<16>>(o * scale, a, v_desc, 128usize, 4usize, 2048usize);
-        block += 1;
+        if !behind && step * BLOCK < group_keys {
+            // S = Q·Kᵀ: 64 queries × 64 keys, K = 192 in three 64-column blocks of the K tile.
+            held = wgmma_bf16_register_a_fresh::<Const<32>, Const<64>>(
+                qa,
+                k_desc,
+                64usize,
+                comptime!(D_QK / 16),
+                comptime!(COLUMN_BLOCK * 16),
+            );
+        }
+        if (!behind || step > 0) && late * BLOCK < group_keys {
+            if (late + 1) * BLOCK <= unmasked_keys {
+                o = softmax_and_pv(held, o, &mut m, &mut l, &limit, late * BLOCK, t, scale_log2, v_desc, false);
+            } else {
+                o = softmax_and_pv(held, o, &mut m, &mut l, &limit, late * BLOCK, t, scale_log2, v_desc, true);
+            }
+        }
+        if behind && step < blocks && step * BLOCK < group_keys {
+            held = wgmma_bf16_register_a_fresh::<Const<32>, Const<64>>(
+                qa,
+                k_desc,
+                64usize,
+                comptime!(D_QK / 16),
+                comptime!(COLUMN_BLOCK * 16),
+            );
+        }
+        step += 1;
     }
 
     // out = O / l (bf16 pairs: row g + 8r, columns 8n + 2t, + 1), lse; rows past the sequence unwritten.
@@ -231,11 +293,8 @@ fn mha_prefill_wgmma_kernel(
             let inv = select(sum > 0.0f32, 1.0f32 / sum, 0.0f32);
             #[unroll]
             for n in 0..16usize {
-                out[pair * comptime!(D_V / 2) + n * 4 + t] = pack(
-                    o.extract(4 * n + 2 * r) * inv,
-                    o.extract(4 * n + 2 * r + 1) * inv,
-                    Format::Bf16,
-                );
+                out[pair * comptime!(D_V / 2) + n * 4 + t] =
+                    pack_bf16x2(o.extract(4 * n + 2 * r) * inv, o.extract(4 * n + 2 * r + 1) * inv);
             }
             if t == 0 {
                 lse[pair] = select(
@@ -248,20 +307,21 @@ fn mha_prefill_wgmma_kernel(
     }
 }
 
-pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
+/// Launches with `groups` warpgroups (64 queries each) per cube.
+pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle], groups: usize) {
     let (t_q, t_k, h, seqs) = (
         problem.dim("t_q"),
         problem.dim("t_k"),
         problem.dim("h"),
         problem.dim("n_cu") - 1,
     );
-    // At most one partial tile per sequence beyond t_q / 64 full ones.
-    let tiles = t_q.div_ceil(BLOCK) + seqs;
+    // At most one partial tile per sequence beyond the full ones.
+    let tiles = t_q.div_ceil(BLOCK * groups) + seqs;
     mha_prefill_wgmma_kernel::launch(
         &device.client,
         grid(tiles * h),
-        CubeDim::new_1d(128),
-        buffer(&inputs[0], t_q * h * D_QK / 8),
+        CubeDim::new_1d(128 * groups as u32),
+        buffer(&inputs[0], t_q * h * D_QK / 2),
         buffer(&inputs[1], t_k * h * D_QK / 8),
         buffer(&inputs[2], t_k * h * D_V / 8),
         buffer(&inputs[3], seqs + 1),
@@ -272,14 +332,15 @@ pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[
         seqs,
         tiles,
         problem.param("sm_scale") as f32,
+        groups,
     );
 }
 
-pub fn define(target: IrTarget) -> KernelDefinition {
+pub fn define(target: IrTarget, groups: usize) -> KernelDefinition {
     let (props, target_props) = nsa_backends::ir_properties(target);
     let a = slice_arg;
     mha_prefill_wgmma_kernel::MhaPrefillWgmmaKernel::new(
-        ir_settings(CubeDim::new_1d(128)),
+        ir_settings(CubeDim::new_1d(128 * groups as u32)),
         props,
         target_props,
         a(),
@@ -293,6 +354,7 @@ pub fn define(target: IrTarget) -> KernelDefinition {
         (),
         (),
         (),
+        groups,
     )
     .define()
 }
