@@ -226,6 +226,10 @@ pub fn wgmma_bf16_register_a_accumulate<NC: Size, NA: Size>(
 /// [`wgmma_bf16_register_a_accumulate`]'s `a`) and B `n` rows K-major and swizzled at descriptor `b` (K past
 /// 128 bytes in column blocks `b_block_bytes` apart): S = Q·Kᵀ with Q held in registers, so only K is read
 /// from shared memory. `a` may hold more registers than the 4·`steps` used.
+///
+/// With `wait` false the products are only issued: the result is in flight and must go through
+/// [`wgmma_wait`] before anything reads it, and `a` must not change until then — the warpgroup works on
+/// meanwhile (flash attention: the next block's S runs on the tensor cores during this block's softmax).
 #[cube]
 pub fn wgmma_bf16_register_a_fresh<NC: Size, NA: Size>(
     a: Vector<u32, NA>,
@@ -233,21 +237,40 @@ pub fn wgmma_bf16_register_a_fresh<NC: Size, NA: Size>(
     #[comptime] n: usize,
     #[comptime] steps: usize,
     #[comptime] b_block_bytes: usize,
+    #[comptime] wait: bool,
 ) -> Vector<f32, NC> {
     let products = comptime!(register_a_steps(n, steps, n / 2, true, false, |j| {
         if j.is_multiple_of(4) { (b_block_bytes - 96) >> 4 } else { 2 }
     }));
+    let wait = comptime!(if wait { "wgmma.wait_group.sync.aligned 0;\n" } else { "" });
     let a = a * Vector::<u32, NA>::new(1u32);
     let d: Vector<f32, NC>;
     gpu_asm!(
         "{{\n// {d} {a}\n.reg .b64 wg_db;\n.reg .pred wg_p0, wg_p1;\nmov.b64 wg_db, {b};",
         "setp.ne.b64 wg_p0, wg_db, wg_db;\nsetp.eq.b64 wg_p1, wg_db, wg_db;\nwgmma.fence.sync.aligned;",
-        "{products}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
+        "{products}wgmma.commit_group.sync.aligned;\n{wait}}}",
         d = out(_) d,
         a = in(_) a,
         b = in(_) b,
     );
     d
+}
+
+/// Waits for every product this warpgroup has in flight and returns `d` (the result of one issued without
+/// waiting) as read after the wait. Nothing may read `d` before this (no copy, no arithmetic): its
+/// registers are still being written by the tensor cores.
+#[cube]
+pub fn wgmma_wait<NC: Size>(d: Vector<f32, NC>, #[comptime] n: usize) -> Vector<f32, NC> {
+    let copies = comptime!(copy_accumulator(n / 2));
+    // As a value, not an address (see wgmma_accumulate); the compiler folds the × 1, so nothing reads d.
+    let d = d * Vector::<f32, NC>::new(1.0f32);
+    let result: Vector<f32, NC>;
+    gpu_asm!(
+        "{{\n// {result} {d}\nwgmma.wait_group.sync.aligned 0;\n{copies}}}",
+        result = out(_) result,
+        d = in(_) d,
+    );
+    result
 }
 
 /// Starts copying (cp.async) 16-byte chunks `first_chunk..first_chunk + 8` of `rows` rows (from `row0` of a

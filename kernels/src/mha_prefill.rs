@@ -218,9 +218,11 @@ fn gather_kv<N: Size>(
 }
 
 /// The query tile of this cube for the tensor-core variants, which cover query tile c (of `tile_rows`
-/// queries) of the batch for one head: the head, the tile's sequence (its first query row, query count, first key row, key count) and the
-/// tile's first query within the sequence. Tiles go in reverse — a causal sequence's last tiles see the most
-/// keys, so they start first and the cheap ones fill the tail; cubes past the last tile terminate.
+/// queries) of the batch for one head: the head, the tile's sequence (its first query row, query count,
+/// first key row, key count) and the tile's first query within the sequence. Cubes go head by head, so
+/// the cubes running at once read the K/V of a few heads, which stays in L2 (with heads innermost all of
+/// them were live and K/V came from DRAM); within a head tiles go in reverse — a causal sequence's last
+/// tiles see the most keys, so they start first. Cubes past the last tile terminate.
 #[cube]
 pub(crate) fn locate_tile(
     cu_q: &[i32],
@@ -230,9 +232,9 @@ pub(crate) fn locate_tile(
     tile_bound: usize,
     #[comptime] tile_rows: usize,
 ) -> (usize, usize, usize, usize, usize, usize) {
-    let head = CUBE_POS % heads;
-    let tile = tile_bound - 1 - select(CUBE_POS / heads < tile_bound, CUBE_POS / heads, tile_bound - 1);
-    if CUBE_POS / heads >= tile_bound {
+    let head = CUBE_POS / tile_bound;
+    let tile = tile_bound - 1 - CUBE_POS % tile_bound;
+    if head >= heads {
         terminate!();
     }
     let (seq, first_tile) = query_tile(cu_q, seqs, tile, tile_rows);

@@ -6,11 +6,9 @@
 //! trans-b), O rescaled in registers first. K/V blocks of 64 keys are gathered by cp.async one block
 //! ahead and shared by the warpgroups.
 //!
-//! The products are synchronous and a cube barrier starts every block, so two warpgroups doing the same
-//! step at once would leave the tensor cores idle through both softmaxes. The second warpgroup therefore
-//! runs a step behind: in iteration b the first computes S_b, its softmax and P_b·V_b, while the second
-//! does the softmax and P·V of block b − 1 (S kept in registers across the barrier) and then S_b — one's
-//! softmax overlaps the other's products. V keeps three buffers for that (K two).
+//! Block b's S is issued without waiting and consumed a step later: while the tensor cores compute it, the
+//! warpgroup runs block b − 1's softmax and P·V (FlashAttention-3's intra-warpgroup overlap; a cube
+//! barrier still starts every step, K/V shared by the warpgroups). V keeps three buffers for that (K two).
 //!
 //! Masking costs a compare and a select per score, so only blocks crossing a warpgroup's causal diagonal
 //! are masked; a warpgroup whose queries see none of a block skips it.
@@ -24,7 +22,7 @@ use nsa_dsl::format::pack_bf16x2;
 use nsa_dsl::warp_mma::{commit_async_copies, copy_chunk_async, fast_exp2, quad_max, quad_sum};
 use nsa_dsl::wgmma::{
     ATOM_BYTES, await_stage, first_atom, sw128_descriptor, sw128_mn_major_descriptor, swizzled_chunk,
-    wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh,
+    wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh, wgmma_wait,
 };
 
 const D_QK: usize = 192;
@@ -82,9 +80,58 @@ fn copy_head_rows_swizzled(
     }
 }
 
+/// Byte offset from the aligned base of block `block`'s K tile.
+#[cube]
+fn k_tile_bytes(block: usize) -> u32 {
+    ((K_OFFSET + (block % K_BUFFERS) * K_CHUNKS) * 16) as u32
+}
+
+/// Byte offset from the aligned base of block `block`'s V tile.
+#[cube]
+fn v_tile_bytes(block: usize) -> u32 {
+    ((V_OFFSET + (block % V_BUFFERS) * V_CHUNKS) * 16) as u32
+}
+
+/// Starts copying block `block`'s 64 keys of K and V into their buffers.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn prefetch(
+    k: &[Vector<u32, Const<4>>],
+    v: &[Vector<u32, Const<4>>],
+    smem: &mut [Vector<u32, Const<4>>],
+    skip: usize,
+    block: usize,
+    k0: usize,
+    k_len: usize,
+    heads: usize,
+    head: usize,
+    #[comptime] units: usize,
+) {
+    let first = block * BLOCK;
+    let k_tile = skip + K_OFFSET + (block % K_BUFFERS) * K_CHUNKS;
+    let v_tile = skip + V_OFFSET + (block % V_BUFFERS) * V_CHUNKS;
+    copy_head_rows_swizzled(k, smem, k_tile, k0, first, k_len, heads, head, comptime!(D_QK / 8), units);
+    copy_head_rows_swizzled(v, smem, v_tile, k0, first, k_len, heads, head, comptime!(D_V / 8), units);
+}
+
+/// Issues S = Q·Kᵀ for block `block` (64 queries × 64 keys, K = 192 in three 64-column blocks of the K
+/// tile) without waiting: the result is in flight until [`wgmma_wait`].
+#[cube]
+fn issue_scores(qa: Vector<u32, Const<64>>, base: u32, block: usize) -> Vector<f32, Const<32>> {
+    wgmma_bf16_register_a_fresh::<Const<32>, Const<64>>(
+        qa,
+        sw128_descriptor(base + k_tile_bytes(block)),
+        64usize,
+        comptime!(D_QK / 16),
+        comptime!(COLUMN_BLOCK * 16),
+        false,
+    )
+}
+
 /// One block's online softmax of `s` (this warpgroup's 64 queries × 64 keys from `key0`; element
 /// 4n + 2r + e: row g + 8r, key 8n + 2t + e) in log₂ units, then O rescaled and O += P·V (V at descriptor
-/// `v_desc`). With `masked`, keys at or past a row's causal `limit` weigh nothing.
+/// `v_desc`). With `masked` (warpgroup-uniform), keys at or past a row's causal `limit` weigh nothing;
+/// blocks left of the diagonal skip the compares. Maxima and sums are trees, not 16-long chains.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn softmax_and_pv(
@@ -97,7 +144,7 @@ fn softmax_and_pv(
     t: usize,
     scale_log2: f32,
     v_desc: u64,
-    #[comptime] masked: bool,
+    masked: bool,
 ) -> Vector<f32, Const<64>> {
     let mut x = Array::<f32>::new(32usize);
     #[unroll]
@@ -115,23 +162,39 @@ fn softmax_and_pv(
     let mut p = Array::<f32>::new(32usize);
     #[unroll]
     for r in 0..2usize {
-        let mut block_max = x[2 * r];
+        // Row r's 16 values are elements 4n + 2r + e.
+        let mut tree = Array::<f32>::new(16usize);
         #[unroll]
-        for i in 1..16usize {
-            block_max = f32::max(block_max, x[4 * (i / 2) + 2 * r + i % 2]);
+        for i in 0..16usize {
+            tree[i] = x[4 * (i / 2) + 2 * r + i % 2];
         }
-        let m_new = f32::max(m[r], quad_max(block_max) * scale_log2);
+        #[unroll]
+        for level in 0..4u32 {
+            let width = comptime!(8usize >> level);
+            #[unroll]
+            for i in 0..width {
+                tree[i] = f32::max(tree[i], tree[i + width]);
+            }
+        }
+        let m_new = f32::max(m[r], quad_max(tree[0]) * scale_log2);
         alpha[r] = fast_exp2(m[r] - m_new);
         m[r] = m_new;
-        let mut sum = 0.0f32;
         #[unroll]
         for i in 0..16usize {
             let index = 4 * (i / 2) + 2 * r + i % 2;
             let pe = fast_exp2(x[index] * scale_log2 - m_new);
-            sum += pe;
             p[index] = pe;
+            tree[i] = pe;
         }
-        l[r] = l[r] * alpha[r] + sum;
+        #[unroll]
+        for level in 0..4u32 {
+            let width = comptime!(8usize >> level);
+            #[unroll]
+            for i in 0..width {
+                tree[i] += tree[i + width];
+            }
+        }
+        l[r] = l[r] * alpha[r] + tree[0];
     }
     // O rescaled per row, then O += P·V with P as bf16 pairs in the m16n8k16 A layout: k step j holds
     // keys 16j.. = accumulator column groups 2j (pairs 0, 1) and 2j + 1 (pairs 2, 3).
@@ -191,19 +254,7 @@ fn mha_prefill_wgmma_kernel(
     );
     let unmasked_keys = select(k_len + group_first + 1 > q_len, k_len + group_first + 1 - q_len, 0usize);
 
-    copy_head_rows_swizzled(
-        k,
-        &mut smem,
-        skip + K_OFFSET,
-        k0,
-        0,
-        k_len,
-        heads,
-        head,
-        comptime!(D_QK / 8),
-        units,
-    );
-    copy_head_rows_swizzled(v, &mut smem, skip + V_OFFSET, k0, 0, k_len, heads, head, comptime!(D_V / 8), units);
+    prefetch(k, v, &mut smem, skip, 0usize, k0, k_len, heads, head, units);
     commit_async_copies();
 
     // Q as the A operand of S = Q·Kᵀ, k step j in registers 4j..4j + 3: rows g and g + 8 of this warp's
@@ -231,56 +282,41 @@ fn mha_prefill_wgmma_kernel(
     }
     let mut o = Vector::<f32, Const<64>>::new(0.0f32);
     let scale_log2 = sm_scale * core::f32::consts::LOG2_E;
-    // The second warpgroup runs a step behind (see the module docs): S of its previous block, held.
-    let behind = groups > 1 && warp >= 4;
-    let mut held = Vector::<f32, Const<32>>::new(0.0f32);
+    let v_block = comptime!(COLUMN_BLOCK as u32 * 16);
 
-    let mut step = 0usize;
-    while step < blocks + comptime!(groups - 1) {
+    // Block b's S is issued in step b and consumed in step b + 1, after block b − 1's softmax and P·V ran
+    // while the tensor cores computed it.
+    if blocks > 0 {
         await_stage(0u32);
-        if step + 1 < blocks {
-            let first = (step + 1) * BLOCK;
-            let k_tile = skip + K_OFFSET + ((step + 1) % K_BUFFERS) * K_CHUNKS;
-            let v_tile = skip + V_OFFSET + ((step + 1) % V_BUFFERS) * V_CHUNKS;
-            copy_head_rows_swizzled(k, &mut smem, k_tile, k0, first, k_len, heads, head, comptime!(D_QK / 8), units);
-            copy_head_rows_swizzled(v, &mut smem, v_tile, k0, first, k_len, heads, head, comptime!(D_V / 8), units);
+        if 1 < blocks {
+            prefetch(k, v, &mut smem, skip, 1usize, k0, k_len, heads, head, units);
         }
         commit_async_copies();
-
-        // This warpgroup's softmax and P·V run on block `late` (a step behind or not), its S on `step`.
-        let late = select(behind, step - select(step > 0, 1usize, 0usize), step);
-        let k_desc = sw128_descriptor(base + ((K_OFFSET + (step % K_BUFFERS) * K_CHUNKS) * 16) as u32);
-        let v_desc = sw128_mn_major_descriptor(
-            base + ((V_OFFSET + (late % V_BUFFERS) * V_CHUNKS) * 16) as u32,
-            comptime!(COLUMN_BLOCK as u32 * 16),
-        );
-        if !behind && step * BLOCK < group_keys {
-            // S = Q·Kᵀ: 64 queries × 64 keys, K = 192 in three 64-column blocks of the K tile.
-            held = wgmma_bf16_register_a_fresh::<Const<32>, Const<64>>(
-                qa,
-                k_desc,
-                64usize,
-                comptime!(D_QK / 16),
-                comptime!(COLUMN_BLOCK * 16),
-            );
-        }
-        if (!behind || step > 0) && late * BLOCK < group_keys {
-            if (late + 1) * BLOCK <= unmasked_keys {
-                o = softmax_and_pv(held, o, &mut m, &mut l, &limit, late * BLOCK, t, scale_log2, v_desc, false);
-            } else {
-                o = softmax_and_pv(held, o, &mut m, &mut l, &limit, late * BLOCK, t, scale_log2, v_desc, true);
+        let s0 = issue_scores(qa, base, 0usize);
+        let mut held = wgmma_wait::<Const<32>>(s0, 64usize);
+        let mut step = 1usize;
+        while step < blocks {
+            await_stage(0u32);
+            if step + 1 < blocks {
+                prefetch(k, v, &mut smem, skip, step + 1, k0, k_len, heads, head, units);
             }
+            commit_async_copies();
+            let s = issue_scores(qa, base, step);
+            let late = step - 1;
+            if late * BLOCK < group_keys {
+                let v_desc = sw128_mn_major_descriptor(base + v_tile_bytes(late), v_block);
+                let masked = (late + 1) * BLOCK > unmasked_keys;
+                o = softmax_and_pv(held, o, &mut m, &mut l, &limit, late * BLOCK, t, scale_log2, v_desc, masked);
+            }
+            held = wgmma_wait::<Const<32>>(s, 64usize);
+            step += 1;
         }
-        if behind && step < blocks && step * BLOCK < group_keys {
-            held = wgmma_bf16_register_a_fresh::<Const<32>, Const<64>>(
-                qa,
-                k_desc,
-                64usize,
-                comptime!(D_QK / 16),
-                comptime!(COLUMN_BLOCK * 16),
-            );
+        let late = blocks - 1;
+        if late * BLOCK < group_keys {
+            let v_desc = sw128_mn_major_descriptor(base + v_tile_bytes(late), v_block);
+            let masked = (late + 1) * BLOCK > unmasked_keys;
+            o = softmax_and_pv(held, o, &mut m, &mut l, &limit, late * BLOCK, t, scale_log2, v_desc, masked);
         }
-        step += 1;
     }
 
     // out = O / l (bf16 pairs: row g + 8r, columns 8n + 2t, + 1), lse; rows past the sequence unwritten.
