@@ -240,7 +240,11 @@ pub fn wgmma_bf16_register_a_fresh<NC: Size, NA: Size>(
     #[comptime] wait: bool,
 ) -> Vector<f32, NC> {
     let products = comptime!(register_a_steps(n, steps, n / 2, true, false, |j| {
-        if j.is_multiple_of(4) { (b_block_bytes - 96) >> 4 } else { 2 }
+        if j.is_multiple_of(4) {
+            (b_block_bytes - 96) >> 4
+        } else {
+            2
+        }
     }));
     let wait = comptime!(if wait { "wgmma.wait_group.sync.aligned 0;\n" } else { "" });
     let a = a * Vector::<u32, NA>::new(1u32);

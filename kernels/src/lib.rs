@@ -37,6 +37,7 @@ pub mod strategy;
 pub mod tensor;
 pub mod topk;
 pub mod tuning;
+pub mod wgmma_tile;
 
 pub use check::{CheckResult, check};
 pub use error::KernelError;

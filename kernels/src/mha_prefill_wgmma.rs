@@ -110,8 +110,30 @@ fn prefetch(
     let first = block * BLOCK;
     let k_tile = skip + K_OFFSET + (block % K_BUFFERS) * K_CHUNKS;
     let v_tile = skip + V_OFFSET + (block % V_BUFFERS) * V_CHUNKS;
-    copy_head_rows_swizzled(k, smem, k_tile, k0, first, k_len, heads, head, comptime!(D_QK / 8), units);
-    copy_head_rows_swizzled(v, smem, v_tile, k0, first, k_len, heads, head, comptime!(D_V / 8), units);
+    copy_head_rows_swizzled(
+        k,
+        smem,
+        k_tile,
+        k0,
+        first,
+        k_len,
+        heads,
+        head,
+        comptime!(D_QK / 8),
+        units,
+    );
+    copy_head_rows_swizzled(
+        v,
+        smem,
+        v_tile,
+        k0,
+        first,
+        k_len,
+        heads,
+        head,
+        comptime!(D_V / 8),
+        units,
+    );
 }
 
 /// Issues S = Q·Kᵀ for block `block` (64 queries × 64 keys, K = 192 in three 64-column blocks of the K
@@ -306,7 +328,18 @@ fn mha_prefill_wgmma_kernel(
             if late * BLOCK < group_keys {
                 let v_desc = sw128_mn_major_descriptor(base + v_tile_bytes(late), v_block);
                 let masked = (late + 1) * BLOCK > unmasked_keys;
-                o = softmax_and_pv(held, o, &mut m, &mut l, &limit, late * BLOCK, t, scale_log2, v_desc, masked);
+                o = softmax_and_pv(
+                    held,
+                    o,
+                    &mut m,
+                    &mut l,
+                    &limit,
+                    late * BLOCK,
+                    t,
+                    scale_log2,
+                    v_desc,
+                    masked,
+                );
             }
             held = wgmma_wait::<Const<32>>(s, 64usize);
             step += 1;
@@ -315,7 +348,18 @@ fn mha_prefill_wgmma_kernel(
         if late * BLOCK < group_keys {
             let v_desc = sw128_mn_major_descriptor(base + v_tile_bytes(late), v_block);
             let masked = (late + 1) * BLOCK > unmasked_keys;
-            o = softmax_and_pv(held, o, &mut m, &mut l, &limit, late * BLOCK, t, scale_log2, v_desc, masked);
+            o = softmax_and_pv(
+                held,
+                o,
+                &mut m,
+                &mut l,
+                &limit,
+                late * BLOCK,
+                t,
+                scale_log2,
+                v_desc,
+                masked,
+            );
         }
     }
 
