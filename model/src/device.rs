@@ -375,28 +375,39 @@ impl DeviceModel {
     /// `q_lora` [n, ·] holds the queries (at the positions `cos_sin` gives), `latent` / `k_pe` [s, ·] every
     /// key row, `chosen` [n, k] the rows each query attends to (−1: none): the prefill's own tokens, or a
     /// decode step over the cache.
+    /// Cached rows in the sparse MLA kernel's layout: [latent | 0 | rope | 0], 576 columns.
+    pub(crate) fn kv_rows(&self, latent: Tensor<2>, k_pe: Tensor<2>) -> Tensor<2> {
+        use nsa_kernels::sparse_mla::{D_QK, D_V};
+        let c = &self.config;
+        let (rank, rope) = (c.kv_lora_rank, c.qk_rope_head_dim);
+        assert!(
+            rank <= D_V && rope <= D_QK - D_V,
+            "latent {rank} + rope {rope} exceed the kernel's 512 + 64"
+        );
+        let [s, _] = latent.dims();
+        let zeros = |cols: usize| Tensor::<2>::zeros([s, cols], &self.device);
+        Tensor::cat(vec![latent, zeros(D_V - rank), k_pe, zeros(D_QK - D_V - rope)], 1)
+    }
+
+    /// MLA in the absorbed form over the rows `chosen` (−1: none) of `kv` (in [`Self::kv_rows`]' layout)
+    /// through nsa's sparse MLA kernel.
     pub(crate) fn attention_sparse(
         &self,
         p: &str,
         q_lora: &Tensor<2>,
-        (latent, k_pe): (Tensor<2>, Tensor<2>),
+        kv: Tensor<2>,
         chosen: Tensor<2, Int>,
         cos_sin: &(Tensor<2>, Tensor<2>),
     ) -> Tensor<2> {
         use nsa_kernels::sparse_mla::{D_QK, D_V};
         let c = &self.config;
         let [n, _] = q_lora.dims();
-        let [s, _] = latent.dims();
         let (heads, nope, rope, v_dim, rank) = (
             c.num_attention_heads,
             c.qk_nope_head_dim,
             c.qk_rope_head_dim,
             c.v_head_dim,
             c.kv_lora_rank,
-        );
-        assert!(
-            rank <= D_V && rope <= D_QK - D_V,
-            "latent {rank} + rope {rope} exceed the kernel's 512 + 64"
         );
         let (q_nope, q_pe) = self.mla_query(p, q_lora, cos_sin);
         let q_nope = q_nope.swap_dims(0, 1); // [heads, n, nope]
@@ -419,8 +430,6 @@ impl DeviceModel {
         } else {
             q_full
         };
-        let zeros2 = |cols: usize| Tensor::<2>::zeros([s, cols], &self.device);
-        let kv = Tensor::cat(vec![latent, zeros2(D_V - rank), k_pe, zeros2(D_QK - D_V - rope)], 1);
         let out = crate::ops::sparse_mla_prefill(&self.kernels, q_full, kv, chosen, c.softmax_scale());
         let out_latent = out.slice([0..n, 0..heads, 0..rank]).swap_dims(0, 1); // [heads, n, rank]
         let out = matmul(out_latent, w_uv.swap_dims(1, 2)) // [heads, n, v]
@@ -536,11 +545,11 @@ impl DeviceModel {
             let q_lora = self.q_lora(&p, &h);
             let (allowed, chosen, index_k) = self.indexer(&p, &h, &q_lora, &cos_sin);
             let (latent, k_pe) = self.kv_latent(&p, &h, &cos_sin);
-            cache.store(layer, latent.clone(), k_pe.clone(), index_k);
-            let kv = (latent, k_pe);
+            let rows = self.kv_rows(latent.clone(), k_pe.clone());
+            cache.store(layer, rows.clone(), index_k);
             let attention = match self.prefill_attention.unwrap_or(PrefillAttention::rule(n)) {
-                PrefillAttention::Mha => self.attention(&p, &q_lora, kv, allowed, &cos_sin),
-                PrefillAttention::Sparse => self.attention_sparse(&p, &q_lora, kv, chosen.clone(), &cos_sin),
+                PrefillAttention::Mha => self.attention(&p, &q_lora, (latent, k_pe), allowed, &cos_sin),
+                PrefillAttention::Sparse => self.attention_sparse(&p, &q_lora, rows, chosen.clone(), &cos_sin),
             };
             x = x.add(attention);
             let router;

@@ -7,6 +7,7 @@ pub mod device;
 pub mod device_decode;
 pub mod error;
 pub mod ops;
+pub mod paged;
 pub mod reference;
 pub mod reference_decode;
 pub mod tokenizer;

@@ -159,3 +159,47 @@ fn chunk_after_a_prefix_equals_token_by_token() {
     let (a, b) = (model.decode_step(&mut stepped, 1), model.decode_step(&mut chunked, 1));
     assert!(max_diff(&a, &b) < 1e-5);
 }
+
+/// A sequence whose pages lie scattered in a shared store (another sequence's rows in between) gets the
+/// logits of its own buffers, and a second sequence reading the first one's pages as its prefix continues
+/// from them.
+#[test]
+fn paged_store_matches_own_buffers() {
+    use nsa_model::paged::PageTable;
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let model = DeviceModel::load(&bundled_model_dir(), &device).unwrap();
+    let prompt = [0u32, 7, 300, 12, 5, 41, 99];
+    let mut own = model.new_cache();
+    let want_prompt = model.extend(&mut own, &prompt);
+    let want_next = model.decode_step(&mut own, 3);
+
+    let mut store = model.new_store(2);
+    let mut other = PageTable {
+        pages: vec![0, 1],
+        len: 0,
+    };
+    model.step_paged(&mut store, &mut [&mut other], &[&[0, 1, 2]]);
+    let mut table = PageTable {
+        pages: vec![7, 3, 5, 2],
+        len: 0,
+    };
+    let got = model.step_paged(&mut store, &mut [&mut table], &[&prompt]);
+    assert!(max_diff(&got[0], &want_prompt) < 1e-5, "prompt in scattered pages");
+    // The decode step together with another sequence's.
+    let got = model.step_paged(&mut store, &mut [&mut table, &mut other], &[&[3], &[4]]);
+    assert!(max_diff(&got[0], &want_next) < 1e-5, "decode in scattered pages");
+    assert_eq!(table.len, prompt.len() + 1);
+
+    let mut own_prefix = model.new_cache();
+    model.extend(&mut own_prefix, &prompt[..4]);
+    let want_shared = model.extend(&mut own_prefix, &[50, 51]);
+    let mut shared = PageTable {
+        pages: vec![7, 3, 8],
+        len: 4,
+    };
+    let got = model.step_paged(&mut store, &mut [&mut shared], &[&[50, 51]]);
+    assert!(
+        max_diff(&got[0], &want_shared) < 1e-5,
+        "a prefix read from another sequence's pages"
+    );
+}

@@ -1,53 +1,59 @@
-//! The model side of the scheduler: runs a step's batch on a model with a per-sequence cache (the host
-//! reference's latent cache or the device model's), keeping the cache's rows in the scheduler's pages so
-//! that a request reusing a cached prefix, or one recomputed after preemption, starts from the pages'
-//! rows. Samples each request's next token with its own parameters and seed.
+//! The model side of the scheduler: runs a step's batch on a model with a per-sequence cache, and samples
+//! each request's next token with its own parameters and seed. The burn device model keeps every
+//! sequence's rows in the scheduler's pages of one store ([`nsa_model::paged`]: a request reusing a cached
+//! prefix reads those pages as they are); the host reference keeps a cache per sequence and copies of full
+//! pages, from which a prefix (or a recompute after preemption) is rebuilt.
 use crate::pages::PageId;
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::scheduler::{Engine, Work};
 use nsa_model::device::DeviceModel;
-use nsa_model::device_decode::DeviceCache;
+use nsa_model::paged::{PageTable, PagedStore};
 use nsa_model::reference::ReferenceModel;
 use nsa_model::reference_decode::LatentCache;
 use std::collections::HashMap;
 
-/// A model that extends a sequence's cache token by token and slices / joins caches by rows.
+/// A model that extends sequences' caches: either in the scheduler's pages of a store it owns (`PAGED`),
+/// or in per-sequence caches that slice into page copies and join back.
 pub trait CachedModel {
     type Cache: Clone;
+    /// Where paged caches keep their rows (nothing for per-sequence caches).
+    type Store;
+    /// Whether caches live in the scheduler's pages of the store: then a cache is rebuilt from its pages
+    /// by [`Self::in_pages`], never copied.
+    const PAGED: bool;
+    fn new_store(&self, page_size: usize) -> Self::Store;
     fn empty_cache(&self) -> Self::Cache;
     fn cache_len(cache: &Self::Cache) -> usize;
-    /// Feeds `tokens` at positions `cache_len..`; the last token's logits.
-    fn extend(&self, cache: &mut Self::Cache, tokens: &[u32]) -> Vec<f64>;
+    /// Paged models: the cache of the first `len` positions, held in `pages`.
+    fn in_pages(pages: &[PageId], len: usize) -> Self::Cache;
+    /// Per-sequence models: the rows of positions `start..end` (a page's copy).
     fn slice(cache: &Self::Cache, start: usize, end: usize) -> Self::Cache;
-    /// Joins non-empty parts.
+    /// Per-sequence models: non-empty parts joined.
     fn concat(parts: &[Self::Cache]) -> Self::Cache;
-    /// Appends `tokens[i]` to `caches[i]` for every sequence; each one's logits. One by one unless the
-    /// model batches.
-    fn decode_batch(&self, caches: &mut [&mut Self::Cache], tokens: &[u32]) -> Vec<Vec<f64>> {
-        caches
-            .iter_mut()
-            .zip(tokens)
-            .map(|(cache, &token)| self.extend(cache, &[token]))
-            .collect()
-    }
+    /// Appends `tokens[i]` (a prompt chunk or a decode token) to `caches[i]`, each of which holds `pages[i]`
+    /// (covering the new positions); each sequence's last logits.
+    fn run_step(
+        &self,
+        store: &mut Self::Store,
+        caches: &mut [&mut Self::Cache],
+        pages: &[&[PageId]],
+        tokens: &[&[u32]],
+    ) -> Vec<Vec<f64>>;
 }
 
 impl CachedModel for ReferenceModel {
     type Cache = LatentCache;
+    type Store = ();
+    const PAGED: bool = false;
+    fn new_store(&self, _: usize) {}
     fn empty_cache(&self) -> LatentCache {
         self.new_cache()
     }
     fn cache_len(cache: &LatentCache) -> usize {
         cache.len()
     }
-    /// Token by token through the decode path, so a sequence's results do not depend on how the
-    /// scheduler chunked it (batched greedy outputs equal single-request ones exactly).
-    fn extend(&self, cache: &mut LatentCache, tokens: &[u32]) -> Vec<f64> {
-        let mut logits = Vec::new();
-        for &token in tokens {
-            logits = self.decode_step(cache, token);
-        }
-        logits
+    fn in_pages(_: &[PageId], _: usize) -> LatentCache {
+        unreachable!("the host reference's caches are not paged")
     }
     fn slice(cache: &LatentCache, start: usize, end: usize) -> LatentCache {
         cache.slice(start, end)
@@ -55,34 +61,64 @@ impl CachedModel for ReferenceModel {
     fn concat(parts: &[LatentCache]) -> LatentCache {
         LatentCache::concat(parts)
     }
+    /// Token by token through the decode path, so a sequence's results do not depend on how the
+    /// scheduler chunked or batched it (batched greedy outputs equal single-request ones exactly).
+    fn run_step(
+        &self,
+        _: &mut (),
+        caches: &mut [&mut LatentCache],
+        _: &[&[PageId]],
+        tokens: &[&[u32]],
+    ) -> Vec<Vec<f64>> {
+        (caches.iter_mut().zip(tokens))
+            .map(|(cache, tokens)| {
+                let mut logits = Vec::new();
+                for &token in *tokens {
+                    logits = self.decode_step(cache, token);
+                }
+                logits
+            })
+            .collect()
+    }
 }
 
 impl CachedModel for DeviceModel {
-    type Cache = DeviceCache;
-    fn empty_cache(&self) -> DeviceCache {
-        self.new_cache()
+    type Cache = PageTable;
+    type Store = PagedStore;
+    const PAGED: bool = true;
+    fn new_store(&self, page_size: usize) -> PagedStore {
+        DeviceModel::new_store(self, page_size)
     }
-    fn cache_len(cache: &DeviceCache) -> usize {
-        cache.len()
+    fn empty_cache(&self) -> PageTable {
+        PageTable::default()
     }
-    /// A fresh sequence's tokens in one prefill; later chunks in one pass over the cached prefix.
-    fn extend(&self, cache: &mut DeviceCache, tokens: &[u32]) -> Vec<f64> {
-        if cache.is_empty() && tokens.len() > 1 {
-            let (logits, filled) = self.prefill_prompt(tokens);
-            *cache = filled;
-            return logits;
+    fn cache_len(cache: &PageTable) -> usize {
+        cache.len
+    }
+    fn in_pages(pages: &[PageId], len: usize) -> PageTable {
+        PageTable {
+            pages: pages.to_vec(),
+            len,
         }
-        DeviceModel::extend(self, cache, tokens)
     }
-    fn slice(cache: &DeviceCache, start: usize, end: usize) -> DeviceCache {
-        cache.slice(start, end)
+    fn slice(_: &PageTable, _: usize, _: usize) -> PageTable {
+        unreachable!("paged caches stay in their pages")
     }
-    fn concat(parts: &[DeviceCache]) -> DeviceCache {
-        DeviceCache::concat(parts)
+    fn concat(_: &[PageTable]) -> PageTable {
+        unreachable!("paged caches stay in their pages")
     }
-    /// One batched step (projections and MoE over all sequences at once).
-    fn decode_batch(&self, caches: &mut [&mut DeviceCache], tokens: &[u32]) -> Vec<Vec<f64>> {
-        DeviceModel::decode_batch(self, caches, tokens)
+    /// The whole batch — prompt chunks and decode tokens — in one pass over the store.
+    fn run_step(
+        &self,
+        store: &mut PagedStore,
+        caches: &mut [&mut PageTable],
+        pages: &[&[PageId]],
+        tokens: &[&[u32]],
+    ) -> Vec<Vec<f64>> {
+        for (cache, pages) in caches.iter_mut().zip(pages) {
+            cache.pages = pages.to_vec();
+        }
+        self.step_paged(store, caches, tokens)
     }
 }
 
@@ -105,6 +141,7 @@ impl Sequence {
 pub struct ModelEngine<M: CachedModel> {
     model: M,
     page_size: usize,
+    store: M::Store,
     /// Caches of the sequences that ran last step, by request.
     caches: HashMap<u64, M::Cache>,
     /// The rows each full page holds, written when its sequence finishes (only finished sequences' full
@@ -122,6 +159,7 @@ pub struct ModelEngine<M: CachedModel> {
 impl<M: CachedModel> ModelEngine<M> {
     pub fn new(model: M, page_size: usize) -> ModelEngine<M> {
         ModelEngine {
+            store: model.new_store(page_size),
             model,
             page_size,
             caches: HashMap::new(),
@@ -140,9 +178,13 @@ impl<M: CachedModel> ModelEngine<M> {
     }
 
     /// `request` finished or was cancelled: its full pages take its rows (a later request may reuse them as
-    /// a prefix); its cache and sampler go.
+    /// a prefix; paged models' rows are in them already); its cache and sampler go.
     pub fn forget(&mut self, request: u64) {
-        if let (Some(cache), Some(pages)) = (self.caches.get(&request), self.sequence_pages.remove(&request)) {
+        if let (false, Some(cache), Some(pages)) = (
+            M::PAGED,
+            self.caches.get(&request),
+            self.sequence_pages.remove(&request),
+        ) {
             let full = M::cache_len(cache) / self.page_size;
             for (i, page) in pages.iter().enumerate().take(full) {
                 let rows = M::slice(cache, i * self.page_size, (i + 1) * self.page_size);
@@ -171,6 +213,9 @@ impl<M: CachedModel> ModelEngine<M> {
             return self.model.empty_cache();
         }
         self.prefix_hits += 1;
+        if M::PAGED {
+            return M::in_pages(&work.pages, work.start);
+        }
         let parts: Vec<M::Cache> = (0..work.start.div_ceil(self.page_size))
             .map(|i| {
                 let rows = self
@@ -186,27 +231,13 @@ impl<M: CachedModel> ModelEngine<M> {
 }
 
 impl<M: CachedModel> Engine for ModelEngine<M> {
-    /// Prompt chunks run sequence by sequence; every single-token item (decodes) runs in one batched step.
+    /// The step's prompt chunks and decode tokens in one call of the model.
     fn run(&mut self, batch: &[Work]) -> Vec<u32> {
         let mut caches: Vec<M::Cache> = batch.iter().map(|work| self.cache_for(work)).collect();
-        let mut logits: Vec<Vec<f64>> = vec![Vec::new(); batch.len()];
-        let decodes: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].tokens.len() == 1).collect();
-        for (i, work) in batch.iter().enumerate().filter(|(_, w)| w.tokens.len() > 1) {
-            logits[i] = self.model.extend(&mut caches[i], &work.tokens);
-        }
-        if !decodes.is_empty() {
-            let tokens: Vec<u32> = decodes.iter().map(|&i| batch[i].tokens[0]).collect();
-            let mut decoding: Vec<&mut M::Cache> = caches
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| batch[*i].tokens.len() == 1)
-                .map(|(_, cache)| cache)
-                .collect();
-            let results = self.model.decode_batch(&mut decoding, &tokens);
-            for (&i, result) in decodes.iter().zip(results) {
-                logits[i] = result;
-            }
-        }
+        let pages: Vec<&[PageId]> = batch.iter().map(|work| work.pages.as_slice()).collect();
+        let tokens: Vec<&[u32]> = batch.iter().map(|work| work.tokens.as_slice()).collect();
+        let mut refs: Vec<&mut M::Cache> = caches.iter_mut().collect();
+        let logits = self.model.run_step(&mut self.store, &mut refs, &pages, &tokens);
         let mut tokens = Vec::new();
         for ((work, cache), logits) in batch.iter().zip(caches).zip(logits) {
             self.sequence_pages.insert(work.request, work.pages.clone());

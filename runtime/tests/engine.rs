@@ -103,4 +103,10 @@ fn device_engine_outputs_equal_each_request_alone() {
         prefix_hits >= 2,
         "the shared prefix should be reused: {prefix_hits} hits"
     );
+    // A tight pool: requests are preempted, their pages go to others (rows overwritten in the store) and
+    // they are recomputed into fresh pages.
+    let model = DeviceModel::load(&bundled_model_dir(), &device).expect("model");
+    let (outputs, preempted, _) = serve(model, prompts, 4, 5);
+    assert_eq!(outputs, expected, "tight pool");
+    assert!(preempted > 0, "the tight pool should preempt");
 }

@@ -80,8 +80,9 @@ fn host_memory() -> Option<u64> {
 }
 
 /// How many tokens the cache holds when weights and cache share `fraction` of the memory: weights are
-/// kept as f32 on a device and f64 on the host; each cached token keeps its latent, rope key and indexer key
-/// per layer twice (the running sequence's cache and its pages).
+/// kept as f32 on a device and f64 on the host. A device caches each token once per layer, in the pages
+/// of its store (the sparse MLA kernel's 576-wide KV row and the indexer key); the host reference keeps
+/// latent, rope key and indexer key twice (the running sequence's cache and its page copies).
 fn cache_tokens(config: &ModelConfig, device: &ModelDevice, fraction: f64) -> Result<usize, String> {
     if !(fraction > 0.0 && fraction <= 1.0) {
         return Err(format!("--mem-fraction-static must be in (0, 1], got {fraction}"));
@@ -96,10 +97,11 @@ fn cache_tokens(config: &ModelConfig, device: &ModelDevice, fraction: f64) -> Re
         .iter()
         .map(|(_, shape)| shape.iter().product::<usize>() as u64 * element)
         .sum();
-    let per_token = (config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim + config.index_head_dim))
-        as u64
-        * element
-        * 2;
+    let row = match device {
+        ModelDevice::Host => 2 * (config.kv_lora_rank + config.qk_rope_head_dim + config.index_head_dim),
+        ModelDevice::Burn { .. } => nsa_model::paged::KV_ROW + config.index_head_dim,
+    };
+    let per_token = (config.num_hidden_layers * row) as u64 * element;
     let budget = (memory as f64 * fraction) as u64;
     if budget <= weights {
         return Err(format!(

@@ -1,0 +1,177 @@
+//! The server's device cache: every sequence's cached rows in the pages of one store, per layer one
+//! buffer of KV rows in the sparse MLA kernel's layout and one of indexer keys, row = page · page_size +
+//! slot. A sequence is a page table and a length; sequences sharing a cached prefix read the same pages
+//! (nothing is copied), and attention reads the store's buffer directly through each sequence's rows.
+//! The pages are the scheduler's; the buffers grow (doubling) to the highest page written.
+use crate::device::DeviceModel;
+use crate::device_decode::{CacheRows, stack_padded};
+use burn::tensor::{Int, Tensor, TensorData};
+
+pub type PageId = u32;
+
+/// Values of a cached token's KV row per layer (the sparse MLA kernel's layout, padded to 576).
+pub const KV_ROW: usize = nsa_kernels::sparse_mla::D_QK;
+
+/// The rows of every layer, by page.
+pub struct PagedStore {
+    page_size: usize,
+    /// Per layer: KV rows [capacity, 576] and indexer keys [capacity, index_head_dim]; `None` until written.
+    layers: Vec<Option<(Tensor<2>, Tensor<2>)>>,
+}
+
+/// A sequence in a [`PagedStore`]: its pages in order (page i holds positions i·page_size..) and how many
+/// positions are cached.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PageTable {
+    pub pages: Vec<PageId>,
+    pub len: usize,
+}
+
+impl PagedStore {
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Rows each layer's buffers hold now.
+    pub fn capacity(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(kv, _)| kv.dims()[0])
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The store row of `position` of `table`.
+    fn row(&self, table: &PageTable, position: usize) -> usize {
+        let page = table.pages.get(position / self.page_size).unwrap_or_else(|| {
+            panic!(
+                "position {position} has no page ({} pages of {})",
+                table.pages.len(),
+                self.page_size
+            )
+        });
+        *page as usize * self.page_size + position % self.page_size
+    }
+
+    /// Writes `kv` / `index_k` rows at store rows `row..` of `layer`, growing its buffers to hold them.
+    fn write(&mut self, layer: usize, row: usize, kv: Tensor<2>, index_k: Tensor<2>) {
+        let n = kv.dims()[0];
+        let needed = (row + n).next_multiple_of(self.page_size);
+        let grown = |buffer: Option<Tensor<2>>, width: usize, device: &burn::tensor::Device| match buffer {
+            Some(buffer) if buffer.dims()[0] >= row + n => buffer,
+            Some(buffer) => {
+                let capacity = buffer.dims()[0];
+                let zeros = Tensor::<2>::zeros([needed.max(2 * capacity), width], device);
+                zeros.slice_assign(0..capacity, buffer)
+            }
+            None => Tensor::<2>::zeros([needed, width], device),
+        };
+        let device = kv.device();
+        let (kv_buffer, index_buffer) = match self.layers[layer].take() {
+            Some((kv_buffer, index_buffer)) => (Some(kv_buffer), Some(index_buffer)),
+            None => (None, None),
+        };
+        let kv_buffer = grown(kv_buffer, kv.dims()[1], &device);
+        let index_buffer = grown(index_buffer, index_k.dims()[1], &device);
+        self.layers[layer] = Some((
+            kv_buffer.slice_assign(row..row + n, kv),
+            index_buffer.slice_assign(row..row + n, index_k),
+        ));
+    }
+}
+
+/// A step's sequences in a store.
+struct Paged<'a, 'b> {
+    store: &'a mut PagedStore,
+    tables: &'a mut [&'b mut PageTable],
+}
+
+impl Paged<'_, '_> {
+    fn buffers(&self, layer: usize) -> &(Tensor<2>, Tensor<2>) {
+        self.store.layers[layer].as_ref().expect("rows stored in this layer")
+    }
+}
+
+impl CacheRows for Paged<'_, '_> {
+    fn cached(&self, seq: usize) -> usize {
+        self.tables[seq].len
+    }
+
+    fn index_keys(&self, layer: usize, seq: usize) -> Option<Tensor<2>> {
+        let table: &PageTable = &*self.tables[seq];
+        if table.len == 0 {
+            return None;
+        }
+        let (_, index_k) = self.buffers(layer);
+        let rows: Vec<i64> = (0..table.len).map(|p| self.store.row(table, p) as i64).collect();
+        let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [table.len]), &index_k.device());
+        Some(index_k.clone().select(0, rows))
+    }
+
+    fn store(&mut self, layer: usize, seq: usize, kv: Tensor<2>, index_k: Tensor<2>) {
+        let (n, page_size) = (kv.dims()[0], self.store.page_size);
+        let mut done = 0;
+        while done < n {
+            // The run of new rows that stays within one page.
+            let position = self.tables[seq].len + done;
+            let run = (n - done).min(page_size - position % page_size);
+            let row = self.store.row(&*self.tables[seq], position);
+            let span = done..done + run;
+            self.store
+                .write(layer, row, kv.clone().slice(span.clone()), index_k.clone().slice(span));
+            done += run;
+        }
+    }
+
+    fn attention_rows(&self, layer: usize, chosen: Vec<Tensor<2, Int>>) -> (Tensor<2>, Tensor<2, Int>) {
+        let (kv, _) = self.buffers(layer);
+        let page_size = self.store.page_size as i64;
+        let mapped = self
+            .tables
+            .iter()
+            .zip(chosen)
+            .map(|(table, chosen)| {
+                // position p → pages[p / page_size] · page_size + p % page_size; −1 stays.
+                let [n, width] = chosen.dims();
+                let flat = chosen.reshape([n * width]);
+                let pages: Vec<i64> = table.pages.iter().map(|&p| p as i64).collect();
+                let pages = Tensor::<1, Int>::from_data(TensorData::new(pages, [table.pages.len()]), &kv.device());
+                let position = flat.clone().clamp_min(0);
+                let page = pages.select(0, position.clone().div_scalar(page_size));
+                let rows = page.mul_scalar(page_size).add(position.remainder_scalar(page_size));
+                rows.mask_where(flat.clone().lower_elem(0), flat).reshape([n, width])
+            })
+            .collect();
+        (kv.clone(), stack_padded(mapped))
+    }
+
+    fn advance(&mut self, added: &[usize]) {
+        for (table, &n) in self.tables.iter_mut().zip(added) {
+            table.len += n;
+        }
+    }
+}
+
+impl DeviceModel {
+    /// An empty store for this model's layers, in pages of `page_size` tokens.
+    pub fn new_store(&self, page_size: usize) -> PagedStore {
+        assert!(page_size > 0, "pages hold at least one token");
+        PagedStore {
+            page_size,
+            layers: (0..self.config.num_hidden_layers).map(|_| None).collect(),
+        }
+    }
+
+    /// One pass appending `tokens[i]` (a prompt chunk or a decode token) to the sequence `tables[i]` of
+    /// `store`, whose pages must cover the new positions; each sequence's last logits [vocab] on the host.
+    pub fn step_paged(
+        &self,
+        store: &mut PagedStore,
+        tables: &mut [&mut PageTable],
+        tokens: &[&[u32]],
+    ) -> Vec<Vec<f64>> {
+        assert_eq!(tables.len(), tokens.len(), "tokens for every sequence");
+        self.step(&mut Paged { store, tables }, tokens)
+    }
+}
