@@ -107,7 +107,9 @@ impl CachedModel for DeviceModel {
     fn concat(_: &[PageTable]) -> PageTable {
         unreachable!("paged caches stay in their pages")
     }
-    /// The whole batch — prompt chunks and decode tokens — in one pass over the store.
+    /// Each prompt chunk in a pass of its own, then every decode token in one pass over the store. (One pass
+    /// for the whole batch works too, but every new mix of chunk lengths is a new shape for burn's JIT: at
+    /// 64 concurrent requests on the H200 that compiled more than it ran, 205 against 338 tokens/s.)
     fn run_step(
         &self,
         store: &mut PagedStore,
@@ -115,10 +117,25 @@ impl CachedModel for DeviceModel {
         pages: &[&[PageId]],
         tokens: &[&[u32]],
     ) -> Vec<Vec<f64>> {
-        for (cache, pages) in caches.iter_mut().zip(pages) {
+        let mut logits = vec![Vec::new(); tokens.len()];
+        let (mut decodes, mut decode_tokens) = (Vec::new(), Vec::new());
+        for (i, ((cache, pages), tokens)) in caches.iter_mut().zip(pages).zip(tokens).enumerate() {
             cache.pages = pages.to_vec();
+            if tokens.len() == 1 {
+                decodes.push(&mut **cache);
+                decode_tokens.push(*tokens);
+            } else {
+                logits[i] = self.step_paged(store, &mut [&mut **cache], &[*tokens]).remove(0);
+            }
         }
-        self.step_paged(store, caches, tokens)
+        if !decodes.is_empty() {
+            let results = self.step_paged(store, &mut decodes, &decode_tokens);
+            let single = (0..tokens.len()).filter(|&i| tokens[i].len() == 1);
+            for (i, result) in single.zip(results) {
+                logits[i] = result;
+            }
+        }
+        logits
     }
 }
 
