@@ -73,7 +73,7 @@ fn fp8_gemm_wgmma_kernel(
         for i in 0..64usize {
             scale.insert(i, if comptime!(i % 4 < 2) { s0 } else { s1 });
         }
-        out = out + acc * scale;
+        out += acc * scale;
     }
     store_bf16_tile(c, out, tm, tn, m, n);
 }
