@@ -295,3 +295,57 @@ pub fn moe_experts(
     );
     Tensor::from_primitive::<Cube>(out)
 }
+
+/// Bytes of one cached token in the FP8 layout (512 e4m3 latent values, 4 f32 group scales, 64 bf16 rope).
+pub const FP8_TOKEN_BYTES: usize = 656;
+
+/// The FP8 cache conversions' problem: n f32 rows of `d_qk`.
+fn fp8_kv_problem(n: usize, d_qk: usize) -> Problem {
+    Problem::new(
+        Format::F32,
+        &[("n", n), ("d_qk", d_qk), ("token_bytes", FP8_TOKEN_BYTES)],
+        &[],
+    )
+}
+
+/// KV rows [n, 576] (f32) in DeepSeek's FP8 cache layout through nsa's `fp8_kv_quantize` kernel, as
+/// [n, 164] i32 words (656 bytes a row; the words only carry bytes: copy, slice and gather them).
+pub fn fp8_kv_quantize(device: &nsa_backends::Device, kv: Tensor<2>) -> Tensor<2, Int> {
+    let [n, d_qk] = kv.dims();
+    let on = cube_device(&kv);
+    let cache = device.client.empty(n * FP8_TOKEN_BYTES);
+    let problem = fp8_kv_problem(n, d_qk);
+    launch(
+        device,
+        "fp8_kv_quantize",
+        &problem,
+        &[input(kv)],
+        std::slice::from_ref(&cache),
+    );
+    let words = CubeTensor::new_contiguous(
+        device.client.clone(),
+        on,
+        [n, FP8_TOKEN_BYTES / 4].into(),
+        cache,
+        DType::I32,
+    );
+    Tensor::<2, Int>::from_primitive::<Cube>(words)
+}
+
+/// FP8 cache rows as [`fp8_kv_quantize`] writes them back to f32 KV rows [n, 576] through nsa's
+/// `fp8_kv_dequantize` kernel (exact: e4m3 × a power-of-two scale).
+pub fn fp8_kv_dequantize(device: &nsa_backends::Device, words: Tensor<2, Int>, like: &Tensor<2>) -> Tensor<2> {
+    let [n, _] = words.dims();
+    let d_qk = nsa_kernels::sparse_mla::D_QK;
+    let out = primitive(Tensor::<2>::empty([n, d_qk], &like.device()));
+    let words = int_input(words);
+    let problem = fp8_kv_problem(n, d_qk);
+    launch(
+        device,
+        "fp8_kv_dequantize",
+        &problem,
+        &[words],
+        std::slice::from_ref(&out.handle),
+    );
+    Tensor::from_primitive::<Cube>(out)
+}

@@ -3,20 +3,42 @@
 //! slot. A sequence is a page table and a length; sequences sharing a cached prefix read the same pages
 //! (nothing is copied), and attention reads the store's buffer directly through each sequence's rows.
 //! The pages are the scheduler's; the buffers grow (doubling) to the highest page written.
+//!
+//! KV rows are f32, or DeepSeek's 656-byte FP8 layout (`--kv-cache-dtype fp8_e4m3`: nsa's
+//! `fp8_kv_quantize` on the way in; attention widens only the rows the indexer chose with
+//! `fp8_kv_dequantize` — a gather per query and chosen row, fine for small models; at DeepSeek's sizes the
+//! decode kernel should read the pages itself, as `sparse_mla_decode` does). Indexer keys stay f32.
 use crate::device::DeviceModel;
 use crate::device_decode::{CacheRows, stack_padded};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 pub type PageId = u32;
 
 /// Values of a cached token's KV row per layer (the sparse MLA kernel's layout, padded to 576).
 pub const KV_ROW: usize = nsa_kernels::sparse_mla::D_QK;
 
+/// How a store keeps KV rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvFormat {
+    F32,
+    /// 656 bytes a token: 512 e4m3 latent values with 4 group scales, 64 bf16 rope values.
+    Fp8,
+}
+
+/// One layer's KV rows: f32 [capacity, 576] or FP8 as i32 words [capacity, 164].
+enum KvRows {
+    F32(Tensor<2>),
+    Fp8(Tensor<2, Int>),
+}
+
 /// The rows of every layer, by page.
 pub struct PagedStore {
     page_size: usize,
-    /// Per layer: KV rows [capacity, 576] and indexer keys [capacity, index_head_dim]; `None` until written.
-    layers: Vec<Option<(Tensor<2>, Tensor<2>)>>,
+    format: KvFormat,
+    /// For the FP8 conversions.
+    kernels: nsa_backends::Device,
+    /// Per layer: KV rows and indexer keys [capacity, index_head_dim]; `None` until written.
+    layers: Vec<Option<(KvRows, Tensor<2>)>>,
 }
 
 /// A sequence in a [`PagedStore`]: its pages in order (page i holds positions i·page_size..) and how many
@@ -32,12 +54,14 @@ impl PagedStore {
         self.page_size
     }
 
+    pub fn format(&self) -> KvFormat {
+        self.format
+    }
+
     /// Rows each layer's buffers hold now.
     pub fn capacity(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(kv, _)| kv.dims()[0])
+        (self.layers.iter().flatten())
+            .map(|(_, index_k)| index_k.dims()[0])
             .max()
             .unwrap_or(0)
     }
@@ -54,30 +78,73 @@ impl PagedStore {
         *page as usize * self.page_size + position % self.page_size
     }
 
-    /// Writes `kv` / `index_k` rows at store rows `row..` of `layer`, growing its buffers to hold them.
+    /// Writes `kv` (f32 [n, 576]) / `index_k` rows at store rows `row..` of `layer`, growing its buffers to
+    /// hold them.
     fn write(&mut self, layer: usize, row: usize, kv: Tensor<2>, index_k: Tensor<2>) {
         let n = kv.dims()[0];
         let needed = (row + n).next_multiple_of(self.page_size);
-        let grown = |buffer: Option<Tensor<2>>, width: usize, device: &burn::tensor::Device| match buffer {
-            Some(buffer) if buffer.dims()[0] >= row + n => buffer,
-            Some(buffer) => {
-                let capacity = buffer.dims()[0];
-                let zeros = Tensor::<2>::zeros([needed.max(2 * capacity), width], device);
-                zeros.slice_assign(0..capacity, buffer)
-            }
-            None => Tensor::<2>::zeros([needed, width], device),
-        };
-        let device = kv.device();
-        let (kv_buffer, index_buffer) = match self.layers[layer].take() {
-            Some((kv_buffer, index_buffer)) => (Some(kv_buffer), Some(index_buffer)),
+        let (kv_rows, index_rows) = match self.layers[layer].take() {
+            Some((kv_rows, index_rows)) => (Some(kv_rows), Some(index_rows)),
             None => (None, None),
         };
-        let kv_buffer = grown(kv_buffer, kv.dims()[1], &device);
-        let index_buffer = grown(index_buffer, index_k.dims()[1], &device);
-        self.layers[layer] = Some((
-            kv_buffer.slice_assign(row..row + n, kv),
-            index_buffer.slice_assign(row..row + n, index_k),
-        ));
+        let device = kv.device();
+        let index_rows = grown_float(index_rows, row + n, needed, index_k.dims()[1], &device);
+        let kv_rows = match (self.format, kv_rows) {
+            (KvFormat::F32, rows) => {
+                let rows = rows.map(|r| match r {
+                    KvRows::F32(t) => t,
+                    KvRows::Fp8(_) => unreachable!("one format per store"),
+                });
+                KvRows::F32(grown_float(rows, row + n, needed, kv.dims()[1], &device).slice_assign(row..row + n, kv))
+            }
+            (KvFormat::Fp8, rows) => {
+                let words = crate::ops::fp8_kv_quantize(&self.kernels, kv);
+                let rows = rows.map(|r| match r {
+                    KvRows::Fp8(t) => t,
+                    KvRows::F32(_) => unreachable!("one format per store"),
+                });
+                let width = words.dims()[1];
+                KvRows::Fp8(grown_int(rows, row + n, needed, width, &device).slice_assign(row..row + n, words))
+            }
+        };
+        self.layers[layer] = Some((kv_rows, index_rows.slice_assign(row..row + n, index_k)));
+    }
+}
+
+/// `buffer` with at least `rows` rows (`needed`, or twice its size, when it must grow; zeros where new).
+fn grown_float(
+    buffer: Option<Tensor<2>>,
+    rows: usize,
+    needed: usize,
+    width: usize,
+    device: &burn::tensor::Device,
+) -> Tensor<2> {
+    match buffer {
+        Some(buffer) if buffer.dims()[0] >= rows => buffer,
+        Some(buffer) => {
+            let capacity = buffer.dims()[0];
+            Tensor::<2>::zeros([needed.max(2 * capacity), width], device).slice_assign(0..capacity, buffer)
+        }
+        None => Tensor::<2>::zeros([needed, width], device),
+    }
+}
+
+/// [`grown_float`] for i32 words.
+fn grown_int(
+    buffer: Option<Tensor<2, Int>>,
+    rows: usize,
+    needed: usize,
+    width: usize,
+    device: &burn::tensor::Device,
+) -> Tensor<2, Int> {
+    let zeros = |n: usize| Tensor::<2, Int>::zeros([n, width], device).cast(DType::I32);
+    match buffer {
+        Some(buffer) if buffer.dims()[0] >= rows => buffer,
+        Some(buffer) => {
+            let capacity = buffer.dims()[0];
+            zeros(needed.max(2 * capacity)).slice_assign(0..capacity, buffer)
+        }
+        None => zeros(needed),
     }
 }
 
@@ -88,7 +155,7 @@ struct Paged<'a, 'b> {
 }
 
 impl Paged<'_, '_> {
-    fn buffers(&self, layer: usize) -> &(Tensor<2>, Tensor<2>) {
+    fn buffers(&self, layer: usize) -> &(KvRows, Tensor<2>) {
         self.store.layers[layer].as_ref().expect("rows stored in this layer")
     }
 }
@@ -125,7 +192,8 @@ impl CacheRows for Paged<'_, '_> {
     }
 
     fn attention_rows(&self, layer: usize, chosen: Vec<Tensor<2, Int>>) -> (Tensor<2>, Tensor<2, Int>) {
-        let (kv, _) = self.buffers(layer);
+        let (kv, index_k) = self.buffers(layer);
+        let device = index_k.device();
         let page_size = self.store.page_size as i64;
         let mapped = self
             .tables
@@ -136,14 +204,27 @@ impl CacheRows for Paged<'_, '_> {
                 let [n, width] = chosen.dims();
                 let flat = chosen.reshape([n * width]);
                 let pages: Vec<i64> = table.pages.iter().map(|&p| p as i64).collect();
-                let pages = Tensor::<1, Int>::from_data(TensorData::new(pages, [table.pages.len()]), &kv.device());
+                let pages = Tensor::<1, Int>::from_data(TensorData::new(pages, [table.pages.len()]), &device);
                 let position = flat.clone().clamp_min(0);
                 let page = pages.select(0, position.clone().div_scalar(page_size));
                 let rows = page.mul_scalar(page_size).add(position.remainder_scalar(page_size));
                 rows.mask_where(flat.clone().lower_elem(0), flat).reshape([n, width])
             })
             .collect();
-        (kv.clone(), stack_padded(mapped))
+        let rows = stack_padded(mapped);
+        match kv {
+            KvRows::F32(kv) => (kv.clone(), rows),
+            KvRows::Fp8(words) => {
+                // Only the chosen rows, widened: query i's row j becomes row i·width + j.
+                let [n, width] = rows.dims();
+                let flat = rows.reshape([n * width]);
+                let gathered = words.clone().select(0, flat.clone().clamp_min(0));
+                let kv = crate::ops::fp8_kv_dequantize(&self.store.kernels, gathered, index_k);
+                let own = Tensor::<1, Int>::arange(0..(n * width) as i64, &device);
+                let own = own.mask_where(flat.clone().lower_elem(0), flat).reshape([n, width]);
+                (kv, own)
+            }
+        }
     }
 
     fn advance(&mut self, added: &[usize]) {
@@ -154,11 +235,13 @@ impl CacheRows for Paged<'_, '_> {
 }
 
 impl DeviceModel {
-    /// An empty store for this model's layers, in pages of `page_size` tokens.
-    pub fn new_store(&self, page_size: usize) -> PagedStore {
+    /// An empty store for this model's layers, in pages of `page_size` tokens, KV rows in `format`.
+    pub fn new_store(&self, page_size: usize, format: KvFormat) -> PagedStore {
         assert!(page_size > 0, "pages hold at least one token");
         PagedStore {
             page_size,
+            format,
+            kernels: self.kernels.clone(),
             layers: (0..self.config.num_hidden_layers).map(|_| None).collect(),
         }
     }

@@ -173,7 +173,7 @@ fn paged_store_matches_own_buffers() {
     let want_prompt = model.extend(&mut own, &prompt);
     let want_next = model.decode_step(&mut own, 3);
 
-    let mut store = model.new_store(2);
+    let mut store = model.new_store(2, nsa_model::paged::KvFormat::F32);
     let mut other = PageTable {
         pages: vec![0, 1],
         len: 0,
@@ -202,4 +202,39 @@ fn paged_store_matches_own_buffers() {
         max_diff(&got[0], &want_shared) < 1e-5,
         "a prefix read from another sequence's pages"
     );
+}
+
+/// The FP8 store (`--kv-cache-dtype fp8_e4m3`) quantizes the KV rows — its logits move, but stay close to
+/// the f32 store's — and gives the same logits whatever pages hold the rows.
+#[test]
+fn fp8_paged_store_stays_close_to_f32() {
+    use nsa_model::paged::{KvFormat, PageTable};
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let model = DeviceModel::load(&bundled_model_dir(), &device).unwrap();
+    let prompt = [0u32, 7, 300, 12, 5, 41, 99];
+    let run = |format: KvFormat, pages: Vec<u32>| {
+        let mut store = model.new_store(2, format);
+        let mut table = PageTable { pages, len: 0 };
+        let mut logits = model.step_paged(&mut store, &mut [&mut table], &[&prompt]);
+        for id in [3u32, 250] {
+            logits.extend(model.step_paged(&mut store, &mut [&mut table], &[&[id]]));
+        }
+        logits
+    };
+    let exact = run(KvFormat::F32, vec![0, 1, 2, 3, 4]);
+    let fp8 = run(KvFormat::Fp8, vec![0, 1, 2, 3, 4]);
+    let scattered = run(KvFormat::Fp8, vec![9, 4, 6, 0, 2]);
+    for step in 0..3 {
+        let scale = exact[step].iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = max_diff(&exact[step], &fp8[step]);
+        assert!(diff > 0.0, "step {step}: the FP8 store did not round anything");
+        assert!(
+            diff < 0.05 * scale,
+            "step {step}: FP8 logits off by {diff:e} (scale {scale:e})"
+        );
+        assert!(
+            max_diff(&fp8[step], &scattered[step]) < 1e-6,
+            "step {step}: FP8 rows depend on their pages"
+        );
+    }
 }

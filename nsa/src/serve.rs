@@ -55,8 +55,8 @@ pub struct Args {
     /// `flashmla_sparse` (nsa's sparse MLA kernel over the latent cache; the only decode path built).
     #[arg(long, default_value = "flashmla_sparse")]
     nsa_decode_backend: String,
-    /// `auto`: the cache in the model's dtype (f32 on a device, f64 on the host); fp8_e4m3 / bf16 caches in
-    /// the server are not built.
+    /// `auto`: the cache in the model's dtype (f32 on a device, f64 on the host); `fp8_e4m3`: DeepSeek's
+    /// 656-byte FP8 rows (512 e4m3 latent values, 4 scales, 64 bf16 rope) on a device; bf16 is not built.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
     /// Tensor parallelism: only 1 is built.
@@ -118,12 +118,16 @@ fn config(args: Args) -> Result<ServeConfig, Failure> {
             "one device per server",
         ));
     }
-    if args.kv_cache_dtype != "auto" {
-        return Err(not_built(
-            &format!("--kv-cache-dtype {}", args.kv_cache_dtype),
-            "the serving cache keeps the model's dtype (auto)",
-        ));
-    }
+    let fp8_cache = match args.kv_cache_dtype.as_str() {
+        "auto" => false,
+        "fp8_e4m3" => true,
+        other => {
+            return Err(not_built(
+                &format!("--kv-cache-dtype {other}"),
+                "valid: auto (the model's dtype), fp8_e4m3 (device models)",
+            ));
+        }
+    };
     let sparse_prefill = match args.nsa_prefill_backend.as_str() {
         "auto" => None,
         "flashmla_sparse" => Some(true),
@@ -180,6 +184,7 @@ fn config(args: Args) -> Result<ServeConfig, Failure> {
         reasoning_parser,
         tool_call_parser,
         sparse_prefill,
+        fp8_cache,
     })
 }
 

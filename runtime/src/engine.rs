@@ -7,7 +7,7 @@ use crate::pages::PageId;
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::scheduler::{Engine, Work};
 use nsa_model::device::DeviceModel;
-use nsa_model::paged::{PageTable, PagedStore};
+use nsa_model::paged::{KvFormat, PageTable, PagedStore};
 use nsa_model::reference::ReferenceModel;
 use nsa_model::reference_decode::LatentCache;
 use std::collections::HashMap;
@@ -21,7 +21,9 @@ pub trait CachedModel {
     /// Whether caches live in the scheduler's pages of the store: then a cache is rebuilt from its pages
     /// by [`Self::in_pages`], never copied.
     const PAGED: bool;
-    fn new_store(&self, page_size: usize) -> Self::Store;
+    /// The store for pages of `page_size` tokens; `fp8`: KV rows in DeepSeek's FP8 layout (an error where
+    /// the model cannot).
+    fn new_store(&self, page_size: usize, fp8: bool) -> Result<Self::Store, String>;
     fn empty_cache(&self) -> Self::Cache;
     fn cache_len(cache: &Self::Cache) -> usize;
     /// Paged models: the cache of the first `len` positions, held in `pages`.
@@ -45,7 +47,15 @@ impl CachedModel for ReferenceModel {
     type Cache = LatentCache;
     type Store = ();
     const PAGED: bool = false;
-    fn new_store(&self, _: usize) {}
+    fn new_store(&self, _: usize, fp8: bool) -> Result<(), String> {
+        match fp8 {
+            true => Err(
+                "the host reference keeps f64 caches: an FP8 cache needs a device model (--device cuda, hip or wgpu)"
+                    .into(),
+            ),
+            false => Ok(()),
+        }
+    }
     fn empty_cache(&self) -> LatentCache {
         self.new_cache()
     }
@@ -86,8 +96,9 @@ impl CachedModel for DeviceModel {
     type Cache = PageTable;
     type Store = PagedStore;
     const PAGED: bool = true;
-    fn new_store(&self, page_size: usize) -> PagedStore {
-        DeviceModel::new_store(self, page_size)
+    fn new_store(&self, page_size: usize, fp8: bool) -> Result<PagedStore, String> {
+        let format = if fp8 { KvFormat::Fp8 } else { KvFormat::F32 };
+        Ok(DeviceModel::new_store(self, page_size, format))
     }
     fn empty_cache(&self) -> PageTable {
         PageTable::default()
@@ -175,8 +186,13 @@ pub struct ModelEngine<M: CachedModel> {
 
 impl<M: CachedModel> ModelEngine<M> {
     pub fn new(model: M, page_size: usize) -> ModelEngine<M> {
-        ModelEngine {
-            store: model.new_store(page_size),
+        Self::with_cache(model, page_size, false).expect("every model keeps a cache in its own dtype")
+    }
+
+    /// With `fp8`, the KV cache in DeepSeek's FP8 layout (`--kv-cache-dtype fp8_e4m3`; device models only).
+    pub fn with_cache(model: M, page_size: usize, fp8: bool) -> Result<ModelEngine<M>, String> {
+        Ok(ModelEngine {
+            store: model.new_store(page_size, fp8)?,
             model,
             page_size,
             caches: HashMap::new(),
@@ -185,7 +201,7 @@ impl<M: CachedModel> ModelEngine<M> {
             sequences: HashMap::new(),
             sampled: HashMap::new(),
             prefix_hits: 0,
-        }
+        })
     }
 
     /// Sampling of `request`'s tokens (before the scheduler first runs it).

@@ -23,13 +23,24 @@ fn greedy() -> SamplingParams {
 /// Runs `prompts` (each for `count` tokens, no stop token) through the scheduler and engine; returns each
 /// request's tokens, how many requests were preempted and how many started from cached prefix pages.
 fn serve<M: CachedModel>(model: M, prompts: &[Vec<u32>], count: usize, pages: usize) -> (Vec<Vec<u32>>, usize, usize) {
+    serve_cached(model, prompts, count, pages, false)
+}
+
+/// [`serve`] with the KV cache in FP8 or not.
+fn serve_cached<M: CachedModel>(
+    model: M,
+    prompts: &[Vec<u32>],
+    count: usize,
+    pages: usize,
+    fp8: bool,
+) -> (Vec<Vec<u32>>, usize, usize) {
     let config = SchedulerConfig {
         max_running: 4,
         chunked_prefill: 6,
         context_length: 256,
     };
     let mut scheduler = Scheduler::new(config, PagePool::new(pages, PAGE));
-    let mut engine = ModelEngine::new(model, PAGE);
+    let mut engine = ModelEngine::with_cache(model, PAGE, fp8).expect("a cache the model keeps");
     let mut outputs: HashMap<u64, Vec<u32>> = HashMap::new();
     // The first request runs alone and finishes: the others share its prefix pages.
     for (id, prompt) in prompts.iter().enumerate() {
@@ -109,4 +120,30 @@ fn device_engine_outputs_equal_each_request_alone() {
     let (outputs, preempted, _) = serve(model, prompts, 4, 5);
     assert_eq!(outputs, expected, "tight pool");
     assert!(preempted > 0, "the tight pool should preempt");
+}
+
+/// With the KV cache in FP8 (`--kv-cache-dtype fp8_e4m3`), batching, prefix pages and preemption still give
+/// each request the tokens it gets alone through the same FP8 engine; the host reference refuses FP8.
+#[test]
+fn device_engine_with_an_fp8_cache_equals_each_request_alone() {
+    let device = nsa_model::device::burn_device("wgpu").expect("wgpu");
+    let load = || DeviceModel::load(&bundled_model_dir(), &device).expect("model");
+    let prompts = &prompts()[..3];
+    let alone: Vec<Vec<u32>> = (prompts.iter())
+        .map(|p| serve_cached(load(), std::slice::from_ref(p), 4, 64, true).0.remove(0))
+        .collect();
+    let (outputs, _, prefix_hits) = serve_cached(load(), prompts, 4, 64, true);
+    assert_eq!(outputs, alone);
+    assert!(
+        prefix_hits >= 2,
+        "the shared prefix should be reused: {prefix_hits} hits"
+    );
+    let (outputs, preempted, _) = serve_cached(load(), prompts, 4, 5, true);
+    assert_eq!(outputs, alone, "tight pool");
+    assert!(preempted > 0, "the tight pool should preempt");
+    let host = ReferenceModel::load(&bundled_model_dir()).expect("model");
+    let refused = ModelEngine::with_cache(host, PAGE, true)
+        .err()
+        .expect("the host reference refuses FP8");
+    assert!(refused.contains("FP8"), "{refused}");
 }

@@ -40,6 +40,8 @@ pub struct WorkerConfig {
     pub page_size: usize,
     pub total_pages: usize,
     pub prefix_reuse: bool,
+    /// The KV cache in DeepSeek's FP8 layout (`--kv-cache-dtype fp8_e4m3`).
+    pub fp8_cache: bool,
 }
 
 /// The handlers' side of the engine thread.
@@ -85,17 +87,18 @@ where
         .name("nsa-engine".into())
         .spawn(move || {
             let _guard = guard;
-            let model = match load() {
-                Ok(model) => {
+            let engine = load().and_then(|model| ModelEngine::with_cache(model, config.page_size, config.fp8_cache));
+            let engine = match engine {
+                Ok(engine) => {
                     let _ = ready_tx.send(Ok(()));
-                    model
+                    engine
                 }
                 Err(error) => {
                     let _ = ready_tx.send(Err(error));
                     return;
                 }
             };
-            run(ModelEngine::new(model, config.page_size), rx, config, &metrics);
+            run(engine, rx, config, &metrics);
         })
         .map_err(|e| format!("cannot start the engine thread: {e}"))?;
     match ready_rx.recv() {
