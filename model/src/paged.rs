@@ -158,6 +158,16 @@ impl Paged<'_, '_> {
     fn buffers(&self, layer: usize) -> &(KvRows, Tensor<2>) {
         self.store.layers[layer].as_ref().expect("rows stored in this layer")
     }
+
+    /// The store rows of `positions` (all ≥ 0) of `table`, computed on the device from its page list:
+    /// pages[p / page_size] · page_size + p % page_size.
+    fn rows_of(&self, table: &PageTable, positions: Tensor<1, Int>) -> Tensor<1, Int> {
+        let page_size = self.store.page_size as i64;
+        let pages: Vec<i64> = table.pages.iter().map(|&p| p as i64).collect();
+        let pages = Tensor::<1, Int>::from_data(TensorData::new(pages, [table.pages.len()]), &positions.device());
+        let page = pages.select(0, positions.clone().div_scalar(page_size));
+        page.mul_scalar(page_size).add(positions.remainder_scalar(page_size))
+    }
 }
 
 impl CacheRows for Paged<'_, '_> {
@@ -171,9 +181,8 @@ impl CacheRows for Paged<'_, '_> {
             return None;
         }
         let (_, index_k) = self.buffers(layer);
-        let rows: Vec<i64> = (0..table.len).map(|p| self.store.row(table, p) as i64).collect();
-        let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [table.len]), &index_k.device());
-        Some(index_k.clone().select(0, rows))
+        let positions = Tensor::<1, Int>::arange(0..table.len as i64, &index_k.device());
+        Some(index_k.clone().select(0, self.rows_of(table, positions)))
     }
 
     fn store(&mut self, layer: usize, seq: usize, kv: Tensor<2>, index_k: Tensor<2>) {
@@ -194,20 +203,14 @@ impl CacheRows for Paged<'_, '_> {
     fn attention_rows(&self, layer: usize, chosen: Vec<Tensor<2, Int>>) -> (Tensor<2>, Tensor<2, Int>) {
         let (kv, index_k) = self.buffers(layer);
         let device = index_k.device();
-        let page_size = self.store.page_size as i64;
         let mapped = self
             .tables
             .iter()
             .zip(chosen)
             .map(|(table, chosen)| {
-                // position p → pages[p / page_size] · page_size + p % page_size; −1 stays.
                 let [n, width] = chosen.dims();
                 let flat = chosen.reshape([n * width]);
-                let pages: Vec<i64> = table.pages.iter().map(|&p| p as i64).collect();
-                let pages = Tensor::<1, Int>::from_data(TensorData::new(pages, [table.pages.len()]), &device);
-                let position = flat.clone().clamp_min(0);
-                let page = pages.select(0, position.clone().div_scalar(page_size));
-                let rows = page.mul_scalar(page_size).add(position.remainder_scalar(page_size));
+                let rows = self.rows_of(table, flat.clone().clamp_min(0));
                 rows.mask_where(flat.clone().lower_elem(0), flat).reshape([n, width])
             })
             .collect();
