@@ -26,9 +26,10 @@ if ! curl -s -o /dev/null http://127.0.0.1:30000/ 2>/dev/null; then
   wait $plain 2>/dev/null || true
   echo "test-clients: nsa serve with no arguments answered on port 30000"
 fi
-# The FP8 KV cache (`--kv-cache-dtype fp8_e4m3`, a device model: wgpu is lavapipe in CI) serves a completion.
+# The FP8 KV cache (`--kv-cache-dtype fp8_e4m3`; `--device auto` takes a device model for it: wgpu, lavapipe in CI)
+# serves a completion.
 fp8_port=$((port + 1))
-"$nsa" serve --port "$fp8_port" --device wgpu --kv-cache-dtype fp8_e4m3 >"$log" 2>&1 &
+"$nsa" serve --port "$fp8_port" --kv-cache-dtype fp8_e4m3 >"$log" 2>&1 &
 fp8=$!
 for _ in $(seq 1 240); do curl -sf "http://127.0.0.1:$fp8_port/health" >/dev/null && break; sleep 0.5; done
 curl -sf "http://127.0.0.1:$fp8_port/v1/completions" -H 'content-type: application/json' \

@@ -13,8 +13,9 @@ pub struct Args {
     /// bundled tiny model.
     #[arg(long)]
     model_path: Option<PathBuf>,
-    /// `auto` (a CUDA or HIP GPU if found, else the host), `host` (the f64 reference model on the CPU),
-    /// or the burn device model (f32) on `cuda[:N]`, `hip[:N]`, `wgpu`.
+    /// `auto` (a CUDA or HIP GPU if found, else the host — or wgpu with `--kv-cache-dtype fp8_e4m3`, which the
+    /// host reference cannot keep), `host` (the f64 reference model on the CPU), or the burn device model
+    /// (f32) on `cuda[:N]`, `hip[:N]`, `wgpu`.
     #[arg(long, default_value = "auto")]
     device: String,
     #[arg(long, default_value = "127.0.0.1")]
@@ -83,11 +84,18 @@ fn not_built(flag: &str, why: &str) -> Failure {
 
 /// The device `auto` means for serving: a CUDA or HIP GPU, else the host (the f32 device model on a
 /// software Vulkan adapter is slower than the host reference).
-fn model_device(spec: &str) -> Result<ModelDevice, Failure> {
+/// The model's device for `--device spec`; `needs_device`: the host reference cannot serve (an FP8 cache),
+/// so `auto` falls back to wgpu rather than the host.
+fn model_device(spec: &str, needs_device: bool) -> Result<ModelDevice, Failure> {
     match spec {
         "host" | "cpu" => Ok(ModelDevice::Host),
         "auto" => {
-            for runtime in ["cuda", "hip"] {
+            let runtimes: &[&str] = if needs_device {
+                &["cuda", "hip", "wgpu"]
+            } else {
+                &["cuda", "hip"]
+            };
+            for runtime in runtimes {
                 if let Ok(found) = nsa_backends::select(Some(runtime)) {
                     return Ok(burn(found));
                 }
@@ -170,7 +178,7 @@ fn config(args: Args) -> Result<ServeConfig, Failure> {
     }
     Ok(ServeConfig {
         model_path: args.model_path.unwrap_or_else(nsa_model::bundled_model_dir),
-        device: model_device(&args.device)?,
+        device: model_device(&args.device, fp8_cache)?,
         host: args.host,
         port: args.port,
         served_model_name: args.served_model_name,
