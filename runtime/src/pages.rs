@@ -6,7 +6,8 @@
 //! used first when the pool runs out.
 use std::collections::HashMap;
 
-pub type PageId = u32;
+/// A page of the KV cache: the device model's store keeps its rows at page · page_size + slot.
+pub use nsa_model::paged::PageId;
 
 /// Fixed-size pages with reference counts.
 pub struct PagePool {
