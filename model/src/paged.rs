@@ -10,6 +10,7 @@
 //! decode kernel should read the pages itself, as `sparse_mla_decode` does). Indexer keys stay f32.
 use crate::device::DeviceModel;
 use crate::device_decode::{CacheRows, stack_padded};
+use burn::tensor::kind::Basic;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 pub type PageId = u32;
@@ -83,19 +84,18 @@ impl PagedStore {
     fn write(&mut self, layer: usize, row: usize, kv: Tensor<2>, index_k: Tensor<2>) {
         let n = kv.dims()[0];
         let needed = (row + n).next_multiple_of(self.page_size);
-        let (kv_rows, index_rows) = match self.layers[layer].take() {
-            Some((kv_rows, index_rows)) => (Some(kv_rows), Some(index_rows)),
-            None => (None, None),
-        };
+        let (kv_rows, index_rows) = self.layers[layer].take().unzip();
         let device = kv.device();
-        let index_rows = grown_float(index_rows, row + n, needed, index_k.dims()[1], &device);
+        let device = &device;
+        let floats = |width: usize| move |rows: usize| Tensor::<2>::zeros([rows, width], device);
+        let index_rows = grown(index_rows, row + n, needed, floats(index_k.dims()[1]));
         let kv_rows = match (self.format, kv_rows) {
             (KvFormat::F32, rows) => {
                 let rows = rows.map(|r| match r {
                     KvRows::F32(t) => t,
                     KvRows::Fp8(_) => unreachable!("one format per store"),
                 });
-                KvRows::F32(grown_float(rows, row + n, needed, kv.dims()[1], &device).slice_assign(row..row + n, kv))
+                KvRows::F32(grown(rows, row + n, needed, floats(kv.dims()[1])).slice_assign(row..row + n, kv))
             }
             (KvFormat::Fp8, rows) => {
                 let words = crate::ops::fp8_kv_quantize(&self.kernels, kv);
@@ -104,40 +104,22 @@ impl PagedStore {
                     KvRows::F32(_) => unreachable!("one format per store"),
                 });
                 let width = words.dims()[1];
-                KvRows::Fp8(grown_int(rows, row + n, needed, width, &device).slice_assign(row..row + n, words))
+                let words_zeros = |rows: usize| Tensor::<2, Int>::zeros([rows, width], device).cast(DType::I32);
+                KvRows::Fp8(grown(rows, row + n, needed, words_zeros).slice_assign(row..row + n, words))
             }
         };
         self.layers[layer] = Some((kv_rows, index_rows.slice_assign(row..row + n, index_k)));
     }
 }
 
-/// `buffer` with at least `rows` rows (`needed`, or twice its size, when it must grow; zeros where new).
-fn grown_float(
-    buffer: Option<Tensor<2>>,
+/// `buffer` with at least `rows` rows (`needed`, or twice its size, when it must grow; new rows from
+/// `zeros(n)`, an [n, width] buffer of zeros).
+fn grown<K: Basic>(
+    buffer: Option<Tensor<2, K>>,
     rows: usize,
     needed: usize,
-    width: usize,
-    device: &burn::tensor::Device,
-) -> Tensor<2> {
-    match buffer {
-        Some(buffer) if buffer.dims()[0] >= rows => buffer,
-        Some(buffer) => {
-            let capacity = buffer.dims()[0];
-            Tensor::<2>::zeros([needed.max(2 * capacity), width], device).slice_assign(0..capacity, buffer)
-        }
-        None => Tensor::<2>::zeros([needed, width], device),
-    }
-}
-
-/// [`grown_float`] for i32 words.
-fn grown_int(
-    buffer: Option<Tensor<2, Int>>,
-    rows: usize,
-    needed: usize,
-    width: usize,
-    device: &burn::tensor::Device,
-) -> Tensor<2, Int> {
-    let zeros = |n: usize| Tensor::<2, Int>::zeros([n, width], device).cast(DType::I32);
+    zeros: impl Fn(usize) -> Tensor<2, K>,
+) -> Tensor<2, K> {
     match buffer {
         Some(buffer) if buffer.dims()[0] >= rows => buffer,
         Some(buffer) => {
@@ -148,10 +130,12 @@ fn grown_int(
     }
 }
 
-/// A step's sequences in a store.
+/// A step's sequences in a store, with each one's page list on the device (uploaded once per step: the
+/// pages do not change within it).
 struct Paged<'a, 'b> {
     store: &'a mut PagedStore,
     tables: &'a mut [&'b mut PageTable],
+    pages: Vec<Tensor<1, Int>>,
 }
 
 impl Paged<'_, '_> {
@@ -159,13 +143,13 @@ impl Paged<'_, '_> {
         self.store.layers[layer].as_ref().expect("rows stored in this layer")
     }
 
-    /// The store rows of `positions` (all ≥ 0) of `table`, computed on the device from its page list:
+    /// The store rows of `positions` (all ≥ 0) of sequence `seq`, on the device:
     /// pages[p / page_size] · page_size + p % page_size.
-    fn rows_of(&self, table: &PageTable, positions: Tensor<1, Int>) -> Tensor<1, Int> {
+    fn rows_of(&self, seq: usize, positions: Tensor<1, Int>) -> Tensor<1, Int> {
         let page_size = self.store.page_size as i64;
-        let pages: Vec<i64> = table.pages.iter().map(|&p| p as i64).collect();
-        let pages = Tensor::<1, Int>::from_data(TensorData::new(pages, [table.pages.len()]), &positions.device());
-        let page = pages.select(0, positions.clone().div_scalar(page_size));
+        let page = self.pages[seq]
+            .clone()
+            .select(0, positions.clone().div_scalar(page_size));
         page.mul_scalar(page_size).add(positions.remainder_scalar(page_size))
     }
 }
@@ -182,7 +166,7 @@ impl CacheRows for Paged<'_, '_> {
         }
         let (_, index_k) = self.buffers(layer);
         let positions = Tensor::<1, Int>::arange(0..table.len as i64, &index_k.device());
-        Some(index_k.clone().select(0, self.rows_of(table, positions)))
+        Some(index_k.clone().select(0, self.rows_of(seq, positions)))
     }
 
     fn store(&mut self, layer: usize, seq: usize, kv: Tensor<2>, index_k: Tensor<2>) {
@@ -203,14 +187,11 @@ impl CacheRows for Paged<'_, '_> {
     fn attention_rows(&self, layer: usize, chosen: Vec<Tensor<2, Int>>) -> (Tensor<2>, Tensor<2, Int>) {
         let (kv, index_k) = self.buffers(layer);
         let device = index_k.device();
-        let mapped = self
-            .tables
-            .iter()
-            .zip(chosen)
-            .map(|(table, chosen)| {
+        let mapped = (chosen.into_iter().enumerate())
+            .map(|(seq, chosen)| {
                 let [n, width] = chosen.dims();
                 let flat = chosen.reshape([n * width]);
-                let rows = self.rows_of(table, flat.clone().clamp_min(0));
+                let rows = self.rows_of(seq, flat.clone().clamp_min(0));
                 rows.mask_where(flat.clone().lower_elem(0), flat).reshape([n, width])
             })
             .collect();
@@ -258,6 +239,13 @@ impl DeviceModel {
         tokens: &[&[u32]],
     ) -> Vec<Vec<f64>> {
         assert_eq!(tables.len(), tokens.len(), "tokens for every sequence");
-        self.step(&mut Paged { store, tables }, tokens)
+        let device = &self.device;
+        let pages = (tables.iter())
+            .map(|table| {
+                let pages: Vec<i64> = table.pages.iter().map(|&p| p as i64).collect();
+                Tensor::<1, Int>::from_data(TensorData::new(pages, [table.pages.len()]), device)
+            })
+            .collect();
+        self.step(&mut Paged { store, tables, pages }, tokens)
     }
 }
