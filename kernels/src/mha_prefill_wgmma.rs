@@ -150,10 +150,11 @@ fn issue_scores(qa: Vector<u32, Const<64>>, base: u32, block: usize) -> Vector<f
     )
 }
 
-/// One block's online softmax of `s` (this warpgroup's 64 queries × 64 keys from `key0`; element
-/// 4n + 2r + e: row g + 8r, key 8n + 2t + e) in log₂ units, then O rescaled and O += P·V (V at descriptor
-/// `v_desc`). With `masked` (warpgroup-uniform), keys at or past a row's causal `limit` weigh nothing;
-/// blocks left of the diagonal skip the compares. Maxima and sums are trees, not 16-long chains.
+/// Block `block`'s online softmax of `s` (this warpgroup's 64 queries × 64 keys from 64·block; element
+/// 4n + 2r + e: row g + 8r, key 8n + 2t + e) in log₂ units, then O rescaled and O += P·V (V from the
+/// block's buffer past shared address `base`). A block reaching past `unmasked_keys` (warpgroup-uniform)
+/// is masked: keys at or past a row's causal `limit` weigh nothing; blocks left of the diagonal skip the
+/// compares. Maxima and sums are trees, not 16-long chains.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn softmax_and_pv(
@@ -162,12 +163,15 @@ fn softmax_and_pv(
     m: &mut Array<f32>,
     l: &mut Array<f32>,
     limit: &Array<usize>,
-    key0: usize,
+    block: usize,
+    unmasked_keys: usize,
+    base: u32,
     t: usize,
     scale_log2: f32,
-    v_desc: u64,
-    masked: bool,
 ) -> Vector<f32, Const<64>> {
+    let key0 = block * BLOCK;
+    let v_desc = sw128_mn_major_descriptor(base + v_tile_bytes(block), comptime!(COLUMN_BLOCK as u32 * 16));
+    let masked = (block + 1) * BLOCK > unmasked_keys;
     let mut x = Array::<f32>::new(32usize);
     #[unroll]
     for i in 0..32usize {
@@ -304,7 +308,6 @@ fn mha_prefill_wgmma_kernel(
     }
     let mut o = Vector::<f32, Const<64>>::new(0.0f32);
     let scale_log2 = sm_scale * core::f32::consts::LOG2_E;
-    let v_block = comptime!(COLUMN_BLOCK as u32 * 16);
 
     // Block b's S is issued in step b and consumed in step b + 1, after block b − 1's softmax and P·V ran
     // while the tensor cores computed it.
@@ -326,19 +329,17 @@ fn mha_prefill_wgmma_kernel(
             let s = issue_scores(qa, base, step);
             let late = step - 1;
             if late * BLOCK < group_keys {
-                let v_desc = sw128_mn_major_descriptor(base + v_tile_bytes(late), v_block);
-                let masked = (late + 1) * BLOCK > unmasked_keys;
                 o = softmax_and_pv(
                     held,
                     o,
                     &mut m,
                     &mut l,
                     &limit,
-                    late * BLOCK,
+                    late,
+                    unmasked_keys,
+                    base,
                     t,
                     scale_log2,
-                    v_desc,
-                    masked,
                 );
             }
             held = wgmma_wait::<Const<32>>(s, 64usize);
@@ -346,19 +347,17 @@ fn mha_prefill_wgmma_kernel(
         }
         let late = blocks - 1;
         if late * BLOCK < group_keys {
-            let v_desc = sw128_mn_major_descriptor(base + v_tile_bytes(late), v_block);
-            let masked = (late + 1) * BLOCK > unmasked_keys;
             o = softmax_and_pv(
                 held,
                 o,
                 &mut m,
                 &mut l,
                 &limit,
-                late * BLOCK,
+                late,
+                unmasked_keys,
+                base,
                 t,
                 scale_log2,
-                v_desc,
-                masked,
             );
         }
     }
