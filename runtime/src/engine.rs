@@ -32,15 +32,9 @@ pub trait CachedModel {
     fn slice(cache: &Self::Cache, start: usize, end: usize) -> Self::Cache;
     /// Per-sequence models: non-empty parts joined.
     fn concat(parts: &[Self::Cache]) -> Self::Cache;
-    /// Appends `tokens[i]` (a prompt chunk or a decode token) to `caches[i]`, each of which holds `pages[i]`
-    /// (covering the new positions); each sequence's last logits.
-    fn run_step(
-        &self,
-        store: &mut Self::Store,
-        caches: &mut [&mut Self::Cache],
-        pages: &[&[PageId]],
-        tokens: &[&[u32]],
-    ) -> Vec<Vec<f64>>;
+    /// Appends `tokens[i]` (a prompt chunk or a decode token) to `caches[i]` (a paged cache's pages cover the
+    /// new positions); each sequence's last logits.
+    fn run_step(&self, store: &mut Self::Store, caches: &mut [&mut Self::Cache], tokens: &[&[u32]]) -> Vec<Vec<f64>>;
 }
 
 impl CachedModel for ReferenceModel {
@@ -73,13 +67,7 @@ impl CachedModel for ReferenceModel {
     }
     /// Token by token through the decode path, so a sequence's results do not depend on how the
     /// scheduler chunked or batched it (batched greedy outputs equal single-request ones exactly).
-    fn run_step(
-        &self,
-        _: &mut (),
-        caches: &mut [&mut LatentCache],
-        _: &[&[PageId]],
-        tokens: &[&[u32]],
-    ) -> Vec<Vec<f64>> {
+    fn run_step(&self, _: &mut (), caches: &mut [&mut LatentCache], tokens: &[&[u32]]) -> Vec<Vec<f64>> {
         (caches.iter_mut().zip(tokens))
             .map(|(cache, tokens)| {
                 let mut logits = Vec::new();
@@ -121,17 +109,10 @@ impl CachedModel for DeviceModel {
     /// Each prompt chunk in a pass of its own, then every decode token in one pass over the store. (One pass
     /// for the whole batch works too, but every new mix of chunk lengths is a new shape for burn's JIT: at
     /// 64 concurrent requests on the H200 that compiled more than it ran, 205 against 338 tokens/s.)
-    fn run_step(
-        &self,
-        store: &mut PagedStore,
-        caches: &mut [&mut PageTable],
-        pages: &[&[PageId]],
-        tokens: &[&[u32]],
-    ) -> Vec<Vec<f64>> {
+    fn run_step(&self, store: &mut PagedStore, caches: &mut [&mut PageTable], tokens: &[&[u32]]) -> Vec<Vec<f64>> {
         let mut logits = vec![Vec::new(); tokens.len()];
         let (mut decodes, mut decode_tokens) = (Vec::new(), Vec::new());
-        for (i, ((cache, pages), tokens)) in caches.iter_mut().zip(pages).zip(tokens).enumerate() {
-            cache.pages = pages.to_vec();
+        for (i, (cache, tokens)) in caches.iter_mut().zip(tokens).enumerate() {
             if tokens.len() == 1 {
                 decodes.push(&mut **cache);
                 decode_tokens.push(*tokens);
@@ -237,18 +218,21 @@ impl<M: CachedModel> ModelEngine<M> {
     /// The sequence's cache holding exactly `work.start` rows: its own from the last step, or rebuilt from
     /// its pages (a cached prefix, or a recompute after preemption).
     fn cache_for(&mut self, work: &Work) -> M::Cache {
-        if let Some(cache) = self.caches.remove(&work.request)
-            && M::cache_len(&cache) == work.start
-        {
+        let previous = (self.caches.remove(&work.request)).filter(|cache| M::cache_len(cache) == work.start);
+        if M::PAGED {
+            // A paged cache is the work's pages and length: the rows are in the store already.
+            if previous.is_none() && work.start > 0 {
+                self.prefix_hits += 1;
+            }
+            return M::in_pages(&work.pages, work.start);
+        }
+        if let Some(cache) = previous {
             return cache;
         }
         if work.start == 0 {
             return self.model.empty_cache();
         }
         self.prefix_hits += 1;
-        if M::PAGED {
-            return M::in_pages(&work.pages, work.start);
-        }
         let parts: Vec<M::Cache> = (0..work.start.div_ceil(self.page_size))
             .map(|i| {
                 let rows = self
@@ -267,10 +251,9 @@ impl<M: CachedModel> Engine for ModelEngine<M> {
     /// The step's prompt chunks and decode tokens in one call of the model.
     fn run(&mut self, batch: &[Work]) -> Vec<u32> {
         let mut caches: Vec<M::Cache> = batch.iter().map(|work| self.cache_for(work)).collect();
-        let pages: Vec<&[PageId]> = batch.iter().map(|work| work.pages.as_slice()).collect();
         let tokens: Vec<&[u32]> = batch.iter().map(|work| work.tokens.as_slice()).collect();
         let mut refs: Vec<&mut M::Cache> = caches.iter_mut().collect();
-        let logits = self.model.run_step(&mut self.store, &mut refs, &pages, &tokens);
+        let logits = self.model.run_step(&mut self.store, &mut refs, &tokens);
         let mut tokens = Vec::new();
         for ((work, cache), logits) in batch.iter().zip(caches).zip(logits) {
             self.sequence_pages.insert(work.request, work.pages.clone());
