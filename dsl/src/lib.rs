@@ -9,12 +9,14 @@
 //! - [`warp_mma`]: warp tensor-core multiplies with fragments in a known register layout (CUDA `mma.sync`), for
 //!   kernels that rescale accumulator rows in registers (flash attention).
 //! - [`wgmma`]: Hopper warpgroup multiplies from swizzled shared-memory tiles (sm_90a inline PTX).
+//! - [`mbarrier`]: shared-memory barriers with separate arrive and wait, for pipelines without cube barriers.
 //! - [`select`]: order-preserving keys for radix select, cube-wide prefix sums for compaction.
 //!
 //! Every buffer is addressed as 32-bit words (`&[u32]`): a bf16 word holds two elements, an e4m3 word four.
 pub mod format;
 pub mod host;
 pub mod load;
+pub mod mbarrier;
 pub mod mma;
 pub mod reduce;
 pub mod select;

@@ -90,9 +90,11 @@ fn following_steps(operands: Operands, n: usize, steps: usize, a_block: usize, b
 
 /// D = Σ over `steps` k steps (32 bytes of K each) of A·Bᵀ, from zero, in f32: A 64 rows at descriptor
 /// `a`, B `n` rows at descriptor `b` (both K-major, swizzled; K past 128 bytes continues in column blocks
-/// `a_block_bytes` / `b_block_bytes` apart). `NC` must be `n / 2` (the f32 values each unit holds). The warpgroup
-/// waits for the products, so the result is ready on return.
+/// `a_block_bytes` / `b_block_bytes` apart). `NC` must be `n / 2` (the f32 values each unit holds). With `wait`
+/// the warpgroup waits for the products, so the result is ready on return; without, the result is in
+/// flight until [`wgmma_wait`] (as [`wgmma_bf16_register_a_fresh`]'s).
 #[cube]
+#[allow(clippy::too_many_arguments)]
 pub fn wgmma_fresh<NC: Size>(
     a: u64,
     b: u64,
@@ -101,16 +103,18 @@ pub fn wgmma_fresh<NC: Size>(
     #[comptime] steps: usize,
     #[comptime] a_block_bytes: usize,
     #[comptime] b_block_bytes: usize,
+    #[comptime] wait: bool,
 ) -> Vector<f32, NC> {
     let instruction = comptime!(operands.instruction(n));
     let immediates = comptime!(operands.immediates());
     let rest = comptime!(following_steps(operands, n, steps, a_block_bytes, b_block_bytes));
+    let wait = comptime!(if wait { "wgmma.wait_group.sync.aligned 0;\n" } else { "" });
     let d: Vector<f32, NC>;
     gpu_asm!(
         "{{\n.reg .b64 wg_da, wg_db;\n.reg .pred wg_p0, wg_p1;\nmov.b64 wg_da, {a};\nmov.b64 wg_db, {b};",
         "setp.ne.b64 wg_p0, wg_da, wg_da;\nsetp.eq.b64 wg_p1, wg_da, wg_da;\nwgmma.fence.sync.aligned;",
         "{instruction} {d}, wg_da, wg_db, wg_p0, {immediates};",
-        "{rest}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
+        "{rest}wgmma.commit_group.sync.aligned;\n{wait}}}",
         d = out(_) d,
         a = in(_) a,
         b = in(_) b,

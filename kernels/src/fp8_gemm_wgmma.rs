@@ -59,6 +59,7 @@ fn fp8_gemm_wgmma_kernel(
             comptime!(GROUP / 32),
             0usize,
             0usize,
+            true,
         );
         // Promotion: out += acc · a_scale[row] · b_scale[group] (rows g and g + 8 of the warp).
         let b_scale = b_scales[tn * groups + gi];

@@ -131,6 +131,7 @@ fn indexer_logits_wgmma_kernel(
                 comptime!(DIM / 16),
                 comptime!(KEY_BLOCK * 16),
                 comptime!(PAIR_BLOCK * 16),
+                true,
             );
             // Element 4i + 2r + e: key 16·warp + g + 8r, column 8i + 2tq + e = (token i / 8, head 8(i % 8) + 2tq + e).
             #[unroll]

@@ -6,11 +6,12 @@
 //! sm_scale → out [t_q, h, 128] (q's format), lse [t_q, h] f32 (natural log). Query j of a sequence with
 //! q_len queries and k_len ≥ q_len keys sees its keys 0 ..= k_len − q_len + j (causal, the new tokens last).
 //! A query that sees nothing gets out 0 and lse +∞.
-//! Variants: `wgmma` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
+//! Variants: `wgmma`, `wgmma_q128`, `wgmma_q128_staged` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
 //! everywhere) and `mma` (flash attention on warp mma.sync:
 //! 64 queries of one head per cube, 16 per plane, Q fragments in registers, O 16 × 128 per plane, K/V
 //! blocks of 64 keys gathered by cp.async one block ahead; CUDA, bf16).
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
+use crate::mha_prefill_wgmma::Pipeline;
 use crate::spec::{Storage, TensorSpec};
 use crate::{HostTensor, Kernel, KernelError, Problem, Variant};
 use cubecl::prelude::*;
@@ -35,8 +36,20 @@ const V_CHUNKS: usize = D_V / 8 + 1;
 pub const VARIANTS: &[Variant] = &[
     Variant {
         name: "wgmma",
+        summary: "flash attention on warpgroup MMA: 192 queries of a head per cube (three warpgroups sharing K/V), \
+                  Q in shared memory, P in registers (Hopper, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "wgmma_q128",
         summary: "flash attention on warpgroup MMA: 128 queries of a head per cube (two warpgroups sharing K/V), \
                   Q and P in registers (Hopper, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "wgmma_q128_staged",
+        summary: "as `wgmma_q128`, K/V copied two blocks ahead, stages signalled by mbarriers instead of a cube \
+                  barrier per block, so a warpgroup may run a step ahead (Hopper, bf16)",
         needs_plane_ops: true,
     },
     Variant {
@@ -57,13 +70,21 @@ pub const VARIANTS: &[Variant] = &[
     },
 ];
 
-/// Warpgroups per cube of a `wgmma` variant.
-fn wgmma_groups(variant: &Variant) -> Option<usize> {
-    match variant.name {
-        "wgmma" => Some(2),
-        "wgmma_q64" => Some(1),
-        _ => None,
-    }
+/// The K/V pipeline of a `wgmma` variant.
+fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
+    let (groups, depth, staged, q_shared) = match variant.name {
+        "wgmma" => (3, 1, false, true),
+        "wgmma_q128" => (2, 1, false, false),
+        "wgmma_q128_staged" => (2, 2, true, false),
+        "wgmma_q64" => (1, 1, false, false),
+        _ => return None,
+    };
+    Some(Pipeline {
+        groups,
+        depth,
+        staged,
+        q_shared,
+    })
 }
 
 /// The sequence holding query `query` (by cu_seqlens_q) and how many of its keys that query sees.
@@ -624,8 +645,7 @@ impl Kernel for MhaPrefill {
     fn shared_memory_bytes(&self, variant: &Variant, _: &Problem) -> usize {
         match variant.name {
             "mma" => 16 * BLOCK * (3 * QK_CHUNKS + 2 * V_CHUNKS),
-            "wgmma" | "wgmma_q64" => crate::mha_prefill_wgmma::shared_memory_bytes(),
-            _ => 0,
+            _ => wgmma_pipeline(variant).map_or(0, Pipeline::shared_memory_bytes),
         }
     }
     fn flops(&self, problem: &Problem) -> u64 {
@@ -700,8 +720,8 @@ impl Kernel for MhaPrefill {
         );
         let per_word = problem.format.per_word() as usize;
         let sm_scale = problem.param("sm_scale") as f32;
-        if let Some(groups) = wgmma_groups(variant) {
-            return crate::mha_prefill_wgmma::launch(device, problem, inputs, outputs, groups);
+        if let Some(pipeline) = wgmma_pipeline(variant) {
+            return crate::mha_prefill_wgmma::launch(device, problem, inputs, outputs, pipeline);
         }
         if variant.name == "mma" {
             // At most one partial tile per sequence beyond t_q / 64 full ones.
@@ -745,8 +765,8 @@ impl Kernel for MhaPrefill {
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         let (props, target_props) = nsa_backends::ir_properties(target);
         let a = slice_arg;
-        if let Some(groups) = wgmma_groups(variant) {
-            return crate::mha_prefill_wgmma::define(target, groups);
+        if let Some(pipeline) = wgmma_pipeline(variant) {
+            return crate::mha_prefill_wgmma::define(target, pipeline);
         }
         if variant.name == "mma" {
             return mha_prefill_mma_kernel::MhaPrefillMmaKernel::new(

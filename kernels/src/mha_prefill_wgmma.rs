@@ -1,14 +1,15 @@
 //! `mha_prefill`'s Hopper variants: flash attention on warpgroup MMA. A cube is `groups` warpgroups
 //! (128 units each) owning 64·groups queries of one head; warpgroup w holds queries 64w.., warp i of it
-//! 16 of them in the accumulator layout of the `mma` variant. Q stays in registers for the whole cube
-//! (the A operand of S = Q·Kᵀ, m64n64 over 12 k16 steps, K read from a swizzled shared tile); P stays in
-//! registers and O += P·V is m64n128 over 4 k16 steps with V read MN-major ([key][dim] as stored,
-//! trans-b), O rescaled in registers first. K/V blocks of 64 keys are gathered by cp.async one block
-//! ahead and shared by the warpgroups.
+//! 16 of them in the accumulator layout of the `mma` variant. Q stays for the whole cube in registers (the
+//! A operand of S = Q·Kᵀ, m64n64 over 12 k16 steps, K read from a swizzled shared tile) or, to free 48
+//! registers a unit so that three warpgroups fit an SM, in a swizzled shared tile of its own. P stays in
+//! registers and O += P·V is m64n128 over 4 k16 steps with V read MN-major ([key][dim] as stored, trans-b),
+//! O rescaled in registers first. K/V blocks of 64 keys are gathered by cp.async `depth` blocks ahead and
+//! shared by the warpgroups ([`Pipeline`]).
 //!
 //! Block b's S is issued without waiting and consumed a step later: while the tensor cores compute it, the
-//! warpgroup runs block b − 1's softmax and P·V (FlashAttention-3's intra-warpgroup overlap; a cube
-//! barrier still starts every step, K/V shared by the warpgroups). V keeps three buffers for that (K two).
+//! warpgroup runs block b − 1's softmax and P·V (FlashAttention-3's intra-warpgroup overlap). V keeps one
+//! buffer more than K for that.
 //!
 //! Masking costs a compare and a select per score, so only blocks crossing a warpgroup's causal diagonal
 //! are masked; a warpgroup whose queries see none of a block skips it.
@@ -19,10 +20,12 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nsa_backends::{Device, IrTarget};
 use nsa_dsl::format::pack_bf16x2;
+use nsa_dsl::mbarrier::{mbarrier_arrive, mbarrier_init, mbarrier_wait};
 use nsa_dsl::warp_mma::{commit_async_copies, copy_chunk_async, fast_exp2, quad_max, quad_sum};
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, await_stage, first_atom, sw128_descriptor, sw128_mn_major_descriptor, swizzled_chunk,
-    wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh, wgmma_wait,
+    ATOM_BYTES, Operands, await_stage, fence_shared_for_wgmma, first_atom, sw128_descriptor, sw128_mn_major_descriptor,
+    swizzled_chunk, wait_async_copies_pending, wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh,
+    wgmma_fresh, wgmma_wait,
 };
 
 const D_QK: usize = 192;
@@ -32,15 +35,49 @@ const BLOCK: usize = 64;
 const COLUMN_BLOCK: usize = BLOCK * 8;
 const K_CHUNKS: usize = 3 * COLUMN_BLOCK;
 const V_CHUNKS: usize = 2 * COLUMN_BLOCK;
-const K_BUFFERS: usize = 2;
-const V_BUFFERS: usize = 3;
-/// K buffers, then V buffers (chunks from the aligned base).
-const K_OFFSET: usize = 0;
-const V_OFFSET: usize = K_OFFSET + K_BUFFERS * K_CHUNKS;
-const SMEM_CHUNKS: usize = V_OFFSET + V_BUFFERS * V_CHUNKS;
 
-pub fn shared_memory_bytes() -> usize {
-    16 * SMEM_CHUNKS + ATOM_BYTES as usize
+/// How a cube's K/V blocks flow: `groups` warpgroups (64 queries each) share blocks copied `depth` blocks
+/// ahead. Without `staged` every block starts with a cube barrier (copies landed, buffers free); `staged`
+/// signals both per stage with mbarriers instead (a "full" one every unit arrives on once its copies of the
+/// block landed, an "empty" one once it is done reading it), so a warpgroup may run up to a step ahead of
+/// the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Pipeline {
+    pub groups: usize,
+    pub depth: usize,
+    pub staged: bool,
+    /// Q in swizzled shared tiles (S = Q·Kᵀ reads both operands from shared memory) instead of registers:
+    /// 48 registers fewer per unit, so three warpgroups fit an SM's registers.
+    pub q_shared: bool,
+}
+
+impl Pipeline {
+    /// K buffers: block b + depth is copied while block b − 1's are being released (staged) or after
+    /// they were (cube barrier).
+    fn k_buffers(self) -> usize {
+        self.depth + 1 + usize::from(self.staged)
+    }
+
+    /// V buffers: block b's V is read a step after its K (P·V runs behind S).
+    fn v_buffers(self) -> usize {
+        self.depth + 2
+    }
+
+    /// Where the Q tiles start (after K and V), in 16-byte chunks.
+    fn q_offset(self) -> usize {
+        self.k_buffers() * K_CHUNKS + self.v_buffers() * V_CHUNKS
+    }
+
+    /// 16-byte chunks of the K, V and Q tiles; the staged form's barriers follow them.
+    fn tile_chunks(self) -> usize {
+        self.q_offset() + if self.q_shared { self.groups * K_CHUNKS } else { 0 }
+    }
+
+    pub fn shared_memory_bytes(self) -> usize {
+        // Staged: a full and an empty barrier (8 bytes each) per stage = one chunk per stage.
+        let barriers = if self.staged { self.v_buffers() } else { 0 };
+        16 * (self.tile_chunks() + barriers) + ATOM_BYTES as usize
+    }
 }
 
 /// Starts copying 64 rows of head `head` (positions `first..` of a sequence whose `count` rows start at row
@@ -60,36 +97,41 @@ fn copy_head_rows_swizzled(
     head: usize,
     #[comptime] chunks: usize,
     #[comptime] units: usize,
+    unit: usize,
 ) {
-    let c = UNIT_POS as usize % 8;
-    let r0 = UNIT_POS as usize / 8;
+    let c = unit % 8;
+    let r0 = unit / 8;
     #[unroll]
-    for pass in 0..comptime!(BLOCK * 8 / units) {
+    for pass in 0..comptime!((BLOCK * 8).div_ceil(units)) {
         let r = r0 + pass * comptime!(units / 8);
-        let position = first + r;
+        // Three warpgroups (384 units) do not divide 64 rows: the last pass stops at the tile's end.
+        let in_tile = comptime!((BLOCK * 8).is_multiple_of(units)) || r < BLOCK;
+        let position = first + select(in_tile, r, 0usize);
         let valid = position < count;
         let source_row = ((row0 + select(valid, position, 0usize)) * heads + head) * chunks + c;
         let len = select(valid, 1usize, 0usize);
         let dst_row = tile0 + swizzled_chunk(r, c);
-        #[unroll]
-        for block in 0..comptime!(chunks / 8) {
-            let start = source_row + block * 8;
-            let dst = dst_row + block * COLUMN_BLOCK;
-            copy_chunk_async(&source[start..start + len], &mut smem[dst..dst + 1]);
+        if in_tile {
+            #[unroll]
+            for block in 0..comptime!(chunks / 8) {
+                let start = source_row + block * 8;
+                let dst = dst_row + block * COLUMN_BLOCK;
+                copy_chunk_async(&source[start..start + len], &mut smem[dst..dst + 1]);
+            }
         }
     }
 }
 
-/// Byte offset from the aligned base of block `block`'s K tile.
+/// Byte offset from the aligned base of block `block`'s K tile (K buffers first).
 #[cube]
-fn k_tile_bytes(block: usize) -> u32 {
-    ((K_OFFSET + (block % K_BUFFERS) * K_CHUNKS) * 16) as u32
+fn k_tile_bytes(block: usize, #[comptime] k_buffers: usize) -> u32 {
+    ((block % k_buffers) * K_CHUNKS * 16) as u32
 }
 
-/// Byte offset from the aligned base of block `block`'s V tile.
+/// Byte offset from the aligned base of block `block`'s V tile (after the K buffers).
 #[cube]
-fn v_tile_bytes(block: usize) -> u32 {
-    ((V_OFFSET + (block % V_BUFFERS) * V_CHUNKS) * 16) as u32
+fn v_tile_bytes(block: usize, #[comptime] k_buffers: usize, #[comptime] v_buffers: usize) -> u32 {
+    ((k_buffers * K_CHUNKS + (block % v_buffers) * V_CHUNKS) * 16) as u32
 }
 
 /// Starts copying block `block`'s 64 keys of K and V into their buffers.
@@ -106,10 +148,12 @@ fn prefetch(
     heads: usize,
     head: usize,
     #[comptime] units: usize,
+    #[comptime] k_buffers: usize,
+    #[comptime] v_buffers: usize,
 ) {
     let first = block * BLOCK;
-    let k_tile = skip + K_OFFSET + (block % K_BUFFERS) * K_CHUNKS;
-    let v_tile = skip + V_OFFSET + (block % V_BUFFERS) * V_CHUNKS;
+    let k_tile = skip + (block % k_buffers) * K_CHUNKS;
+    let v_tile = skip + k_buffers * K_CHUNKS + (block % v_buffers) * V_CHUNKS;
     copy_head_rows_swizzled(
         k,
         smem,
@@ -121,6 +165,7 @@ fn prefetch(
         head,
         comptime!(D_QK / 8),
         units,
+        UNIT_POS as usize,
     );
     copy_head_rows_swizzled(
         v,
@@ -133,21 +178,45 @@ fn prefetch(
         head,
         comptime!(D_V / 8),
         units,
+        UNIT_POS as usize,
     );
 }
 
 /// Issues S = Q·Kᵀ for block `block` (64 queries × 64 keys, K = 192 in three 64-column blocks of the K
-/// tile) without waiting: the result is in flight until [`wgmma_wait`].
+/// tile; Q from registers `qa`, or the swizzled tile at shared address `q_tile`) without waiting: the result
+/// is in flight until [`wgmma_wait`].
 #[cube]
-fn issue_scores(qa: Vector<u32, Const<64>>, base: u32, block: usize) -> Vector<f32, Const<32>> {
-    wgmma_bf16_register_a_fresh::<Const<32>, Const<64>>(
-        qa,
-        sw128_descriptor(base + k_tile_bytes(block)),
-        64usize,
-        comptime!(D_QK / 16),
-        comptime!(COLUMN_BLOCK * 16),
-        false,
-    )
+fn issue_scores(
+    qa: Vector<u32, Const<64>>,
+    q_tile: u32,
+    base: u32,
+    block: usize,
+    #[comptime] k_buffers: usize,
+    #[comptime] q_shared: bool,
+) -> Vector<f32, Const<32>> {
+    let k_desc = sw128_descriptor(base + k_tile_bytes(block, k_buffers));
+    let block_bytes = comptime!(COLUMN_BLOCK * 16);
+    if q_shared {
+        wgmma_fresh::<Const<32>>(
+            sw128_descriptor(q_tile),
+            k_desc,
+            Operands::Bf16,
+            64usize,
+            comptime!(D_QK / 16),
+            block_bytes,
+            block_bytes,
+            false,
+        )
+    } else {
+        wgmma_bf16_register_a_fresh::<Const<32>, Const<64>>(
+            qa,
+            k_desc,
+            64usize,
+            comptime!(D_QK / 16),
+            block_bytes,
+            false,
+        )
+    }
 }
 
 /// Block `block`'s online softmax of `s` (this warpgroup's 64 queries × 64 keys from 64·block; element
@@ -168,9 +237,14 @@ fn softmax_and_pv(
     base: u32,
     t: usize,
     scale_log2: f32,
+    #[comptime] k_buffers: usize,
+    #[comptime] v_buffers: usize,
 ) -> Vector<f32, Const<64>> {
     let key0 = block * BLOCK;
-    let v_desc = sw128_mn_major_descriptor(base + v_tile_bytes(block), comptime!(COLUMN_BLOCK as u32 * 16));
+    let v_desc = sw128_mn_major_descriptor(
+        base + v_tile_bytes(block, k_buffers, v_buffers),
+        comptime!(COLUMN_BLOCK as u32 * 16),
+    );
     let masked = (block + 1) * BLOCK > unmasked_keys;
     let mut x = Array::<f32>::new(32usize);
     #[unroll]
@@ -237,10 +311,89 @@ fn softmax_and_pv(
     wgmma_bf16_register_a_accumulate::<Const<64>, Const<16>>(o * scale, a, v_desc, 128usize, 4usize, 2048usize)
 }
 
+/// Shared address of stage `stage`'s "full" barrier (`empty`: its "empty" one); `stages` barriers of each
+/// kind follow the tiles at byte `tiles_bytes` from the aligned base.
+#[cube]
+fn barrier_address(
+    base: u32,
+    stage: usize,
+    #[comptime] empty: bool,
+    #[comptime] tiles_bytes: usize,
+    #[comptime] stages: usize,
+) -> u32 {
+    let first = comptime!(tiles_bytes + if empty { 8 * stages } else { 0 });
+    base + (first + 8 * (stage % stages)) as u32
+}
+
+/// This unit's copies of every block but the last one it started have landed: makes them visible to the
+/// multiplies and arrives on `block`'s full barrier.
+#[cube]
+fn arrive_copied(base: u32, block: usize, #[comptime] tiles_bytes: usize, #[comptime] stages: usize) {
+    wait_async_copies_pending(1u32);
+    fence_shared_for_wgmma();
+    mbarrier_arrive(barrier_address(base, block, false, tiles_bytes, stages));
+}
+
+/// The start of step `step`: waits until block `step`'s K/V landed (and, staged, until the buffers of the
+/// block `depth` ahead are free), starts copying that block, issues block `step`'s S (returned in flight)
+/// and, staged, announces this unit's copies of the block before it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn begin_step(
+    k: &[Vector<u32, Const<4>>],
+    v: &[Vector<u32, Const<4>>],
+    smem: &mut [Vector<u32, Const<4>>],
+    skip: usize,
+    base: u32,
+    qa: Vector<u32, Const<64>>,
+    q_tile: u32,
+    step: usize,
+    blocks: usize,
+    k0: usize,
+    k_len: usize,
+    heads: usize,
+    head: usize,
+    #[comptime] pipeline: Pipeline,
+) -> Vector<f32, Const<32>> {
+    let (units, depth, staged) = comptime!((128 * pipeline.groups, pipeline.depth, pipeline.staged));
+    let (k_buffers, v_buffers) = comptime!((pipeline.k_buffers(), pipeline.v_buffers()));
+    let tiles_bytes = comptime!(16 * pipeline.tile_chunks());
+    let ahead = step + depth;
+    if staged {
+        mbarrier_wait(
+            barrier_address(base, step, false, tiles_bytes, v_buffers),
+            ((step / v_buffers) % 2) as u32,
+        );
+        // The buffers of block ahead − stages are free once every unit released them.
+        if ahead < blocks && ahead >= v_buffers {
+            mbarrier_wait(
+                barrier_address(base, ahead, true, tiles_bytes, v_buffers),
+                ((ahead / v_buffers + 1) % 2) as u32,
+            );
+        }
+    } else {
+        await_stage(comptime!(depth as u32 - 1));
+    }
+    if ahead < blocks {
+        prefetch(
+            k, v, smem, skip, ahead, k0, k_len, heads, head, units, k_buffers, v_buffers,
+        );
+    }
+    commit_async_copies();
+    let s = issue_scores(qa, q_tile, base, step, k_buffers, comptime!(pipeline.q_shared));
+    if staged {
+        if ahead - 1 < blocks {
+            arrive_copied(base, ahead - 1, tiles_bytes, v_buffers);
+        }
+    }
+    s
+}
+
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn mha_prefill_wgmma_kernel(
     q: &[u32],
+    q_rows: &[Vector<u32, Const<4>>],
     k: &[Vector<u32, Const<4>>],
     v: &[Vector<u32, Const<4>>],
     cu_q: &[i32],
@@ -251,8 +404,11 @@ fn mha_prefill_wgmma_kernel(
     seqs: usize,
     tile_bound: usize,
     sm_scale: f32,
-    #[comptime] groups: usize,
+    #[comptime] pipeline: Pipeline,
 ) {
+    let (groups, depth, staged) = comptime!((pipeline.groups, pipeline.depth, pipeline.staged));
+    let (k_buffers, v_buffers) = comptime!((pipeline.k_buffers(), pipeline.v_buffers()));
+    let tiles_bytes = comptime!(16 * pipeline.tile_chunks());
     let (head, q_start, q_len, k0, k_len, local0) =
         locate_tile(cu_q, cu_k, heads, seqs, tile_bound, comptime!(BLOCK * groups));
     let warp = (UNIT_POS / 32) as usize;
@@ -260,10 +416,8 @@ fn mha_prefill_wgmma_kernel(
     let (g, t) = (lane / 4, lane % 4);
     let units = comptime!(128 * groups);
 
-    let mut smem = Shared::<[Vector<u32, Const<4>>]>::new_aligned_slice(
-        comptime!(SMEM_CHUNKS + ATOM_BYTES as usize / 16),
-        1024usize,
-    );
+    let mut smem =
+        Shared::<[Vector<u32, Const<4>>]>::new_aligned_slice(comptime!(pipeline.shared_memory_bytes() / 16), 1024usize);
     let (skip, base) = first_atom(&smem);
 
     // Keys the whole tile needs; those this warpgroup's last query needs, and the first key any of its
@@ -280,8 +434,49 @@ fn mha_prefill_wgmma_kernel(
     );
     let unmasked_keys = select(k_len + group_first + 1 > q_len, k_len + group_first + 1 - q_len, 0usize);
 
-    prefetch(k, v, &mut smem, skip, 0usize, k0, k_len, heads, head, units);
-    commit_async_copies();
+    // This warpgroup's Q tile (with block 0's copy group), then blocks 0 .. depth − 1, one group each.
+    let q_tile_chunks = comptime!(pipeline.q_offset()) + (warp / 4) * K_CHUNKS;
+    let q_tile = base + (q_tile_chunks * 16) as u32;
+    if comptime!(pipeline.q_shared) {
+        copy_head_rows_swizzled(
+            q_rows,
+            &mut smem,
+            skip + q_tile_chunks,
+            q_start,
+            local0 + (warp / 4) * BLOCK,
+            q_len,
+            heads,
+            head,
+            comptime!(D_QK / 8),
+            128usize,
+            (UNIT_POS % 128) as usize,
+        );
+    }
+    #[unroll]
+    for first in 0..depth {
+        if first < blocks {
+            prefetch(
+                k, v, &mut smem, skip, first, k0, k_len, heads, head, units, k_buffers, v_buffers,
+            );
+        }
+        commit_async_copies();
+    }
+    if staged {
+        if UNIT_POS == 0 {
+            #[unroll]
+            for stage in 0..comptime!(2 * v_buffers) {
+                mbarrier_init(base + (tiles_bytes + 8 * stage) as u32, units as u32);
+            }
+        }
+        sync_cube();
+        // Blocks 0 .. depth − 2 announced here; block b + depth − 1 in step b.
+        wait_async_copies_pending(0u32);
+        fence_shared_for_wgmma();
+        #[unroll]
+        for first in 0..comptime!(depth - 1) {
+            mbarrier_arrive(barrier_address(base, first, false, tiles_bytes, v_buffers));
+        }
+    }
 
     // Q as the A operand of S = Q·Kᵀ, k step j in registers 4j..4j + 3: rows g and g + 8 of this warp's
     // 16 (register + r), columns 16j + 2t, + 1 (register + 2h: + 8h); rows past the sequence zero. 48 are
@@ -297,36 +492,33 @@ fn mha_prefill_wgmma_kernel(
         let local = local0 + warp * 16 + g + 8 * r;
         limit[r] = select(k_len + local + 1 > q_len, k_len + local + 1 - q_len, 0usize);
         let valid = local < q_len;
-        let row = ((q_start + select(valid, local, 0usize)) * heads + head) * comptime!(D_QK / 2) + t;
-        #[unroll]
-        for j in 0..12usize {
+        if comptime!(!pipeline.q_shared) {
+            let row = ((q_start + select(valid, local, 0usize)) * heads + head) * comptime!(D_QK / 2) + t;
             #[unroll]
-            for h in 0..2usize {
-                qa.insert(4 * j + r + 2 * h, select(valid, q[row + 8 * j + 4 * h], 0u32));
+            for j in 0..12usize {
+                #[unroll]
+                for h in 0..2usize {
+                    qa.insert(4 * j + r + 2 * h, select(valid, q[row + 8 * j + 4 * h], 0u32));
+                }
             }
         }
     }
     let mut o = Vector::<f32, Const<64>>::new(0.0f32);
     let scale_log2 = sm_scale * core::f32::consts::LOG2_E;
 
-    // Block b's S is issued in step b and consumed in step b + 1, after block b − 1's softmax and P·V ran
-    // while the tensor cores computed it.
+    // Step b (begin_step): block b's copies awaited, block b + depth's started, block b's S issued; while
+    // the tensor cores compute it, block b − 1's softmax and P·V; then S awaited (held for step b + 1).
+    // Step 0 is peeled so that no branch separates an S in flight from its wait (ptxas would serialize).
     if blocks > 0 {
-        await_stage(0u32);
-        if 1 < blocks {
-            prefetch(k, v, &mut smem, skip, 1usize, k0, k_len, heads, head, units);
-        }
-        commit_async_copies();
-        let s0 = issue_scores(qa, base, 0usize);
+        let s0 = begin_step(
+            k, v, &mut smem, skip, base, qa, q_tile, 0usize, blocks, k0, k_len, heads, head, pipeline,
+        );
         let mut held = wgmma_wait::<Const<32>>(s0, 64usize);
         let mut step = 1usize;
         while step < blocks {
-            await_stage(0u32);
-            if step + 1 < blocks {
-                prefetch(k, v, &mut smem, skip, step + 1, k0, k_len, heads, head, units);
-            }
-            commit_async_copies();
-            let s = issue_scores(qa, base, step);
+            let s = begin_step(
+                k, v, &mut smem, skip, base, qa, q_tile, step, blocks, k0, k_len, heads, head, pipeline,
+            );
             let late = step - 1;
             if late * BLOCK < group_keys {
                 o = softmax_and_pv(
@@ -340,7 +532,12 @@ fn mha_prefill_wgmma_kernel(
                     base,
                     t,
                     scale_log2,
+                    k_buffers,
+                    v_buffers,
                 );
+            }
+            if staged {
+                mbarrier_arrive(barrier_address(base, late, true, tiles_bytes, v_buffers));
             }
             held = wgmma_wait::<Const<32>>(s, 64usize);
             step += 1;
@@ -358,6 +555,8 @@ fn mha_prefill_wgmma_kernel(
                 base,
                 t,
                 scale_log2,
+                k_buffers,
+                v_buffers,
             );
         }
     }
@@ -386,8 +585,8 @@ fn mha_prefill_wgmma_kernel(
     }
 }
 
-/// Launches with `groups` warpgroups (64 queries each) per cube.
-pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle], groups: usize) {
+/// Launches with `pipeline`'s warpgroups (64 queries each) per cube.
+pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle], pipeline: Pipeline) {
     let (t_q, t_k, h, seqs) = (
         problem.dim("t_q"),
         problem.dim("t_k"),
@@ -395,12 +594,13 @@ pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[
         problem.dim("n_cu") - 1,
     );
     // At most one partial tile per sequence beyond the full ones.
-    let tiles = t_q.div_ceil(BLOCK * groups) + seqs;
+    let tiles = t_q.div_ceil(BLOCK * pipeline.groups) + seqs;
     mha_prefill_wgmma_kernel::launch(
         &device.client,
         grid(tiles * h),
-        CubeDim::new_1d(128 * groups as u32),
+        CubeDim::new_1d(128 * pipeline.groups as u32),
         buffer(&inputs[0], t_q * h * D_QK / 2),
+        buffer(&inputs[0], t_q * h * D_QK / 8),
         buffer(&inputs[1], t_k * h * D_QK / 8),
         buffer(&inputs[2], t_k * h * D_V / 8),
         buffer(&inputs[3], seqs + 1),
@@ -411,15 +611,15 @@ pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[
         seqs,
         tiles,
         problem.param("sm_scale") as f32,
-        groups,
+        pipeline,
     );
 }
 
-pub fn define(target: IrTarget, groups: usize) -> KernelDefinition {
+pub fn define(target: IrTarget, pipeline: Pipeline) -> KernelDefinition {
     let (props, target_props) = nsa_backends::ir_properties(target);
     let a = slice_arg;
     mha_prefill_wgmma_kernel::MhaPrefillWgmmaKernel::new(
-        ir_settings(CubeDim::new_1d(128 * groups as u32)),
+        ir_settings(CubeDim::new_1d(128 * pipeline.groups as u32)),
         props,
         target_props,
         a(),
@@ -429,11 +629,12 @@ pub fn define(target: IrTarget, groups: usize) -> KernelDefinition {
         a(),
         a(),
         a(),
+        a(),
         (),
         (),
         (),
         (),
-        groups,
+        pipeline,
     )
     .define()
 }

@@ -1,0 +1,37 @@
+//! Shared-memory barriers (PTX `mbarrier`, CUDA sm_80+): a 64-bit word in shared memory that completes a
+//! phase once `count` arrivals have come, and that units wait on by phase parity. Unlike the cube barrier,
+//! arriving does not wait and waiting does not arrive, so a pipeline stage's "data ready" and "buffer free"
+//! signals let fast warps run ahead of slow ones by as many stages as there are buffers.
+//!
+//! Barriers are addressed by their shared-window byte address (8-byte aligned), e.g. past a kernel's tiles
+//! from [`crate::wgmma::first_atom`]'s base.
+use cubecl::prelude::*;
+
+/// Sets the barrier at `address` to expect `count` arrivals per phase, starting in phase 0. One unit
+/// initializes; a cube barrier after it publishes the barrier to the others.
+#[cube]
+pub fn mbarrier_init(address: u32, count: u32) {
+    gpu_asm!("mbarrier.init.shared::cta.b64 [{a}], {c};", a = in(_) address, c = in(_) count);
+}
+
+/// One arrival on the barrier at `address` (release: this unit's earlier shared-memory writes are visible
+/// to units that see the phase complete).
+#[cube]
+pub fn mbarrier_arrive(address: u32) {
+    gpu_asm!(
+        "{{\n.reg .b64 mb_state;\nmbarrier.arrive.shared::cta.b64 mb_state, [{a}];\n}}",
+        a = in(_) address
+    );
+}
+
+/// Waits until the phase of parity `parity` (0 or 1) of the barrier at `address` has completed (acquire).
+/// Returns at once when it already has; a barrier must not run two phases ahead of its waiters.
+#[cube]
+pub fn mbarrier_wait(address: u32, parity: u32) {
+    gpu_asm!(
+        "{{\n.reg .pred mb_done;\nmb_wait:\nmbarrier.try_wait.parity.shared::cta.b64 mb_done, [{a}], {p};",
+        "@!mb_done bra mb_wait;\n}}",
+        a = in(_) address,
+        p = in(_) parity
+    );
+}
