@@ -33,7 +33,7 @@ def stream_one(base, prompt, max_tokens):
     return start, stamps, tokens
 
 
-def run(base, concurrency, requests, max_tokens):
+def run(base, concurrency, requests, max_tokens, report=True):
     results, lock = [], threading.Lock()
     counter = iter(range(requests))
 
@@ -57,6 +57,8 @@ def run(base, concurrency, requests, max_tokens):
     ttft = [stamps[0] - start for start, stamps, _ in results if stamps]
     itl = [b - a for _, stamps, _ in results for a, b in zip(stamps, stamps[1:])]
     tokens = sum(t for _, _, t in results)
+    if not report:
+        return
     p99 = lambda xs: sorted(xs)[min(len(xs) - 1, int(0.99 * len(xs)))] if xs else float("nan")
     med = lambda xs: statistics.median(xs) if xs else float("nan")
     print(
@@ -74,6 +76,10 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="unmeasured rounds of `concurrency` requests before each level (kernels compile on first use)")
     args = parser.parse_args()
     for c in [int(x) for x in args.concurrency.split(",")]:
+        for _ in range(args.warmup):
+            run(args.base.rstrip("/"), c, c, args.max_tokens, report=False)
         run(args.base.rstrip("/"), c, max(args.requests, c), args.max_tokens)
