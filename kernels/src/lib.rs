@@ -2,6 +2,7 @@
 //! registration ([`Kernel`]); [`registry::KERNELS`] lists every family, and tests, snapshots, `nsa ir`,
 //! `nsa selftest` and `nsa run-kernel` all walk that one list.
 pub mod bench;
+pub mod cast_rows;
 pub mod check;
 pub mod error;
 pub mod fp8_act;

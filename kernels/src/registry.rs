@@ -16,6 +16,8 @@ pub static KERNELS: &[&dyn Kernel] = &[
     &crate::mha_prefill::MhaPrefill,
     &crate::fp8_kv::Fp8KvQuantize,
     &crate::fp8_kv_dequant::Fp8KvDequantize,
+    &crate::cast_rows::CastRows,
+    &crate::cast_rows::WidenRows,
     &crate::fp8_act::Fp8ActQuant,
     &crate::fp8_gemm::Fp8Gemm,
     &crate::gemm::Gemm,

@@ -349,3 +349,40 @@ pub fn fp8_kv_dequantize(device: &nsa_backends::Device, words: Tensor<2, Int>, l
     );
     Tensor::from_primitive::<Cube>(out)
 }
+
+/// The bf16 cache conversions' problem: n rows of `d` values.
+fn bf16_rows_problem(n: usize, d: usize) -> Problem {
+    Problem::new(Format::Bf16, &[("n", n), ("d", d)], &[])
+}
+
+/// Rows [n, d] (f32, d even) rounded to bf16 through nsa's `cast_rows` kernel, as [n, d / 2] i32 words
+/// (two bf16 a word; the words only carry bits: copy, slice and gather them).
+pub fn bf16_rows(device: &nsa_backends::Device, rows: Tensor<2>) -> Tensor<2, Int> {
+    let [n, d] = rows.dims();
+    let on = cube_device(&rows);
+    let words = device.client.empty(n * d * 2);
+    launch(
+        device,
+        "cast_rows",
+        &bf16_rows_problem(n, d),
+        &[input(rows)],
+        std::slice::from_ref(&words),
+    );
+    let words = CubeTensor::new_contiguous(device.client.clone(), on, [n, d / 2].into(), words, DType::I32);
+    Tensor::<2, Int>::from_primitive::<Cube>(words)
+}
+
+/// bf16 rows as [`bf16_rows`] writes them back to f32 [n, 2 · words] through nsa's `widen_rows` kernel
+/// (exact); `like` gives the device.
+pub fn widen_bf16_rows(device: &nsa_backends::Device, words: Tensor<2, Int>, like: &Tensor<2>) -> Tensor<2> {
+    let [n, w] = words.dims();
+    let out = primitive(Tensor::<2>::empty([n, 2 * w], &like.device()));
+    launch(
+        device,
+        "widen_rows",
+        &bf16_rows_problem(n, 2 * w),
+        &[int_input(words)],
+        std::slice::from_ref(&out.handle),
+    );
+    Tensor::from_primitive::<Cube>(out)
+}

@@ -4,10 +4,11 @@
 //! (nothing is copied), and attention reads the store's buffer directly through each sequence's rows.
 //! The pages are the scheduler's; the buffers grow (doubling) to the highest page written.
 //!
-//! KV rows are f32, or DeepSeek's 656-byte FP8 layout (`--kv-cache-dtype fp8_e4m3`: nsa's
-//! `fp8_kv_quantize` on the way in; attention widens only the rows the indexer chose with
-//! `fp8_kv_dequantize` — a gather per query and chosen row, fine for small models; at DeepSeek's sizes the
-//! decode kernel should read the pages itself, as `sparse_mla_decode` does). Indexer keys stay f32.
+//! KV rows are f32, bf16 (`--kv-cache-dtype bf16`: nsa's `cast_rows` on the way in, half the memory) or
+//! DeepSeek's 656-byte FP8 layout (`--kv-cache-dtype fp8_e4m3`: nsa's `fp8_kv_quantize` on the way in).
+//! Attention widens only the rows the indexer chose (`widen_rows`, `fp8_kv_dequantize`) — a gather per
+//! query and chosen row, fine for small models; at DeepSeek's sizes the decode kernel should read the
+//! pages itself, as `sparse_mla_decode` does. Indexer keys stay f32.
 use crate::device::DeviceModel;
 use crate::device_decode::{CacheRows, stack_padded};
 use burn::tensor::kind::Basic;
@@ -19,17 +20,33 @@ pub type PageId = u32;
 pub const KV_ROW: usize = nsa_kernels::sparse_mla::D_QK;
 
 /// How a store keeps KV rows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvFormat {
+    /// The device model's own dtype.
+    #[default]
     F32,
+    /// 576 bf16 values a token (rounded to nearest even).
+    Bf16,
     /// 656 bytes a token: 512 e4m3 latent values with 4 group scales, 64 bf16 rope values.
     Fp8,
 }
 
-/// One layer's KV rows: f32 [capacity, 576] or FP8 as i32 words [capacity, 164].
+impl KvFormat {
+    /// Bytes of one token's KV row.
+    pub fn row_bytes(self) -> usize {
+        match self {
+            KvFormat::F32 => 4 * KV_ROW,
+            KvFormat::Bf16 => 2 * KV_ROW,
+            KvFormat::Fp8 => crate::ops::FP8_TOKEN_BYTES,
+        }
+    }
+}
+
+/// One layer's KV rows: f32 [capacity, 576], or the narrow formats' i32 words (bf16 [capacity, 288],
+/// FP8 [capacity, 164]).
 enum KvRows {
     F32(Tensor<2>),
-    Fp8(Tensor<2, Int>),
+    Words(Tensor<2, Int>),
 }
 
 /// The rows of every layer, by page.
@@ -93,19 +110,22 @@ impl PagedStore {
             (KvFormat::F32, rows) => {
                 let rows = rows.map(|r| match r {
                     KvRows::F32(t) => t,
-                    KvRows::Fp8(_) => unreachable!("one format per store"),
+                    KvRows::Words(_) => unreachable!("one format per store"),
                 });
                 KvRows::F32(grown(rows, row + n, needed, floats(kv.dims()[1])).slice_assign(row..row + n, kv))
             }
-            (KvFormat::Fp8, rows) => {
-                let words = crate::ops::fp8_kv_quantize(&self.kernels, kv);
+            (narrow, rows) => {
+                let words = match narrow {
+                    KvFormat::Bf16 => crate::ops::bf16_rows(&self.kernels, kv),
+                    _ => crate::ops::fp8_kv_quantize(&self.kernels, kv),
+                };
                 let rows = rows.map(|r| match r {
-                    KvRows::Fp8(t) => t,
+                    KvRows::Words(t) => t,
                     KvRows::F32(_) => unreachable!("one format per store"),
                 });
                 let width = words.dims()[1];
                 let words_zeros = |rows: usize| Tensor::<2, Int>::zeros([rows, width], device).cast(DType::I32);
-                KvRows::Fp8(grown(rows, row + n, needed, words_zeros).slice_assign(row..row + n, words))
+                KvRows::Words(grown(rows, row + n, needed, words_zeros).slice_assign(row..row + n, words))
             }
         };
         self.layers[layer] = Some((kv_rows, index_rows.slice_assign(row..row + n, index_k)));
@@ -198,12 +218,15 @@ impl CacheRows for Paged<'_, '_> {
         let rows = stack_padded(mapped);
         match kv {
             KvRows::F32(kv) => (kv.clone(), rows),
-            KvRows::Fp8(words) => {
+            KvRows::Words(words) => {
                 // Only the chosen rows, widened: query i's row j becomes row i·width + j.
                 let [n, width] = rows.dims();
                 let flat = rows.reshape([n * width]);
                 let gathered = words.clone().select(0, flat.clone().clamp_min(0));
-                let kv = crate::ops::fp8_kv_dequantize(&self.store.kernels, gathered, index_k);
+                let kv = match self.store.format {
+                    KvFormat::Bf16 => crate::ops::widen_bf16_rows(&self.store.kernels, gathered, index_k),
+                    _ => crate::ops::fp8_kv_dequantize(&self.store.kernels, gathered, index_k),
+                };
                 let own = Tensor::<1, Int>::arange(0..(n * width) as i64, &device);
                 let own = own.mask_where(flat.clone().lower_elem(0), flat).reshape([n, width]);
                 (kv, own)

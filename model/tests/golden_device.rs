@@ -204,10 +204,11 @@ fn paged_store_matches_own_buffers() {
     );
 }
 
-/// The FP8 store (`--kv-cache-dtype fp8_e4m3`) quantizes the KV rows — its logits move, but stay close to
-/// the f32 store's — and gives the same logits whatever pages hold the rows.
+/// The bf16 and FP8 stores (`--kv-cache-dtype bf16`, `fp8_e4m3`) round the KV rows — their logits move,
+/// but stay close to the f32 store's (bf16 closer than FP8) — and give the same logits whatever pages hold
+/// the rows.
 #[test]
-fn fp8_paged_store_stays_close_to_f32() {
+fn narrow_paged_stores_stay_close_to_f32() {
     use nsa_model::paged::{KvFormat, PageTable};
     let device = Device::wgpu(DeviceKind::DefaultDevice);
     let model = DeviceModel::load(&bundled_model_dir(), &device).unwrap();
@@ -222,19 +223,22 @@ fn fp8_paged_store_stays_close_to_f32() {
         logits
     };
     let exact = run(KvFormat::F32, vec![0, 1, 2, 3, 4]);
-    let fp8 = run(KvFormat::Fp8, vec![0, 1, 2, 3, 4]);
-    let scattered = run(KvFormat::Fp8, vec![9, 4, 6, 0, 2]);
-    for step in 0..3 {
-        let scale = exact[step].iter().fold(0f64, |m, v| m.max(v.abs()));
-        let diff = max_diff(&exact[step], &fp8[step]);
-        assert!(diff > 0.0, "step {step}: the FP8 store did not round anything");
-        assert!(
-            diff < 0.05 * scale,
-            "step {step}: FP8 logits off by {diff:e} (scale {scale:e})"
-        );
-        assert!(
-            max_diff(&fp8[step], &scattered[step]) < 1e-6,
-            "step {step}: FP8 rows depend on their pages"
-        );
+    // (format, bound on the logits' change relative to their scale)
+    for (format, bound) in [(KvFormat::Bf16, 0.01), (KvFormat::Fp8, 0.05)] {
+        let narrow = run(format, vec![0, 1, 2, 3, 4]);
+        let scattered = run(format, vec![9, 4, 6, 0, 2]);
+        for step in 0..3 {
+            let scale = exact[step].iter().fold(0f64, |m, v| m.max(v.abs()));
+            let diff = max_diff(&exact[step], &narrow[step]);
+            assert!(diff > 0.0, "step {step}: the {format:?} store did not round anything");
+            assert!(
+                diff < bound * scale,
+                "step {step}: {format:?} logits off by {diff:e} (scale {scale:e})"
+            );
+            assert!(
+                max_diff(&narrow[step], &scattered[step]) < 1e-6,
+                "step {step}: {format:?} rows depend on their pages"
+            );
+        }
     }
 }

@@ -4,7 +4,7 @@
 use crate::{Failure, usage};
 use clap::Args as ClapArgs;
 use nsa_server::http::ToolCallParser;
-use nsa_server::{ModelDevice, ServeConfig};
+use nsa_server::{KvFormat, ModelDevice, ServeConfig};
 use std::path::PathBuf;
 
 #[derive(ClapArgs)]
@@ -13,8 +13,8 @@ pub struct Args {
     /// bundled tiny model.
     #[arg(long)]
     model_path: Option<PathBuf>,
-    /// `auto` (a CUDA or HIP GPU if found, else the host — or wgpu with `--kv-cache-dtype fp8_e4m3`, which the
-    /// host reference cannot keep), `host` (the f64 reference model on the CPU), or the burn device model
+    /// `auto` (a CUDA or HIP GPU if found, else the host — or wgpu with `--kv-cache-dtype bf16` or
+    /// `fp8_e4m3`, which the host reference cannot keep), `host` (the f64 reference model on the CPU), or the burn device model
     /// (f32) on `cuda[:N]`, `hip[:N]`, `wgpu`.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -56,8 +56,9 @@ pub struct Args {
     /// `flashmla_sparse` (nsa's sparse MLA kernel over the latent cache; the only decode path built).
     #[arg(long, default_value = "flashmla_sparse")]
     nsa_decode_backend: String,
-    /// `auto`: the cache in the model's dtype (f32 on a device, f64 on the host); `fp8_e4m3`: DeepSeek's
-    /// 656-byte FP8 rows (512 e4m3 latent values, 4 scales, 64 bf16 rope) on a device; bf16 is not built.
+    /// `auto`: the cache in the model's dtype (f32 on a device, f64 on the host); `bf16` (or `bfloat16`):
+    /// 576 bf16 values a token, half of f32, on a device; `fp8_e4m3`: DeepSeek's 656-byte FP8 rows (512 e4m3
+    /// latent values, 4 scales, 64 bf16 rope) on a device.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
     /// Tensor parallelism: only 1 is built.
@@ -126,13 +127,14 @@ fn config(args: Args) -> Result<ServeConfig, Failure> {
             "one device per server",
         ));
     }
-    let fp8_cache = match args.kv_cache_dtype.as_str() {
-        "auto" => false,
-        "fp8_e4m3" => true,
+    let kv_format = match args.kv_cache_dtype.as_str() {
+        "auto" => KvFormat::F32,
+        "bf16" | "bfloat16" => KvFormat::Bf16,
+        "fp8_e4m3" => KvFormat::Fp8,
         other => {
             return Err(not_built(
                 &format!("--kv-cache-dtype {other}"),
-                "valid: auto (the model's dtype), fp8_e4m3 (device models)",
+                "valid: auto (the model's dtype), bf16, fp8_e4m3 (both on device models)",
             ));
         }
     };
@@ -178,7 +180,7 @@ fn config(args: Args) -> Result<ServeConfig, Failure> {
     }
     Ok(ServeConfig {
         model_path: args.model_path.unwrap_or_else(nsa_model::bundled_model_dir),
-        device: model_device(&args.device, fp8_cache)?,
+        device: model_device(&args.device, kv_format != KvFormat::F32)?,
         host: args.host,
         port: args.port,
         served_model_name: args.served_model_name,
@@ -192,7 +194,7 @@ fn config(args: Args) -> Result<ServeConfig, Failure> {
         reasoning_parser,
         tool_call_parser,
         sparse_prefill,
-        fp8_cache,
+        kv_format,
     })
 }
 

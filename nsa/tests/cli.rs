@@ -671,8 +671,8 @@ fn serve_refuses_flags_for_what_is_not_built() {
         (&["serve", "--dp", "2"][..], "data parallelism"),
         (&["serve", "--enable-dp-attention"][..], "data parallelism"),
         (
-            &["serve", "--kv-cache-dtype", "bf16"][..],
-            "--kv-cache-dtype bf16 is not built",
+            &["serve", "--kv-cache-dtype", "fp8_e5m2"][..],
+            "--kv-cache-dtype fp8_e5m2 is not built",
         ),
         (
             &["serve", "--nsa-prefill-backend", "tilelang"][..],

@@ -21,9 +21,8 @@ pub trait CachedModel {
     /// Whether caches live in the scheduler's pages of the store: then a cache is rebuilt from its pages
     /// by [`Self::in_pages`], never copied.
     const PAGED: bool;
-    /// The store for pages of `page_size` tokens; `fp8`: KV rows in DeepSeek's FP8 layout (an error where
-    /// the model cannot).
-    fn new_store(&self, page_size: usize, fp8: bool) -> Result<Self::Store, String>;
+    /// The store for pages of `page_size` tokens, KV rows in `format` (an error where the model cannot).
+    fn new_store(&self, page_size: usize, format: KvFormat) -> Result<Self::Store, String>;
     fn empty_cache(&self) -> Self::Cache;
     fn cache_len(cache: &Self::Cache) -> usize;
     /// Paged models: the cache of the first `len` positions, held in `pages`.
@@ -41,13 +40,13 @@ impl CachedModel for ReferenceModel {
     type Cache = LatentCache;
     type Store = ();
     const PAGED: bool = false;
-    fn new_store(&self, _: usize, fp8: bool) -> Result<(), String> {
-        match fp8 {
-            true => Err(
-                "the host reference keeps f64 caches: an FP8 cache needs a device model (--device cuda, hip or wgpu)"
-                    .into(),
-            ),
-            false => Ok(()),
+    fn new_store(&self, _: usize, format: KvFormat) -> Result<(), String> {
+        match format {
+            KvFormat::F32 => Ok(()),
+            narrow => Err(format!(
+                "the host reference keeps f64 caches: a {} cache needs a device model (--device cuda, hip or wgpu)",
+                if narrow == KvFormat::Fp8 { "FP8" } else { "bf16" }
+            )),
         }
     }
     fn empty_cache(&self) -> LatentCache {
@@ -84,8 +83,7 @@ impl CachedModel for DeviceModel {
     type Cache = PageTable;
     type Store = PagedStore;
     const PAGED: bool = true;
-    fn new_store(&self, page_size: usize, fp8: bool) -> Result<PagedStore, String> {
-        let format = if fp8 { KvFormat::Fp8 } else { KvFormat::F32 };
+    fn new_store(&self, page_size: usize, format: KvFormat) -> Result<PagedStore, String> {
         Ok(DeviceModel::new_store(self, page_size, format))
     }
     fn empty_cache(&self) -> PageTable {
@@ -167,13 +165,13 @@ pub struct ModelEngine<M: CachedModel> {
 
 impl<M: CachedModel> ModelEngine<M> {
     pub fn new(model: M, page_size: usize) -> ModelEngine<M> {
-        Self::with_cache(model, page_size, false).expect("every model keeps a cache in its own dtype")
+        Self::with_cache(model, page_size, KvFormat::F32).expect("every model keeps a cache in its own dtype")
     }
 
-    /// With `fp8`, the KV cache in DeepSeek's FP8 layout (`--kv-cache-dtype fp8_e4m3`; device models only).
-    pub fn with_cache(model: M, page_size: usize, fp8: bool) -> Result<ModelEngine<M>, String> {
+    /// With the KV cache in `format` (`--kv-cache-dtype`; bf16 and FP8 on device models only).
+    pub fn with_cache(model: M, page_size: usize, format: KvFormat) -> Result<ModelEngine<M>, String> {
         Ok(ModelEngine {
-            store: model.new_store(page_size, fp8)?,
+            store: model.new_store(page_size, format)?,
             model,
             page_size,
             caches: HashMap::new(),

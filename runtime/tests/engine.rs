@@ -4,6 +4,7 @@
 //! device model on the default wgpu device (lavapipe in CI).
 use nsa_model::bundled_model_dir;
 use nsa_model::device::DeviceModel;
+use nsa_model::paged::KvFormat;
 use nsa_model::reference::ReferenceModel;
 use nsa_runtime::engine::{CachedModel, ModelEngine};
 use nsa_runtime::pages::PagePool;
@@ -23,16 +24,16 @@ fn greedy() -> SamplingParams {
 /// Runs `prompts` (each for `count` tokens, no stop token) through the scheduler and engine; returns each
 /// request's tokens, how many requests were preempted and how many started from cached prefix pages.
 fn serve<M: CachedModel>(model: M, prompts: &[Vec<u32>], count: usize, pages: usize) -> (Vec<Vec<u32>>, usize, usize) {
-    serve_cached(model, prompts, count, pages, false)
+    serve_cached(model, prompts, count, pages, KvFormat::F32)
 }
 
-/// [`serve`] with the KV cache in FP8 or not.
+/// [`serve`] with the KV cache in `format`.
 fn serve_cached<M: CachedModel>(
     model: M,
     prompts: &[Vec<u32>],
     count: usize,
     pages: usize,
-    fp8: bool,
+    format: KvFormat,
 ) -> (Vec<Vec<u32>>, usize, usize) {
     let config = SchedulerConfig {
         max_running: 4,
@@ -40,7 +41,7 @@ fn serve_cached<M: CachedModel>(
         context_length: 256,
     };
     let mut scheduler = Scheduler::new(config, PagePool::new(pages, PAGE));
-    let mut engine = ModelEngine::with_cache(model, PAGE, fp8).expect("a cache the model keeps");
+    let mut engine = ModelEngine::with_cache(model, PAGE, format).expect("a cache the model keeps");
     let mut outputs: HashMap<u64, Vec<u32>> = HashMap::new();
     // The first request runs alone and finishes: the others share its prefix pages.
     for (id, prompt) in prompts.iter().enumerate() {
@@ -122,28 +123,31 @@ fn device_engine_outputs_equal_each_request_alone() {
     assert!(preempted > 0, "the tight pool should preempt");
 }
 
-/// With the KV cache in FP8 (`--kv-cache-dtype fp8_e4m3`), batching, prefix pages and preemption still give
-/// each request the tokens it gets alone through the same FP8 engine; the host reference refuses FP8.
+/// With the KV cache in bf16 or FP8 (`--kv-cache-dtype bf16`, `fp8_e4m3`), batching, prefix pages and
+/// preemption still give each request the tokens it gets alone through the same engine; the host
+/// reference refuses both.
 #[test]
-fn device_engine_with_an_fp8_cache_equals_each_request_alone() {
+fn device_engine_with_narrow_caches_equals_each_request_alone() {
     let device = nsa_model::device::burn_device("wgpu").expect("wgpu");
     let load = || DeviceModel::load(&bundled_model_dir(), &device).expect("model");
     let prompts = &prompts()[..3];
-    let alone: Vec<Vec<u32>> = (prompts.iter())
-        .map(|p| serve_cached(load(), std::slice::from_ref(p), 4, 64, true).0.remove(0))
-        .collect();
-    let (outputs, _, prefix_hits) = serve_cached(load(), prompts, 4, 64, true);
-    assert_eq!(outputs, alone);
-    assert!(
-        prefix_hits >= 2,
-        "the shared prefix should be reused: {prefix_hits} hits"
-    );
-    let (outputs, preempted, _) = serve_cached(load(), prompts, 4, 5, true);
-    assert_eq!(outputs, alone, "tight pool");
-    assert!(preempted > 0, "the tight pool should preempt");
-    let host = ReferenceModel::load(&bundled_model_dir()).expect("model");
-    let refused = ModelEngine::with_cache(host, PAGE, true)
-        .err()
-        .expect("the host reference refuses FP8");
-    assert!(refused.contains("FP8"), "{refused}");
+    for (format, name) in [(KvFormat::Bf16, "bf16"), (KvFormat::Fp8, "FP8")] {
+        let alone: Vec<Vec<u32>> = (prompts.iter())
+            .map(|p| serve_cached(load(), std::slice::from_ref(p), 4, 64, format).0.remove(0))
+            .collect();
+        let (outputs, _, prefix_hits) = serve_cached(load(), prompts, 4, 64, format);
+        assert_eq!(outputs, alone, "{name}");
+        assert!(
+            prefix_hits >= 2,
+            "{name}: the shared prefix should be reused: {prefix_hits} hits"
+        );
+        let (outputs, preempted, _) = serve_cached(load(), prompts, 4, 5, format);
+        assert_eq!(outputs, alone, "{name}: tight pool");
+        assert!(preempted > 0, "{name}: the tight pool should preempt");
+        let host = ReferenceModel::load(&bundled_model_dir()).expect("model");
+        let refused = ModelEngine::with_cache(host, PAGE, format)
+            .err()
+            .expect("the host reference refuses narrow caches");
+        assert!(refused.contains(name), "{refused}");
+    }
 }

@@ -12,6 +12,7 @@ pub mod worker;
 use http::{AppState, ServedModel, ToolCallParser};
 use metrics::Metrics;
 use nsa_model::device::DeviceModel;
+pub use nsa_model::paged::KvFormat;
 use nsa_model::reference::ReferenceModel;
 use nsa_model::{ModelConfig, Tokenizer};
 use nsa_runtime::sampling::SamplingParams;
@@ -50,8 +51,9 @@ pub struct ServeConfig {
     pub tool_call_parser: Option<ToolCallParser>,
     /// The prefill's attention form on the device model (`None`: SGLang's rule).
     pub sparse_prefill: Option<bool>,
-    /// The KV cache in DeepSeek's FP8 layout (`--kv-cache-dtype fp8_e4m3`; device models only).
-    pub fp8_cache: bool,
+    /// How the KV cache keeps rows (`--kv-cache-dtype`: f32, bf16 or DeepSeek's FP8 layout; the narrow
+    /// ones on device models only).
+    pub kv_format: KvFormat,
 }
 
 /// generation_config.json's sampling defaults (temperature, top_p, top_k), where present.
@@ -85,7 +87,7 @@ fn host_memory() -> Option<u64> {
 /// kept as f32 on a device and f64 on the host. A device caches each token once per layer, in the pages
 /// of its store (the sparse MLA kernel's 576-wide f32 KV row, or 656 FP8 bytes, and the indexer key); the host reference keeps
 /// latent, rope key and indexer key twice (the running sequence's cache and its page copies).
-fn cache_tokens(config: &ModelConfig, device: &ModelDevice, fp8: bool, fraction: f64) -> Result<usize, String> {
+fn cache_tokens(config: &ModelConfig, device: &ModelDevice, kv: KvFormat, fraction: f64) -> Result<usize, String> {
     if !(fraction > 0.0 && fraction <= 1.0) {
         return Err(format!("--mem-fraction-static must be in (0, 1], got {fraction}"));
     }
@@ -101,8 +103,7 @@ fn cache_tokens(config: &ModelConfig, device: &ModelDevice, fp8: bool, fraction:
         .sum();
     let row_bytes = match device {
         ModelDevice::Host => 2 * (config.kv_lora_rank + config.qk_rope_head_dim + config.index_head_dim) * 8,
-        ModelDevice::Burn { .. } if fp8 => nsa_model::ops::FP8_TOKEN_BYTES + 4 * config.index_head_dim,
-        ModelDevice::Burn { .. } => 4 * (nsa_model::paged::KV_ROW + config.index_head_dim),
+        ModelDevice::Burn { .. } => kv.row_bytes() + 4 * config.index_head_dim,
     };
     let per_token = (config.num_hidden_layers * row_bytes) as u64;
     let budget = (memory as f64 * fraction) as u64;
@@ -125,7 +126,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(std::net::SocketAddr)) -> R
     let context_length = config.context_length.unwrap_or(model_config.max_position_embeddings);
     let total_tokens = match (config.max_total_tokens, config.mem_fraction_static) {
         (Some(tokens), _) => tokens,
-        (None, Some(fraction)) => cache_tokens(&model_config, &config.device, config.fp8_cache, fraction)?,
+        (None, Some(fraction)) => cache_tokens(&model_config, &config.device, config.kv_format, fraction)?,
         (None, None) => context_length * config.max_running_requests.min(16),
     };
     if total_tokens < context_length {
@@ -147,7 +148,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(std::net::SocketAddr)) -> R
         page_size: config.page_size,
         total_pages: total_tokens.div_ceil(config.page_size),
         prefix_reuse: !config.disable_radix_cache,
-        fp8_cache: config.fp8_cache,
+        kv_format: config.kv_format,
     };
     let metrics = Arc::new(Metrics::default());
     let worker = match &config.device {

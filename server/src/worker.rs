@@ -2,6 +2,7 @@
 //! handlers and streams each request's tokens back on its own channel. A request whose channel is closed
 //! (its client went away, or a stop string ended it) is cancelled at its next token.
 use crate::metrics::Metrics;
+use nsa_model::paged::KvFormat;
 use nsa_runtime::engine::{CachedModel, ModelEngine};
 use nsa_runtime::pages::PagePool;
 use nsa_runtime::sampling::{Sampled, SamplingParams};
@@ -40,8 +41,8 @@ pub struct WorkerConfig {
     pub page_size: usize,
     pub total_pages: usize,
     pub prefix_reuse: bool,
-    /// The KV cache in DeepSeek's FP8 layout (`--kv-cache-dtype fp8_e4m3`).
-    pub fp8_cache: bool,
+    /// How the KV cache keeps rows (`--kv-cache-dtype`).
+    pub kv_format: KvFormat,
 }
 
 /// The handlers' side of the engine thread.
@@ -87,7 +88,7 @@ where
         .name("nsa-engine".into())
         .spawn(move || {
             let _guard = guard;
-            let engine = load().and_then(|model| ModelEngine::with_cache(model, config.page_size, config.fp8_cache));
+            let engine = load().and_then(|model| ModelEngine::with_cache(model, config.page_size, config.kv_format));
             let engine = match engine {
                 Ok(engine) => {
                     let _ = ready_tx.send(Ok(()));

@@ -31,7 +31,7 @@ fn server() -> &'static str {
             reasoning_parser: true,
             tool_call_parser: Some(ToolCallParser::Deepseekv32),
             sparse_prefill: None,
-            fp8_cache: false,
+            kv_format: Default::default(),
         };
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
