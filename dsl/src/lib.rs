@@ -10,6 +10,7 @@
 //!   kernels that rescale accumulator rows in registers (flash attention).
 //! - [`wgmma`]: Hopper warpgroup multiplies from swizzled shared-memory tiles (sm_90a inline PTX).
 //! - [`mbarrier`]: shared-memory barriers with separate arrive and wait, for pipelines without cube barriers.
+//! - [`tma`]: Hopper tensor-map copies of whole tiles by one unit, completing on an mbarrier.
 //! - [`select`]: order-preserving keys for radix select, cube-wide prefix sums for compaction.
 //!
 //! Every buffer is addressed as 32-bit words (`&[u32]`): a bf16 word holds two elements, an e4m3 word four.
@@ -21,6 +22,7 @@ pub mod mma;
 pub mod reduce;
 pub mod select;
 pub mod softmax;
+pub mod tma;
 pub mod warp_mma;
 pub mod wgmma;
 

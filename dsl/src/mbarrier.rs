@@ -35,3 +35,21 @@ pub fn mbarrier_wait(address: u32, parity: u32) {
         p = in(_) parity
     );
 }
+
+/// This unit's arrival on the barrier at `address`, announcing `bytes` more of asynchronous copies (TMA)
+/// whose completion the phase also waits for.
+#[cube]
+pub fn mbarrier_arrive_expect_tx(address: u32, bytes: u32) {
+    gpu_asm!(
+        "{{\n.reg .b64 mb_state;\nmbarrier.arrive.expect_tx.shared::cta.b64 mb_state, [{a}], {n};\n}}",
+        a = in(_) address,
+        n = in(_) bytes
+    );
+}
+
+/// Makes barriers just initialized visible to the asynchronous proxy (the tensor copy engine completes
+/// transactions on them); a cube barrier after it publishes them to the other units.
+#[cube]
+pub fn fence_barrier_init() {
+    gpu_asm!("fence.mbarrier_init.release.cluster;");
+}

@@ -1,4 +1,5 @@
 //! Small host helpers shared by the families' `launch`/`define` functions.
+use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,4 +38,14 @@ pub fn ir_settings(cube_dim: CubeDim) -> KernelSettings {
 /// The compilation argument of a plain (not aliased) slice.
 pub fn slice_arg() -> BufferCompilationArg {
     BufferCompilationArg { inplace: None }
+}
+
+/// A tensor map over `handle` holding bf16 rows [rows, heads, width] (flash attention's q / k / v), for
+/// copies of 64 rows × 64 columns of one head into a 128-byte-swizzled tile (`dsl::tma`).
+pub fn bf16_head_rows_map(handle: &Handle, rows: usize, heads: usize, width: usize) -> TensorMapArg<Tiled> {
+    let (shape, strides) = ([rows.max(1), heads, width], [heads * width, width, 1]);
+    // SAFETY: the buffer holds rows × heads × width bf16 values, row-major, as every caller's input does.
+    let tensor = unsafe { TensorArg::from_raw_parts(handle.clone(), strides.into(), shape.into()) };
+    TensorMapArg::new(TiledArgs { tile_size: [64, 1, 64].into() }, tensor, ElemType::Float(FloatKind::BF16))
+        .with_swizzle(TensorMapSwizzle::B128)
 }

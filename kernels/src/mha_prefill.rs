@@ -41,6 +41,11 @@ pub const VARIANTS: &[Variant] = &[
         needs_plane_ops: true,
     },
     Variant {
+        name: "wgmma_tma",
+        summary: "as `wgmma`, K/V/Q tiles copied by the tensor copy engine (TMA) into mbarrier stages (Hopper, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
         name: "wgmma_q128",
         summary: "flash attention on warpgroup MMA: 128 queries of a head per cube (two warpgroups sharing K/V), \
                   Q and P in registers (Hopper, bf16)",
@@ -50,6 +55,11 @@ pub const VARIANTS: &[Variant] = &[
         name: "wgmma_q128_staged",
         summary: "as `wgmma_q128`, K/V copied two blocks ahead, stages signalled by mbarriers instead of a cube \
                   barrier per block, so a warpgroup may run a step ahead (Hopper, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "wgmma_q128_tma",
+        summary: "as `wgmma_q128_staged`, K/V tiles copied by the tensor copy engine (TMA) (Hopper, bf16)",
         needs_plane_ops: true,
     },
     Variant {
@@ -72,11 +82,13 @@ pub const VARIANTS: &[Variant] = &[
 
 /// The K/V pipeline of a `wgmma` variant.
 fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
-    let (groups, depth, staged, q_shared) = match variant.name {
-        "wgmma" => (3, 1, false, true),
-        "wgmma_q128" => (2, 1, false, false),
-        "wgmma_q128_staged" => (2, 2, true, false),
-        "wgmma_q64" => (1, 1, false, false),
+    let (groups, depth, staged, q_shared, tma) = match variant.name {
+        "wgmma" => (3, 1, false, true, false),
+        "wgmma_tma" => (3, 1, true, true, true),
+        "wgmma_q128" => (2, 1, false, false, false),
+        "wgmma_q128_staged" => (2, 2, true, false, false),
+        "wgmma_q128_tma" => (2, 2, true, false, true),
+        "wgmma_q64" => (1, 1, false, false, false),
         _ => return None,
     };
     Some(Pipeline {
@@ -84,6 +96,7 @@ fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
         depth,
         staged,
         q_shared,
+        tma,
     })
 }
 

@@ -14,13 +14,16 @@
 //! Masking costs a compare and a select per score, so only blocks crossing a warpgroup's causal diagonal
 //! are masked; a warpgroup whose queries see none of a block skips it.
 use crate::Problem;
-use crate::launch::{buffer, grid, ir_settings, slice_arg};
+use crate::launch::{bf16_head_rows_map, buffer, grid, ir_settings, slice_arg};
 use crate::mha_prefill::locate_tile;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nsa_backends::{Device, IrTarget};
 use nsa_dsl::format::pack_bf16x2;
-use nsa_dsl::mbarrier::{mbarrier_arrive, mbarrier_init, mbarrier_wait};
+use nsa_dsl::mbarrier::{
+    fence_barrier_init, mbarrier_arrive, mbarrier_arrive_expect_tx, mbarrier_init, mbarrier_wait,
+};
+use nsa_dsl::tma::tma_load_3d;
 use nsa_dsl::warp_mma::{commit_async_copies, copy_chunk_async, fast_exp2, quad_max, quad_sum};
 use nsa_dsl::wgmma::{
     ATOM_BYTES, Operands, await_stage, fence_shared_for_wgmma, first_atom, sw128_descriptor, sw128_mn_major_descriptor,
@@ -49,6 +52,9 @@ pub struct Pipeline {
     /// Q in swizzled shared tiles (S = Q·Kᵀ reads both operands from shared memory) instead of registers:
     /// 48 registers fewer per unit, so three warpgroups fit an SM's registers.
     pub q_shared: bool,
+    /// Tiles copied by the tensor copy engine (`dsl::tma`, one unit issuing five box copies a block, the
+    /// full barrier completed by their bytes) instead of every unit's cp.async; needs `staged`.
+    pub tma: bool,
 }
 
 impl Pipeline {
@@ -334,6 +340,65 @@ fn arrive_copied(base: u32, block: usize, #[comptime] tiles_bytes: usize, #[comp
     mbarrier_arrive(barrier_address(base, block, false, tiles_bytes, stages));
 }
 
+/// Waits until every unit released the buffers that block `block` reuses (those of block
+/// `block` − stages).
+#[cube]
+fn await_release(base: u32, block: usize, #[comptime] tiles_bytes: usize, #[comptime] stages: usize) {
+    mbarrier_wait(
+        barrier_address(base, block, true, tiles_bytes, stages),
+        ((block / stages + 1) % 2) as u32,
+    );
+}
+
+/// One unit's start of block `block`'s TMA copies: K as three and V as two 64 × 64 boxes of head `head`
+/// from row `k0` + 64·block, and with block 0 (`q_shared`) every warpgroup's Q tile from row `q_row0`
+/// + 64w, all completing on the block's full barrier.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn tma_prefetch(
+    k_map: &TensorMap<u32, Tiled>,
+    v_map: &TensorMap<u32, Tiled>,
+    q_map: &TensorMap<u32, Tiled>,
+    base: u32,
+    block: usize,
+    k0: usize,
+    q_row0: usize,
+    head: usize,
+    #[comptime] pipeline: Pipeline,
+) {
+    let (k_buffers, v_buffers) = comptime!((pipeline.k_buffers(), pipeline.v_buffers()));
+    let tiles_bytes = comptime!(16 * pipeline.tile_chunks());
+    let box_bytes = comptime!(COLUMN_BLOCK * 16);
+    let full = barrier_address(base, block, false, tiles_bytes, v_buffers);
+    let block_bytes = comptime!((K_CHUNKS + V_CHUNKS) * 16) as u32;
+    let q_bytes = comptime!(pipeline.groups * K_CHUNKS * 16) as u32;
+    let with_q = comptime!(pipeline.q_shared) && block == 0;
+    mbarrier_arrive_expect_tx(full, select(with_q, block_bytes + q_bytes, block_bytes));
+    let row = (k0 + block * BLOCK) as i32;
+    let head = head as i32;
+    let k_tile = base + k_tile_bytes(block, k_buffers);
+    let v_tile = base + v_tile_bytes(block, k_buffers, v_buffers);
+    #[unroll]
+    for c in 0..3u32 {
+        tma_load_3d(k_map, k_tile + c * box_bytes as u32, full, (64 * c) as i32, head, row);
+    }
+    #[unroll]
+    for c in 0..2u32 {
+        tma_load_3d(v_map, v_tile + c * box_bytes as u32, full, (64 * c) as i32, head, row);
+    }
+    if with_q {
+        #[unroll]
+        for w in 0..pipeline.groups {
+            let q_tile = base + ((comptime!(pipeline.q_offset()) + w * K_CHUNKS) * 16) as u32;
+            #[unroll]
+            for c in 0..3u32 {
+                let q_row = (q_row0 + w * BLOCK) as i32;
+                tma_load_3d(q_map, q_tile + c * box_bytes as u32, full, (64 * c) as i32, head, q_row);
+            }
+        }
+    }
+}
+
 /// The start of step `step`: waits until block `step`'s K/V landed (and, staged, until the buffers of the
 /// block `depth` ahead are free), starts copying that block, issues block `step`'s S (returned in flight)
 /// and, staged, announces this unit's copies of the block before it.
@@ -342,6 +407,9 @@ fn arrive_copied(base: u32, block: usize, #[comptime] tiles_bytes: usize, #[comp
 fn begin_step(
     k: &[Vector<u32, Const<4>>],
     v: &[Vector<u32, Const<4>>],
+    k_map: &TensorMap<u32, Tiled>,
+    v_map: &TensorMap<u32, Tiled>,
+    q_map: &TensorMap<u32, Tiled>,
     smem: &mut [Vector<u32, Const<4>>],
     skip: usize,
     base: u32,
@@ -364,24 +432,32 @@ fn begin_step(
             barrier_address(base, step, false, tiles_bytes, v_buffers),
             ((step / v_buffers) % 2) as u32,
         );
-        // The buffers of block ahead − stages are free once every unit released them.
-        if ahead < blocks && ahead >= v_buffers {
-            mbarrier_wait(
-                barrier_address(base, ahead, true, tiles_bytes, v_buffers),
-                ((ahead / v_buffers + 1) % 2) as u32,
-            );
+        // The buffers of block ahead − stages are free once every unit released them (only the copying
+        // unit waits for that with TMA).
+        if comptime!(!pipeline.tma) && ahead < blocks && ahead >= v_buffers {
+            await_release(base, ahead, tiles_bytes, v_buffers);
         }
     } else {
         await_stage(comptime!(depth as u32 - 1));
     }
-    if ahead < blocks {
-        prefetch(
-            k, v, smem, skip, ahead, k0, k_len, heads, head, units, k_buffers, v_buffers,
-        );
+    if comptime!(pipeline.tma) {
+        if UNIT_POS == 0 && ahead < blocks {
+            if ahead >= v_buffers {
+                await_release(base, ahead, tiles_bytes, v_buffers);
+            }
+            tma_prefetch(k_map, v_map, q_map, base, ahead, k0, 0usize, head, pipeline);
+        }
+        sync_plane();
+    } else {
+        if ahead < blocks {
+            prefetch(
+                k, v, smem, skip, ahead, k0, k_len, heads, head, units, k_buffers, v_buffers,
+            );
+        }
+        commit_async_copies();
     }
-    commit_async_copies();
     let s = issue_scores(qa, q_tile, base, step, k_buffers, comptime!(pipeline.q_shared));
-    if staged {
+    if staged && comptime!(!pipeline.tma) {
         if ahead - 1 < blocks {
             arrive_copied(base, ahead - 1, tiles_bytes, v_buffers);
         }
@@ -396,6 +472,9 @@ fn mha_prefill_wgmma_kernel(
     q_rows: &[Vector<u32, Const<4>>],
     k: &[Vector<u32, Const<4>>],
     v: &[Vector<u32, Const<4>>],
+    k_map: &TensorMap<u32, Tiled>,
+    v_map: &TensorMap<u32, Tiled>,
+    q_map: &TensorMap<u32, Tiled>,
     cu_q: &[i32],
     cu_k: &[i32],
     out: &mut [u32],
@@ -434,47 +513,69 @@ fn mha_prefill_wgmma_kernel(
     );
     let unmasked_keys = select(k_len + group_first + 1 > q_len, k_len + group_first + 1 - q_len, 0usize);
 
-    // This warpgroup's Q tile (with block 0's copy group), then blocks 0 .. depth − 1, one group each.
     let q_tile_chunks = comptime!(pipeline.q_offset()) + (warp / 4) * K_CHUNKS;
     let q_tile = base + (q_tile_chunks * 16) as u32;
-    if comptime!(pipeline.q_shared) {
-        copy_head_rows_swizzled(
-            q_rows,
-            &mut smem,
-            skip + q_tile_chunks,
-            q_start,
-            local0 + (warp / 4) * BLOCK,
-            q_len,
-            heads,
-            head,
-            comptime!(D_QK / 8),
-            128usize,
-            (UNIT_POS % 128) as usize,
-        );
-    }
-    #[unroll]
-    for first in 0..depth {
-        if first < blocks {
-            prefetch(
-                k, v, &mut smem, skip, first, k0, k_len, heads, head, units, k_buffers, v_buffers,
-            );
-        }
-        commit_async_copies();
-    }
     if staged {
+        // Full barriers: every unit's copies (cp.async) or the one copying unit's arrival plus the bytes
+        // (TMA); empty barriers: every unit's release.
         if UNIT_POS == 0 {
+            let copiers = comptime!(if pipeline.tma { 1u32 } else { units as u32 });
             #[unroll]
-            for stage in 0..comptime!(2 * v_buffers) {
-                mbarrier_init(base + (tiles_bytes + 8 * stage) as u32, units as u32);
+            for stage in 0..v_buffers {
+                mbarrier_init(base + (tiles_bytes + 8 * stage) as u32, copiers);
+                mbarrier_init(base + (tiles_bytes + 8 * (v_buffers + stage)) as u32, units as u32);
+            }
+            if comptime!(pipeline.tma) {
+                fence_barrier_init();
             }
         }
         sync_cube();
-        // Blocks 0 .. depth − 2 announced here; block b + depth − 1 in step b.
-        wait_async_copies_pending(0u32);
-        fence_shared_for_wgmma();
+    }
+    if comptime!(pipeline.tma) {
+        // Blocks 0 .. depth − 1 (block 0 with the Q tiles) started by one unit.
+        if UNIT_POS == 0 {
+            #[unroll]
+            for first in 0..depth {
+                if first < blocks {
+                    tma_prefetch(k_map, v_map, q_map, base, first, k0, q_start + local0, head, pipeline);
+                }
+            }
+        }
+        sync_plane();
+    } else {
+        // This warpgroup's Q tile (with block 0's copy group), then blocks 0 .. depth − 1, one group each.
+        if comptime!(pipeline.q_shared) {
+            copy_head_rows_swizzled(
+                q_rows,
+                &mut smem,
+                skip + q_tile_chunks,
+                q_start,
+                local0 + (warp / 4) * BLOCK,
+                q_len,
+                heads,
+                head,
+                comptime!(D_QK / 8),
+                128usize,
+                (UNIT_POS % 128) as usize,
+            );
+        }
         #[unroll]
-        for first in 0..comptime!(depth - 1) {
-            mbarrier_arrive(barrier_address(base, first, false, tiles_bytes, v_buffers));
+        for first in 0..depth {
+            if first < blocks {
+                prefetch(
+                    k, v, &mut smem, skip, first, k0, k_len, heads, head, units, k_buffers, v_buffers,
+                );
+            }
+            commit_async_copies();
+        }
+        if staged {
+            // Blocks 0 .. depth − 2 announced here; block b + depth − 1 in step b.
+            wait_async_copies_pending(0u32);
+            fence_shared_for_wgmma();
+            #[unroll]
+            for first in 0..comptime!(depth - 1) {
+                mbarrier_arrive(barrier_address(base, first, false, tiles_bytes, v_buffers));
+            }
         }
     }
 
@@ -511,13 +612,15 @@ fn mha_prefill_wgmma_kernel(
     // Step 0 is peeled so that no branch separates an S in flight from its wait (ptxas would serialize).
     if blocks > 0 {
         let s0 = begin_step(
-            k, v, &mut smem, skip, base, qa, q_tile, 0usize, blocks, k0, k_len, heads, head, pipeline,
+            k, v, k_map, v_map, q_map, &mut smem, skip, base, qa, q_tile, 0usize, blocks, k0, k_len, heads, head,
+            pipeline,
         );
         let mut held = wgmma_wait::<Const<32>>(s0, 64usize);
         let mut step = 1usize;
         while step < blocks {
             let s = begin_step(
-                k, v, &mut smem, skip, base, qa, q_tile, step, blocks, k0, k_len, heads, head, pipeline,
+                k, v, k_map, v_map, q_map, &mut smem, skip, base, qa, q_tile, step, blocks, k0, k_len, heads, head,
+                pipeline,
             );
             let late = step - 1;
             if late * BLOCK < group_keys {
@@ -603,6 +706,9 @@ pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[
         buffer(&inputs[0], t_q * h * D_QK / 8),
         buffer(&inputs[1], t_k * h * D_QK / 8),
         buffer(&inputs[2], t_k * h * D_V / 8),
+        bf16_head_rows_map(&inputs[1], t_k, h, D_QK),
+        bf16_head_rows_map(&inputs[2], t_k, h, D_V),
+        bf16_head_rows_map(&inputs[0], t_q, h, D_QK),
         buffer(&inputs[3], seqs + 1),
         buffer(&inputs[4], seqs + 1),
         buffer(&outputs[0], t_q * h * D_V / 2),
@@ -626,6 +732,9 @@ pub fn define(target: IrTarget, pipeline: Pipeline) -> KernelDefinition {
         a(),
         a(),
         a(),
+        (),
+        (),
+        (),
         a(),
         a(),
         a(),
