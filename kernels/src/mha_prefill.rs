@@ -6,7 +6,7 @@
 //! sm_scale → out [t_q, h, 128] (q's format), lse [t_q, h] f32 (natural log). Query j of a sequence with
 //! q_len queries and k_len ≥ q_len keys sees its keys 0 ..= k_len − q_len + j (causal, the new tokens last).
 //! A query that sees nothing gets out 0 and lse +∞.
-//! Variants: `wgmma`, `wgmma_q128`, `wgmma_q128_staged` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
+//! Variants: `wgmma`, `wgmma_q128` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
 //! everywhere) and `mma` (flash attention on warp mma.sync:
 //! 64 queries of one head per cube, 16 per plane, Q fragments in registers, O 16 × 128 per plane, K/V
 //! blocks of 64 keys gathered by cp.async one block ahead; CUDA, bf16).
@@ -37,35 +37,20 @@ pub const VARIANTS: &[Variant] = &[
     Variant {
         name: "wgmma",
         summary: "flash attention on warpgroup MMA: 192 queries of a head per cube (three warpgroups sharing K/V), \
-                  Q in shared memory, P in registers (Hopper, bf16)",
-        needs_plane_ops: true,
-    },
-    Variant {
-        name: "wgmma_tma",
-        summary: "as `wgmma`, K/V/Q tiles copied by the tensor copy engine (TMA) into mbarrier stages (Hopper, bf16)",
+                  Q in shared memory, P in registers, K/V/Q copied by TMA a block ahead into mbarrier stages \
+                  (Hopper, bf16)",
         needs_plane_ops: true,
     },
     Variant {
         name: "wgmma_q128",
         summary: "flash attention on warpgroup MMA: 128 queries of a head per cube (two warpgroups sharing K/V), \
-                  Q and P in registers (Hopper, bf16)",
-        needs_plane_ops: true,
-    },
-    Variant {
-        name: "wgmma_q128_staged",
-        summary: "as `wgmma_q128`, K/V copied two blocks ahead, stages signalled by mbarriers instead of a cube \
-                  barrier per block, so a warpgroup may run a step ahead (Hopper, bf16)",
-        needs_plane_ops: true,
-    },
-    Variant {
-        name: "wgmma_q128_tma",
-        summary: "as `wgmma_q128_staged`, K/V tiles copied by the tensor copy engine (TMA) (Hopper, bf16)",
+                  Q and P in registers, K/V copied by TMA two blocks ahead (Hopper, bf16)",
         needs_plane_ops: true,
     },
     Variant {
         name: "wgmma_q64",
-        summary: "flash attention on warpgroup MMA: 64 queries of a head per cube, Q and P in registers (Hopper, \
-                  bf16)",
+        summary: "flash attention on warpgroup MMA: 64 queries of a head per cube, Q and P in registers, K/V \
+                  copied by TMA one block ahead (two cubes an SM; Hopper, bf16)",
         needs_plane_ops: true,
     },
     Variant {
@@ -82,21 +67,16 @@ pub const VARIANTS: &[Variant] = &[
 
 /// The K/V pipeline of a `wgmma` variant.
 fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
-    let (groups, depth, staged, q_shared, tma) = match variant.name {
-        "wgmma" => (3, 1, false, true, false),
-        "wgmma_tma" => (3, 1, true, true, true),
-        "wgmma_q128" => (2, 1, false, false, false),
-        "wgmma_q128_staged" => (2, 2, true, false, false),
-        "wgmma_q128_tma" => (2, 2, true, false, true),
-        "wgmma_q64" => (1, 1, false, false, false),
+    let (groups, depth, q_shared) = match variant.name {
+        "wgmma" => (3, 1, true),
+        "wgmma_q128" => (2, 2, false),
+        "wgmma_q64" => (1, 1, false),
         _ => return None,
     };
     Some(Pipeline {
         groups,
         depth,
-        staged,
         q_shared,
-        tma,
     })
 }
 
