@@ -2,7 +2,7 @@
 # The GPU checks the open issues wait for, for a CUDA machine without Rust (the lent H200): run from the
 # repository root with a release `nsa` built elsewhere.
 #
-#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest | layer | autotune[=BUDGET] | serve[-fp8]
+#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest | layer | autotune[=BUDGET] | serve[-fp8|-bf16]
 #
 # golden    the device model on CUDA against transformers' golden outputs (MHA and sparse-kernel prefill),
 #           then a generation through the device cache (bench/golden_compare.py checks without numpy)
@@ -10,7 +10,7 @@
 # layer     `nsa bench-layer` (prefill and decode) at DeepSeek-V3.2's shapes, PyTorch beside each step
 # autotune  `nsa autotune` (resumes OUT/table.json; default budget 8m), then --show and --plot
 # serve     `nsa serve --device cuda` (the tiny model) under bench/serve_load.py at concurrency 1, 16, 64
-# serve-fp8 the same with `--kv-cache-dtype fp8_e4m3`
+# serve-fp8 the same with `--kv-cache-dtype fp8_e4m3` (serve-bf16: `bf16`)
 set -u
 nsa=$1 out=$2
 shift 2
@@ -45,9 +45,10 @@ for stage in "$@"; do
       "$nsa" autotune --device cuda --budget "$budget" --out "$out/table.json" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -8
       "$nsa" autotune --show --out "$out/table.json" --plot "$out/table.svg" || status=1
       ;;
-    serve | serve-fp8)
+    serve | serve-fp8 | serve-bf16)
       flags=()
       [ "$stage" = serve-fp8 ] && flags=(--kv-cache-dtype fp8_e4m3)
+      [ "$stage" = serve-bf16 ] && flags=(--kv-cache-dtype bf16)
       "$nsa" serve --device cuda --port 30300 "${flags[@]}" >"$out/$stage.log" 2>&1 &
       server=$!
       for _ in $(seq 1 120); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30300/health')" 2>/dev/null && break; sleep 0.5; done
@@ -55,7 +56,7 @@ for stage in "$@"; do
       kill $server
       wait $server 2>/dev/null
       ;;
-    *) echo "unknown stage $stage (golden, selftest, layer, autotune[=BUDGET], serve, serve-fp8)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (golden, selftest, layer, autotune[=BUDGET], serve, serve-fp8, serve-bf16)" >&2; exit 2 ;;
   esac
 done
 exit $status

@@ -46,6 +46,12 @@ pub fn bf16_head_rows_map(handle: &Handle, rows: usize, heads: usize, width: usi
     let (shape, strides) = ([rows.max(1), heads, width], [heads * width, width, 1]);
     // SAFETY: the buffer holds rows × heads × width bf16 values, row-major, as every caller's input does.
     let tensor = unsafe { TensorArg::from_raw_parts(handle.clone(), strides.into(), shape.into()) };
-    TensorMapArg::new(TiledArgs { tile_size: [64, 1, 64].into() }, tensor, ElemType::Float(FloatKind::BF16))
-        .with_swizzle(TensorMapSwizzle::B128)
+    TensorMapArg::new(
+        TiledArgs {
+            tile_size: [64, 1, 64].into(),
+        },
+        tensor,
+        ElemType::Float(FloatKind::BF16),
+    )
+    .with_swizzle(TensorMapSwizzle::B128)
 }

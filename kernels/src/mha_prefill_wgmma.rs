@@ -26,14 +26,12 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nsa_backends::{Device, IrTarget};
 use nsa_dsl::format::pack_bf16x2;
-use nsa_dsl::mbarrier::{
-    fence_barrier_init, mbarrier_arrive, mbarrier_arrive_expect_tx, mbarrier_init, mbarrier_wait,
-};
+use nsa_dsl::mbarrier::{fence_barrier_init, mbarrier_arrive, mbarrier_arrive_expect_tx, mbarrier_init, mbarrier_wait};
 use nsa_dsl::tma::tma_load_3d;
 use nsa_dsl::warp_mma::{fast_exp2, quad_max, quad_sum};
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, first_atom, sw128_descriptor, sw128_mn_major_descriptor,
-    wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh, wgmma_fresh, wgmma_wait,
+    ATOM_BYTES, Operands, first_atom, sw128_descriptor, sw128_mn_major_descriptor, wgmma_bf16_register_a_accumulate,
+    wgmma_bf16_register_a_fresh, wgmma_fresh, wgmma_wait,
 };
 
 const D_QK: usize = 192;
@@ -358,10 +356,8 @@ fn mha_prefill_wgmma_kernel(
     let (g, t) = (lane / 4, lane % 4);
     let units = comptime!(128 * groups) as u32;
 
-    let smem = Shared::<[Vector<u32, Const<4>>]>::new_aligned_slice(
-        comptime!(pipeline.shared_memory_bytes() / 16),
-        1024usize,
-    );
+    let smem =
+        Shared::<[Vector<u32, Const<4>>]>::new_aligned_slice(comptime!(pipeline.shared_memory_bytes() / 16), 1024usize);
     let (_, base) = first_atom(&smem);
 
     // Keys the whole tile needs; those this warpgroup's last query needs, and the first key any of its
@@ -377,7 +373,10 @@ fn mha_prefill_wgmma_kernel(
         0usize,
     );
     let unmasked_keys = select(k_len + group_first + 1 > q_len, k_len + group_first + 1 - q_len, 0usize);
-    let q_tile = base + ((comptime!(pipeline.q_offset()) + (warp / 4) * K_CHUNKS) * 16) as u32;
+    // The warpgroup index through a shuffle from lane 0: provably warp-uniform, so the compiler keeps Q's
+    // descriptors in uniform registers (one add a k step instead of six instructions).
+    let warpgroup = plane_broadcast(UNIT_POS / 128, 0u32) as usize;
+    let q_tile = base + ((comptime!(pipeline.q_offset()) + warpgroup * K_CHUNKS) * 16) as u32;
 
     // Barriers: a block's full one completes with the copying unit's arrival and the copies' bytes; the
     // free ones with every unit's release. Then blocks 0 .. depth − 1 (block 0 with the Q tiles).
@@ -437,7 +436,9 @@ fn mha_prefill_wgmma_kernel(
     // block b's K buffer released. Step 0 is peeled so that no branch separates an S in flight from its
     // wait (a unified loop measured 12% slower).
     if blocks > 0 {
-        let s0 = begin_step(k_map, v_map, q_map, base, qa, q_tile, 0usize, blocks, k0, head, pipeline);
+        let s0 = begin_step(
+            k_map, v_map, q_map, base, qa, q_tile, 0usize, blocks, k0, head, pipeline,
+        );
         let mut held = wgmma_wait::<Const<32>>(s0, 64usize);
         mbarrier_arrive(k_free_barrier(base, 0usize, pipeline));
         let mut step = 1usize;
