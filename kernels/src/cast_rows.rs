@@ -52,28 +52,6 @@ fn words(problem: &Problem) -> usize {
     problem.dim("n") * problem.dim("d") / problem.format.per_word() as usize
 }
 
-fn problems() -> Vec<Problem> {
-    // The KV row (576), an indexer key (128), a ragged width.
-    Format::ALL
-        .into_iter()
-        .flat_map(|format| [(1, 576), (37, 576), (5, 128), (3, 250)].map(|(n, d)| (format, n, d)))
-        .map(|(format, n, d)| Problem::new(format, &[("n", n), ("d", d)], &[]))
-        .collect()
-}
-
-fn validate(kernel: &'static str, problem: &Problem) -> Result<(), KernelError> {
-    let (d, per_word) = (problem.dim("d"), problem.format.per_word() as usize);
-    if d == 0 || d % per_word != 0 {
-        return Err(KernelError::InvalidProblem {
-            kernel,
-            field: "d",
-            expected: format!("a positive multiple of {per_word} for {}", problem.format),
-            got: d.to_string(),
-        });
-    }
-    Ok(())
-}
-
 /// `value` as the problem's format holds it.
 fn stored(value: f64, format: Format) -> f64 {
     match format {
@@ -82,38 +60,54 @@ fn stored(value: f64, format: Format) -> f64 {
     }
 }
 
-/// f32 rows → the problem's format.
-pub struct CastRows;
+/// `cast_rows` (f32 rows → the problem's format) or `widen_rows` (back to f32): one implementation, the
+/// direction a field.
+pub struct RowCast {
+    widen: bool,
+}
 
-impl Kernel for CastRows {
+pub const CAST_ROWS: RowCast = RowCast { widen: false };
+pub const WIDEN_ROWS: RowCast = RowCast { widen: true };
+
+const NARROW: &[TensorSpec] = &[TensorSpec::new("y", &["n", "d"], Storage::Problem)];
+const WIDE: &[TensorSpec] = &[TensorSpec::new("x", &["n", "d"], Storage::F32)];
+
+impl Kernel for RowCast {
     fn name(&self) -> &'static str {
-        "cast_rows"
+        if self.widen { "widen_rows" } else { "cast_rows" }
     }
     fn summary(&self) -> &'static str {
-        "x [n, d] f32 → y [n, d] in the problem's format (bf16: round to nearest even)"
+        if self.widen {
+            "y [n, d] in the problem's format → x [n, d] f32 (exact)"
+        } else {
+            "x [n, d] f32 → y [n, d] in the problem's format (bf16: round to nearest even)"
+        }
     }
     fn variants(&self) -> &'static [Variant] {
         VARIANTS
     }
     fn inputs(&self) -> &'static [TensorSpec] {
-        const INPUTS: &[TensorSpec] = &[TensorSpec::new("x", &["n", "d"], Storage::F32)];
-        INPUTS
+        if self.widen { NARROW } else { WIDE }
     }
     fn outputs(&self) -> &'static [TensorSpec] {
-        const OUTPUTS: &[TensorSpec] = &[TensorSpec::new("y", &["n", "d"], Storage::Problem)];
-        OUTPUTS
+        if self.widen { WIDE } else { NARROW }
     }
     fn default_params(&self) -> &'static [(&'static str, f64)] {
         &[]
     }
     fn problems(&self) -> Vec<Problem> {
-        problems()
+        // The KV row (576), an indexer key (128), a ragged width.
+        Format::ALL
+            .into_iter()
+            .flat_map(|format| [(1, 576), (37, 576), (5, 128), (3, 250)].map(|(n, d)| (format, n, d)))
+            .map(|(format, n, d)| Problem::new(format, &[("n", n), ("d", d)], &[]))
+            .collect()
     }
     fn ir_problem(&self, format: Format) -> Problem {
         Problem::new(format, &[("n", 64), ("d", 576)], &[])
     }
     fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
-        validate(self.name(), problem)
+        crate::spec::whole_words(self.name(), "d", problem)
     }
     fn flops(&self, problem: &Problem) -> u64 {
         (problem.dim("n") * problem.dim("d")) as u64
@@ -122,106 +116,31 @@ impl Kernel for CastRows {
         0.0
     }
     fn reference(&self, problem: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>> {
-        vec![
-            inputs[0]
-                .to_f64()
-                .into_iter()
-                .map(|v| stored(v, problem.format))
-                .collect(),
-        ]
+        let values = inputs[0].to_f64();
+        if self.widen {
+            return vec![values];
+        }
+        vec![values.into_iter().map(|v| stored(v, problem.format)).collect()]
     }
     fn launch(&self, _: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
         let (words, n_d) = (words(problem), problem.dim("n") * problem.dim("d"));
-        cast_rows_kernel::launch(
-            &device.client,
-            grid(words.div_ceil(UNITS as usize)),
-            CubeDim::new_1d(UNITS),
-            buffer(&inputs[0], n_d),
-            buffer(&outputs[0], words),
-            words,
-            problem.format,
-        );
+        let (count, cube) = (grid(words.div_ceil(UNITS as usize)), CubeDim::new_1d(UNITS));
+        if self.widen {
+            let (y, x) = (buffer(&inputs[0], words), buffer(&outputs[0], n_d));
+            widen_rows_kernel::launch(&device.client, count, cube, y, x, words, problem.format);
+        } else {
+            let (x, y) = (buffer(&inputs[0], n_d), buffer(&outputs[0], words));
+            cast_rows_kernel::launch(&device.client, count, cube, x, y, words, problem.format);
+        }
     }
     fn define(&self, _: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
         let (props, target_props) = nsa_backends::ir_properties(target);
-        cast_rows_kernel::CastRowsKernel::new(
-            ir_settings(CubeDim::new_1d(UNITS)),
-            props,
-            target_props,
-            slice_arg(),
-            slice_arg(),
-            (),
-            problem.format,
-        )
-        .define()
-    }
-}
-
-/// Rows in the problem's format → f32.
-pub struct WidenRows;
-
-impl Kernel for WidenRows {
-    fn name(&self) -> &'static str {
-        "widen_rows"
-    }
-    fn summary(&self) -> &'static str {
-        "y [n, d] in the problem's format → x [n, d] f32 (exact)"
-    }
-    fn variants(&self) -> &'static [Variant] {
-        VARIANTS
-    }
-    fn inputs(&self) -> &'static [TensorSpec] {
-        const INPUTS: &[TensorSpec] = &[TensorSpec::new("y", &["n", "d"], Storage::Problem)];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [TensorSpec] {
-        const OUTPUTS: &[TensorSpec] = &[TensorSpec::new("x", &["n", "d"], Storage::F32)];
-        OUTPUTS
-    }
-    fn default_params(&self) -> &'static [(&'static str, f64)] {
-        &[]
-    }
-    fn problems(&self) -> Vec<Problem> {
-        problems()
-    }
-    fn ir_problem(&self, format: Format) -> Problem {
-        Problem::new(format, &[("n", 64), ("d", 576)], &[])
-    }
-    fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
-        validate(self.name(), problem)
-    }
-    fn flops(&self, problem: &Problem) -> u64 {
-        (problem.dim("n") * problem.dim("d")) as u64
-    }
-    fn tolerance(&self, _: &TensorSpec, _: &Problem) -> f64 {
-        0.0
-    }
-    fn reference(&self, _: &Problem, inputs: &[HostTensor]) -> Vec<Vec<f64>> {
-        vec![inputs[0].to_f64()]
-    }
-    fn launch(&self, _: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]) {
-        let (words, n_d) = (words(problem), problem.dim("n") * problem.dim("d"));
-        widen_rows_kernel::launch(
-            &device.client,
-            grid(words.div_ceil(UNITS as usize)),
-            CubeDim::new_1d(UNITS),
-            buffer(&inputs[0], words),
-            buffer(&outputs[0], n_d),
-            words,
-            problem.format,
-        );
-    }
-    fn define(&self, _: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition {
-        let (props, target_props) = nsa_backends::ir_properties(target);
-        widen_rows_kernel::WidenRowsKernel::new(
-            ir_settings(CubeDim::new_1d(UNITS)),
-            props,
-            target_props,
-            slice_arg(),
-            slice_arg(),
-            (),
-            problem.format,
-        )
-        .define()
+        let settings = ir_settings(CubeDim::new_1d(UNITS));
+        let (a, b, format) = (slice_arg(), slice_arg(), problem.format);
+        if self.widen {
+            widen_rows_kernel::WidenRowsKernel::new(settings, props, target_props, a, b, (), format).define()
+        } else {
+            cast_rows_kernel::CastRowsKernel::new(settings, props, target_props, a, b, (), format).define()
+        }
     }
 }

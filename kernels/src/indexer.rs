@@ -144,16 +144,7 @@ impl Kernel for IndexerLogits {
             .collect()
     }
     fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
-        let (d, per_word) = (problem.dim("d"), problem.format.per_word() as usize);
-        if d == 0 || d % per_word != 0 {
-            return Err(KernelError::InvalidProblem {
-                kernel: self.name(),
-                field: "d",
-                expected: format!("a positive multiple of {per_word} for {}", problem.format),
-                got: d.to_string(),
-            });
-        }
-        Ok(())
+        crate::spec::whole_words(self.name(), "d", problem)
     }
     fn requirements(&self, variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
         if variant.name == "wgmma" {

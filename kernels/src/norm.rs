@@ -178,16 +178,7 @@ fn geometry(problem: &Problem) -> (usize, usize, u32) {
 }
 
 fn validate_norm(kernel: &'static str, problem: &Problem) -> Result<(), KernelError> {
-    let hidden = problem.dim("hidden");
-    let per_word = problem.format.per_word() as usize;
-    if hidden == 0 || !hidden.is_multiple_of(per_word) {
-        return Err(KernelError::InvalidProblem {
-            kernel,
-            field: "hidden",
-            expected: format!("a positive multiple of {per_word} for {}", problem.format),
-            got: hidden.to_string(),
-        });
-    }
+    crate::spec::whole_words(kernel, "hidden", problem)?;
     if problem.param("eps") <= 0.0 {
         return Err(KernelError::InvalidProblem {
             kernel,

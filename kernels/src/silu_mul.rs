@@ -93,16 +93,7 @@ impl Kernel for SiluMul {
         Problem::new(format, &[("tokens", 4), ("d", 2048)], &[])
     }
     fn validate(&self, problem: &Problem) -> Result<(), KernelError> {
-        let (d, per_word) = (problem.dim("d"), problem.format.per_word() as usize);
-        if d == 0 || d % per_word != 0 {
-            return Err(KernelError::InvalidProblem {
-                kernel: self.name(),
-                field: "d",
-                expected: format!("a positive multiple of {per_word} for {}", problem.format),
-                got: d.to_string(),
-            });
-        }
-        Ok(())
+        crate::spec::whole_words(self.name(), "d", problem)
     }
     fn flops(&self, problem: &Problem) -> u64 {
         // negate, exp, add, divide, multiply (exp counted as one).

@@ -304,3 +304,18 @@ pub trait Kernel: Sync {
         }
     }
 }
+
+/// The check of a dimension `field` that must fill whole storage words: positive and a multiple of the
+/// format's values per word (bf16 rows pair up).
+pub fn whole_words(kernel: &'static str, field: &'static str, problem: &Problem) -> Result<(), KernelError> {
+    let (size, per_word) = (problem.dim(field), problem.format.per_word() as usize);
+    if size == 0 || !size.is_multiple_of(per_word) {
+        return Err(KernelError::InvalidProblem {
+            kernel,
+            field,
+            expected: format!("a positive multiple of {per_word} for {}", problem.format),
+            got: size.to_string(),
+        });
+    }
+    Ok(())
+}
