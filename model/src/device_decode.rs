@@ -84,8 +84,9 @@ pub(crate) trait CacheRows {
     fn cached(&self, seq: usize) -> usize;
     /// Sequence `seq`'s cached indexer keys of `layer` (`None` when it has none).
     fn index_keys(&self, layer: usize, seq: usize) -> Option<Tensor<2>>;
-    /// Appends sequence `seq`'s new rows of `layer`: KV in the kernel's layout and indexer keys.
-    fn store(&mut self, layer: usize, seq: usize, kv: Tensor<2>, index_k: Tensor<2>);
+    /// Appends every sequence's new rows of `layer` (sequence i's `counts[i]` rows, one after another in
+    /// `kv` — the kernel's layout — and `index_k`).
+    fn store(&mut self, layer: usize, counts: &[usize], kv: Tensor<2>, index_k: Tensor<2>);
     /// After every sequence stored `layer`'s rows: the KV rows attention reads, and `chosen[i]` (sequence i's
     /// positions, −1 none) as indices into them, padded with −1 to one width and stacked.
     fn attention_rows(&self, layer: usize, chosen: Vec<Tensor<2, Int>>) -> (Tensor<2>, Tensor<2, Int>);
@@ -103,8 +104,13 @@ impl CacheRows for OwnBuffers<'_, '_> {
     fn index_keys(&self, layer: usize, seq: usize) -> Option<Tensor<2>> {
         self.0[seq].layers[layer].as_ref().map(LayerCache::index_k)
     }
-    fn store(&mut self, layer: usize, seq: usize, kv: Tensor<2>, index_k: Tensor<2>) {
-        self.0[seq].store(layer, kv, index_k);
+    fn store(&mut self, layer: usize, counts: &[usize], kv: Tensor<2>, index_k: Tensor<2>) {
+        let mut first = 0;
+        for (cache, &n) in self.0.iter_mut().zip(counts) {
+            let span = first..first + n;
+            cache.store(layer, kv.clone().slice(span.clone()), index_k.clone().slice(span));
+            first += n;
+        }
     }
     fn attention_rows(&self, layer: usize, chosen: Vec<Tensor<2, Int>>) -> (Tensor<2>, Tensor<2, Int>) {
         let (mut kv, mut shifted, mut offset) = (Vec::new(), Vec::new(), 0);
@@ -199,18 +205,18 @@ impl DeviceModel {
             let (index_q, index_k, index_w) = self.index_query_key(&p, &h, &q_lora, &cos_sin);
             let [_, index_heads, index_dim] = index_q.dims();
             // The indexer's scores and top-k per sequence over its own keys (the new ones included: each token
-            // attends to itself); its rows join its cache.
+            // attends to itself); then every sequence's rows join its cache at once.
             let (mut chosen, mut first) = (Vec::new(), 0);
             for (i, &n) in counts.iter().enumerate() {
                 let span = first..first + n;
                 let q = index_q.clone().slice([span.clone(), 0..index_heads, 0..index_dim]);
                 let keys = index_k.clone().slice(span.clone());
                 let earlier = rows.index_keys(layer, i);
-                let w = index_w.clone().slice(span.clone());
-                chosen.push(self.index_choose(q, w, earlier, keys.clone(), rows.cached(i)));
-                rows.store(layer, i, kv.clone().slice(span), keys);
+                let w = index_w.clone().slice(span);
+                chosen.push(self.index_choose(q, w, earlier, keys, rows.cached(i)));
                 first += n;
             }
+            rows.store(layer, &counts, kv, index_k);
             let (kv, chosen) = rows.attention_rows(layer, chosen);
             x = x.add(self.attention_sparse(&p, &q_lora, kv, chosen, &cos_sin));
             (x, _) = self.ffn(layer, x);

@@ -12,7 +12,7 @@
 use crate::device::DeviceModel;
 use crate::device_decode::{CacheRows, stack_padded};
 use burn::tensor::kind::Basic;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 pub type PageId = u32;
 
@@ -96,23 +96,28 @@ impl PagedStore {
         *page as usize * self.page_size + position % self.page_size
     }
 
-    /// Writes `kv` (f32 [n, 576]) / `index_k` rows at store rows `row..` of `layer`, growing its buffers to
-    /// hold them.
-    fn write(&mut self, layer: usize, row: usize, kv: Tensor<2>, index_k: Tensor<2>) {
-        let n = kv.dims()[0];
-        let needed = (row + n).next_multiple_of(self.page_size);
+    /// Writes `kv` (f32 [n, 576]) / `index_k` rows to store rows `rows` (one each, any order) of `layer`,
+    /// growing its buffers to hold them: one conversion and one scatter per buffer for the whole step.
+    fn write(&mut self, layer: usize, rows: &[usize], kv: Tensor<2>, index_k: Tensor<2>) {
+        let highest = rows.iter().max().map_or(0, |r| r + 1);
+        let needed = highest.next_multiple_of(self.page_size);
         let (kv_rows, index_rows) = self.layers[layer].take().unzip();
         let device = kv.device();
         let device = &device;
+        let at: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let at = Tensor::<1, Int>::from_data(TensorData::new(at, [rows.len()]), device);
+        let assign = |buffer: Tensor<2>, values: Tensor<2>| {
+            buffer.select_assign(0, at.clone(), values, IndexingUpdateOp::Assign)
+        };
         let floats = |width: usize| move |rows: usize| Tensor::<2>::zeros([rows, width], device);
-        let index_rows = grown(index_rows, row + n, needed, floats(index_k.dims()[1]));
+        let index_rows = assign(grown(index_rows, highest, needed, floats(index_k.dims()[1])), index_k);
         let kv_rows = match (self.format, kv_rows) {
             (KvFormat::F32, rows) => {
                 let rows = rows.map(|r| match r {
                     KvRows::F32(t) => t,
                     KvRows::Words(_) => unreachable!("one format per store"),
                 });
-                KvRows::F32(grown(rows, row + n, needed, floats(kv.dims()[1])).slice_assign(row..row + n, kv))
+                KvRows::F32(assign(grown(rows, highest, needed, floats(kv.dims()[1])), kv))
             }
             (narrow, rows) => {
                 let words = match narrow {
@@ -125,10 +130,11 @@ impl PagedStore {
                 });
                 let width = words.dims()[1];
                 let words_zeros = |rows: usize| Tensor::<2, Int>::zeros([rows, width], device).cast(DType::I32);
-                KvRows::Words(grown(rows, row + n, needed, words_zeros).slice_assign(row..row + n, words))
+                let grown = grown(rows, highest, needed, words_zeros);
+                KvRows::Words(grown.select_assign(0, at.clone(), words, IndexingUpdateOp::Assign))
             }
         };
-        self.layers[layer] = Some((kv_rows, index_rows.slice_assign(row..row + n, index_k)));
+        self.layers[layer] = Some((kv_rows, index_rows));
     }
 }
 
@@ -189,19 +195,12 @@ impl CacheRows for Paged<'_, '_> {
         Some(index_k.clone().select(0, self.rows_of(seq, positions)))
     }
 
-    fn store(&mut self, layer: usize, seq: usize, kv: Tensor<2>, index_k: Tensor<2>) {
-        let (n, page_size) = (kv.dims()[0], self.store.page_size);
-        let mut done = 0;
-        while done < n {
-            // The run of new rows that stays within one page.
-            let position = self.tables[seq].len + done;
-            let run = (n - done).min(page_size - position % page_size);
-            let row = self.store.row(&*self.tables[seq], position);
-            let span = done..done + run;
-            self.store
-                .write(layer, row, kv.clone().slice(span.clone()), index_k.clone().slice(span));
-            done += run;
-        }
+    fn store(&mut self, layer: usize, counts: &[usize], kv: Tensor<2>, index_k: Tensor<2>) {
+        // Sequence i's new positions len.. through its pages, in token order.
+        let rows: Vec<usize> = (self.tables.iter().zip(counts))
+            .flat_map(|(table, &n)| (table.len..table.len + n).map(|p| self.store.row(table, p)))
+            .collect();
+        self.store.write(layer, &rows, kv, index_k);
     }
 
     fn attention_rows(&self, layer: usize, chosen: Vec<Tensor<2, Int>>) -> (Tensor<2>, Tensor<2, Int>) {
