@@ -156,12 +156,13 @@ fn grown<K: Basic>(
     }
 }
 
-/// A step's sequences in a store, with each one's page list on the device (uploaded once per step: the
-/// pages do not change within it).
+/// A step's sequences in a store, with their page lists end to end on the device (uploaded once per step:
+/// the pages do not change within it); sequence i's start at `first_page[i]`.
 struct Paged<'a, 'b> {
     store: &'a mut PagedStore,
     tables: &'a mut [&'b mut PageTable],
-    pages: Vec<Tensor<1, Int>>,
+    pages: Tensor<1, Int>,
+    first_page: Vec<usize>,
 }
 
 impl Paged<'_, '_> {
@@ -169,13 +170,11 @@ impl Paged<'_, '_> {
         self.store.layers[layer].as_ref().expect("rows stored in this layer")
     }
 
-    /// The store rows of `positions` (all ≥ 0) of sequence `seq`, on the device:
-    /// pages[p / page_size] · page_size + p % page_size.
-    fn rows_of(&self, seq: usize, positions: Tensor<1, Int>) -> Tensor<1, Int> {
+    /// The store rows of `positions` (all ≥ 0) of the sequences whose pages start at `first_pages` (one
+    /// each), on the device: pages[first + p / page_size] · page_size + p % page_size.
+    fn rows_of(&self, first_pages: Tensor<1, Int>, positions: Tensor<1, Int>) -> Tensor<1, Int> {
         let page_size = self.store.page_size as i64;
-        let page = self.pages[seq]
-            .clone()
-            .select(0, positions.clone().div_scalar(page_size));
+        let page = (self.pages.clone()).select(0, first_pages.add(positions.clone().div_scalar(page_size)));
         page.mul_scalar(page_size).add(positions.remainder_scalar(page_size))
     }
 }
@@ -191,8 +190,10 @@ impl CacheRows for Paged<'_, '_> {
             return None;
         }
         let (_, index_k) = self.buffers(layer);
-        let positions = Tensor::<1, Int>::arange(0..table.len as i64, &index_k.device());
-        Some(index_k.clone().select(0, self.rows_of(seq, positions)))
+        let device = index_k.device();
+        let positions = Tensor::<1, Int>::arange(0..table.len as i64, &device);
+        let first = Tensor::<1, Int>::full([table.len], self.first_page[seq] as i64, &device);
+        Some(index_k.clone().select(0, self.rows_of(first, positions)))
     }
 
     fn store(&mut self, layer: usize, counts: &[usize], kv: Tensor<2>, index_k: Tensor<2>) {
@@ -206,15 +207,17 @@ impl CacheRows for Paged<'_, '_> {
     fn attention_rows(&self, layer: usize, chosen: Vec<Tensor<2, Int>>) -> (Tensor<2>, Tensor<2, Int>) {
         let (kv, index_k) = self.buffers(layer);
         let device = index_k.device();
-        let mapped = (chosen.into_iter().enumerate())
-            .map(|(seq, chosen)| {
-                let [n, width] = chosen.dims();
-                let flat = chosen.reshape([n * width]);
-                let rows = self.rows_of(seq, flat.clone().clamp_min(0));
-                rows.mask_where(flat.clone().lower_elem(0), flat).reshape([n, width])
-            })
+        // Every query's chosen positions at once, each row knowing where its sequence's pages start.
+        let first_pages: Vec<i64> = (chosen.iter().enumerate())
+            .flat_map(|(seq, c)| std::iter::repeat_n(self.first_page[seq] as i64, c.dims()[0]))
             .collect();
-        let rows = stack_padded(mapped);
+        let positions = stack_padded(chosen);
+        let [n, width] = positions.dims();
+        let first_pages = Tensor::<1, Int>::from_data(TensorData::new(first_pages, [n]), &device);
+        let first_pages = first_pages.reshape([n, 1]).expand([n, width]).reshape([n * width]);
+        let flat = positions.reshape([n * width]);
+        let rows = self.rows_of(first_pages, flat.clone().clamp_min(0));
+        let rows = rows.mask_where(flat.clone().lower_elem(0), flat).reshape([n, width]);
         match kv {
             KvRows::F32(kv) => (kv.clone(), rows),
             KvRows::Words(words) => {
@@ -261,13 +264,22 @@ impl DeviceModel {
         tokens: &[&[u32]],
     ) -> Vec<Vec<f64>> {
         assert_eq!(tables.len(), tokens.len(), "tokens for every sequence");
-        let device = &self.device;
-        let pages = (tables.iter())
-            .map(|table| {
-                let pages: Vec<i64> = table.pages.iter().map(|&p| p as i64).collect();
-                Tensor::<1, Int>::from_data(TensorData::new(pages, [table.pages.len()]), device)
-            })
-            .collect();
-        self.step(&mut Paged { store, tables, pages }, tokens)
+        let mut first_page = Vec::with_capacity(tables.len());
+        let mut pages: Vec<i64> = Vec::new();
+        for table in tables.iter() {
+            first_page.push(pages.len());
+            pages.extend(table.pages.iter().map(|&p| p as i64));
+        }
+        let count = pages.len();
+        let pages = Tensor::<1, Int>::from_data(TensorData::new(pages, [count]), &self.device);
+        self.step(
+            &mut Paged {
+                store,
+                tables,
+                pages,
+                first_page,
+            },
+            tokens,
+        )
     }
 }
