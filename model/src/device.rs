@@ -247,6 +247,71 @@ impl DeviceModel {
         crate::ops::indexer_topk(&self.kernels, q, weights, keys, k_top, first)
     }
 
+    /// The indexer's choice for a step's sequences (sequence i: `counts[i]` queries after `cached[i]` keys;
+    /// `keys` every sequence's keys end to end, the new ones included) as each sequence's positions
+    /// ([counts[i], k], −1 padded). Small steps score every query against the whole key buffer in one
+    /// launch pair, each query limited to its own sequence's range; a step whose queries × keys exceed
+    /// that budget runs a launch pair per sequence (the work grows with the square of the batch otherwise).
+    pub(crate) fn index_choose_all(
+        &self,
+        q: Tensor<3>,
+        weights: Tensor<2>,
+        keys: Tensor<2>,
+        cached: &[usize],
+        counts: &[usize],
+    ) -> Vec<Tensor<2, Int>> {
+        const ONE_PASS_SCORES: usize = 1 << 24;
+        let [queries, heads, d] = q.dims();
+        let lens: Vec<usize> = cached.iter().zip(counts).map(|(c, n)| c + n).collect();
+        let total: usize = lens.iter().sum();
+        let (mut k_start, mut q_pos, mut offset) = (Vec::new(), Vec::new(), 0);
+        for (&c, &n) in cached.iter().zip(counts) {
+            k_start.extend(std::iter::repeat_n(offset as i32, n));
+            q_pos.extend((0..n).map(|j| (offset + c + j) as i32));
+            offset += c + n;
+        }
+        if counts.len() > 1 && queries * total <= ONE_PASS_SCORES {
+            let k = self.config.index_topk.min(lens.iter().copied().max().unwrap_or(0));
+            let absolute = crate::ops::indexer_topk_ranges(&self.kernels, q, weights, keys, k, &q_pos, &k_start);
+            // Key indices back to each sequence's positions (−1 stays).
+            let start = Tensor::<1, Int>::from_data(
+                burn::tensor::TensorData::new(k_start.iter().map(|&s| s as i64).collect(), [queries]),
+                &self.device,
+            );
+            let start = start.reshape([queries, 1]).expand([queries, k]);
+            let positions = absolute
+                .clone()
+                .sub(start)
+                .mask_where(absolute.clone().lower_elem(0), absolute);
+            let mut first = 0;
+            return counts
+                .iter()
+                .map(|&n| {
+                    first += n;
+                    positions.clone().slice(first - n..first)
+                })
+                .collect();
+        }
+        let (mut chosen, mut first, mut key0) = (Vec::new(), 0, 0);
+        for ((&c, &n), &len) in cached.iter().zip(counts).zip(&lens) {
+            let span = first..first + n;
+            let q = q.clone().slice([span.clone(), 0..heads, 0..d]);
+            let own_keys = keys.clone().slice(key0..key0 + len);
+            let k = self.config.index_topk.min(len);
+            chosen.push(crate::ops::indexer_topk(
+                &self.kernels,
+                q,
+                weights.clone().slice(span),
+                own_keys,
+                k,
+                c,
+            ));
+            first += n;
+            key0 += len;
+        }
+        chosen
+    }
+
     /// The prefill's indexer ([`Self::index_select`] from position 0) and its [n, n] mask: key t allowed
     /// for query s when t ≤ s and t is chosen. Returns the mask, the choice and the rotated keys.
     fn indexer(

@@ -82,8 +82,9 @@ impl DeviceCache {
 /// it; the step stores each layer's new rows, then asks for the rows attention reads.
 pub(crate) trait CacheRows {
     fn cached(&self, seq: usize) -> usize;
-    /// Sequence `seq`'s cached indexer keys of `layer` (`None` when it has none).
-    fn index_keys(&self, layer: usize, seq: usize) -> Option<Tensor<2>>;
+    /// After [`Self::store`]: every sequence's indexer keys of `layer` (cached and new), end to end in
+    /// sequence order.
+    fn index_keys(&self, layer: usize, counts: &[usize]) -> Tensor<2>;
     /// Appends every sequence's new rows of `layer` (sequence i's `counts[i]` rows, one after another in
     /// `kv` — the kernel's layout — and `index_k`).
     fn store(&mut self, layer: usize, counts: &[usize], kv: Tensor<2>, index_k: Tensor<2>);
@@ -101,8 +102,12 @@ impl CacheRows for OwnBuffers<'_, '_> {
     fn cached(&self, seq: usize) -> usize {
         self.0[seq].len
     }
-    fn index_keys(&self, layer: usize, seq: usize) -> Option<Tensor<2>> {
-        self.0[seq].layers[layer].as_ref().map(LayerCache::index_k)
+    fn index_keys(&self, layer: usize, _: &[usize]) -> Tensor<2> {
+        let keys = self
+            .0
+            .iter()
+            .map(|cache| cache.layers[layer].as_ref().expect("stored").index_k());
+        Tensor::cat(keys.collect(), 0)
     }
     fn store(&mut self, layer: usize, counts: &[usize], kv: Tensor<2>, index_k: Tensor<2>) {
         let mut first = 0;
@@ -203,20 +208,12 @@ impl DeviceModel {
             let (latent, k_pe) = self.kv_latent(&p, &h, &cos_sin);
             let kv = self.kv_rows(latent, k_pe);
             let (index_q, index_k, index_w) = self.index_query_key(&p, &h, &q_lora, &cos_sin);
-            let [_, index_heads, index_dim] = index_q.dims();
-            // The indexer's scores and top-k per sequence over its own keys (the new ones included: each token
-            // attends to itself); then every sequence's rows join its cache at once.
-            let (mut chosen, mut first) = (Vec::new(), 0);
-            for (i, &n) in counts.iter().enumerate() {
-                let span = first..first + n;
-                let q = index_q.clone().slice([span.clone(), 0..index_heads, 0..index_dim]);
-                let keys = index_k.clone().slice(span.clone());
-                let earlier = rows.index_keys(layer, i);
-                let w = index_w.clone().slice(span);
-                chosen.push(self.index_choose(q, w, earlier, keys, rows.cached(i)));
-                first += n;
-            }
+            // Every sequence's rows join its cache; then the indexer's scores and top-k over each sequence's
+            // own keys (the new ones included: each token attends to itself).
             rows.store(layer, &counts, kv, index_k);
+            let cached: Vec<usize> = (0..counts.len()).map(|i| rows.cached(i)).collect();
+            let keys = rows.index_keys(layer, &counts);
+            let chosen = self.index_choose_all(index_q, index_w, keys, &cached, &counts);
             let (kv, chosen) = rows.attention_rows(layer, chosen);
             x = x.add(self.attention_sparse(&p, &q_lora, kv, chosen, &cos_sin));
             (x, _) = self.ffn(layer, x);

@@ -131,15 +131,31 @@ pub fn indexer_topk(
     k: usize,
     first: usize,
 ) -> Tensor<2, Int> {
+    let n = q.dims()[0];
+    assert!(first + n <= keys.dims()[0], "queries past the last key");
+    let positions: Vec<i32> = (first as i32..(first + n) as i32).collect();
+    indexer_topk_ranges(device, q, w, keys, k, &positions, &vec![0; n])
+}
+
+/// [`indexer_topk`] for queries of several sequences whose keys lie end to end in `keys`: query t sees
+/// keys `k_start[t] ..= q_pos[t]`; the result holds indices into `keys` (−1 padded).
+pub fn indexer_topk_ranges(
+    device: &nsa_backends::Device,
+    q: Tensor<3>,
+    w: Tensor<2>,
+    keys: Tensor<2>,
+    k: usize,
+    q_pos: &[i32],
+    k_start: &[i32],
+) -> Tensor<2, Int> {
     let [n, h, d] = q.dims();
     let s = keys.dims()[0];
-    assert!(first + n <= s, "queries past the last key");
+    assert!(q_pos.len() == n && k_start.len() == n, "a key range for every query");
     let client = &device.client;
     let on = cube_device(&w);
     let (q, w, keys) = (input(q), input(w), input(keys));
-    let positions: Vec<i32> = (first as i32..(first + n) as i32).collect();
-    let q_pos = client.create_from_slice(bytemuck::cast_slice(&positions));
-    let zeros = client.create_from_slice(bytemuck::cast_slice(&vec![0i32; n]));
+    let q_pos = client.create_from_slice(bytemuck::cast_slice(q_pos));
+    let zeros = client.create_from_slice(bytemuck::cast_slice(k_start));
     let logits = client.empty(4 * n * s);
     let problem = Problem::new(Format::F32, &[("t", n), ("h", h), ("d", d), ("s", s)], &[]);
     launch(

@@ -184,16 +184,20 @@ impl CacheRows for Paged<'_, '_> {
         self.tables[seq].len
     }
 
-    fn index_keys(&self, layer: usize, seq: usize) -> Option<Tensor<2>> {
-        let table: &PageTable = &*self.tables[seq];
-        if table.len == 0 {
-            return None;
+    fn index_keys(&self, layer: usize, counts: &[usize]) -> Tensor<2> {
+        // Every sequence's positions 0 .. len + new, through its pages, in one gather.
+        let (mut first_pages, mut positions) = (Vec::new(), Vec::new());
+        for ((table, &n), &first) in self.tables.iter().zip(counts).zip(&self.first_page) {
+            first_pages.extend(std::iter::repeat_n(first as i64, table.len + n));
+            positions.extend(0..(table.len + n) as i64);
         }
         let (_, index_k) = self.buffers(layer);
         let device = index_k.device();
-        let positions = Tensor::<1, Int>::arange(0..table.len as i64, &device);
-        let first = Tensor::<1, Int>::full([table.len], self.first_page[seq] as i64, &device);
-        Some(index_k.clone().select(0, self.rows_of(first, positions)))
+        let count = positions.len();
+        let int = |values: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(values, [count]), &device);
+        index_k
+            .clone()
+            .select(0, self.rows_of(int(first_pages), int(positions)))
     }
 
     fn store(&mut self, layer: usize, counts: &[usize], kv: Tensor<2>, index_k: Tensor<2>) {
