@@ -142,8 +142,13 @@ impl DeviceModel {
 
     /// cos and sin [n, pairs] of positions start..start + n (angles computed in f32, as torch does).
     pub(crate) fn cos_sin(&self, start: usize, n: usize) -> (Tensor<2>, Tensor<2>) {
-        let half = self.inv_freq.len();
-        let angles: Vec<f64> = (start..start + n)
+        self.cos_sin_at((start..start + n).collect())
+    }
+
+    /// [`Self::cos_sin`] at any positions (one upload each for a whole batch of sequences).
+    pub(crate) fn cos_sin_at(&self, positions: Vec<usize>) -> (Tensor<2>, Tensor<2>) {
+        let (half, n) = (self.inv_freq.len(), positions.len());
+        let angles: Vec<f64> = (positions.into_iter())
             .flat_map(|p| self.inv_freq.iter().map(move |f| (p as f32 * *f as f32) as f64))
             .collect();
         let cos: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();

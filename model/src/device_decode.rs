@@ -192,13 +192,8 @@ impl DeviceModel {
         );
         let c = &self.config;
         let counts: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
-        let spans: Vec<(Tensor<2>, Tensor<2>)> = (0..tokens.len())
-            .map(|i| self.cos_sin(rows.cached(i), counts[i]))
-            .collect();
-        let cos_sin = (
-            Tensor::cat(spans.iter().map(|r| r.0.clone()).collect(), 0),
-            Tensor::cat(spans.iter().map(|r| r.1.clone()).collect(), 0),
-        );
+        let positions = (0..tokens.len()).flat_map(|i| rows.cached(i)..rows.cached(i) + counts[i]);
+        let cos_sin = self.cos_sin_at(positions.collect());
         let ids: Vec<u32> = tokens.concat();
         let mut x = self.embed(&ids);
         for layer in 0..c.num_hidden_layers {
@@ -219,13 +214,15 @@ impl DeviceModel {
             (x, _) = self.ffn(layer, x);
         }
         rows.advance(&counts);
-        let mut last = Vec::new();
-        let mut end = 0;
-        for n in &counts {
-            end += n;
-            last.push(x.clone().slice(end - 1..end));
-        }
-        let logits = host(self.lm_logits(Tensor::cat(last, 0)));
+        // Each sequence's last token, in one gather.
+        let last: Vec<i64> = (counts.iter())
+            .scan(0, |end, n| {
+                *end += n;
+                Some(*end as i64 - 1)
+            })
+            .collect();
+        let last = Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(last, [counts.len()]), &self.device);
+        let logits = host(self.lm_logits(x.select(0, last)));
         logits.chunks(c.vocab_size).map(<[f64]>::to_vec).collect()
     }
 
