@@ -265,7 +265,21 @@ impl DeviceModel {
         cached: &[usize],
         counts: &[usize],
     ) -> Vec<Tensor<2, Int>> {
-        const ONE_PASS_SCORES: usize = 1 << 24;
+        self.index_choose_within(q, weights, keys, cached, counts, 1 << 24)
+    }
+
+    /// [`Self::index_choose_all`] with the one-pass budget `one_pass_scores` (queries × keys) given: the
+    /// tests compare both paths.
+    #[doc(hidden)]
+    pub fn index_choose_within(
+        &self,
+        q: Tensor<3>,
+        weights: Tensor<2>,
+        keys: Tensor<2>,
+        cached: &[usize],
+        counts: &[usize],
+        one_pass_scores: usize,
+    ) -> Vec<Tensor<2, Int>> {
         let [queries, heads, d] = q.dims();
         let lens: Vec<usize> = cached.iter().zip(counts).map(|(c, n)| c + n).collect();
         let total: usize = lens.iter().sum();
@@ -275,7 +289,7 @@ impl DeviceModel {
             q_pos.extend((0..n).map(|j| (offset + c + j) as i32));
             offset += c + n;
         }
-        if counts.len() > 1 && queries * total <= ONE_PASS_SCORES {
+        if counts.len() > 1 && queries * total <= one_pass_scores {
             let k = self.config.index_topk.min(lens.iter().copied().max().unwrap_or(0));
             let absolute = crate::ops::indexer_topk_ranges(&self.kernels, q, weights, keys, k, &q_pos, &k_start);
             // Key indices back to each sequence's positions (−1 stays).

@@ -242,3 +242,56 @@ fn narrow_paged_stores_stay_close_to_f32() {
         }
     }
 }
+
+/// The decode batch's indexer in one launch pair (each query limited to its own sequence's keys in the
+/// shared key buffer) chooses exactly the positions a launch pair per sequence chooses.
+#[test]
+fn one_pass_indexer_chooses_what_each_sequence_chooses() {
+    use burn::tensor::{Distribution, Int, Tensor};
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let model = DeviceModel::load(&bundled_model_dir(), &device).unwrap();
+    let c = &model.config;
+    let (cached, counts) = ([5usize, 0, 9, 30], [1usize, 3, 1, 2]);
+    let queries: usize = counts.iter().sum();
+    let keys: usize = cached.iter().zip(&counts).map(|(c, n)| c + n).sum();
+    let normal = Distribution::Normal(0.0, 1.0);
+    let q = Tensor::<3>::random([queries, c.index_n_heads, c.index_head_dim], normal, &device);
+    let w = Tensor::<2>::random([queries, c.index_n_heads], normal, &device);
+    let k = Tensor::<2>::random([keys, c.index_head_dim], normal, &device);
+    let sorted_rows = |chosen: Vec<Tensor<2, Int>>| -> Vec<Vec<i64>> {
+        (chosen.into_iter())
+            .flat_map(|t| {
+                let [n, width] = t.dims();
+                let values: Vec<i64> = t.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+                (0..n)
+                    .map(|r| {
+                        let mut row: Vec<i64> = values[r * width..(r + 1) * width]
+                            .iter()
+                            .copied()
+                            .filter(|&p| p >= 0)
+                            .collect();
+                        row.sort();
+                        row
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let one_pass = model.index_choose_within(q.clone(), w.clone(), k.clone(), &cached, &counts, usize::MAX);
+    let each = model.index_choose_within(q, w, k, &cached, &counts, 0);
+    let (one_pass, each) = (sorted_rows(one_pass), sorted_rows(each));
+    assert_eq!(one_pass, each);
+    // Query j of a sequence sees its cached keys and new ones up to itself: all of them while they fit.
+    let mut row = 0;
+    for (&c0, &n) in cached.iter().zip(&counts) {
+        for j in 0..n {
+            let visible = (c0 + j + 1).min(c.index_topk);
+            assert_eq!(one_pass[row].len(), visible, "row {row}");
+            assert!(
+                one_pass[row].iter().all(|&p| (p as usize) <= c0 + j),
+                "row {row}: a future key"
+            );
+            row += 1;
+        }
+    }
+}
