@@ -2,7 +2,7 @@
 # The GPU checks the open issues wait for, for a CUDA machine without Rust (the lent H200): run from the
 # repository root with a release `nsa` built elsewhere.
 #
-#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest | layer | autotune[=BUDGET] | serve[-fp8|-bf16]
+#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest | layer | autotune[=BUDGET] | serve[-fp8|-bf16] | bench=KERNEL
 #
 # golden    the device model on CUDA against transformers' golden outputs (MHA and sparse-kernel prefill),
 #           then a generation through the device cache (bench/golden_compare.py checks without numpy)
@@ -11,6 +11,8 @@
 # autotune  `nsa autotune` (resumes OUT/table.json; default budget 8m), then --show and --plot
 # serve     `nsa serve --device cuda` (the tiny model) under bench/serve_load.py at concurrency 1, 16, 64
 # serve-fp8 the same with `--kv-cache-dtype fp8_e4m3` (serve-bf16: `bf16`)
+# bench=K   `nsa bench K` (every variant, PyTorch beside), then ptxas on each generated wgmma kernel: its
+#           registers and any C7520 serialization warning (products waiting on each other)
 set -u
 nsa=$1 out=$2
 shift 2
@@ -56,7 +58,17 @@ for stage in "$@"; do
       kill $server
       wait $server 2>/dev/null
       ;;
-    *) echo "unknown stage $stage (golden, selftest, layer, autotune[=BUDGET], serve, serve-fp8, serve-bf16)" >&2; exit 2 ;;
+    bench=*)
+      kernel=${stage#bench=}
+      rm -rf "$out/ptx" && mkdir -p "$out/ptx"
+      CUBECL_CUDA_DUMP_PTX="$out/ptx" "$nsa" bench "$kernel" --device cuda --torch bench/torch_reference.py || status=1
+      for ptx in $(grep -l "wgmma.mma_async" "$out"/ptx/* 2>/dev/null); do
+        echo "ptxas $(basename "$ptx" | cut -c1-60):"
+        ptxas -arch=sm_90a -v "$ptx" -o /dev/null 2>&1 | grep -E "registers|C7520|spill" | sed 's/^/  /'
+      done
+      rm -rf "$out/ptx"
+      ;;
+    *) echo "unknown stage $stage (golden, selftest, layer, autotune[=BUDGET], serve, serve-fp8, serve-bf16, bench=KERNEL)" >&2; exit 2 ;;
   esac
 done
 exit $status
