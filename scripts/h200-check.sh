@@ -2,7 +2,7 @@
 # The GPU checks the open issues wait for, for a CUDA machine without Rust (the lent H200): run from the
 # repository root with a release `nsa` built elsewhere.
 #
-#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest | layer | autotune[=BUDGET] | serve[-fp8|-bf16] | bench=KERNEL
+#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest | layer | autotune[=BUDGET] | serve[-fp8|-bf16] | bench=KERNEL[:VARIANT]
 #
 # golden    the device model on CUDA against transformers' golden outputs (MHA and sparse-kernel prefill),
 #           then a generation through the device cache (bench/golden_compare.py checks without numpy)
@@ -11,7 +11,7 @@
 # autotune  `nsa autotune` (resumes OUT/table.json; default budget 8m), then --show and --plot
 # serve     `nsa serve --device cuda` (the tiny model) under bench/serve_load.py at concurrency 1, 16, 64
 # serve-fp8 the same with `--kv-cache-dtype fp8_e4m3` (serve-bf16: `bf16`)
-# bench=K   `nsa bench K` (every variant, PyTorch beside), then ptxas on each generated wgmma kernel: its
+# bench=K[:V] `nsa bench K` (variant V, default every one; PyTorch beside), then ptxas on each generated wgmma kernel: its
 #           registers and any C7520 serialization warning (products waiting on each other)
 set -u
 nsa=$1 out=$2
@@ -60,8 +60,11 @@ for stage in "$@"; do
       ;;
     bench=*)
       kernel=${stage#bench=}
+      variant=all
+      case $kernel in *:*) variant=${kernel#*:} kernel=${kernel%%:*} ;; esac
       rm -rf "$out/ptx" && mkdir -p "$out/ptx"
-      CUBECL_CUDA_DUMP_PTX="$out/ptx" "$nsa" bench "$kernel" --device cuda --torch bench/torch_reference.py || status=1
+      CUBECL_CUDA_DUMP_PTX="$out/ptx" "$nsa" bench "$kernel" --variant "$variant" --device cuda \
+        --torch bench/torch_reference.py || status=1
       for ptx in $(grep -l "wgmma.mma_async" "$out"/ptx/* 2>/dev/null); do
         echo "ptxas $(basename "$ptx" | cut -c1-60):"
         ptxas -arch=sm_90a -v "$ptx" -o /dev/null 2>&1 | grep -E "registers|C7520|spill" | sed 's/^/  /'
