@@ -26,18 +26,20 @@ if ! curl -s -o /dev/null http://127.0.0.1:30000/ 2>/dev/null; then
   wait $plain 2>/dev/null || true
   echo "test-clients: nsa serve with no arguments answered on port 30000"
 fi
-# The FP8 KV cache (`--kv-cache-dtype fp8_e4m3`; `--device auto` takes a device model for it: wgpu, lavapipe in CI)
-# serves a completion.
-fp8_port=$((port + 1))
-"$nsa" serve --port "$fp8_port" --kv-cache-dtype fp8_e4m3 >"$log" 2>&1 &
-fp8=$!
-for _ in $(seq 1 240); do curl -sf "http://127.0.0.1:$fp8_port/health" >/dev/null && break; sleep 0.5; done
-curl -sf "http://127.0.0.1:$fp8_port/v1/completions" -H 'content-type: application/json' \
-  -d '{"prompt":"Hello","max_tokens":6,"temperature":0}' | grep -q '"text_completion"' \
-  || { cat "$log" >&2; echo "test-clients: nsa serve --kv-cache-dtype fp8_e4m3 failed" >&2; kill $fp8; exit 1; }
-kill $fp8
-wait $fp8 2>/dev/null || true
-echo "test-clients: nsa serve --kv-cache-dtype fp8_e4m3 answered"
+# The narrow KV caches (`--kv-cache-dtype fp8_e4m3` and `bf16`; `--device auto` takes a device model for them:
+# wgpu, lavapipe in CI) serve a completion.
+narrow_port=$((port + 1))
+for dtype in fp8_e4m3 bf16; do
+  "$nsa" serve --port "$narrow_port" --kv-cache-dtype "$dtype" >"$log" 2>&1 &
+  narrow=$!
+  for _ in $(seq 1 240); do curl -sf "http://127.0.0.1:$narrow_port/health" >/dev/null && break; sleep 0.5; done
+  curl -sf "http://127.0.0.1:$narrow_port/v1/completions" -H 'content-type: application/json' \
+    -d '{"prompt":"Hello","max_tokens":6,"temperature":0}' | grep -q '"text_completion"' \
+    || { cat "$log" >&2; echo "test-clients: nsa serve --kv-cache-dtype $dtype failed" >&2; kill $narrow; exit 1; }
+  kill $narrow
+  wait $narrow 2>/dev/null || true
+  echo "test-clients: nsa serve --kv-cache-dtype $dtype answered"
+done
 "$nsa" serve --port "$port" --reasoning-parser deepseek-v3 --tool-call-parser deepseekv32 >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -f "$log"' EXIT
