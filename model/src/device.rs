@@ -7,7 +7,7 @@ use crate::device_decode::DeviceCache;
 use crate::ops::matmul;
 use crate::reference::Forward;
 use crate::{Checkpoint, ModelConfig, ModelError};
-use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData, activation};
+use burn::tensor::{Bool, Device, Distribution, IndexingUpdateOp, Int, Tensor, TensorData, activation};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -92,8 +92,6 @@ impl DeviceModel {
             };
             weights.insert(name, tensor);
         }
-        let inv_freq = crate::reference::inv_freq(&config);
-        let kernels = crate::ops::kernel_device(&weights["model.embed_tokens.weight"]);
         let mut experts = HashMap::new();
         for layer in (0..config.num_hidden_layers).filter(|l| config.is_moe_layer(*l)) {
             let p = format!("model.layers.{layer}");
@@ -115,7 +113,61 @@ impl DeviceModel {
             weights.retain(|name, _| !name.starts_with(&format!("{p}.mlp.experts.")));
             experts.insert(p, pair);
         }
-        Ok(DeviceModel {
+        Ok(Self::assemble(config, device, weights, experts))
+    }
+
+    /// A model of `config`'s shapes with random weights made on the device (SGLang's `--load-format
+    /// dummy`: for benchmarks at shapes no checkpoint is at hand for): linear weights normal with standard
+    /// deviation 1/√fan-in (activations keep their scale through the layers), norm weights one, biases
+    /// (the router's correction) zero. The routed experts are drawn already stacked, so the largest
+    /// models need no second copy. Outputs mean nothing; `seed` makes them repeatable.
+    pub fn dummy(config: ModelConfig, device: &Device, seed: u64) -> DeviceModel {
+        device.seed(seed);
+        let normal = |shape: [usize; 2], fan_in: usize| {
+            Tensor::<2>::random(shape, Distribution::Normal(0.0, (fan_in as f64).powf(-0.5)), device)
+        };
+        let mut weights = HashMap::new();
+        let is_routed = |name: &str| name.contains(".mlp.experts.");
+        for (name, shape) in expected_tensors(&config).into_iter().filter(|(n, _)| !is_routed(n)) {
+            let tensor = match shape.as_slice() {
+                [d] if name.ends_with("bias") => Tensor::<2>::zeros([1, *d], device),
+                [d] => Tensor::<2>::ones([1, *d], device),
+                // [out, in] in the checkpoint, kept as [in, out].
+                [rows, cols] => normal([*cols, *rows], *cols),
+                other => unreachable!("{name}: a weight of rank {}", other.len()),
+            };
+            weights.insert(name, tensor);
+        }
+        let (experts, hidden, inter) = (
+            config.n_routed_experts,
+            config.hidden_size,
+            config.moe_intermediate_size,
+        );
+        let stacked = |shape: [usize; 3], fan_in: usize| {
+            Tensor::<3>::random(shape, Distribution::Normal(0.0, (fan_in as f64).powf(-0.5)), device)
+        };
+        let experts = (0..config.num_hidden_layers)
+            .filter(|l| config.is_moe_layer(*l))
+            .map(|layer| {
+                let pair = (
+                    stacked([experts, 2 * inter, hidden], hidden),
+                    stacked([experts, hidden, inter], inter),
+                );
+                (format!("model.layers.{layer}"), pair)
+            })
+            .collect();
+        Self::assemble(config, device, weights, experts)
+    }
+
+    fn assemble(
+        config: ModelConfig,
+        device: &Device,
+        weights: HashMap<String, Tensor<2>>,
+        experts: HashMap<String, (Tensor<3>, Tensor<3>)>,
+    ) -> DeviceModel {
+        let inv_freq = crate::reference::inv_freq(&config);
+        let kernels = crate::ops::kernel_device(&weights["model.embed_tokens.weight"]);
+        DeviceModel {
             config,
             prefill_attention: None,
             device: device.clone(),
@@ -123,7 +175,7 @@ impl DeviceModel {
             kernels,
             weights,
             inv_freq,
-        })
+        }
     }
 
     pub(crate) fn w(&self, name: &str) -> Tensor<2> {

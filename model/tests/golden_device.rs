@@ -295,3 +295,23 @@ fn one_pass_indexer_chooses_what_each_sequence_chooses() {
         }
     }
 }
+
+/// `--load-format dummy`: random weights of the config's shapes run the whole model to finite logits,
+/// repeatably for one seed and differently for another.
+#[test]
+fn dummy_weights_run_and_repeat() {
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let config = nsa_model::ModelConfig::load(&bundled_model_dir()).unwrap();
+    let prompt = [0u32, 7, 300, 12, 5];
+    let logits = |seed: u64| {
+        DeviceModel::dummy(config.clone(), &device, seed)
+            .prefill_prompt(&prompt)
+            .0
+    };
+    let (first, again, other) = (logits(7), logits(7), logits(8));
+    assert_eq!(first.len(), config.vocab_size);
+    assert!(first.iter().all(|v| v.is_finite()), "non-finite logits");
+    assert!(first.iter().any(|v| *v != 0.0), "all-zero logits");
+    assert_eq!(first, again, "one seed, one model");
+    assert!(max_diff(&first, &other) > 0.0, "another seed, the same weights");
+}

@@ -13,8 +13,16 @@ pub struct Args {
     /// bundled tiny model.
     #[arg(long)]
     model_path: Option<PathBuf>,
+    /// Where tokenizer.json is (default: the model path), e.g. to serve a config-only directory with
+    /// `--load-format dummy`.
+    #[arg(long)]
+    tokenizer_path: Option<PathBuf>,
+    /// `auto` / `safetensors`: the checkpoint's weights; `dummy`: random weights of config.json's shapes
+    /// made on the device (benchmarks at shapes with no checkpoint at hand; device models only).
+    #[arg(long, default_value = "auto")]
+    load_format: String,
     /// `auto` (a CUDA or HIP GPU if found, else the host — or wgpu with `--kv-cache-dtype bf16` or
-    /// `fp8_e4m3`, which the host reference cannot keep), `host` (the f64 reference model on the CPU), or the burn device model
+    /// `fp8_e4m3`, or `--load-format dummy`, which the host reference cannot do), `host` (the f64 reference model on the CPU), or the burn device model
     /// (f32) on `cuda[:N]`, `hip[:N]`, `wgpu`.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -138,6 +146,16 @@ fn config(args: Args) -> Result<ServeConfig, Failure> {
             ));
         }
     };
+    let dummy_weights = match args.load_format.as_str() {
+        "auto" | "safetensors" => false,
+        "dummy" => true,
+        other => {
+            return Err(not_built(
+                &format!("--load-format {other}"),
+                "valid: auto, safetensors, dummy",
+            ));
+        }
+    };
     let sparse_prefill = match args.nsa_prefill_backend.as_str() {
         "auto" => None,
         "flashmla_sparse" => Some(true),
@@ -180,7 +198,9 @@ fn config(args: Args) -> Result<ServeConfig, Failure> {
     }
     Ok(ServeConfig {
         model_path: args.model_path.unwrap_or_else(nsa_model::bundled_model_dir),
-        device: model_device(&args.device, kv_format != KvFormat::F32)?,
+        tokenizer_path: args.tokenizer_path,
+        dummy_weights,
+        device: model_device(&args.device, kv_format != KvFormat::F32 || dummy_weights)?,
         host: args.host,
         port: args.port,
         served_model_name: args.served_model_name,

@@ -685,11 +685,19 @@ fn serve_refuses_flags_for_what_is_not_built() {
             "valid: deepseekv32, deepseekv31",
         ),
         (&["serve", "--page-size", "0"][..], "--page-size must be at least 1"),
+        (&["serve", "--load-format", "pt"][..], "--load-format pt is not built"),
     ] {
         let output = nsa(args);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
         assert!(stderr(&output).contains(says), "{args:?}: {}", stderr(&output));
     }
+    let output = nsa(&["serve", "--device", "host", "--load-format", "dummy"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("--load-format dummy needs a device model"),
+        "{}",
+        stderr(&output)
+    );
     let output = nsa(&["serve", "--device", "host", "--mem-fraction-static", "1.5"]);
     assert!(!output.status.success());
     assert!(

@@ -34,6 +34,11 @@ pub enum ModelDevice {
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub model_path: PathBuf,
+    /// Where tokenizer.json is (`None`: the model's directory).
+    pub tokenizer_path: Option<PathBuf>,
+    /// Random weights of the config's shapes instead of the checkpoint's (SGLang's `--load-format dummy`;
+    /// device models only): benchmarks at shapes with no checkpoint at hand.
+    pub dummy_weights: bool,
     pub device: ModelDevice,
     pub host: String,
     pub port: u16,
@@ -122,7 +127,8 @@ fn cache_tokens(config: &ModelConfig, device: &ModelDevice, kv: KvFormat, fracti
 pub fn serve(config: ServeConfig, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String> {
     let dir = config.model_path.clone();
     let model_config = ModelConfig::load(&dir).map_err(|e| e.to_string())?;
-    let tokenizer = Arc::new(Tokenizer::load(&dir).map_err(|e| e.to_string())?);
+    let tokenizer_dir = config.tokenizer_path.clone().unwrap_or(dir.clone());
+    let tokenizer = Arc::new(Tokenizer::load(&tokenizer_dir).map_err(|e| e.to_string())?);
     let context_length = config.context_length.unwrap_or(model_config.max_position_embeddings);
     let total_tokens = match (config.max_total_tokens, config.mem_fraction_static) {
         (Some(tokens), _) => tokens,
@@ -152,6 +158,9 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(std::net::SocketAddr)) -> R
     };
     let metrics = Arc::new(Metrics::default());
     let worker = match &config.device {
+        ModelDevice::Host if config.dummy_weights => {
+            return Err("--load-format dummy needs a device model (--device cuda, hip or wgpu)".into());
+        }
         ModelDevice::Host => {
             let dir = dir.clone();
             worker::start(
@@ -162,9 +171,13 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(std::net::SocketAddr)) -> R
         }
         ModelDevice::Burn { id, .. } => {
             let (dir, spec, sparse) = (dir.clone(), id.clone(), config.sparse_prefill);
+            let dummy = config.dummy_weights.then(|| model_config.clone());
             let load = move || {
                 let device = nsa_model::device::burn_device(&spec)?;
-                let mut model = DeviceModel::load(&dir, &device).map_err(|e| e.to_string())?;
+                let mut model = match dummy {
+                    Some(shapes) => DeviceModel::dummy(shapes, &device, 0),
+                    None => DeviceModel::load(&dir, &device).map_err(|e| e.to_string())?,
+                };
                 model.prefill_attention = sparse.map(|sparse| {
                     if sparse {
                         nsa_model::device::PrefillAttention::Sparse

@@ -16,6 +16,8 @@ fn server() -> &'static str {
     URL.get_or_init(|| {
         let config = ServeConfig {
             model_path: bundled_model_dir(),
+            tokenizer_path: None,
+            dummy_weights: false,
             device: ModelDevice::Host,
             host: "127.0.0.1".into(),
             port: 0,
