@@ -332,6 +332,7 @@ impl DeviceModel {
         counts: &[usize],
         one_pass_scores: usize,
     ) -> Vec<Tensor<2, Int>> {
+        debug_assert!(counts.iter().all(|&n| n > 0), "every sequence has a query");
         let [queries, heads, d] = q.dims();
         let lens: Vec<usize> = cached.iter().zip(counts).map(|(c, n)| c + n).collect();
         let total: usize = lens.iter().sum();

@@ -155,14 +155,14 @@ pub fn indexer_topk_ranges(
     let on = cube_device(&w);
     let (q, w, keys) = (input(q), input(w), input(keys));
     let q_pos = client.create_from_slice(bytemuck::cast_slice(q_pos));
-    let zeros = client.create_from_slice(bytemuck::cast_slice(k_start));
+    let k_start = client.create_from_slice(bytemuck::cast_slice(k_start));
     let logits = client.empty(4 * n * s);
     let problem = Problem::new(Format::F32, &[("t", n), ("h", h), ("d", d), ("s", s)], &[]);
     launch(
         device,
         "indexer_logits",
         &problem,
-        &[q, w, keys, q_pos.clone(), zeros.clone()],
+        &[q, w, keys, q_pos.clone(), k_start.clone()],
         std::slice::from_ref(&logits),
     );
     let chosen = client.empty(4 * n * k);
@@ -171,7 +171,7 @@ pub fn indexer_topk_ranges(
         device,
         "topk",
         &problem,
-        &[logits, zeros, q_pos],
+        &[logits, k_start, q_pos],
         std::slice::from_ref(&chosen),
     );
     int_output(device, on, [n, k], chosen)

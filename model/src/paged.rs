@@ -32,6 +32,15 @@ pub enum KvFormat {
 }
 
 impl KvFormat {
+    /// How messages name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvFormat::F32 => "f32",
+            KvFormat::Bf16 => "bf16",
+            KvFormat::Fp8 => "FP8",
+        }
+    }
+
     /// Bytes of one token's KV row.
     pub fn row_bytes(self) -> usize {
         match self {
@@ -53,7 +62,7 @@ enum KvRows {
 pub struct PagedStore {
     page_size: usize,
     format: KvFormat,
-    /// For the FP8 conversions.
+    /// For the bf16 / FP8 conversions.
     kernels: nsa_backends::Device,
     /// Per layer: KV rows and indexer keys [capacity, index_head_dim]; `None` until written.
     layers: Vec<Option<(KvRows, Tensor<2>)>>,
@@ -96,16 +105,13 @@ impl PagedStore {
         *page as usize * self.page_size + position % self.page_size
     }
 
-    /// Writes `kv` (f32 [n, 576]) / `index_k` rows to store rows `rows` (one each, any order) of `layer`,
-    /// growing its buffers to hold them: one conversion and one scatter per buffer for the whole step.
-    fn write(&mut self, layer: usize, rows: &[usize], kv: Tensor<2>, index_k: Tensor<2>) {
-        let highest = rows.iter().max().map_or(0, |r| r + 1);
-        let needed = highest.next_multiple_of(self.page_size);
+    /// Writes `kv` (f32 [n, 576]) / `index_k` rows to store rows `at` (one each, any order, all below
+    /// `end`) of `layer`, growing its buffers to hold them: one conversion and one scatter per buffer.
+    fn write(&mut self, layer: usize, at: &Tensor<1, Int>, end: usize, kv: Tensor<2>, index_k: Tensor<2>) {
+        let (highest, needed) = (end, end.next_multiple_of(self.page_size));
         let (kv_rows, index_rows) = self.layers[layer].take().unzip();
         let device = kv.device();
         let device = &device;
-        let at: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-        let at = Tensor::<1, Int>::from_data(TensorData::new(at, [rows.len()]), device);
         let assign = |buffer: Tensor<2>, values: Tensor<2>| {
             buffer.select_assign(0, at.clone(), values, IndexingUpdateOp::Assign)
         };
@@ -156,13 +162,18 @@ fn grown<K: Basic>(
     }
 }
 
-/// A step's sequences in a store, with their page lists end to end on the device (uploaded once per step:
-/// the pages do not change within it); sequence i's start at `first_page[i]`.
+/// A step's sequences in a store, with what every layer reuses on the device (uploaded once per step: the
+/// pages do not change within it): the page lists end to end (sequence i's from `first_page[i]`), the
+/// store rows of the step's new tokens (`new_rows`, all below `rows_end`) and of every sequence's keys
+/// after them (`key_rows`: positions 0 .. len + new, sequence after sequence).
 struct Paged<'a, 'b> {
     store: &'a mut PagedStore,
     tables: &'a mut [&'b mut PageTable],
     pages: Tensor<1, Int>,
     first_page: Vec<usize>,
+    new_rows: Tensor<1, Int>,
+    rows_end: usize,
+    key_rows: Tensor<1, Int>,
 }
 
 impl Paged<'_, '_> {
@@ -184,28 +195,13 @@ impl CacheRows for Paged<'_, '_> {
         self.tables[seq].len
     }
 
-    fn index_keys(&self, layer: usize, counts: &[usize]) -> Tensor<2> {
-        // Every sequence's positions 0 .. len + new, through its pages, in one gather.
-        let (mut first_pages, mut positions) = (Vec::new(), Vec::new());
-        for ((table, &n), &first) in self.tables.iter().zip(counts).zip(&self.first_page) {
-            first_pages.extend(std::iter::repeat_n(first as i64, table.len + n));
-            positions.extend(0..(table.len + n) as i64);
-        }
+    fn index_keys(&self, layer: usize, _: &[usize]) -> Tensor<2> {
         let (_, index_k) = self.buffers(layer);
-        let device = index_k.device();
-        let count = positions.len();
-        let int = |values: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(values, [count]), &device);
-        index_k
-            .clone()
-            .select(0, self.rows_of(int(first_pages), int(positions)))
+        index_k.clone().select(0, self.key_rows.clone())
     }
 
-    fn store(&mut self, layer: usize, counts: &[usize], kv: Tensor<2>, index_k: Tensor<2>) {
-        // Sequence i's new positions len.. through its pages, in token order.
-        let rows: Vec<usize> = (self.tables.iter().zip(counts))
-            .flat_map(|(table, &n)| (table.len..table.len + n).map(|p| self.store.row(table, p)))
-            .collect();
-        self.store.write(layer, &rows, kv, index_k);
+    fn store(&mut self, layer: usize, _: &[usize], kv: Tensor<2>, index_k: Tensor<2>) {
+        self.store.write(layer, &self.new_rows, self.rows_end, kv, index_k);
     }
 
     fn attention_rows(&self, layer: usize, chosen: Vec<Tensor<2, Int>>) -> (Tensor<2>, Tensor<2, Int>) {
@@ -274,14 +270,28 @@ impl DeviceModel {
             first_page.push(pages.len());
             pages.extend(table.pages.iter().map(|&p| p as i64));
         }
-        let count = pages.len();
-        let pages = Tensor::<1, Int>::from_data(TensorData::new(pages, [count]), &self.device);
+        // Store rows of the new tokens and of every sequence's keys (cached, then new), in order.
+        let (mut new_rows, mut key_rows) = (Vec::new(), Vec::new());
+        for (table, new) in tables.iter().zip(tokens) {
+            let end = table.len + new.len();
+            key_rows.extend((0..end).map(|p| store.row(table, p) as i64));
+            new_rows.extend_from_slice(&key_rows[key_rows.len() - new.len()..]);
+        }
+        let rows_end = new_rows.iter().max().map_or(0, |r| *r as usize + 1);
+        let int = |values: Vec<i64>| {
+            let count = values.len();
+            Tensor::<1, Int>::from_data(TensorData::new(values, [count]), &self.device)
+        };
+        let (pages, new_rows, key_rows) = (int(pages), int(new_rows), int(key_rows));
         self.step(
             &mut Paged {
                 store,
                 tables,
                 pages,
                 first_page,
+                new_rows,
+                rows_end,
+                key_rows,
             },
             tokens,
         )

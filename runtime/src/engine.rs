@@ -45,7 +45,7 @@ impl CachedModel for ReferenceModel {
             KvFormat::F32 => Ok(()),
             narrow => Err(format!(
                 "the host reference keeps f64 caches: a {} cache needs a device model (--device cuda, hip or wgpu)",
-                if narrow == KvFormat::Fp8 { "FP8" } else { "bf16" }
+                narrow.name()
             )),
         }
     }

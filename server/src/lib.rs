@@ -90,7 +90,8 @@ fn host_memory() -> Option<u64> {
 
 /// How many tokens the cache holds when weights and cache share `fraction` of the memory: weights are
 /// kept as f32 on a device and f64 on the host. A device caches each token once per layer, in the pages
-/// of its store (the sparse MLA kernel's 576-wide f32 KV row, or 656 FP8 bytes, and the indexer key); the host reference keeps
+/// of its store (the KV row in its format's bytes, `KvFormat::row_bytes`: 576 f32 or bf16 values, or 656 FP8
+/// bytes; and the f32 indexer key); the host reference keeps
 /// latent, rope key and indexer key twice (the running sequence's cache and its page copies).
 fn cache_tokens(config: &ModelConfig, device: &ModelDevice, kv: KvFormat, fraction: f64) -> Result<usize, String> {
     if !(fraction > 0.0 && fraction <= 1.0) {
