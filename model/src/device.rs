@@ -75,6 +75,9 @@ pub struct DeviceModel {
     inv_freq: Vec<f64>,
 }
 
+/// The most queries × keys the decode indexer scores in one pass ([`DeviceModel::index_choose_all`]).
+pub const ONE_PASS_SCORES: usize = 1 << 24;
+
 impl DeviceModel {
     pub fn load(dir: &Path, device: &Device) -> Result<DeviceModel, ModelError> {
         let config = ModelConfig::load(dir)?;
@@ -306,24 +309,11 @@ impl DeviceModel {
 
     /// The indexer's choice for a step's sequences (sequence i: `counts[i]` queries after `cached[i]` keys;
     /// `keys` every sequence's keys end to end, the new ones included) as each sequence's positions
-    /// ([counts[i], k], −1 padded). Small steps score every query against the whole key buffer in one
-    /// launch pair, each query limited to its own sequence's range; a step whose queries × keys exceed
-    /// that budget runs a launch pair per sequence (the work grows with the square of the batch otherwise).
-    pub(crate) fn index_choose_all(
-        &self,
-        q: Tensor<3>,
-        weights: Tensor<2>,
-        keys: Tensor<2>,
-        cached: &[usize],
-        counts: &[usize],
-    ) -> Vec<Tensor<2, Int>> {
-        self.index_choose_within(q, weights, keys, cached, counts, 1 << 24)
-    }
-
-    /// [`Self::index_choose_all`] with the one-pass budget `one_pass_scores` (queries × keys) given: the
-    /// tests compare both paths.
-    #[doc(hidden)]
-    pub fn index_choose_within(
+    /// ([counts[i], k], −1 padded). A step whose queries × keys stay within `one_pass_scores`
+    /// ([`ONE_PASS_SCORES`] in the model; the tests pass others) scores every query against the whole key
+    /// buffer in one launch pair, each query limited to its own sequence's range; a larger one runs a
+    /// launch pair per sequence (the work would grow with the square of the batch).
+    pub fn index_choose_all(
         &self,
         q: Tensor<3>,
         weights: Tensor<2>,

@@ -208,7 +208,8 @@ impl DeviceModel {
             rows.store(layer, &counts, kv, index_k);
             let cached: Vec<usize> = (0..counts.len()).map(|i| rows.cached(i)).collect();
             let keys = rows.index_keys(layer, &counts);
-            let chosen = self.index_choose_all(index_q, index_w, keys, &cached, &counts);
+            let chosen =
+                self.index_choose_all(index_q, index_w, keys, &cached, &counts, crate::device::ONE_PASS_SCORES);
             let (kv, chosen) = rows.attention_rows(layer, chosen);
             x = x.add(self.attention_sparse(&p, &q_lora, kv, chosen, &cos_sin));
             (x, _) = self.ffn(layer, x);

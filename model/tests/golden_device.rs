@@ -277,8 +277,8 @@ fn one_pass_indexer_chooses_what_each_sequence_chooses() {
             })
             .collect()
     };
-    let one_pass = model.index_choose_within(q.clone(), w.clone(), k.clone(), &cached, &counts, usize::MAX);
-    let each = model.index_choose_within(q, w, k, &cached, &counts, 0);
+    let one_pass = model.index_choose_all(q.clone(), w.clone(), k.clone(), &cached, &counts, usize::MAX);
+    let each = model.index_choose_all(q, w, k, &cached, &counts, 0);
     let (one_pass, each) = (sorted_rows(one_pass), sorted_rows(each));
     assert_eq!(one_pass, each);
     // Query j of a sequence sees its cached keys and new ones up to itself: all of them while they fit.
