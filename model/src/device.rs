@@ -308,7 +308,8 @@ impl DeviceModel {
     }
 
     /// The indexer's choice for a step's sequences (sequence i: `counts[i]` queries after `cached[i]` keys;
-    /// `keys` every sequence's keys end to end, the new ones included) as each sequence's positions
+    /// `keys` every sequence's keys, the new ones included, sequence i's in order from row `starts[i]`) as
+    /// each sequence's positions
     /// ([counts[i], k], −1 padded). A step whose queries × keys stay within `one_pass_scores`
     /// ([`ONE_PASS_SCORES`] in the model; the tests pass others) scores every query against the whole key
     /// buffer in one launch pair, each query limited to its own sequence's range; a larger one runs a
@@ -318,6 +319,7 @@ impl DeviceModel {
         q: Tensor<3>,
         weights: Tensor<2>,
         keys: Tensor<2>,
+        starts: &[usize],
         cached: &[usize],
         counts: &[usize],
         one_pass_scores: usize,
@@ -325,14 +327,12 @@ impl DeviceModel {
         debug_assert!(counts.iter().all(|&n| n > 0), "every sequence has a query");
         let [queries, heads, d] = q.dims();
         let lens: Vec<usize> = cached.iter().zip(counts).map(|(c, n)| c + n).collect();
-        let total: usize = lens.iter().sum();
-        let (mut k_start, mut q_pos, mut offset) = (Vec::new(), Vec::new(), 0);
-        for (&c, &n) in cached.iter().zip(counts) {
-            k_start.extend(std::iter::repeat_n(offset as i32, n));
-            q_pos.extend((0..n).map(|j| (offset + c + j) as i32));
-            offset += c + n;
+        let (mut k_start, mut q_pos) = (Vec::new(), Vec::new());
+        for ((&c, &n), &start) in cached.iter().zip(counts).zip(starts) {
+            k_start.extend(std::iter::repeat_n(start as i32, n));
+            q_pos.extend((0..n).map(|j| (start + c + j) as i32));
         }
-        if counts.len() > 1 && queries * total <= one_pass_scores {
+        if counts.len() > 1 && queries * keys.dims()[0] <= one_pass_scores {
             let k = self.config.index_topk.min(lens.iter().copied().max().unwrap_or(0));
             let absolute = crate::ops::indexer_topk_ranges(&self.kernels, q, weights, keys, k, &q_pos, &k_start);
             // Key indices back to each sequence's positions (−1 stays).
@@ -354,11 +354,11 @@ impl DeviceModel {
                 })
                 .collect();
         }
-        let (mut chosen, mut first, mut key0) = (Vec::new(), 0, 0);
-        for ((&c, &n), &len) in cached.iter().zip(counts).zip(&lens) {
+        let (mut chosen, mut first) = (Vec::new(), 0);
+        for (((&c, &n), &len), &start) in cached.iter().zip(counts).zip(&lens).zip(starts) {
             let span = first..first + n;
             let q = q.clone().slice([span.clone(), 0..heads, 0..d]);
-            let own_keys = keys.clone().slice(key0..key0 + len);
+            let own_keys = keys.clone().slice(start..start + len);
             let k = self.config.index_topk.min(len);
             chosen.push(crate::ops::indexer_topk(
                 &self.kernels,
@@ -369,7 +369,6 @@ impl DeviceModel {
                 c,
             ));
             first += n;
-            key0 += len;
         }
         chosen
     }

@@ -82,9 +82,10 @@ impl DeviceCache {
 /// it; the step stores each layer's new rows, then asks for the rows attention reads.
 pub(crate) trait CacheRows {
     fn cached(&self, seq: usize) -> usize;
-    /// After [`Self::store`]: every sequence's indexer keys of `layer` (cached and new), end to end in
-    /// sequence order.
-    fn index_keys(&self, layer: usize, counts: &[usize]) -> Tensor<2>;
+    /// After [`Self::store`]: every sequence's indexer keys of `layer` (cached and new) in one buffer, and
+    /// the row where each sequence's start (its keys in position order; what follows its last key up to
+    /// the next start is unused).
+    fn index_keys(&self, layer: usize, counts: &[usize]) -> (Tensor<2>, Vec<usize>);
     /// Appends every sequence's new rows of `layer` (sequence i's `counts[i]` rows, one after another in
     /// `kv` — the kernel's layout — and `index_k`).
     fn store(&mut self, layer: usize, counts: &[usize], kv: Tensor<2>, index_k: Tensor<2>);
@@ -102,12 +103,18 @@ impl CacheRows for OwnBuffers<'_, '_> {
     fn cached(&self, seq: usize) -> usize {
         self.0[seq].len
     }
-    fn index_keys(&self, layer: usize, _: &[usize]) -> Tensor<2> {
-        let keys = self
-            .0
-            .iter()
-            .map(|cache| cache.layers[layer].as_ref().expect("stored").index_k());
-        Tensor::cat(keys.collect(), 0)
+    fn index_keys(&self, layer: usize, _: &[usize]) -> (Tensor<2>, Vec<usize>) {
+        let keys: Vec<Tensor<2>> = (self.0.iter())
+            .map(|cache| cache.layers[layer].as_ref().expect("stored").index_k())
+            .collect();
+        let starts = (keys.iter())
+            .scan(0, |next, k| {
+                let start = *next;
+                *next += k.dims()[0];
+                Some(start)
+            })
+            .collect();
+        (Tensor::cat(keys, 0), starts)
     }
     fn store(&mut self, layer: usize, counts: &[usize], kv: Tensor<2>, index_k: Tensor<2>) {
         let mut first = 0;
@@ -207,9 +214,9 @@ impl DeviceModel {
             // own keys (the new ones included: each token attends to itself).
             rows.store(layer, &counts, kv, index_k);
             let cached: Vec<usize> = (0..counts.len()).map(|i| rows.cached(i)).collect();
-            let keys = rows.index_keys(layer, &counts);
-            let chosen =
-                self.index_choose_all(index_q, index_w, keys, &cached, &counts, crate::device::ONE_PASS_SCORES);
+            let (keys, starts) = rows.index_keys(layer, &counts);
+            let budget = crate::device::ONE_PASS_SCORES;
+            let chosen = self.index_choose_all(index_q, index_w, keys, &starts, &cached, &counts, budget);
             let (kv, chosen) = rows.attention_rows(layer, chosen);
             x = x.add(self.attention_sparse(&p, &q_lora, kv, chosen, &cos_sin));
             (x, _) = self.ffn(layer, x);

@@ -164,8 +164,8 @@ fn grown<K: Basic>(
 
 /// A step's sequences in a store, with what every layer reuses on the device (uploaded once per step: the
 /// pages do not change within it): the page lists end to end (sequence i's from `first_page[i]`), the
-/// store rows of the step's new tokens (`new_rows`, all below `rows_end`) and of every sequence's keys
-/// after them (`key_rows`: positions 0 .. len + new, sequence after sequence).
+/// store rows of the step's new tokens (`new_rows`, all below `rows_end`), and the rows of the whole pages
+/// holding every sequence's keys after them (`key_rows`, sequence i's position 0 at `key_starts[i]`).
 struct Paged<'a, 'b> {
     store: &'a mut PagedStore,
     tables: &'a mut [&'b mut PageTable],
@@ -174,6 +174,7 @@ struct Paged<'a, 'b> {
     new_rows: Tensor<1, Int>,
     rows_end: usize,
     key_rows: Tensor<1, Int>,
+    key_starts: Vec<usize>,
 }
 
 impl Paged<'_, '_> {
@@ -195,9 +196,12 @@ impl CacheRows for Paged<'_, '_> {
         self.tables[seq].len
     }
 
-    fn index_keys(&self, layer: usize, _: &[usize]) -> Tensor<2> {
+    fn index_keys(&self, layer: usize, _: &[usize]) -> (Tensor<2>, Vec<usize>) {
         let (_, index_k) = self.buffers(layer);
-        index_k.clone().select(0, self.key_rows.clone())
+        (
+            index_k.clone().select(0, self.key_rows.clone()),
+            self.key_starts.clone(),
+        )
     }
 
     fn store(&mut self, layer: usize, _: &[usize], kv: Tensor<2>, index_k: Tensor<2>) {
@@ -270,19 +274,33 @@ impl DeviceModel {
             first_page.push(pages.len());
             pages.extend(table.pages.iter().map(|&p| p as i64));
         }
-        // Store rows of the new tokens and of every sequence's keys (cached, then new), in order.
-        let (mut new_rows, mut key_rows) = (Vec::new(), Vec::new());
+        // Store rows of the new tokens; the pages holding each sequence's keys (cached, then new).
+        let page_size = store.page_size;
+        let (mut new_rows, mut key_pages, mut key_starts) = (Vec::new(), Vec::new(), Vec::new());
         for (table, new) in tables.iter().zip(tokens) {
             let end = table.len + new.len();
-            key_rows.extend((0..end).map(|p| store.row(table, p) as i64));
-            new_rows.extend_from_slice(&key_rows[key_rows.len() - new.len()..]);
+            new_rows.extend((table.len..end).map(|p| store.row(table, p) as i64));
+            key_starts.push(key_pages.len() * page_size);
+            key_pages.extend(table.pages[..end.div_ceil(page_size)].iter().map(|&p| p as i64));
         }
         let rows_end = new_rows.iter().max().map_or(0, |r| *r as usize + 1);
         let int = |values: Vec<i64>| {
             let count = values.len();
             Tensor::<1, Int>::from_data(TensorData::new(values, [count]), &self.device)
         };
-        let (pages, new_rows, key_rows) = (int(pages), int(new_rows), int(key_rows));
+        let key_page_count = key_pages.len();
+        let (pages, new_rows, key_pages) = (int(pages), int(new_rows), int(key_pages));
+        // Every slot of those pages (written this step or before, so inside the buffers), derived on the
+        // device from the page list: page · page_size + slot. Only the page lists cross to the device, not
+        // a row per cached key.
+        let slots = Tensor::<1, Int>::arange(0..page_size as i64, &self.device);
+        let shape = [key_page_count, page_size];
+        let key_rows = (key_pages
+            .reshape([key_page_count, 1])
+            .mul_scalar(page_size as i64)
+            .expand(shape))
+        .add(slots.reshape([1, page_size]).expand(shape))
+        .reshape([key_page_count * page_size]);
         self.step(
             &mut Paged {
                 store,
@@ -292,6 +310,7 @@ impl DeviceModel {
                 new_rows,
                 rows_end,
                 key_rows,
+                key_starts,
             },
             tokens,
         )

@@ -277,10 +277,34 @@ fn one_pass_indexer_chooses_what_each_sequence_chooses() {
             })
             .collect()
     };
-    let one_pass = model.index_choose_all(q.clone(), w.clone(), k.clone(), &cached, &counts, usize::MAX);
-    let each = model.index_choose_all(q, w, k, &cached, &counts, 0);
+    // Keys end to end, then with a gap of unused rows after each sequence (as a paged store lays them out).
+    let tight: Vec<usize> = (cached.iter().zip(&counts))
+        .scan(0, |next, (c, n)| {
+            let start = *next;
+            *next += c + n;
+            Some(start)
+        })
+        .collect();
+    let gapped: Vec<usize> = tight.iter().enumerate().map(|(i, s)| s + 3 * i).collect();
+    let gaps = Tensor::<2>::random([3, c.index_head_dim], normal, &device);
+    let mut pieces = Vec::new();
+    for (i, (&s, (&c0, &n))) in tight.iter().zip(cached.iter().zip(&counts)).enumerate() {
+        if i > 0 {
+            pieces.push(gaps.clone());
+        }
+        pieces.push(k.clone().slice(s..s + c0 + n));
+    }
+    let spread = Tensor::cat(pieces, 0);
+    let one_pass = model.index_choose_all(q.clone(), w.clone(), k.clone(), &tight, &cached, &counts, usize::MAX);
+    let each = model.index_choose_all(q.clone(), w.clone(), k, &tight, &cached, &counts, 0);
+    let gapped_pass = model.index_choose_all(q, w, spread, &gapped, &cached, &counts, usize::MAX);
     let (one_pass, each) = (sorted_rows(one_pass), sorted_rows(each));
     assert_eq!(one_pass, each);
+    assert_eq!(
+        sorted_rows(gapped_pass),
+        each,
+        "keys spread with unused rows between sequences"
+    );
     // Query j of a sequence sees its cached keys and new ones up to itself: all of them while they fit.
     let mut row = 0;
     for (&c0, &n) in cached.iter().zip(&counts) {
