@@ -314,6 +314,7 @@ impl DeviceModel {
     /// ([`ONE_PASS_SCORES`] in the model; the tests pass others) scores every query against the whole key
     /// buffer in one launch pair, each query limited to its own sequence's range; a larger one runs a
     /// launch pair per sequence (the work would grow with the square of the batch).
+    #[allow(clippy::too_many_arguments)]
     pub fn index_choose_all(
         &self,
         q: Tensor<3>,

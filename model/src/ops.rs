@@ -83,6 +83,17 @@ fn cube_device<const D: usize>(tensor: &Tensor<D>) -> nsa_backends::cubecl::Devi
         .device
 }
 
+/// A kernel's output buffer seen as i32 words [rows, cols] (bits to copy, slice and gather, as stored).
+fn words_output(
+    device: &nsa_backends::Device,
+    on: nsa_backends::cubecl::Device,
+    shape: [usize; 2],
+    handle: Handle,
+) -> Tensor<2, Int> {
+    let tensor = CubeTensor::new_contiguous(device.client.clone(), on, shape.into(), handle, DType::I32);
+    Tensor::<2, Int>::from_primitive::<Cube>(tensor)
+}
+
 /// A kernel's i32 output [rows, cols] as a burn int tensor of burn's default int type (what its own ops,
 /// scatter and gather, produce and take).
 fn int_output(
@@ -91,8 +102,7 @@ fn int_output(
     shape: [usize; 2],
     handle: Handle,
 ) -> Tensor<2, Int> {
-    let tensor = CubeTensor::new_contiguous(device.client.clone(), on, shape.into(), handle, DType::I32);
-    let ints = Tensor::<2, Int>::from_primitive::<Cube>(tensor);
+    let ints = words_output(device, on, shape, handle);
     let default = Tensor::<1, Int>::zeros([1], &ints.device()).dtype();
     ints.cast(default)
 }
@@ -338,14 +348,7 @@ pub fn fp8_kv_quantize(device: &nsa_backends::Device, kv: Tensor<2>) -> Tensor<2
         &[input(kv)],
         std::slice::from_ref(&cache),
     );
-    let words = CubeTensor::new_contiguous(
-        device.client.clone(),
-        on,
-        [n, FP8_TOKEN_BYTES / 4].into(),
-        cache,
-        DType::I32,
-    );
-    Tensor::<2, Int>::from_primitive::<Cube>(words)
+    words_output(device, on, [n, FP8_TOKEN_BYTES / 4], cache)
 }
 
 /// FP8 cache rows as [`fp8_kv_quantize`] writes them back to f32 KV rows [n, 576] through nsa's
@@ -384,8 +387,7 @@ pub fn bf16_rows(device: &nsa_backends::Device, rows: Tensor<2>) -> Tensor<2, In
         &[input(rows)],
         std::slice::from_ref(&words),
     );
-    let words = CubeTensor::new_contiguous(device.client.clone(), on, [n, d / 2].into(), words, DType::I32);
-    Tensor::<2, Int>::from_primitive::<Cube>(words)
+    words_output(device, on, [n, d / 2], words)
 }
 
 /// bf16 rows as [`bf16_rows`] writes them back to f32 [n, 2 · words] through nsa's `widen_rows` kernel
