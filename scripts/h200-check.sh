@@ -2,7 +2,7 @@
 # The GPU checks the open issues wait for, for a CUDA machine without Rust (the lent H200): run from the
 # repository root with a release `nsa` built elsewhere.
 #
-#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest | layer | autotune[=BUDGET] | serve[-fp8|-bf16] | bench=KERNEL[:VARIANT]
+#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest | layer | autotune[=BUDGET] | serve[-fp8|-bf16|-real|-real-bf16] | bench=KERNEL[:VARIANT]
 #
 # golden    the device model on CUDA against transformers' golden outputs (MHA and sparse-kernel prefill),
 #           then a generation through the device cache (bench/golden_compare.py checks without numpy)
@@ -11,6 +11,10 @@
 # autotune  `nsa autotune` (resumes OUT/table.json; default budget 8m), then --show and --plot
 # serve     `nsa serve --device cuda` (the tiny model) under bench/serve_load.py at concurrency 1, 16, 64
 # serve-fp8 the same with `--kv-cache-dtype fp8_e4m3` (serve-bf16: `bf16`)
+# serve-real two layers of DeepSeek-V3.2's real shapes (bench/real-shape: one dense, one MoE layer; random
+#           weights, `--load-format dummy`; the tiny tokenizer widened to the 129280-token vocabulary), bf16
+#           cache, under bench/serve_load.py at concurrency 1 (8 requests), then 16 and 64 (64 requests);
+#           serve-real-bf16: the same with the routed experts in bf16 (`--dtype bfloat16`)
 # bench=K[:V] `nsa bench K` (variant V, default every one; PyTorch beside), then ptxas on each generated wgmma kernel: its
 #           registers and any C7520 serialization warning (products waiting on each other)
 set -u
@@ -58,6 +62,21 @@ for stage in "$@"; do
       kill $server
       wait $server 2>/dev/null
       ;;
+    serve-real | serve-real-bf16)
+      flags=()
+      [ "$stage" = serve-real-bf16 ] && flags=(--dtype bfloat16)
+      python3 bench/wide_tokenizer.py models/tiny-v32 "$out/wide-tokenizer" 129280
+      "$nsa" serve --device cuda --port 30300 --model-path bench/real-shape --load-format dummy \
+        --tokenizer-path "$out/wide-tokenizer" --kv-cache-dtype bf16 "${flags[@]}" >"$out/$stage.log" 2>&1 &
+      server=$!
+      for _ in $(seq 1 600); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30300/health')" 2>/dev/null && break; sleep 0.5; done
+      cat "$out/$stage.log"
+      timeout 200 python3 bench/serve_load.py http://127.0.0.1:30300 --concurrency 1 --requests 8 --max-tokens 16 || status=1
+      timeout 300 python3 bench/serve_load.py http://127.0.0.1:30300 --concurrency 16,64 --requests 64 --max-tokens 16 || status=1
+      kill $server
+      wait $server 2>/dev/null
+      rm -rf "$out/wide-tokenizer"
+      ;;
     bench=*)
       kernel=${stage#bench=}
       variant=all
@@ -71,7 +90,7 @@ for stage in "$@"; do
       done
       rm -rf "$out/ptx"
       ;;
-    *) echo "unknown stage $stage (golden, selftest, layer, autotune[=BUDGET], serve, serve-fp8, serve-bf16, bench=KERNEL)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (golden, selftest, layer, autotune[=BUDGET], serve, serve-fp8, serve-bf16, serve-real[-bf16], bench=KERNEL)" >&2; exit 2 ;;
   esac
 done
 exit $status

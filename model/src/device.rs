@@ -65,14 +65,34 @@ pub struct DeviceModel {
     /// The prefill's attention form; `None` follows [`PrefillAttention::rule`].
     pub prefill_attention: Option<PrefillAttention>,
     pub(crate) device: Device,
-    /// Per MoE layer prefix: the routed experts' weights stacked as nsa's moe_experts kernel reads them,
-    /// w13 [experts, 2·inter, hidden] (gate rows, then up rows) and w2 [experts, hidden, inter].
-    experts: HashMap<String, (Tensor<3>, Tensor<3>)>,
+    /// Per MoE layer prefix: the routed experts' weights stacked as nsa's moe_experts kernel reads them.
+    experts: HashMap<String, Experts>,
     /// The same device as nsa's kernels see it (burn's client), for the custom ops.
     pub(crate) kernels: nsa_backends::Device,
     /// Linear weights, transposed to [in, out] once at load; norms and biases as [1, d].
     weights: HashMap<String, Tensor<2>>,
+    /// bf16 copies ([`WeightFormat::Bf16`]) of linear weights as the checkpoint's [out, in] in words,
+    /// which [`Self::linear`] uses instead (the f32 ones stay: attention reads kv_b_proj's slices).
+    bf16_linears: HashMap<String, Tensor<2, Int>>,
     inv_freq: Vec<f64>,
+}
+
+/// A MoE layer's routed experts, stacked: w13 [experts, 2·inter, hidden] (gate rows, then up rows) and w2
+/// [experts, hidden, inter].
+enum Experts {
+    F32(Tensor<3>, Tensor<3>),
+    /// bf16 pairs in i32 words, rows flattened over the experts: w13 [experts · 2·inter, hidden / 2], w2
+    /// [experts · hidden, inter / 2] (half the bytes; the kernel's tensor-core variants run).
+    Bf16(Tensor<2, Int>, Tensor<2, Int>),
+}
+
+/// How the device model keeps its large weights (`nsa serve --dtype`). `Bf16`: the routed experts, and
+/// where the device runs bf16 GEMMs every linear layer but the router, in bf16 (x rounded on the way
+/// in, f32 accumulation); norms, embeddings, attention and the router stay f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    F32,
+    Bf16,
 }
 
 /// The most queries × keys the decode indexer scores in one pass ([`DeviceModel::index_choose_all`]).
@@ -111,7 +131,7 @@ impl DeviceModel {
                     .collect();
                 Tensor::cat(per_expert, 0)
             };
-            let pair = (stacked(&["gate_proj", "up_proj"]), stacked(&["down_proj"]));
+            let pair = Experts::F32(stacked(&["gate_proj", "up_proj"]), stacked(&["down_proj"]));
             // The stacked copies are the only ones the kernels read: free the per-expert tensors.
             weights.retain(|name, _| !name.starts_with(&format!("{p}.mlp.experts.")));
             experts.insert(p, pair);
@@ -152,7 +172,7 @@ impl DeviceModel {
         let experts = (0..config.num_hidden_layers)
             .filter(|l| config.is_moe_layer(*l))
             .map(|layer| {
-                let pair = (
+                let pair = Experts::F32(
                     stacked([experts, 2 * inter, hidden], hidden),
                     stacked([experts, hidden, inter], inter),
                 );
@@ -166,7 +186,7 @@ impl DeviceModel {
         config: ModelConfig,
         device: &Device,
         weights: HashMap<String, Tensor<2>>,
-        experts: HashMap<String, (Tensor<3>, Tensor<3>)>,
+        experts: HashMap<String, Experts>,
     ) -> DeviceModel {
         let inv_freq = crate::reference::inv_freq(&config);
         let kernels = crate::ops::kernel_device(&weights["model.embed_tokens.weight"]);
@@ -177,8 +197,38 @@ impl DeviceModel {
             experts,
             kernels,
             weights,
+            bf16_linears: HashMap::new(),
             inv_freq,
         }
+    }
+
+    /// Keeps the large weights in `format` (from f32: bf16 rounds to nearest even; a bf16 checkpoint's
+    /// weights stay exact). Experts one layer at a time, so the peak is one layer's second copy.
+    pub fn with_weight_format(mut self, format: WeightFormat) -> DeviceModel {
+        if format == WeightFormat::Bf16 {
+            if crate::ops::runs_bf16_gemm(&self.kernels) {
+                let tied = self.config.tie_word_embeddings;
+                for (name, w) in &self.weights {
+                    let [rows, _] = w.dims();
+                    let linear =
+                        rows > 1 && !name.ends_with("mlp.gate.weight") && (tied || name != "model.embed_tokens.weight");
+                    if linear {
+                        let words = crate::ops::bf16_rows(&self.kernels, w.clone().transpose());
+                        self.bf16_linears.insert(name.clone(), words);
+                    }
+                }
+            }
+            for experts in self.experts.values_mut() {
+                if let Experts::F32(w13, w2) = experts {
+                    let rows = |w: &Tensor<3>| {
+                        let [e, r, c] = w.dims();
+                        crate::ops::bf16_rows(&self.kernels, w.clone().reshape([e * r, c]))
+                    };
+                    *experts = Experts::Bf16(rows(w13), rows(w2));
+                }
+            }
+        }
+        self
     }
 
     pub(crate) fn w(&self, name: &str) -> Tensor<2> {
@@ -186,7 +236,10 @@ impl DeviceModel {
     }
 
     pub(crate) fn linear(&self, x: Tensor<2>, name: &str) -> Tensor<2> {
-        crate::ops::matmul(x, self.w(name))
+        match self.bf16_linears.get(name) {
+            Some(w) => crate::ops::linear_bf16(&self.kernels, x, w),
+            None => crate::ops::matmul(x, self.w(name)),
+        }
     }
 
     pub(crate) fn rms_norm(&self, x: Tensor<2>, name: &str) -> Tensor<2> {
@@ -586,8 +639,16 @@ impl DeviceModel {
         };
         let bias = self.w(&format!("{p}.mlp.gate.e_score_correction_bias"));
         let (ids, weights) = crate::ops::moe_gate(&self.kernels, logits, bias, &gate);
-        let (w13, w2) = &self.experts[p];
-        let mut out = crate::ops::moe_experts(&self.kernels, x.clone(), ids.clone(), weights, w13, w2);
+        let mut out = match &self.experts[p] {
+            Experts::F32(w13, w2) => crate::ops::moe_experts(&self.kernels, x.clone(), ids.clone(), weights, w13, w2),
+            Experts::Bf16(w13, w2) => {
+                let shape = crate::ops::ExpertShape {
+                    experts: c.n_routed_experts,
+                    inter: c.moe_intermediate_size,
+                };
+                crate::ops::moe_experts_bf16(&self.kernels, x.clone(), ids.clone(), weights, w13, w2, shape)
+            }
+        };
         if c.n_shared_experts > 0 {
             out = out.add(self.mlp(&format!("{p}.mlp.shared_experts"), x));
         }

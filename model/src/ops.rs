@@ -295,31 +295,112 @@ pub fn moe_experts(
     w2: &Tensor<3>,
 ) -> Tensor<2> {
     let [n, hidden] = x.dims();
-    let [_, top_k] = ids.dims();
     let [experts, _, inter] = w2.dims();
-    let out = Tensor::<2>::empty([n, hidden], &x.device());
-    let (x, ids, weights) = (input(x), int_input(ids), input(weights));
+    let out = primitive(Tensor::<2>::empty([n, hidden], &x.device()));
     let (w13, w2) = (input(w13.clone()), input(w2.clone()));
-    let out = primitive(out);
-    let problem = Problem::new(
+    let shape = ExpertShape { experts, inter };
+    launch_moe_experts(
+        device,
         Format::F32,
+        shape,
+        input(x),
+        ids,
+        weights,
+        w13,
+        w2,
+        &out.handle,
+        [n, hidden],
+    );
+    Tensor::from_primitive::<Cube>(out)
+}
+
+/// [`moe_experts`] on bf16 experts: w13 / w2 as [`bf16_rows`] words of [experts · 2·inter, hidden] and
+/// [experts · hidden, inter]; x rounded to bf16 on the way in, the bf16 result widened to f32.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_experts_bf16(
+    device: &nsa_backends::Device,
+    x: Tensor<2>,
+    ids: Tensor<2, Int>,
+    weights: Tensor<2>,
+    w13: &Tensor<2, Int>,
+    w2: &Tensor<2, Int>,
+    shape: ExpertShape,
+) -> Tensor<2> {
+    let [n, hidden] = x.dims();
+    let like = x.clone();
+    let on = cube_device(&x);
+    let x = int_input(bf16_rows(device, x));
+    let out = device.client.empty(n * hidden * 2);
+    let (w13, w2) = (int_input(w13.clone()), int_input(w2.clone()));
+    launch_moe_experts(device, Format::Bf16, shape, x, ids, weights, w13, w2, &out, [n, hidden]);
+    widen_bf16_rows(device, words_output(device, on, [n, hidden / 2], out), &like)
+}
+
+/// Whether nsa's `gemm` kernel runs bf16 on `device` (WGSL has no bf16: wgpu does not).
+pub fn runs_bf16_gemm(device: &nsa_backends::Device) -> bool {
+    let kernel = nsa_kernels::find_kernel("gemm").expect("a registered kernel");
+    let problem = gemm_problem(Format::Bf16, 64, 64, 64);
+    default_variant(kernel, &problem, device.features()).is_some()
+}
+
+fn gemm_problem(format: Format, m: usize, n: usize, k: usize) -> Problem {
+    Problem::new(format, &[("m", m), ("n", n), ("k", k)], &[])
+}
+
+/// x [n, in] (f32) through a linear layer whose weight is kept as [`bf16_rows`] words of the checkpoint's
+/// [out, in]: x rounded to bf16, nsa's `gemm` (f32 accumulation, bf16 out), widened to f32 [n, out].
+pub fn linear_bf16(device: &nsa_backends::Device, x: Tensor<2>, w: &Tensor<2, Int>) -> Tensor<2> {
+    let [n, k] = x.dims();
+    let [out, _] = w.dims();
+    let like = x.clone();
+    let on = cube_device(&x);
+    let x = int_input(bf16_rows(device, x));
+    let c = device.client.empty(n * out * 2);
+    let problem = gemm_problem(Format::Bf16, n, out, k);
+    launch(
+        device,
+        "gemm",
+        &problem,
+        &[x, int_input(w.clone())],
+        std::slice::from_ref(&c),
+    );
+    widen_bf16_rows(device, words_output(device, on, [n, out / 2], c), &like)
+}
+
+/// Routed experts' sizes the stacked weights do not carry once flattened to rows.
+#[derive(Clone, Copy, Debug)]
+pub struct ExpertShape {
+    pub experts: usize,
+    pub inter: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_moe_experts(
+    device: &nsa_backends::Device,
+    format: Format,
+    shape: ExpertShape,
+    x: Handle,
+    ids: Tensor<2, Int>,
+    weights: Tensor<2>,
+    w13: Handle,
+    w2: Handle,
+    out: &Handle,
+    [n, hidden]: [usize; 2],
+) {
+    let [_, top_k] = ids.dims();
+    let problem = Problem::new(
+        format,
         &[
             ("tokens", n),
             ("hidden", hidden),
-            ("inter", inter),
-            ("experts", experts),
+            ("inter", shape.inter),
+            ("experts", shape.experts),
             ("top_k", top_k),
         ],
         &[],
     );
-    launch(
-        device,
-        "moe_experts",
-        &problem,
-        &[x, ids, weights, w13, w2],
-        std::slice::from_ref(&out.handle),
-    );
-    Tensor::from_primitive::<Cube>(out)
+    let inputs = [x, int_input(ids), input(weights), w13, w2];
+    launch(device, "moe_experts", &problem, &inputs, std::slice::from_ref(out));
 }
 
 /// Bytes of one cached token in the FP8 layout (512 e4m3 latent values, 4 f32 group scales, 64 bf16 rope).

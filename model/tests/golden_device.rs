@@ -339,3 +339,29 @@ fn dummy_weights_run_and_repeat() {
     assert_eq!(first, again, "one seed, one model");
     assert!(max_diff(&first, &other) > 0.0, "another seed, the same weights");
 }
+
+/// `--dtype bfloat16`: the routed experts (and, where the device runs bf16 GEMMs, the linear layers) in
+/// bf16 move the logits a little: they stay within 1% of the f32 model's.
+#[test]
+fn bf16_weights_stay_close_to_f32() {
+    use nsa_model::device::WeightFormat;
+    let device = Device::wgpu(DeviceKind::DefaultDevice);
+    let prompt = [0u32, 7, 300, 12, 5, 41, 99];
+    let logits = |format: WeightFormat| {
+        DeviceModel::load(&bundled_model_dir(), &device)
+            .unwrap()
+            .with_weight_format(format)
+            .prefill_prompt(&prompt)
+            .0
+    };
+    let (exact, bf16) = (logits(WeightFormat::F32), logits(WeightFormat::Bf16));
+    let scale = exact.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let diff = max_diff(&exact, &bf16);
+    assert!(bf16.iter().all(|v| v.is_finite()), "non-finite logits");
+    assert!(diff > 0.0, "bf16 experts rounded nothing");
+    assert!(
+        diff < 0.01 * scale,
+        "bf16 experts moved the logits by {diff:e} (scale {scale:e})"
+    );
+    eprintln!("bf16 weights: logits max |Δ| {diff:.2e} (scale {scale:.2e})");
+}

@@ -23,7 +23,8 @@ pub struct ForwardArgs {
     #[arg(long)]
     out: PathBuf,
     /// Compute precision: f32 (the host reference computes in f64 and writes f32), or bf16 (on the host:
-    /// the reference with every activation rounded to bf16, as bf16 inference stores them).
+    /// the reference with every activation rounded to bf16, as bf16 inference stores them; on a device:
+    /// the model's large weights in bf16 as `nsa serve --dtype bfloat16` keeps them).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// `host` (the f64 reference model), or the burn device model (f32) on a device: `auto` (the best
@@ -160,12 +161,7 @@ fn read_ids(path: &Path) -> Result<Vec<u32>, Failure> {
 pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
     let bf16 = match args.dtype.as_str() {
         "f32" => false,
-        "bf16" if args.device == "host" => true,
-        "bf16" => {
-            return Err(usage(
-                "--dtype bf16 runs on the host reference (emulated: bf16 activations); the device model is f32 only so far",
-            ));
-        }
+        "bf16" => true,
         other => return Err(usage(format!("--dtype {other}: expected f32 or bf16"))),
     };
     use nsa_model::device::PrefillAttention;
@@ -192,8 +188,20 @@ pub fn forward(args: ForwardArgs) -> Result<(), Failure> {
             (model.config.clone(), Box::new(move |ids| model.forward(ids)))
         }
         Some(device) => {
-            eprintln!("loading {} (burn device model, f32, {})", dir.display(), args.device);
-            let mut model = nsa_model::device::DeviceModel::load(&dir, &device).map_err(usage)?;
+            let weights = if bf16 { "bf16 weights" } else { "f32" };
+            eprintln!(
+                "loading {} (burn device model, {weights}, {})",
+                dir.display(),
+                args.device
+            );
+            let format = if bf16 {
+                nsa_model::device::WeightFormat::Bf16
+            } else {
+                nsa_model::device::WeightFormat::F32
+            };
+            let mut model = nsa_model::device::DeviceModel::load(&dir, &device)
+                .map_err(usage)?
+                .with_weight_format(format);
             model.prefill_attention = attention;
             (model.config.clone(), Box::new(move |ids| model.forward(ids)))
         }

@@ -4,7 +4,7 @@
 use crate::{Failure, usage};
 use clap::Args as ClapArgs;
 use nsa_server::http::ToolCallParser;
-use nsa_server::{KvFormat, ModelDevice, ServeConfig};
+use nsa_server::{KvFormat, ModelDevice, ServeConfig, WeightFormat};
 use std::path::PathBuf;
 
 #[derive(ClapArgs)]
@@ -69,6 +69,11 @@ pub struct Args {
     /// latent values, 4 scales, 64 bf16 rope) on a device.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
+    /// Weights' dtype: `auto` / `float32`: f32 (exact; the host reference: f64); `bfloat16` (or `bf16`), on
+    /// a device model: the routed experts and (where the device has bf16 GEMMs: CUDA, HIP) the linear
+    /// layers but the router in bf16, f32 accumulation; norms, embeddings, attention and router stay f32.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     /// Tensor parallelism: only 1 is built.
     #[arg(long, alias = "tp-size", default_value_t = 1)]
     tp: usize,
@@ -146,6 +151,13 @@ fn config(args: Args) -> Result<ServeConfig, Failure> {
             ));
         }
     };
+    let weight_format = match args.dtype.as_str() {
+        "auto" | "float32" | "float" => WeightFormat::F32,
+        "bfloat16" | "bf16" => WeightFormat::Bf16,
+        other => {
+            return Err(not_built(&format!("--dtype {other}"), "valid: auto, float32, bfloat16"));
+        }
+    };
     let dummy_weights = match args.load_format.as_str() {
         "auto" | "safetensors" => false,
         "dummy" => true,
@@ -200,7 +212,11 @@ fn config(args: Args) -> Result<ServeConfig, Failure> {
         model_path: args.model_path.unwrap_or_else(nsa_model::bundled_model_dir),
         tokenizer_path: args.tokenizer_path,
         dummy_weights,
-        device: model_device(&args.device, kv_format != KvFormat::F32 || dummy_weights)?,
+        device: model_device(
+            &args.device,
+            kv_format != KvFormat::F32 || dummy_weights || weight_format != WeightFormat::F32,
+        )?,
+        weight_format,
         host: args.host,
         port: args.port,
         served_model_name: args.served_model_name,
@@ -222,6 +238,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let config = config(args)?;
     let device = match &config.device {
         ModelDevice::Host => "host (f64 reference model)".to_string(),
+        ModelDevice::Burn { id, .. } if config.weight_format == WeightFormat::Bf16 => {
+            format!("{id} (burn device model, bf16 weights)")
+        }
         ModelDevice::Burn { id, .. } => format!("{id} (burn device model, f32)"),
     };
     eprintln!("loading {} on {device}", config.model_path.display());

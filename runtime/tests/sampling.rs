@@ -35,6 +35,42 @@ fn greedy_picks_the_most_likely_token_and_reports_logprobs() {
     assert!((sampled.top_logprobs[2].1 - 0.125f64.ln()).abs() < 1e-12);
 }
 
+/// The top entries come from a partial selection, not a sort of the whole vocabulary: over a DeepSeek-size
+/// vocabulary with many ties they equal a full sort's (largest first, ties to the lower id), and top-k
+/// draws stay inside the k most likely.
+#[test]
+fn top_logprobs_and_top_k_over_a_large_vocabulary_with_ties() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    // Logits on a coarse grid: thousands of exact ties.
+    let logits: Vec<f64> = (0..129_280).map(|_| rng.random_range(0..400) as f64 / 40.0).collect();
+    let params = SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let sampled = Sampler::new(Some(1)).sample(&logits, &params, 20);
+    let mut sorted: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, l)| (i as u32, *l)).collect();
+    sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let log_total = logits.iter().map(|l| l.exp()).sum::<f64>().ln();
+    assert_eq!(sampled.token, sorted[0].0, "greedy: the lowest id of the largest logit");
+    assert_eq!(sampled.top_logprobs.len(), 20);
+    for ((id, lp), (want_id, logit)) in sampled.top_logprobs.iter().zip(&sorted) {
+        assert_eq!(id, want_id);
+        assert!((lp - (logit - log_total)).abs() < 1e-9, "token {id}: logprob {lp}");
+    }
+    let top_k = SamplingParams {
+        temperature: 1.0,
+        top_k: 50,
+        ..Default::default()
+    };
+    let allowed: std::collections::HashSet<u32> = sorted[..50].iter().map(|t| t.0).collect();
+    let mut sampler = Sampler::new(Some(3));
+    for _ in 0..200 {
+        let token = sampler.sample(&logits, &top_k, 0).token;
+        assert!(allowed.contains(&token), "token {token} outside the top 50");
+    }
+}
+
 #[test]
 fn draws_follow_the_filtered_distribution() {
     let n = 40_000;

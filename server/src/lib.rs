@@ -12,6 +12,7 @@ pub mod worker;
 use http::{AppState, ServedModel, ToolCallParser};
 use metrics::Metrics;
 use nsa_model::device::DeviceModel;
+pub use nsa_model::device::WeightFormat;
 pub use nsa_model::paged::KvFormat;
 use nsa_model::reference::ReferenceModel;
 use nsa_model::{ModelConfig, Tokenizer};
@@ -40,6 +41,8 @@ pub struct ServeConfig {
     /// device models only): benchmarks at shapes with no checkpoint at hand.
     pub dummy_weights: bool,
     pub device: ModelDevice,
+    /// How a device model keeps its large weights (`--dtype`).
+    pub weight_format: WeightFormat,
     pub host: String,
     pub port: u16,
     pub served_model_name: Option<String>,
@@ -162,6 +165,9 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(std::net::SocketAddr)) -> R
         ModelDevice::Host if config.dummy_weights => {
             return Err("--load-format dummy needs a device model (--device cuda, hip or wgpu)".into());
         }
+        ModelDevice::Host if config.weight_format != WeightFormat::F32 => {
+            return Err("--dtype bfloat16 needs a device model (--device cuda, hip or wgpu)".into());
+        }
         ModelDevice::Host => {
             let dir = dir.clone();
             worker::start(
@@ -173,12 +179,14 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(std::net::SocketAddr)) -> R
         ModelDevice::Burn { id, .. } => {
             let (dir, spec, sparse) = (dir.clone(), id.clone(), config.sparse_prefill);
             let dummy = config.dummy_weights.then(|| model_config.clone());
+            let weight_format = config.weight_format;
             let load = move || {
                 let device = nsa_model::device::burn_device(&spec)?;
-                let mut model = match dummy {
+                let model = match dummy {
                     Some(shapes) => DeviceModel::dummy(shapes, &device, 0),
                     None => DeviceModel::load(&dir, &device).map_err(|e| e.to_string())?,
                 };
+                let mut model = model.with_weight_format(weight_format);
                 model.prefill_attention = sparse.map(|sparse| {
                     if sparse {
                         nsa_model::device::PrefillAttention::Sparse

@@ -5,7 +5,7 @@
 use nsa_model::reference::ReferenceModel;
 use nsa_model::{Tokenizer, bundled_model_dir};
 use nsa_server::http::ToolCallParser;
-use nsa_server::{ModelDevice, ServeConfig};
+use nsa_server::{ModelDevice, ServeConfig, WeightFormat};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::sync::OnceLock;
@@ -19,6 +19,7 @@ fn server() -> &'static str {
             tokenizer_path: None,
             dummy_weights: false,
             device: ModelDevice::Host,
+            weight_format: WeightFormat::F32,
             host: "127.0.0.1".into(),
             port: 0,
             served_model_name: Some("tiny".into()),
