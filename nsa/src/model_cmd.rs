@@ -327,7 +327,7 @@ pub fn generate(args: GenerateArgs) -> Result<(), Failure> {
         if step > 0 {
             logits = decoder.step(*ids.last().expect("a prompt"));
         }
-        let next = sampler.sample(&logits[..vocab], &params, 0).token;
+        let next = sampler.sample(&logits[..vocab], &params, None).token;
         if !args.ignore_eos && config.eos_token_ids.contains(&next) {
             break;
         }

@@ -132,15 +132,15 @@ impl CachedModel for DeviceModel {
 struct Sequence {
     params: SamplingParams,
     sampler: Sampler,
-    top_logprobs: usize,
+    logprobs: Option<usize>,
 }
 
 impl Sequence {
-    fn new(params: SamplingParams, seed: Option<u64>, top_logprobs: usize) -> Sequence {
+    fn new(params: SamplingParams, seed: Option<u64>, logprobs: Option<usize>) -> Sequence {
         Sequence {
             params,
             sampler: Sampler::new(seed),
-            top_logprobs,
+            logprobs,
         }
     }
 }
@@ -184,9 +184,8 @@ impl<M: CachedModel> ModelEngine<M> {
     }
 
     /// Sampling of `request`'s tokens (before the scheduler first runs it).
-    pub fn register(&mut self, request: u64, params: SamplingParams, seed: Option<u64>, top_logprobs: usize) {
-        self.sequences
-            .insert(request, Sequence::new(params, seed, top_logprobs));
+    pub fn register(&mut self, request: u64, params: SamplingParams, seed: Option<u64>, logprobs: Option<usize>) {
+        self.sequences.insert(request, Sequence::new(params, seed, logprobs));
     }
 
     /// `request` finished or was cancelled: its full pages take its rows (a later request may reuse them as
@@ -258,10 +257,8 @@ impl<M: CachedModel> Engine for ModelEngine<M> {
             self.caches.insert(work.request, cache);
             if work.wants_token {
                 let sequence = (self.sequences.entry(work.request))
-                    .or_insert_with(|| Sequence::new(SamplingParams::default(), None, 0));
-                let sampled = sequence
-                    .sampler
-                    .sample(&logits, &sequence.params, sequence.top_logprobs);
+                    .or_insert_with(|| Sequence::new(SamplingParams::default(), None, None));
+                let sampled = sequence.sampler.sample(&logits, &sequence.params, sequence.logprobs);
                 tokens.push(sampled.token);
                 self.sampled.insert(work.request, sampled);
             }

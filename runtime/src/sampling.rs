@@ -48,8 +48,9 @@ impl SamplingParams {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {
     pub token: u32,
-    pub logprob: f64,
-    /// The `top_logprobs` most likely tokens, most likely first.
+    /// `None` when logprobs were not requested.
+    pub logprob: Option<f64>,
+    /// The requested number of most likely tokens, most likely first.
     pub top_logprobs: Vec<(u32, f64)>,
 }
 
@@ -68,23 +69,32 @@ impl Sampler {
         }
     }
 
-    pub fn sample(&mut self, logits: &[f64], params: &SamplingParams, top_logprobs: usize) -> Sampled {
+    /// The next token; with `logprobs` (`Some(n)`: the n most likely reported too) its log-probability,
+    /// a pass over the vocabulary that greedy serving without logprobs does not pay.
+    pub fn sample(&mut self, logits: &[f64], params: &SamplingParams, logprobs: Option<usize>) -> Sampled {
         assert!(!logits.is_empty(), "sampling from no logits");
         let token = if params.temperature == 0.0 {
             argmax(logits)
         } else {
             self.draw(logits, params)
         };
+        let Some(top) = logprobs else {
+            return Sampled {
+                token,
+                logprob: None,
+                top_logprobs: Vec::new(),
+            };
+        };
         // One pass for the normalizer, and only the requested top entries ranked: a 129K vocabulary
         // sorted for every token of every sequence cost ~10 ms a token on the host.
         let log_total = log_sum_exp(logits);
-        let top_logprobs = most_likely(logits, top_logprobs)
+        let top_logprobs = most_likely(logits, top)
             .into_iter()
             .map(|(id, logit)| (id, logit - log_total))
             .collect();
         Sampled {
             token,
-            logprob: logits[token as usize] - log_total,
+            logprob: Some(logits[token as usize] - log_total),
             top_logprobs,
         }
     }

@@ -45,7 +45,7 @@ fn serve_cached<M: CachedModel>(
     let mut outputs: HashMap<u64, Vec<u32>> = HashMap::new();
     // The first request runs alone and finishes: the others share its prefix pages.
     for (id, prompt) in prompts.iter().enumerate() {
-        engine.register(id as u64, greedy(), Some(0), 0);
+        engine.register(id as u64, greedy(), Some(0), None);
         scheduler
             .add(id as u64, prompt.clone(), count, Vec::new())
             .expect("fits");

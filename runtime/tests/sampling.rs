@@ -7,7 +7,7 @@ fn histogram(logits: &[f64], params: &SamplingParams, draws: usize) -> Vec<usize
     let mut sampler = Sampler::new(Some(7));
     let mut counts = vec![0; logits.len()];
     for _ in 0..draws {
-        counts[sampler.sample(logits, params, 0).token as usize] += 1;
+        counts[sampler.sample(logits, params, None).token as usize] += 1;
     }
     counts
 }
@@ -27,12 +27,14 @@ fn greedy_picks_the_most_likely_token_and_reports_logprobs() {
         temperature: 0.0,
         ..Default::default()
     };
-    let sampled = Sampler::new(Some(1)).sample(&LOGITS, &params, 3);
+    let sampled = Sampler::new(Some(1)).sample(&LOGITS, &params, Some(3));
     assert_eq!(sampled.token, 0);
-    assert!((sampled.logprob - 0.5f64.ln()).abs() < 1e-12);
+    assert!((sampled.logprob.unwrap() - 0.5f64.ln()).abs() < 1e-12);
     let top: Vec<u32> = sampled.top_logprobs.iter().map(|t| t.0).collect();
     assert_eq!(top, vec![0, 1, 2]);
     assert!((sampled.top_logprobs[2].1 - 0.125f64.ln()).abs() < 1e-12);
+    let plain = Sampler::new(Some(1)).sample(&LOGITS, &params, None);
+    assert_eq!((plain.token, plain.logprob, plain.top_logprobs.len()), (0, None, 0));
 }
 
 /// The top entries come from a partial selection, not a sort of the whole vocabulary: over a DeepSeek-size
@@ -48,7 +50,7 @@ fn top_logprobs_and_top_k_over_a_large_vocabulary_with_ties() {
         temperature: 0.0,
         ..Default::default()
     };
-    let sampled = Sampler::new(Some(1)).sample(&logits, &params, 20);
+    let sampled = Sampler::new(Some(1)).sample(&logits, &params, Some(20));
     let mut sorted: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, l)| (i as u32, *l)).collect();
     sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let log_total = logits.iter().map(|l| l.exp()).sum::<f64>().ln();
@@ -66,7 +68,7 @@ fn top_logprobs_and_top_k_over_a_large_vocabulary_with_ties() {
     let allowed: std::collections::HashSet<u32> = sorted[..50].iter().map(|t| t.0).collect();
     let mut sampler = Sampler::new(Some(3));
     for _ in 0..200 {
-        let token = sampler.sample(&logits, &top_k, 0).token;
+        let token = sampler.sample(&logits, &top_k, None).token;
         assert!(allowed.contains(&token), "token {token} outside the top 50");
     }
 }
@@ -133,7 +135,7 @@ fn a_seed_reproduces_the_draws() {
     let run = |seed| {
         let mut sampler = Sampler::new(Some(seed));
         (0..50)
-            .map(|_| sampler.sample(&LOGITS, &params, 0).token)
+            .map(|_| sampler.sample(&LOGITS, &params, None).token)
             .collect::<Vec<_>>()
     };
     assert_eq!(run(3), run(3));

@@ -204,7 +204,7 @@ impl AppState {
     }
 
     /// Hands the request to the engine; its text arrives on the returned stream.
-    fn submit(&self, prepared: &Prepared, top_logprobs: usize) -> Result<TextStream, ApiError> {
+    fn submit(&self, prepared: &Prepared, logprobs: Option<usize>) -> Result<TextStream, ApiError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let submit = Submit {
             prompt: prepared.prompt.clone(),
@@ -212,7 +212,7 @@ impl AppState {
             stop_tokens: prepared.stop_tokens.clone(),
             params: prepared.params.clone(),
             seed: prepared.seed,
-            top_logprobs,
+            logprobs,
             out: tx,
         };
         if !self.worker.submit(submit) {
@@ -327,7 +327,7 @@ async fn completions_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Respons
         None => None,
     };
     let prepared = state.prepare(request.sampling, prompt, Some(16))?;
-    let mut text = state.submit(&prepared, top.unwrap_or(0))?;
+    let mut text = state.submit(&prepared, top)?;
     let (id, model, prompt_tokens) = (
         state.request_id("cmpl"),
         state.model.name.clone(),
@@ -428,7 +428,7 @@ impl ChatParsers {
 }
 
 fn chat_logprobs(state: &AppState, sampled: &[Sampled]) -> Value {
-    let entry = |token: u32, logprob: f64| {
+    let entry = |token: u32, logprob: Option<f64>| {
         let text = state.token_text(token);
         json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
     };
@@ -436,7 +436,7 @@ fn chat_logprobs(state: &AppState, sampled: &[Sampled]) -> Value {
         .iter()
         .map(|s| {
             let mut e = entry(s.token, s.logprob);
-            e["top_logprobs"] = s.top_logprobs.iter().map(|(t, lp)| entry(*t, *lp)).collect();
+            e["top_logprobs"] = s.top_logprobs.iter().map(|(t, lp)| entry(*t, Some(*lp))).collect();
             e
         })
         .collect();
@@ -482,7 +482,7 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiE
         (false, _) => None,
     };
     let prepared = state.prepare(request.sampling, prompt, None)?;
-    let mut text = state.submit(&prepared, top.unwrap_or(0))?;
+    let mut text = state.submit(&prepared, top)?;
     let mut parsers = ChatParsers {
         reasoning: (state.model.reasoning_parser && request.separate_reasoning != Some(false))
             .then(|| ReasoningParser::new(thinking)),

@@ -31,7 +31,8 @@ pub struct Submit {
     pub stop_tokens: Vec<u32>,
     pub params: SamplingParams,
     pub seed: Option<u64>,
-    pub top_logprobs: usize,
+    /// Logprobs wanted, with this many most likely tokens each.
+    pub logprobs: Option<usize>,
     pub out: mpsc::UnboundedSender<Out>,
 }
 
@@ -137,7 +138,7 @@ fn run<M: CachedModel>(
             next_id += 1;
             match scheduler.add(id, submit.prompt, submit.max_tokens, submit.stop_tokens) {
                 Ok(()) => {
-                    engine.register(id, submit.params, submit.seed, submit.top_logprobs);
+                    engine.register(id, submit.params, submit.seed, submit.logprobs);
                     outs.insert(id, submit.out);
                 }
                 Err(reason) => {
