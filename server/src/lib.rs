@@ -127,8 +127,56 @@ fn cache_tokens(config: &ModelConfig, device: &ModelDevice, kv: KvFormat, fracti
     Ok(((budget - weights) / per_token) as usize)
 }
 
-/// Loads the model, binds the port, serves until Ctrl-C. `ready` is called with the bound address.
+/// Loads the model `config.device` names, binds the port, serves until Ctrl-C. `ready` is called with the
+/// bound address.
 pub fn serve(config: ServeConfig, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String> {
+    let dir = config.model_path.clone();
+    match &config.device {
+        ModelDevice::Host if config.dummy_weights => {
+            Err("--load-format dummy needs a device model (--device cuda, hip or wgpu)".into())
+        }
+        ModelDevice::Host if config.weight_format != WeightFormat::F32 => {
+            Err("--dtype bfloat16 needs a device model (--device cuda, hip or wgpu)".into())
+        }
+        ModelDevice::Host => serve_model(
+            config,
+            move || ReferenceModel::load(&dir).map_err(|e| e.to_string()),
+            ready,
+        ),
+        ModelDevice::Burn { id, .. } => {
+            let (spec, sparse, dummy) = (id.clone(), config.sparse_prefill, config.dummy_weights);
+            let weight_format = config.weight_format;
+            let load = move || {
+                let device = nsa_model::device::burn_device(&spec)?;
+                let model = if dummy {
+                    let shapes = ModelConfig::load(&dir).map_err(|e| e.to_string())?;
+                    DeviceModel::dummy(shapes, &device, 0)
+                } else {
+                    DeviceModel::load(&dir, &device).map_err(|e| e.to_string())?
+                };
+                let mut model = model.with_weight_format(weight_format);
+                model.prefill_attention = sparse.map(|sparse| {
+                    if sparse {
+                        nsa_model::device::PrefillAttention::Sparse
+                    } else {
+                        nsa_model::device::PrefillAttention::Mha
+                    }
+                });
+                Ok(model)
+            };
+            serve_model(config, load, ready)
+        }
+    }
+}
+
+/// [`serve`] with the model `load` makes (on the engine's thread) instead of the one `config.device`
+/// names; the config's model path still gives config.json, the tokenizer and generation defaults. Tests
+/// serve scripted models through it.
+pub fn serve_model<M, L>(config: ServeConfig, load: L, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String>
+where
+    M: nsa_runtime::engine::CachedModel + 'static,
+    L: FnOnce() -> Result<M, String> + Send + 'static,
+{
     let dir = config.model_path.clone();
     let model_config = ModelConfig::load(&dir).map_err(|e| e.to_string())?;
     let tokenizer_dir = config.tokenizer_path.clone().unwrap_or(dir.clone());
@@ -161,44 +209,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(std::net::SocketAddr)) -> R
         kv_format: config.kv_format,
     };
     let metrics = Arc::new(Metrics::default());
-    let worker = match &config.device {
-        ModelDevice::Host if config.dummy_weights => {
-            return Err("--load-format dummy needs a device model (--device cuda, hip or wgpu)".into());
-        }
-        ModelDevice::Host if config.weight_format != WeightFormat::F32 => {
-            return Err("--dtype bfloat16 needs a device model (--device cuda, hip or wgpu)".into());
-        }
-        ModelDevice::Host => {
-            let dir = dir.clone();
-            worker::start(
-                move || ReferenceModel::load(&dir).map_err(|e| e.to_string()),
-                worker_config,
-                metrics.clone(),
-            )?
-        }
-        ModelDevice::Burn { id, .. } => {
-            let (dir, spec, sparse) = (dir.clone(), id.clone(), config.sparse_prefill);
-            let dummy = config.dummy_weights.then(|| model_config.clone());
-            let weight_format = config.weight_format;
-            let load = move || {
-                let device = nsa_model::device::burn_device(&spec)?;
-                let model = match dummy {
-                    Some(shapes) => DeviceModel::dummy(shapes, &device, 0),
-                    None => DeviceModel::load(&dir, &device).map_err(|e| e.to_string())?,
-                };
-                let mut model = model.with_weight_format(weight_format);
-                model.prefill_attention = sparse.map(|sparse| {
-                    if sparse {
-                        nsa_model::device::PrefillAttention::Sparse
-                    } else {
-                        nsa_model::device::PrefillAttention::Mha
-                    }
-                });
-                Ok(model)
-            };
-            worker::start(load, worker_config, metrics.clone())?
-        }
-    };
+    let worker = worker::start(load, worker_config, metrics.clone())?;
     let name = config.served_model_name.clone().unwrap_or_else(|| {
         let dir = dir.canonicalize().unwrap_or(dir.clone());
         dir.file_name()

@@ -1,0 +1,279 @@
+//! The server end to end over scripted models (`nsa_server::serve_model`): a model that answers every
+//! prompt with a fixed text, so that what the tiny random checkpoint never writes — tool calls in both
+//! DeepSeek formats — comes out through the parsers as OpenAI `tool_calls`, streaming and not; and a slow
+//! one, so that a client going away is seen to cancel its request.
+use nsa_model::bundled_model_dir;
+use nsa_model::paged::KvFormat;
+use nsa_model::{ModelConfig, Tokenizer};
+use nsa_runtime::engine::CachedModel;
+use nsa_runtime::pages::PageId;
+use nsa_server::http::ToolCallParser;
+use nsa_server::{ModelDevice, ServeConfig, WeightFormat};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read};
+use std::time::{Duration, Instant};
+
+/// Answers every prompt with `script` (token ids), then end of sequence; each step takes `step_time`.
+struct Scripted {
+    script: Vec<u32>,
+    eos: u32,
+    vocab: usize,
+    step_time: Duration,
+}
+
+/// A sequence's progress: tokens seen, of which the prompt (the first step's tokens).
+#[derive(Clone, Default)]
+struct Progress {
+    len: usize,
+    prompt: usize,
+}
+
+impl CachedModel for Scripted {
+    type Cache = Progress;
+    type Store = ();
+    const PAGED: bool = false;
+    fn new_store(&self, _: usize, _: KvFormat) -> Result<(), String> {
+        Ok(())
+    }
+    fn empty_cache(&self) -> Progress {
+        Progress::default()
+    }
+    fn cache_len(cache: &Progress) -> usize {
+        cache.len
+    }
+    fn in_pages(_: &[PageId], _: usize) -> Progress {
+        unreachable!("a per-sequence model")
+    }
+    fn slice(cache: &Progress, start: usize, end: usize) -> Progress {
+        Progress {
+            len: end - start,
+            prompt: cache.prompt.min(end) - cache.prompt.min(start),
+        }
+    }
+    fn concat(parts: &[Progress]) -> Progress {
+        Progress {
+            len: parts.iter().map(|p| p.len).sum(),
+            prompt: parts.iter().map(|p| p.prompt).sum(),
+        }
+    }
+    fn run_step(&self, _: &mut (), caches: &mut [&mut Progress], tokens: &[&[u32]]) -> Vec<Vec<f64>> {
+        std::thread::sleep(self.step_time);
+        caches
+            .iter_mut()
+            .zip(tokens)
+            .map(|(cache, tokens)| {
+                if cache.len == 0 {
+                    cache.prompt = tokens.len();
+                }
+                cache.len += tokens.len();
+                let next = self.script.get(cache.len - cache.prompt).copied().unwrap_or(self.eos);
+                let mut logits = vec![0.0; self.vocab];
+                logits[next as usize] = 30.0;
+                logits
+            })
+            .collect()
+    }
+}
+
+/// Serves `text` as every answer (through `parser`) on a free port; returns the base URL.
+fn serve_script(text: &str, parser: Option<ToolCallParser>, step_time: Duration) -> String {
+    let dir = bundled_model_dir();
+    let tokenizer = Tokenizer::load(&dir).expect("tokenizer");
+    let config = ModelConfig::load(&dir).expect("config");
+    let model = Scripted {
+        script: tokenizer.encode(text).expect("encodes"),
+        eos: config.eos_token_ids[0],
+        vocab: config.vocab_size,
+        step_time,
+    };
+    let serve = ServeConfig {
+        model_path: dir,
+        tokenizer_path: None,
+        dummy_weights: false,
+        device: ModelDevice::Host,
+        weight_format: WeightFormat::F32,
+        host: "127.0.0.1".into(),
+        port: 0,
+        served_model_name: Some("scripted".into()),
+        context_length: Some(2048),
+        page_size: 16,
+        max_running_requests: 8,
+        chunked_prefill_size: 2048,
+        max_total_tokens: Some(8192),
+        mem_fraction_static: None,
+        disable_radix_cache: true,
+        reasoning_parser: false,
+        tool_call_parser: parser,
+        sparse_prefill: None,
+        kv_format: Default::default(),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = nsa_server::serve_model(serve, move || Ok(model), |address| tx.send(address).expect("waits"));
+        panic!("the server stopped: {result:?}");
+    });
+    let address = rx.recv_timeout(Duration::from_secs(60)).expect("server starts");
+    format!("http://{address}")
+}
+
+fn chat(base: &str, stream: bool) -> ureq::Response {
+    let body = json!({
+        "model": "scripted",
+        "messages": [{"role": "user", "content": "Weather in Paris for 3 days, and the time?"}],
+        "tools": [
+            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}},
+            {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+                "properties": {"zones": {"type": "array", "items": {"type": "string"}}}}}}
+        ],
+        "stream": stream,
+    });
+    ureq::post(&format!("{base}/v1/chat/completions"))
+        .send_json(body)
+        .expect("the request succeeds")
+}
+
+fn events(response: ureq::Response) -> Vec<Value> {
+    let mut events = Vec::new();
+    for line in BufReader::new(response.into_reader()).lines() {
+        let line = line.expect("stream line");
+        match line.strip_prefix("data: ") {
+            Some("[DONE]") => return events,
+            Some(data) => events.push(serde_json::from_str(data).expect("event json")),
+            None => {}
+        }
+    }
+    panic!("stream ended without [DONE]");
+}
+
+/// The tool calls of a streamed answer, joined from their deltas: (name, arguments) by index.
+fn streamed_calls(events: &[Value]) -> Vec<(String, String)> {
+    let mut calls: Vec<(String, String)> = Vec::new();
+    for event in events {
+        let Some(deltas) = event["choices"][0]["delta"]["tool_calls"].as_array() else {
+            continue;
+        };
+        for delta in deltas {
+            let index = delta["index"].as_u64().expect("index") as usize;
+            if index == calls.len() {
+                calls.push(Default::default());
+            }
+            let call = &mut calls[index];
+            call.0 += delta["function"]["name"].as_str().unwrap_or("");
+            call.1 += delta["function"]["arguments"].as_str().unwrap_or("");
+        }
+    }
+    calls
+}
+
+/// Both formats' answers come out as the same OpenAI tool calls (arguments as JSON text), with the text
+/// before them as content and finish_reason `tool_calls`, whole and streamed.
+fn check_tool_calls(text: &str, parser: ToolCallParser, before: &str) {
+    let base = serve_script(text, Some(parser), Duration::ZERO);
+    let expected = [
+        ("get_weather", json!({"city": "Paris", "days": 3})),
+        ("get_time", json!({})),
+    ];
+    let body: Value = chat(&base, false).into_json().expect("json");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{parser:?}: {body}");
+    assert_eq!(
+        choice["message"]["content"].as_str().unwrap_or("").trim(),
+        before,
+        "{body}"
+    );
+    let calls = choice["message"]["tool_calls"].as_array().expect("tool_calls");
+    assert_eq!(calls.len(), 2, "{body}");
+    for (call, (name, arguments)) in calls.iter().zip(&expected) {
+        assert_eq!(call["type"], "function");
+        assert!(call["id"].as_str().is_some_and(|id| !id.is_empty()), "{call}");
+        assert_eq!(call["function"]["name"], *name);
+        let parsed: Value = serde_json::from_str(call["function"]["arguments"].as_str().expect("text")).unwrap();
+        assert_eq!(parsed, *arguments, "{parser:?}");
+    }
+    let events = events(chat(&base, true));
+    let finish = events.iter().find_map(|e| e["choices"][0]["finish_reason"].as_str());
+    assert_eq!(finish, Some("tool_calls"), "{parser:?}");
+    let calls = streamed_calls(&events);
+    assert_eq!(calls.len(), 2, "{parser:?}: {events:?}");
+    for ((name, arguments), (want_name, want_arguments)) in calls.iter().zip(&expected) {
+        assert_eq!(name, want_name);
+        assert_eq!(serde_json::from_str::<Value>(arguments).unwrap(), *want_arguments);
+    }
+}
+
+#[test]
+fn dsml_tool_calls_come_out_as_openai_tool_calls() {
+    let text = "Let me check.\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"get_weather\">\n\
+                <｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>\n\
+                <｜DSML｜parameter name=\"days\" string=\"false\">3</｜DSML｜parameter>\n</｜DSML｜invoke>\n\
+                <｜DSML｜invoke name=\"get_time\">\n</｜DSML｜invoke>\n</｜DSML｜function_calls>";
+    check_tool_calls(text, ToolCallParser::Deepseekv32, "Let me check.");
+}
+
+#[test]
+fn v31_tool_calls_come_out_as_openai_tool_calls() {
+    let text = "Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Paris\", \
+                \"days\": 3}<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{}<｜tool▁call▁end｜>\
+                <｜tool▁calls▁end｜>";
+    check_tool_calls(text, ToolCallParser::Deepseekv31, "Sure.");
+}
+
+fn metric(base: &str, name: &str) -> f64 {
+    let text = ureq::get(&format!("{base}/metrics"))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("{name} in {text}"));
+    line.rsplit(' ').next().unwrap().parse().expect("a number")
+}
+
+/// A streaming client that reads two chunks and goes away: its request is cancelled (counted, no longer
+/// running) long before the 400-token answer would have finished.
+#[test]
+fn a_client_going_away_cancels_its_request() {
+    let base = serve_script(&"word ".repeat(400), None, Duration::from_millis(20));
+    let body = json!({"model": "scripted", "prompt": "Tell me a long story", "max_tokens": 400, "stream": true});
+    let response = ureq::post(&format!("{base}/v1/completions"))
+        .send_json(body)
+        .expect("starts");
+    let mut reader = BufReader::new(response.into_reader());
+    let mut chunks = 0;
+    let mut line = String::new();
+    while chunks < 2 {
+        line.clear();
+        reader.read_line(&mut line).expect("a line");
+        chunks += usize::from(line.starts_with("data: "));
+    }
+    assert_eq!(metric(&base, "nsa_num_running_reqs"), 1.0);
+    drop(reader);
+    let gone = Instant::now();
+    while metric(&base, "nsa_requests_cancelled_total") < 1.0 {
+        assert!(
+            gone.elapsed() < Duration::from_secs(4),
+            "not cancelled 4 s after the client left (8 s of answer)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    while metric(&base, "nsa_num_running_reqs") > 0.0 {
+        assert!(
+            gone.elapsed() < Duration::from_secs(4),
+            "still running 4 s after the client left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The server still answers (a short request on the same engine).
+    let body = json!({"model": "scripted", "prompt": "Hi", "max_tokens": 3});
+    let mut text = String::new();
+    ureq::post(&format!("{base}/v1/completions"))
+        .send_json(body)
+        .expect("answers")
+        .into_reader()
+        .read_to_string(&mut text)
+        .unwrap();
+    assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+}
