@@ -80,7 +80,14 @@ fn run_all(
     pages: usize,
     requests: &[(Vec<u32>, usize)],
 ) -> (HashMap<u64, Vec<u32>>, usize, usize) {
-    let mut scheduler = Scheduler::new(config, PagePool::new(pages, PAGE));
+    run_all_with(Scheduler::new(config, PagePool::new(pages, PAGE)), pages, requests)
+}
+
+fn run_all_with(
+    mut scheduler: Scheduler,
+    pages: usize,
+    requests: &[(Vec<u32>, usize)],
+) -> (HashMap<u64, Vec<u32>>, usize, usize) {
     for (id, (prompt, max_tokens)) in requests.iter().enumerate() {
         scheduler.add(id as u64, prompt.clone(), *max_tokens, vec![7]).unwrap();
     }
@@ -146,6 +153,25 @@ fn batched_outputs_equal_running_each_request_alone() {
         if pages == 12 {
             assert!(preemptions > 0, "a 12-page pool forces preemption");
         }
+    }
+}
+
+/// `--disable-radix-cache`: the same outputs, and no page ever reused (the shared stems of the workload
+/// are reused when it is on: `batched_outputs_equal_running_each_request_alone`).
+#[test]
+fn disabled_prefix_reuse_reuses_nothing() {
+    let requests = workload();
+    let config = SchedulerConfig {
+        max_running: 4,
+        chunked_prefill: 5,
+        context_length: 64,
+    };
+    let mut scheduler = Scheduler::new(config, PagePool::new(64, PAGE));
+    scheduler.disable_prefix_reuse();
+    let (outputs, _, reused) = run_all_with(scheduler, 64, &requests);
+    assert_eq!(reused, 0, "pages reused with prefix reuse off");
+    for (id, (prompt, max_tokens)) in requests.iter().enumerate() {
+        assert_eq!(outputs[&(id as u64)], alone(prompt, *max_tokens, 7), "request {id}");
     }
 }
 

@@ -277,3 +277,51 @@ fn a_client_going_away_cancels_its_request() {
         .unwrap();
     assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
 }
+
+/// Over HTTP: `stop_token_ids` ends the answer before the stop token (finish_reason `stop`), and chat
+/// logprobs report every generated token with its log-probability and the requested top alternatives.
+#[test]
+fn stop_token_ids_and_chat_logprobs() {
+    let text = "alpha beta gamma delta";
+    let base = serve_script(text, None, Duration::ZERO);
+    let tokenizer = Tokenizer::load(&bundled_model_dir()).unwrap();
+    let script = tokenizer.encode(text).unwrap();
+    assert!(script.len() >= 4, "{script:?}");
+    let post = |path: &str, body: Value| -> Value {
+        (ureq::post(&format!("{base}{path}")).send_json(body))
+            .expect("answers")
+            .into_json()
+            .expect("json")
+    };
+    let body = post(
+        "/v1/completions",
+        json!({"model": "scripted", "prompt": "Go", "max_tokens": 50, "stop_token_ids": [script[2]]}),
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "stop", "{body}");
+    assert_eq!(
+        body["choices"][0]["text"],
+        tokenizer.decode(&script[..2]).unwrap(),
+        "{body}"
+    );
+    let body = post(
+        "/v1/chat/completions",
+        json!({"model": "scripted", "messages": [{"role": "user", "content": "Go"}], "max_tokens": 50,
+               "logprobs": true, "top_logprobs": 2}),
+    );
+    let content = body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs.content");
+    // Every generated token has an entry, the end-of-sequence token last (as completion_tokens counts it).
+    assert_eq!(content.len(), script.len() + 1, "one entry per generated token: {body}");
+    let eos = ModelConfig::load(&bundled_model_dir()).unwrap().eos_token_ids[0];
+    for (entry, id) in content.iter().zip(script.iter().chain([&eos])) {
+        let token = tokenizer.decode(&[*id]).unwrap();
+        assert_eq!(entry["token"], token.as_str(), "{entry}");
+        let logprob = entry["logprob"].as_f64().expect("logprob");
+        assert!((-1e-6..=0.0).contains(&logprob), "a certain token's logprob {logprob}");
+        let top = entry["top_logprobs"].as_array().expect("top_logprobs");
+        assert_eq!(top.len(), 2, "{entry}");
+        assert_eq!(top[0]["token"], token.as_str());
+        assert!(top[1]["logprob"].as_f64().unwrap() < -20.0, "{entry}");
+    }
+}
