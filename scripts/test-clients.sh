@@ -25,6 +25,8 @@ if ! curl -s -o /dev/null http://127.0.0.1:30000/ 2>/dev/null; then
   kill $plain
   wait $plain 2>/dev/null || true
   echo "test-clients: nsa serve with no arguments answered on port 30000"
+else
+  echo "test-clients: WARNING: port 30000 is busy, so \`nsa serve\` with no arguments was NOT checked" >&2
 fi
 # The narrow KV caches (`--kv-cache-dtype fp8_e4m3` and `bf16`; `--device auto` takes a device model for them:
 # wgpu, lavapipe in CI) serve a completion.

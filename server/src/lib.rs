@@ -64,8 +64,8 @@ pub struct ServeConfig {
     pub kv_format: KvFormat,
 }
 
-/// generation_config.json's sampling defaults (temperature, top_p, top_k), where present.
-fn sampling_defaults(dir: &std::path::Path) -> SamplingParams {
+/// generation_config.json's sampling defaults (temperature, top_p, top_k, min_p), where present.
+pub fn sampling_defaults(dir: &std::path::Path) -> SamplingParams {
     let mut params = SamplingParams::default();
     let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else {
         return params;
@@ -79,6 +79,9 @@ fn sampling_defaults(dir: &std::path::Path) -> SamplingParams {
     }
     if let Some(k) = config["top_k"].as_u64() {
         params.top_k = k as usize;
+    }
+    if let Some(p) = config["min_p"].as_f64() {
+        params.min_p = p;
     }
     params
 }
@@ -96,7 +99,7 @@ fn host_memory() -> Option<u64> {
 /// of its store (the KV row in its format's bytes, `KvFormat::row_bytes`: 576 f32 or bf16 values, or 656 FP8
 /// bytes; and the f32 indexer key); the host reference keeps
 /// latent, rope key and indexer key twice (the running sequence's cache and its page copies).
-fn cache_tokens(config: &ModelConfig, device: &ModelDevice, kv: KvFormat, fraction: f64) -> Result<usize, String> {
+pub fn cache_tokens(config: &ModelConfig, device: &ModelDevice, kv: KvFormat, fraction: f64) -> Result<usize, String> {
     if !(fraction > 0.0 && fraction <= 1.0) {
         return Err(format!("--mem-fraction-static must be in (0, 1], got {fraction}"));
     }
