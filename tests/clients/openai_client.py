@@ -41,10 +41,33 @@ think = client.chat.completions.create(
     model=model, messages=messages, max_tokens=10, temperature=0, extra_body={"chat_template_kwargs": {"thinking": True}}
 )
 message = think.choices[0].message
-reasoning = getattr(message, "reasoning_content", None) or (message.model_extra or {}).get("reasoning_content")
-assert reasoning or message.content, think
 
-# Tools: the request is accepted and answered (the tiny random model rarely calls them).
+
+def reasoning_of(part):
+    return getattr(part, "reasoning_content", None) or (part.model_extra or {}).get("reasoning_content")
+
+
+# The prompt ends inside <think> and the tiny model never closes it in 10 tokens: all of it is reasoning.
+reasoning = reasoning_of(message)
+assert reasoning and not message.content, think
+stream = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=10,
+    temperature=0,
+    stream=True,
+    extra_body={"chat_template_kwargs": {"thinking": True}},
+)
+streamed_reasoning, streamed_content = [], []
+for chunk in stream:
+    for choice in chunk.choices:
+        streamed_reasoning.append(reasoning_of(choice.delta) or "")
+        streamed_content.append(choice.delta.content or "")
+assert "".join(streamed_reasoning) == reasoning, (streamed_reasoning, reasoning)
+assert "".join(streamed_content) == "", streamed_content
+
+# Tools: the request is accepted, the tools are in the prompt (the tiny random model does not call them;
+# tool_calls coming out of both DeepSeek formats are checked with scripted models in tests/tests/serve_scripted.rs).
 tools = [
     {
         "type": "function",

@@ -402,6 +402,8 @@ fn sixty_four_concurrent_streams_match_single_requests() {
         .find(|l| l.starts_with("nsa_preemptions_total"))
         .expect("preemption count");
     eprintln!("64 clients in {:?}; {preemptions}", start.elapsed());
+    let count: f64 = preemptions.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count > 0.0, "the 40-page pool never preempted a request");
     // The server is still whole afterwards.
     let (status, body) = post(
         "/v1/completions",
