@@ -1,9 +1,15 @@
 //! Prometheus metrics (`GET /metrics`, text format 0.0.4): the scheduler's queue, running requests and
-//! cache use, token counters (rates come from Prometheus' `rate()`), time to first token and inter-token
-//! latency as histograms.
+//! cache use, token counters (rates come from Prometheus' `rate()`; the generation rate of the last
+//! [`THROUGHPUT_WINDOW`] also as a gauge, as SGLang's `gen_throughput`), time to first token and
+//! inter-token latency as histograms.
+use std::collections::VecDeque;
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The span `nsa_gen_throughput` averages over.
+pub const THROUGHPUT_WINDOW: Duration = Duration::from_secs(10);
 
 const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -49,6 +55,18 @@ pub struct Metrics {
     preemptions: AtomicU64,
     ttft: Mutex<Histogram>,
     itl: Mutex<Histogram>,
+    /// Generated tokens by time, the last window's.
+    recent: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+/// Drops entries older than the window.
+fn prune(recent: &mut VecDeque<(Instant, u64)>, now: Instant) {
+    while recent
+        .front()
+        .is_some_and(|(at, _)| now.duration_since(*at) > THROUGHPUT_WINDOW)
+    {
+        recent.pop_front();
+    }
 }
 
 impl Metrics {
@@ -64,6 +82,17 @@ impl Metrics {
     }
     pub fn generated(&self, tokens: u64) {
         self.generation_tokens.fetch_add(tokens, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut recent = self.recent.lock().expect("metrics lock");
+        prune(&mut recent, now);
+        recent.push_back((now, tokens));
+    }
+
+    /// Tokens a second generated over the last window.
+    fn throughput(&self) -> f64 {
+        let mut recent = self.recent.lock().expect("metrics lock");
+        prune(&mut recent, Instant::now());
+        recent.iter().map(|(_, n)| *n).sum::<u64>() as f64 / THROUGHPUT_WINDOW.as_secs_f64()
     }
     pub fn time_to_first_token(&self, seconds: f64) {
         self.ttft.lock().expect("metrics lock").observe(seconds);
@@ -121,6 +150,12 @@ impl Metrics {
             "counter",
             "Tokens generated.",
             get(&self.generation_tokens).to_string(),
+        );
+        metric(
+            "nsa_gen_throughput",
+            "gauge",
+            "Tokens generated a second, over the last 10 s.",
+            self.throughput().to_string(),
         );
         metric(
             "nsa_num_running_reqs",

@@ -276,6 +276,8 @@ fn a_client_going_away_cancels_its_request() {
         .read_to_string(&mut text)
         .unwrap();
     assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+    // At least the 3 + 2 tokens just generated, over the 10-second window.
+    assert!(metric(&base, "nsa_gen_throughput ") >= 0.5, "generation rate gauge");
 }
 
 /// Over HTTP: `stop_token_ids` ends the answer before the stop token (finish_reason `stop`), and chat
