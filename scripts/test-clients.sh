@@ -66,3 +66,36 @@ curl -sf "$base/metrics" | grep -q '^nsa_requests_total' || fail "curl metrics"
 echo "test-clients: curl checks passed"
 
 "$venv/bin/python" tests/clients/openai_client.py "$base/v1" || fail "openai client"
+
+# Tool calls as the openai package reads them: the tiny model never writes one, so a scripted model
+# (`nsa-scripted-server`, built by the cargo tests) answers every prompt with two, in each DeepSeek format.
+scripted="${CARGO_TARGET_DIR:-$HOME/.cache/nsa-target}/release/nsa-scripted-server"
+answer=$(mktemp)
+for format in deepseekv32 deepseekv31; do
+  if [ $format = deepseekv32 ]; then
+    cat >"$answer" <<'DSML'
+Let me check.
+
+<｜DSML｜function_calls>
+<｜DSML｜invoke name="get_weather">
+<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>
+<｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>
+</｜DSML｜invoke>
+<｜DSML｜invoke name="get_time">
+</｜DSML｜invoke>
+</｜DSML｜function_calls>
+DSML
+  else
+    printf '%s' 'Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris", "days": 3}<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>' >"$answer"
+  fi
+  tools_port=$((port + 2))
+  "$scripted" "$tools_port" "$answer" $format >"$log" 2>&1 &
+  tools=$!
+  for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$tools_port/health" >/dev/null && break; sleep 0.5; done
+  "$venv/bin/python" tests/clients/openai_tools.py "http://127.0.0.1:$tools_port/v1" \
+    || { kill $tools; fail "openai client tool calls ($format)"; }
+  kill $tools
+  wait $tools 2>/dev/null || true
+  echo "test-clients: tool calls in the $format format read by the openai package"
+done
+rm -f "$answer"
