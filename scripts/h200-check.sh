@@ -16,7 +16,7 @@
 #           cache, under bench/serve_load.py at concurrency 1 (8 requests), then 16 and 64 (64 requests);
 #           serve-real-bf16: the same with the routed experts in bf16 (`--dtype bfloat16`)
 # bench=K[:V] `nsa bench K` (variant V, default every one; PyTorch beside), then ptxas on each generated wgmma kernel: its
-#           registers and any C7520 serialization warning (products waiting on each other)
+#           registers and any C75xx serialization warning (products waiting on each other)
 set -u
 nsa=$1 out=$2
 shift 2
@@ -86,7 +86,7 @@ for stage in "$@"; do
         --torch bench/torch_reference.py || status=1
       for ptx in $(grep -l "wgmma.mma_async" "$out"/ptx/* 2>/dev/null); do
         echo "ptxas $(basename "$ptx" | cut -c1-60):"
-        ptxas -arch=sm_90a -v "$ptx" -o /dev/null 2>&1 | grep -E "registers|C7520|spill" | sed 's/^/  /'
+        ptxas -arch=sm_90a -v "$ptx" -o /dev/null 2>&1 | grep -E "registers|C75[0-9][0-9]|spill" | sed 's/^/  /'
       done
       rm -rf "$out/ptx"
       ;;
