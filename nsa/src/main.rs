@@ -45,7 +45,7 @@ enum Command {
     /// Continue a prompt with a DeepSeek-V3.2 checkpoint, streaming the text.
     Generate(model_cmd::GenerateArgs),
     /// Serve a DeepSeek-V3.2 checkpoint over an OpenAI-compatible HTTP API (default: the bundled tiny model).
-    Serve(serve::Args),
+    Serve(Box<serve::Args>),
 }
 
 /// A command's failure: bad input (exit code 2, one line naming the valid choices) or a failed run (1).
@@ -76,7 +76,7 @@ fn main() -> ExitCode {
         Command::Autotune(args) => autotune::run(args),
         Command::Forward(args) => model_cmd::forward(args),
         Command::Generate(args) => model_cmd::generate(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
