@@ -54,6 +54,9 @@ pub struct Sampled {
     pub top_logprobs: Vec<(u32, f64)>,
 }
 
+/// The sorted prefix [`Sampler`]'s top-p search starts with (grown 8× while the nucleus is larger).
+const NUCLEUS_FIRST: usize = 256;
+
 /// Draws tokens for one request; seeded for reproducible sampling.
 pub struct Sampler {
     rng: rand::rngs::StdRng,
@@ -109,21 +112,34 @@ impl Sampler {
         let total: f64 = probs.iter().map(|p| p.0).sum();
         probs.iter_mut().for_each(|p| p.0 /= total);
         // Most likely first (ties to the lower id), then the filters in SGLang's order: top-k, top-p, min-p.
-        // With top-k the k most likely are selected before sorting (the vocabulary is ~129K).
+        // Only a sorted prefix is built (the vocabulary is ~129K): the k most likely by partial selection,
+        // k growing until it holds the nucleus or all top-k — the same prefix a full sort gives.
         let order = |a: &(f64, u32), b: &(f64, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        if params.top_k > 0 && params.top_k < probs.len() {
-            probs.select_nth_unstable_by(params.top_k - 1, order);
-            probs.truncate(params.top_k);
-        }
-        probs.sort_by(order);
-        let mut kept = 0.0;
-        let cut = probs
-            .iter()
-            .position(|p| {
+        let keep = if params.top_k > 0 {
+            params.top_k.min(probs.len())
+        } else {
+            probs.len()
+        };
+        let mut k = if params.top_p < 1.0 {
+            keep.min(NUCLEUS_FIRST)
+        } else {
+            keep
+        };
+        let cut = loop {
+            if k < probs.len() {
+                probs.select_nth_unstable_by(k - 1, order);
+            }
+            probs[..k].sort_by(order);
+            let mut kept = 0.0;
+            match probs[..k].iter().position(|p| {
                 kept += p.0;
                 kept >= params.top_p
-            })
-            .map_or(probs.len(), |i| i + 1);
+            }) {
+                Some(i) => break i + 1,
+                None if k == keep => break k,
+                None => k = (k * 8).min(keep),
+            }
+        };
         probs.truncate(cut);
         let floor = params.min_p * probs[0].0;
         probs.retain(|p| p.0 >= floor);

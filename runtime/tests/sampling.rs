@@ -200,3 +200,72 @@ fn stop_strings_end_the_stream_at_every_chunking() {
     assert!(!stopped);
     assert_eq!(out + &matcher.finish(), "ends with zz");
 }
+
+/// The draw as a full sort of the vocabulary does it (the sampler's first form): the sampler's partial
+/// selections must pick the same token for the same random number.
+fn draw_by_full_sort(logits: &[f64], params: &SamplingParams, uniform: f64) -> u32 {
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut probs: Vec<(f64, u32)> = (logits.iter().enumerate())
+        .map(|(i, l)| (((l - max) / params.temperature).exp(), i as u32))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.0).sum();
+    probs.iter_mut().for_each(|p| p.0 /= total);
+    probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    if params.top_k > 0 {
+        probs.truncate(params.top_k);
+    }
+    let mut kept = 0.0;
+    let cut = (probs.iter())
+        .position(|p| {
+            kept += p.0;
+            kept >= params.top_p
+        })
+        .map_or(probs.len(), |i| i + 1);
+    probs.truncate(cut);
+    let floor = params.min_p * probs[0].0;
+    probs.retain(|p| p.0 >= floor);
+    let mut draw = uniform * probs.iter().map(|p| p.0).sum::<f64>();
+    for (p, id) in &probs {
+        draw -= p;
+        if draw <= 0.0 {
+            return *id;
+        }
+    }
+    probs[probs.len() - 1].1
+}
+
+/// Over a DeepSeek-size vocabulary with ties, nuclei small and large (past several growths of the
+/// sorted prefix), with and without top-k and min-p: every draw equals the full sort's.
+#[test]
+fn partial_selection_draws_what_a_full_sort_draws() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let peaked: Vec<f64> = (0..129_280).map(|_| rng.random_range(0..300) as f64 / 25.0).collect();
+    let flat: Vec<f64> = (0..129_280).map(|_| rng.random_range(0..30) as f64 / 100.0).collect();
+    for logits in [&peaked, &flat] {
+        for (top_p, top_k, min_p) in [
+            (0.3, 0, 0.0),
+            (0.95, 0, 0.0),
+            (0.95, 40, 0.0),
+            (0.9, 0, 0.05),
+            (1.0, 100, 0.0),
+        ] {
+            let params = SamplingParams {
+                temperature: 0.7,
+                top_p,
+                top_k,
+                min_p,
+            };
+            let mut sampler = Sampler::new(Some(9));
+            let mut uniforms = rand::rngs::StdRng::seed_from_u64(9);
+            for draw in 0..20 {
+                let token = sampler.sample(logits, &params, None).token;
+                let expected = draw_by_full_sort(logits, &params, uniforms.random::<f64>());
+                assert_eq!(
+                    token, expected,
+                    "draw {draw}, top_p {top_p}, top_k {top_k}, min_p {min_p}"
+                );
+            }
+        }
+    }
+}
