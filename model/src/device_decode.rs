@@ -7,7 +7,7 @@
 //! One step loop ([`DeviceModel::step`]) serves both homes of the rows ([`CacheRows`]): a sequence's own
 //! growing buffers ([`DeviceCache`], value semantics, for generation and tests) and the pages of a store
 //! shared by every sequence ([`crate::paged::PagedStore`], the server's).
-use crate::device::{DeviceModel, host};
+use crate::device::DeviceModel;
 use burn::tensor::{Int, Tensor};
 
 /// One layer's cached rows in buffers with room to grow (doubling), so a decode step writes its row in
@@ -230,8 +230,13 @@ impl DeviceModel {
             })
             .collect();
         let last = Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(last, [counts.len()]), &self.device);
-        let logits = host(self.lm_logits(x.select(0, last)));
-        logits.chunks(c.vocab_size).map(<[f64]>::to_vec).collect()
+        // One pass from the device's f32 rows into each sequence's f64 logits (at DeepSeek's vocabulary a
+        // step's logits are 64 × 129280: an intermediate copy cost milliseconds).
+        let rows = self.lm_logits(x.select(0, last)).into_data();
+        let rows = rows.as_slice::<f32>().expect("f32 logits");
+        rows.chunks(c.vocab_size)
+            .map(|row| row.iter().map(|&v| f64::from(v)).collect())
+            .collect()
     }
 
     /// The prompt through one prefill, which leaves its cache: returns the last position's logits.
