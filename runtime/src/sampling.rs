@@ -54,8 +54,8 @@ pub struct Sampled {
     pub top_logprobs: Vec<(u32, f64)>,
 }
 
-/// The sorted prefix [`Sampler`]'s top-p search starts with (grown 8× while the nucleus is larger).
-const NUCLEUS_FIRST: usize = 256;
+/// The sorted prefix [`Sampler`]'s top-p search and draw start with (grown 8× while too short).
+const PREFIX_FIRST: usize = 256;
 
 /// Draws tokens for one request; seeded for reproducible sampling.
 pub struct Sampler {
@@ -111,46 +111,70 @@ impl Sampler {
             .collect();
         let total: f64 = probs.iter().map(|p| p.0).sum();
         probs.iter_mut().for_each(|p| p.0 /= total);
-        // Most likely first (ties to the lower id), then the filters in SGLang's order: top-k, top-p, min-p.
-        // Only a sorted prefix is built (the vocabulary is ~129K): the k most likely by partial selection,
-        // k growing until it holds the nucleus or all top-k — the same prefix a full sort gives.
-        let order = |a: &(f64, u32), b: &(f64, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        let keep = if params.top_k > 0 {
-            params.top_k.min(probs.len())
-        } else {
-            probs.len()
-        };
-        let mut k = if params.top_p < 1.0 {
-            keep.min(NUCLEUS_FIRST)
-        } else {
-            keep
-        };
-        let cut = loop {
-            if k < probs.len() {
-                probs.select_nth_unstable_by(k - 1, order);
-            }
-            probs[..k].sort_by(order);
-            let mut kept = 0.0;
-            match probs[..k].iter().position(|p| {
-                kept += p.0;
-                kept >= params.top_p
-            }) {
-                Some(i) => break i + 1,
-                None if k == keep => break k,
-                None => k = (k * 8).min(keep),
-            }
-        };
-        probs.truncate(cut);
-        let floor = params.min_p * probs[0].0;
+        // The filters in SGLang's order: top-k, top-p, min-p; then the draw walks the kept tokens most likely
+        // first (ties to the lower id). Only sorted prefixes are built (the vocabulary is ~129K): the k most
+        // likely by partial selection, k growing until it holds the nucleus, or the draw's point — the same
+        // prefix a full sort gives.
+        if params.top_p < 1.0 {
+            let keep = if params.top_k > 0 {
+                params.top_k.min(probs.len())
+            } else {
+                probs.len()
+            };
+            let mut k = keep.min(PREFIX_FIRST);
+            let cut = loop {
+                if k < probs.len() {
+                    probs.select_nth_unstable_by(k - 1, descending);
+                }
+                probs[..k].sort_by(descending);
+                let mut kept = 0.0;
+                match probs[..k].iter().position(|p| {
+                    kept += p.0;
+                    kept >= params.top_p
+                }) {
+                    Some(i) => break i + 1,
+                    None if k == keep => break k,
+                    None => k = (k * 8).min(keep),
+                }
+            };
+            probs.truncate(cut);
+        } else if params.top_k > 0 && params.top_k < probs.len() {
+            probs.select_nth_unstable_by(params.top_k - 1, descending);
+            probs.truncate(params.top_k);
+        }
+        let floor = params.min_p * probs.iter().map(|p| p.0).fold(0.0, f64::max);
         probs.retain(|p| p.0 >= floor);
-        let mut draw = self.rng.random::<f64>() * probs.iter().map(|p| p.0).sum::<f64>();
-        for (p, id) in &probs {
-            draw -= p;
-            if draw <= 0.0 {
+        let point = self.rng.random::<f64>() * probs.iter().map(|p| p.0).sum::<f64>();
+        walk_descending(&mut probs, point)
+    }
+}
+
+/// Most likely first, ties to the lower id.
+fn descending(a: &(f64, u32), b: &(f64, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// The token at which the running sum of `probs` in [`descending`] order first reaches `point` (the last
+/// one if rounding never gets there), sorting only as long a prefix as the walk needs.
+fn walk_descending(probs: &mut [(f64, u32)], point: f64) -> u32 {
+    let n = probs.len();
+    let mut k = n.min(PREFIX_FIRST);
+    loop {
+        if k < n {
+            probs.select_nth_unstable_by(k - 1, descending);
+        }
+        probs[..k].sort_by(descending);
+        let mut left = point;
+        for (p, id) in &probs[..k] {
+            left -= p;
+            if left <= 0.0 {
                 return *id;
             }
         }
-        probs[probs.len() - 1].1
+        if k == n {
+            return probs[n - 1].1;
+        }
+        k = (k * 8).min(n);
     }
 }
 

@@ -235,7 +235,8 @@ fn draw_by_full_sort(logits: &[f64], params: &SamplingParams, uniform: f64) -> u
 }
 
 /// Over a DeepSeek-size vocabulary with ties, nuclei small and large (past several growths of the
-/// sorted prefix), with and without top-k and min-p: every draw equals the full sort's.
+/// sorted prefix), plain temperature, with and without top-k and min-p: every draw equals the full
+/// sort's.
 #[test]
 fn partial_selection_draws_what_a_full_sort_draws() {
     use rand::{Rng, SeedableRng};
@@ -249,6 +250,8 @@ fn partial_selection_draws_what_a_full_sort_draws() {
             (0.95, 40, 0.0),
             (0.9, 0, 0.05),
             (1.0, 100, 0.0),
+            (1.0, 0, 0.0),
+            (1.0, 0, 0.05),
         ] {
             let params = SamplingParams {
                 temperature: 0.7,
