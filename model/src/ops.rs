@@ -326,14 +326,27 @@ pub fn moe_experts_bf16(
     w2: &Tensor<2, Int>,
     shape: ExpertShape,
 ) -> Tensor<2> {
-    let [n, hidden] = x.dims();
+    let hidden = x.dims()[1];
+    let (w13, w2) = (int_input(w13.clone()), int_input(w2.clone()));
+    through_bf16(device, x, hidden, |x, out, n| {
+        launch_moe_experts(device, Format::Bf16, shape, x, ids, weights, w13, w2, out, [n, hidden]);
+    })
+}
+
+/// `run` on x [n, d] (f32) rounded to bf16 words, writing `out_cols` bf16 columns a row into the buffer
+/// it is given (also told n); that output widened back to f32 [n, out_cols].
+fn through_bf16(
+    device: &nsa_backends::Device,
+    x: Tensor<2>,
+    out_cols: usize,
+    run: impl FnOnce(Handle, &Handle, usize),
+) -> Tensor<2> {
+    let n = x.dims()[0];
     let like = x.clone();
     let on = cube_device(&x);
-    let x = int_input(bf16_rows(device, x));
-    let out = device.client.empty(n * hidden * 2);
-    let (w13, w2) = (int_input(w13.clone()), int_input(w2.clone()));
-    launch_moe_experts(device, Format::Bf16, shape, x, ids, weights, w13, w2, &out, [n, hidden]);
-    widen_bf16_rows(device, words_output(device, on, [n, hidden / 2], out), &like)
+    let out = device.client.empty(n * out_cols * 2);
+    run(int_input(bf16_rows(device, x)), &out, n);
+    widen_bf16_rows(device, words_output(device, on, [n, out_cols / 2], out), &like)
 }
 
 /// Whether nsa's `gemm` kernel runs bf16 on `device` (WGSL has no bf16: wgpu does not).
@@ -350,21 +363,18 @@ fn gemm_problem(format: Format, m: usize, n: usize, k: usize) -> Problem {
 /// x [n, in] (f32) through a linear layer whose weight is kept as [`bf16_rows`] words of the checkpoint's
 /// [out, in]: x rounded to bf16, nsa's `gemm` (f32 accumulation, bf16 out), widened to f32 [n, out].
 pub fn linear_bf16(device: &nsa_backends::Device, x: Tensor<2>, w: &Tensor<2, Int>) -> Tensor<2> {
-    let [n, k] = x.dims();
-    let [out, _] = w.dims();
-    let like = x.clone();
-    let on = cube_device(&x);
-    let x = int_input(bf16_rows(device, x));
-    let c = device.client.empty(n * out * 2);
-    let problem = gemm_problem(Format::Bf16, n, out, k);
-    launch(
-        device,
-        "gemm",
-        &problem,
-        &[x, int_input(w.clone())],
-        std::slice::from_ref(&c),
-    );
-    widen_bf16_rows(device, words_output(device, on, [n, out / 2], c), &like)
+    let k = x.dims()[1];
+    let [out_cols, _] = w.dims();
+    through_bf16(device, x, out_cols, |x, out, n| {
+        let problem = gemm_problem(Format::Bf16, n, out_cols, k);
+        launch(
+            device,
+            "gemm",
+            &problem,
+            &[x, int_input(w.clone())],
+            std::slice::from_ref(out),
+        );
+    })
 }
 
 /// Routed experts' sizes the stacked weights do not carry once flattened to rows.

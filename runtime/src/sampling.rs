@@ -200,14 +200,13 @@ fn most_likely(logits: &[f64], n: usize) -> Vec<(u32, f64)> {
     if n == 0 {
         return Vec::new();
     }
-    let mut ranked: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, l)| (i as u32, *l)).collect();
-    let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut ranked: Vec<(f64, u32)> = logits.iter().enumerate().map(|(i, l)| (*l, i as u32)).collect();
     if n < ranked.len() {
-        ranked.select_nth_unstable_by(n - 1, order);
+        ranked.select_nth_unstable_by(n - 1, descending);
         ranked.truncate(n);
     }
-    ranked.sort_by(order);
-    ranked
+    ranked.sort_by(descending);
+    ranked.into_iter().map(|(logit, id)| (id, logit)).collect()
 }
 
 /// Stop strings over streamed text: [`StopMatcher::push`] returns the text that can be shown now (text that
