@@ -23,6 +23,19 @@ shift 2
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 mkdir -p "$out"
 status=0
+# `nsa serve --device cuda --port 30300 ARGS...` in the background (log: $out/$stage.log), waited for at
+# most $1 half-seconds; stop_server ends it.
+start_server() {
+  local tries=$1
+  shift
+  "$nsa" serve --device cuda --port 30300 "$@" >"$out/$stage.log" 2>&1 &
+  server=$!
+  for _ in $(seq 1 "$tries"); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30300/health')" 2>/dev/null && break; sleep 0.5; done
+}
+stop_server() {
+  kill $server
+  wait $server 2>/dev/null
+}
 for stage in "$@"; do
   echo "=== $stage ($(date +%T))"
   case $stage in
@@ -55,26 +68,20 @@ for stage in "$@"; do
       flags=()
       [ "$stage" = serve-fp8 ] && flags=(--kv-cache-dtype fp8_e4m3)
       [ "$stage" = serve-bf16 ] && flags=(--kv-cache-dtype bf16)
-      "$nsa" serve --device cuda --port 30300 "${flags[@]}" >"$out/$stage.log" 2>&1 &
-      server=$!
-      for _ in $(seq 1 120); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30300/health')" 2>/dev/null && break; sleep 0.5; done
+      start_server 120 "${flags[@]}"
       python3 bench/serve_load.py http://127.0.0.1:30300 --concurrency 1,16,64 --requests 64 --max-tokens 16 || status=1
-      kill $server
-      wait $server 2>/dev/null
+      stop_server
       ;;
     serve-real | serve-real-bf16)
       flags=()
       [ "$stage" = serve-real-bf16 ] && flags=(--dtype bfloat16)
       python3 bench/wide_tokenizer.py models/tiny-v32 "$out/wide-tokenizer" 129280
-      "$nsa" serve --device cuda --port 30300 --model-path bench/real-shape --load-format dummy \
-        --tokenizer-path "$out/wide-tokenizer" --kv-cache-dtype bf16 "${flags[@]}" >"$out/$stage.log" 2>&1 &
-      server=$!
-      for _ in $(seq 1 600); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30300/health')" 2>/dev/null && break; sleep 0.5; done
+      start_server 600 --model-path bench/real-shape --load-format dummy --tokenizer-path "$out/wide-tokenizer" \
+        --kv-cache-dtype bf16 "${flags[@]}"
       cat "$out/$stage.log"
       timeout 200 python3 bench/serve_load.py http://127.0.0.1:30300 --concurrency 1 --requests 8 --max-tokens 16 || status=1
       timeout 300 python3 bench/serve_load.py http://127.0.0.1:30300 --concurrency 16,64 --requests 64 --max-tokens 16 || status=1
-      kill $server
-      wait $server 2>/dev/null
+      stop_server
       rm -rf "$out/wide-tokenizer"
       ;;
     bench=*)

@@ -12,18 +12,27 @@ if ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
   exit 1
 fi
 log=$(mktemp)
+# Waits until the server at $1 (process $2) answers /health, at most $3 half-seconds (default 240); fails
+# as soon as the process has exited.
+await_health() {
+  for _ in $(seq 1 "${3:-240}"); do
+    curl -sf "$1/health" >/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.5
+  done
+  return 1
+}
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 # First `nsa serve` exactly as a new user starts it (no arguments: the bundled model on port 30000), when
 # that port is free.
 if ! curl -s -o /dev/null http://127.0.0.1:30000/ 2>/dev/null; then
   "$nsa" serve >"$log" 2>&1 &
   plain=$!
-  for _ in $(seq 1 240); do curl -sf http://127.0.0.1:30000/health >/dev/null && break; sleep 0.5; done
-  curl -sf http://127.0.0.1:30000/v1/models | grep -q '"tiny-v32"' \
+  await_health http://127.0.0.1:30000 $plain && curl -sf http://127.0.0.1:30000/v1/models | grep -q '"tiny-v32"' \
     && curl -sf http://127.0.0.1:30000/v1/completions -H 'content-type: application/json' \
       -d '{"prompt":"Hello","max_tokens":4}' | grep -q '"text_completion"' \
-    || { cat "$log" >&2; echo "test-clients: plain nsa serve failed" >&2; kill $plain; exit 1; }
-  kill $plain
-  wait $plain 2>/dev/null || true
+    || { cat "$log" >&2; echo "test-clients: plain nsa serve failed" >&2; stop $plain; exit 1; }
+  stop $plain
   echo "test-clients: nsa serve with no arguments answered on port 30000"
 else
   echo "test-clients: WARNING: port 30000 is busy, so \`nsa serve\` with no arguments was NOT checked" >&2
@@ -34,24 +43,17 @@ narrow_port=$((port + 1))
 for dtype in fp8_e4m3 bf16; do
   "$nsa" serve --port "$narrow_port" --kv-cache-dtype "$dtype" >"$log" 2>&1 &
   narrow=$!
-  for _ in $(seq 1 240); do curl -sf "http://127.0.0.1:$narrow_port/health" >/dev/null && break; sleep 0.5; done
-  curl -sf "http://127.0.0.1:$narrow_port/v1/completions" -H 'content-type: application/json' \
+  await_health "http://127.0.0.1:$narrow_port" $narrow && curl -sf "http://127.0.0.1:$narrow_port/v1/completions" -H 'content-type: application/json' \
     -d '{"prompt":"Hello","max_tokens":6,"temperature":0}' | grep -q '"text_completion"' \
-    || { cat "$log" >&2; echo "test-clients: nsa serve --kv-cache-dtype $dtype failed" >&2; kill $narrow; exit 1; }
-  kill $narrow
-  wait $narrow 2>/dev/null || true
+    || { cat "$log" >&2; echo "test-clients: nsa serve --kv-cache-dtype $dtype failed" >&2; stop $narrow; exit 1; }
+  stop $narrow
   echo "test-clients: nsa serve --kv-cache-dtype $dtype answered"
 done
 "$nsa" serve --port "$port" --reasoning-parser deepseek-v3 --tool-call-parser deepseekv32 >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -f "$log"' EXIT
 base="http://127.0.0.1:$port"
-for _ in $(seq 1 240); do
-  curl -sf "$base/health" >/dev/null && break
-  kill -0 $server 2>/dev/null || { cat "$log" >&2; echo "test-clients: nsa serve exited" >&2; exit 1; }
-  sleep 0.5
-done
-curl -sf "$base/health" >/dev/null || { cat "$log" >&2; echo "test-clients: nsa serve did not come up" >&2; exit 1; }
+await_health "$base" $server || { cat "$log" >&2; echo "test-clients: nsa serve exited or did not come up" >&2; exit 1; }
 
 fail() { echo "test-clients: $1" >&2; cat "$log" >&2; exit 1; }
 # curl: a chat completion, a stream ending in [DONE], an error object with a 400.
@@ -91,11 +93,10 @@ DSML
   tools_port=$((port + 2))
   "$scripted" "$tools_port" "$answer" $format >"$log" 2>&1 &
   tools=$!
-  for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$tools_port/health" >/dev/null && break; sleep 0.5; done
-  "$venv/bin/python" tests/clients/openai_tools.py "http://127.0.0.1:$tools_port/v1" \
-    || { kill $tools; fail "openai client tool calls ($format)"; }
-  kill $tools
-  wait $tools 2>/dev/null || true
+  await_health "http://127.0.0.1:$tools_port" $tools 120 \
+    && "$venv/bin/python" tests/clients/openai_tools.py "http://127.0.0.1:$tools_port/v1" \
+    || { stop $tools; fail "openai client tool calls ($format)"; }
+  stop $tools
   echo "test-clients: tool calls in the $format format read by the openai package"
 done
 rm -f "$answer"
