@@ -6,8 +6,8 @@ use nsa_model::reference::ReferenceModel;
 use nsa_model::{Tokenizer, bundled_model_dir};
 use nsa_server::http::ToolCallParser;
 use nsa_server::{ModelDevice, ServeConfig, WeightFormat};
+use nsa_tests::sse;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -71,21 +71,7 @@ fn stream(path: &str, body: &Value, take: Option<usize>) -> Vec<Value> {
     let response = ureq::post(&format!("{}{path}", server()))
         .send_json(body.clone())
         .expect("stream starts");
-    let mut events = Vec::new();
-    for line in BufReader::new(response.into_reader()).lines() {
-        let line = line.expect("stream line");
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            return events;
-        }
-        events.push(serde_json::from_str(data).expect("event json"));
-        if take.is_some_and(|n| events.len() >= n) {
-            return events;
-        }
-    }
-    panic!("stream ended without [DONE]");
+    sse::events(response.into_reader(), take)
 }
 
 fn reference() -> &'static (ReferenceModel, Tokenizer) {
@@ -150,12 +136,7 @@ fn health_models_and_metrics() {
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
     }
-    let generated: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("nsa_generation_tokens_total "))
-        .and_then(|v| v.parse().ok())
-        .expect("a token count");
-    assert!(generated >= 2.0);
+    assert!(sse::metric(&metrics, "nsa_generation_tokens_total") >= 2.0);
 }
 
 #[test]
@@ -397,13 +378,9 @@ fn sixty_four_concurrent_streams_match_single_requests() {
         .unwrap()
         .into_string()
         .unwrap();
-    let preemptions = metrics
-        .lines()
-        .find(|l| l.starts_with("nsa_preemptions_total"))
-        .expect("preemption count");
-    eprintln!("64 clients in {:?}; {preemptions}", start.elapsed());
-    let count: f64 = preemptions.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(count > 0.0, "the 40-page pool never preempted a request");
+    let preemptions = sse::metric(&metrics, "nsa_preemptions_total");
+    eprintln!("64 clients in {:?}; {preemptions} preemptions", start.elapsed());
+    assert!(preemptions > 0.0, "the 40-page pool never preempted a request");
     // The server is still whole afterwards.
     let (status, body) = post(
         "/v1/completions",

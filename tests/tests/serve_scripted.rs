@@ -6,6 +6,7 @@ use nsa_model::bundled_model_dir;
 use nsa_model::{ModelConfig, Tokenizer};
 use nsa_server::http::ToolCallParser;
 use nsa_tests::scripted::spawn_script as serve_script;
+use nsa_tests::sse;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
@@ -25,19 +26,6 @@ fn chat(base: &str, stream: bool) -> ureq::Response {
     ureq::post(&format!("{base}/v1/chat/completions"))
         .send_json(body)
         .expect("the request succeeds")
-}
-
-fn events(response: ureq::Response) -> Vec<Value> {
-    let mut events = Vec::new();
-    for line in BufReader::new(response.into_reader()).lines() {
-        let line = line.expect("stream line");
-        match line.strip_prefix("data: ") {
-            Some("[DONE]") => return events,
-            Some(data) => events.push(serde_json::from_str(data).expect("event json")),
-            None => {}
-        }
-    }
-    panic!("stream ended without [DONE]");
 }
 
 /// The tool calls of a streamed answer, joined from their deltas: (name, arguments) by index.
@@ -85,7 +73,7 @@ fn check_tool_calls(text: &str, parser: ToolCallParser, before: &str) {
         let parsed: Value = serde_json::from_str(call["function"]["arguments"].as_str().expect("text")).unwrap();
         assert_eq!(parsed, *arguments, "{parser:?}");
     }
-    let events = events(chat(&base, true));
+    let events = sse::events(chat(&base, true).into_reader(), None);
     let finish = events.iter().find_map(|e| e["choices"][0]["finish_reason"].as_str());
     assert_eq!(finish, Some("tool_calls"), "{parser:?}");
     let calls = streamed_calls(&events);
@@ -119,11 +107,7 @@ fn metric(base: &str, name: &str) -> f64 {
         .expect("metrics")
         .into_string()
         .unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(name))
-        .unwrap_or_else(|| panic!("{name} in {text}"));
-    line.rsplit(' ').next().unwrap().parse().expect("a number")
+    sse::metric(&text, name)
 }
 
 /// A streaming client that reads two chunks and goes away: its request is cancelled (counted, no longer
@@ -171,7 +155,7 @@ fn a_client_going_away_cancels_its_request() {
         .unwrap();
     assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
     // At least the 3 + 2 tokens just generated, over the 10-second window.
-    assert!(metric(&base, "nsa_gen_throughput ") >= 0.5, "generation rate gauge");
+    assert!(metric(&base, "nsa_gen_throughput") >= 0.5, "generation rate gauge");
 }
 
 /// Over HTTP: `stop_token_ids` ends the answer before the stop token (finish_reason `stop`), and chat
