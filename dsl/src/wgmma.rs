@@ -226,6 +226,63 @@ pub fn wgmma_bf16_register_a_accumulate<NC: Size, NA: Size>(
     d
 }
 
+/// `c` + A·B with both operands in shared memory, bf16: A 64 rows K-major and swizzled at descriptor `a`
+/// (one 128-byte row of K: at most 4 k16 steps, 32 bytes apart), B `n` wide stored MN-major at descriptor
+/// `b` ([`sw128_mn_major_descriptor`], read with trans-b) and `b_step_bytes` further per step. Waits for the
+/// products. Flash attention's O += P·V when P is shared between warpgroups.
+#[cube]
+pub fn wgmma_bf16_shared_accumulate_trans_b<NC: Size>(
+    c: Vector<f32, NC>,
+    a: u64,
+    b: u64,
+    #[comptime] n: usize,
+    #[comptime] steps: usize,
+    #[comptime] b_step_bytes: usize,
+) -> Vector<f32, NC> {
+    let copies = comptime!(copy_accumulator(n / 2));
+    let products = comptime!(shared_trans_b_steps(n, steps, b_step_bytes));
+    let c = c * Vector::<f32, NC>::new(1.0f32);
+    let d: Vector<f32, NC>;
+    gpu_asm!(
+        "{{\n// {d} {c}\n{copies}.reg .b64 wg_da, wg_db;\n.reg .pred wg_p1;\nmov.b64 wg_da, {a};\nmov.b64 wg_db, {b};",
+        "setp.eq.b64 wg_p1, wg_db, wg_db;\nwgmma.fence.sync.aligned;",
+        "{products}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
+        d = out(_) d,
+        c = in(_) c,
+        a = in(_) a,
+        b = in(_) b,
+    );
+    d
+}
+
+/// The PTX of [`wgmma_bf16_shared_accumulate_trans_b`]'s multiplies: A advanced 32 bytes and B
+/// `b_step_bytes` per step.
+fn shared_trans_b_steps(n: usize, steps: usize, b_step_bytes: usize) -> String {
+    assert!(steps <= 4, "A must stay within one 128-byte row");
+    let mut text = String::new();
+    for j in 0..steps {
+        if j > 0 {
+            text.push_str(&format!(
+                "add.s64 wg_da, wg_da, 2;\nadd.s64 wg_db, wg_db, {};\n",
+                b_step_bytes >> 4
+            ));
+        }
+        text.push_str(&format!(
+            "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 $0, wg_da, wg_db, wg_p1, 1, 1, 0, 1;\n"
+        ));
+    }
+    text
+}
+
+/// Stores the 32-bit `value` at shared-window byte address `address` (e.g. into a swizzled tile whose
+/// words no slice type indexes).
+#[cube]
+pub fn store_shared_u32(address: u32, value: u32) {
+    // As a value, not an address (see wgmma_accumulate): a function's result reaches here as a local.
+    let value = value * 1u32;
+    gpu_asm!("st.shared.b32 [{a}], {v};", a = in(_) address, v = in(_) value);
+}
+
 /// Σ over `steps` k16 steps of A·Bᵀ from zero, A from registers (4 bf16-pair registers per step, as
 /// [`wgmma_bf16_register_a_accumulate`]'s `a`) and B `n` rows K-major and swizzled at descriptor `b` (K past
 /// 128 bytes in column blocks `b_block_bytes` apart): S = Q·Kᵀ with Q held in registers, so only K is read

@@ -22,13 +22,7 @@ fn device_error(kernel: &dyn Kernel, variant: &Variant, error: impl std::fmt::Di
     KernelError::Device {
         kernel: kernel.name(),
         variant: variant.name,
-        reason: error
-            .to_string()
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim()
-            .to_string(),
+        reason: crate::error::device_reason(error),
     }
 }
 

@@ -154,13 +154,7 @@ pub fn run(
             let bytes = client.read_one(handle).map_err(|e| KernelError::Device {
                 kernel: kernel.name(),
                 variant: variant.name,
-                reason: e
-                    .to_string()
-                    .lines()
-                    .map(str::trim)
-                    .rfind(|l| !l.is_empty())
-                    .unwrap_or("")
-                    .to_string(),
+                reason: crate::error::device_reason(e),
             })?;
             let words: Vec<u32> = bytemuck::cast_slice::<u8, u32>(&bytes)[..spec.words(problem)].to_vec();
             Ok(HostTensor {

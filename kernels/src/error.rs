@@ -40,3 +40,16 @@ pub enum KernelError {
     #[error(transparent)]
     Backend(#[from] nsa_backends::BackendError),
 }
+
+/// A device error's message for [`KernelError::Device`]: its lines without the backtrace notes (a
+/// compiler's log included), trimmed, at most 40.
+pub fn device_reason(error: impl std::fmt::Display) -> String {
+    let text = error.to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.to_ascii_lowercase().contains("backtrace"))
+        .take(40)
+        .collect();
+    lines.join("\n")
+}

@@ -13,8 +13,9 @@
 //!   rescaled by row.
 //!
 //! Shared-memory operand fragments are loaded one k-step ahead of the multiplies that use them.
-use super::gather::{dense_limit, resolve_block, write_row_stats};
-use super::{D_QK, D_V, KvSource};
+use super::gather::{dense_limit, resolve_block};
+use super::output::{write_out_pair, write_split_stats};
+use super::{D_QK, KvSource};
 use cubecl::prelude::*;
 use half::bf16;
 use nsa_dsl::Format;
@@ -27,7 +28,7 @@ use nsa_dsl::warp_mma::{
 /// 16-byte chunks per kv/q row in shared memory: 72 (576 bf16) plus one of padding, so the eight rows an
 /// `ldmatrix` reads start in different banks.
 pub(super) const ROW_CHUNKS: usize = 73;
-const INVALID: u32 = 0xffff_ffff;
+pub(super) const INVALID: u32 = 0xffff_ffff;
 const K_STEPS: usize = D_QK / 16;
 
 /// Shared memory of a variant: padded Q and kv rows (`stages` buffers), three blocks of row offsets, and
@@ -40,7 +41,7 @@ pub(super) fn shared_memory_bytes(heads: usize, block: usize, stages: usize) -> 
 /// Chunk `c` (8 bf16) of the FP8 cache token at word `offset`, dequantized: latent bytes 8c..8c+8 (words
 /// 2c, 2c + 1) times group scale c / 16 (words 128..132) for c < 64, else rope words 132 + 4(c − 64)...
 #[cube]
-fn fp8_chunk<N: Size>(kv: &[Vector<u32, N>], offset: u32, c: usize) -> Vector<u32, N> {
+pub(super) fn fp8_chunk<N: Size>(kv: &[Vector<u32, N>], offset: u32, c: usize) -> Vector<u32, N> {
     let mut chunk = Vector::<u32, N>::new(0u32);
     if offset != INVALID {
         let base = offset as usize / 4;
@@ -411,34 +412,24 @@ pub fn sparse_mla_mma_kernel<N: Size>(
         let sum = l[r] + row_stats[partner * 16 + g + 8 * r];
         let inv = select(sum > 0.0f32, 1.0f32 / sum, 0.0f32);
         let out_row = row * h_q + head0 + group * 16 + g + 8 * r;
-        if splits == 1 {
-            #[unroll]
-            for n in 0..32usize {
-                let value = o[2 * n + r] * AccPair::new(inv);
-                let mut pair = Pair::empty();
-                pair.insert(0usize, bf16::cast_from(value.extract(0usize)));
-                pair.insert(1usize, bf16::cast_from(value.extract(1usize)));
-                out[out_row * (D_V / 2) + half * 128 + n * 4 + t] = u32::reinterpret(pair);
-            }
-            if half == 0 && t == 0 {
-                write_row_stats(lse, max_logit, out_row, m[r] * core::f32::consts::LN_2, sum);
-            }
-        } else {
-            let part_row = split * rows * h_q + out_row;
-            #[unroll]
-            for n in 0..32usize {
-                let value = o[2 * n + r] * AccPair::new(inv);
-                let column = half * 256 + n * 8 + 2 * t;
-                o_part[part_row * D_V + column] = value.extract(0usize);
-                o_part[part_row * D_V + column + 1] = value.extract(1usize);
-            }
-            if half == 0 && t == 0 {
-                // An empty split weighs nothing: lse −∞.
-                let empty = sum == 0.0f32;
-                let m_nat = m[r] * core::f32::consts::LN_2;
-                lse_part[part_row] = select(empty, f32::reinterpret(0xff80_0000u32), m_nat + f32::ln(sum));
-                max_part[part_row] = select(empty, f32::reinterpret(0xff80_0000u32), m_nat);
-            }
+        let part_row = split * rows * h_q + out_row;
+        #[unroll]
+        for n in 0..32usize {
+            let value = o[2 * n + r] * AccPair::new(inv);
+            let column = half * 256 + n * 8 + 2 * t;
+            write_out_pair(
+                out,
+                o_part,
+                value.extract(0usize),
+                value.extract(1usize),
+                out_row,
+                part_row,
+                column,
+                splits,
+            );
+        }
+        if half == 0 && t == 0 {
+            write_split_stats(lse, max_logit, lse_part, max_part, out_row, part_row, m[r], sum, splits);
         }
     }
 }

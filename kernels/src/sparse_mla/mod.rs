@@ -14,7 +14,9 @@ mod cmma;
 mod combine;
 mod gather;
 mod mma;
+mod output;
 mod simt;
+mod wgmma;
 
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::spec::TensorSpec;
@@ -28,6 +30,7 @@ use nsa_backends::{Device, DeviceFeatures, IrTarget};
 use nsa_dsl::Format;
 use serde::{Deserialize, Serialize};
 use simt::sparse_mla_kernel;
+use wgmma::sparse_mla_wgmma_kernel;
 
 pub const UNITS: u32 = 128;
 pub const D_QK: usize = 576;
@@ -50,6 +53,11 @@ pub const VARIANTS: &[Variant] = &[
     Variant {
         name: "mma_h32",
         summary: "flash attention on mma.sync: 32 heads (4 planes), 64 indices per block, gather one block ahead (CUDA, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "wgmma_h64",
+        summary: "flash attention on warpgroup MMA: 64 heads (2 warpgroups), 64 indices per block, Q and kv in swizzled shared tiles, gather one block ahead (CUDA sm_90a, bf16)",
         needs_plane_ops: true,
     },
     Variant {
@@ -77,7 +85,7 @@ pub const VARIANTS: &[Variant] = &[
 /// (heads per cube, indices per block) of a variant.
 pub fn tiles(variant: &Variant) -> (u32, u32) {
     match variant.name {
-        "mma_h64" => (64, 64),
+        "mma_h64" | "wgmma_h64" => (64, 64),
         "mma_h64_k32" => (64, 32),
         "mma_h32" => (32, 64),
         "cmma_h32" => (32, 16),
@@ -90,6 +98,9 @@ pub fn tiles(variant: &Variant) -> (u32, u32) {
 /// Shared memory of a variant: the kv tile (storage words), row offsets, P, and three floats per head; for
 /// `cmma_h16`, bf16 Q and kv tiles, P, the split-k scores and the block's P·V.
 pub fn shared_memory_bytes(variant: &Variant, format: Format) -> usize {
+    if is_wgmma(variant) {
+        return wgmma::shared_memory_bytes();
+    }
     if is_mma(variant) {
         let (heads, block) = tiles(variant);
         return mma::shared_memory_bytes(heads as usize, block as usize, mma_stages(variant));
@@ -144,6 +155,16 @@ fn is_mma(variant: &Variant) -> bool {
     variant.name.starts_with("mma")
 }
 
+/// The flash-attention variant on warpgroup MMA.
+fn is_wgmma(variant: &Variant) -> bool {
+    variant.name.starts_with("wgmma")
+}
+
+/// The flash-attention variants (split-KV with a combine step).
+fn is_flash(variant: &Variant) -> bool {
+    is_mma(variant) || is_wgmma(variant)
+}
+
 /// kv buffers of a flash-attention variant: 2 gathers the next block while one is used.
 fn mma_stages(variant: &Variant) -> usize {
     if variant.name == "mma_h64" { 1 } else { 2 }
@@ -151,6 +172,15 @@ fn mma_stages(variant: &Variant) -> usize {
 
 /// What the tensor-core variants need beyond the default checks: bf16 tensor cores and bf16 tensors.
 pub fn supports(variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+    if is_wgmma(variant) {
+        if !problem.dim("h_q").is_multiple_of(wgmma::HEADS) {
+            return Err(format!("needs h_q a multiple of {}", wgmma::HEADS));
+        }
+        crate::spec::needs_wgmma(features)?;
+        if problem.format != Format::Bf16 {
+            return Err(format!("needs bf16 tensors, got {}", problem.format));
+        }
+    }
     if is_mma(variant) {
         if !problem.dim("h_q").is_multiple_of(tiles(variant).0 as usize) {
             return Err(format!("needs h_q a multiple of {}", tiles(variant).0));
@@ -177,7 +207,7 @@ pub fn supports(variant: &Variant, problem: &Problem, features: &DeviceFeatures)
 }
 
 pub fn supports_target(variant: &Variant, target: IrTarget) -> bool {
-    if is_mma(variant) {
+    if is_flash(variant) {
         return target == IrTarget::Cuda;
     }
     !is_cmma(variant) || matches!(target, IrTarget::Cuda | IrTarget::Hip)
@@ -185,13 +215,13 @@ pub fn supports_target(variant: &Variant, target: IrTarget) -> bool {
 
 /// The tensor-core variants compute in bf16 only.
 pub fn supports_format(variant: &Variant, format: Format) -> bool {
-    !(is_cmma(variant) || is_mma(variant)) || format == Format::Bf16
+    !(is_cmma(variant) || is_flash(variant)) || format == Format::Bf16
 }
 
 /// Split-KV counts for the flash-attention variants (the others do not split); 0, the problems' default, is
 /// [`resolve_splits`]' fill-the-device rule.
 pub fn tunable_params(variant: &Variant) -> &'static [(&'static str, &'static [f64])] {
-    if is_mma(variant) {
+    if is_flash(variant) {
         &[("num_splits", &[1.0, 2.0, 4.0, 8.0, 16.0])]
     } else {
         &[]
@@ -253,9 +283,7 @@ pub fn launch(
         splits,
     } = sizes;
     let client = &device.client;
-    if is_mma(variant) {
-        // Two planes (output halves) per 16-head group; q and kv read as 16-byte vectors.
-        let groups = heads as usize / 16;
+    if is_flash(variant) {
         let [q, kv] = [buffers[0], buffers[1]].map(|(handle, len)| buffer(handle, len / 4));
         let cubes = rows * h_q / heads as usize;
         let sms = device.features().multiprocessors.unwrap_or(1) as usize;
@@ -266,35 +294,69 @@ pub fn launch(
         let o_part = client.empty(4 * part_len(pairs * D_V));
         let lse_part = client.empty(4 * part_len(pairs));
         let max_part = client.empty(4 * part_len(pairs));
-        sparse_mla_mma_kernel::launch(
-            client,
-            grid(cubes * splits),
-            CubeDim::new_1d(64 * groups as u32),
-            4,
-            q,
-            kv,
-            table,
-            indices,
-            out,
-            lse,
-            max_logit,
-            buffer(&o_part, part_len(pairs * D_V)),
-            buffer(&lse_part, part_len(pairs)),
-            buffer(&max_part, part_len(pairs)),
-            rows,
-            rows_per_batch,
-            h_q,
-            s_kv,
-            max_pages,
-            pages,
-            topk,
-            splits,
-            sm_scale,
-            groups,
-            block as usize,
-            mma_stages(variant),
-            source,
-        );
+        let parts = [(&o_part, pairs * D_V), (&lse_part, pairs), (&max_part, pairs)]
+            .map(|(handle, n)| buffer(handle, part_len(n)));
+        let [o_part_arg, lse_part_arg, max_part_arg] = parts;
+        if is_wgmma(variant) {
+            sparse_mla_wgmma_kernel::launch(
+                client,
+                grid(cubes * splits),
+                CubeDim::new_1d(256),
+                4,
+                q,
+                kv,
+                table,
+                indices,
+                out,
+                lse,
+                max_logit,
+                o_part_arg,
+                lse_part_arg,
+                max_part_arg,
+                rows,
+                rows_per_batch,
+                h_q,
+                s_kv,
+                max_pages,
+                pages,
+                topk,
+                splits,
+                sm_scale,
+                source,
+            );
+        } else {
+            // Two planes (output halves) per 16-head group; q and kv read as 16-byte vectors.
+            let groups = heads as usize / 16;
+            sparse_mla_mma_kernel::launch(
+                client,
+                grid(cubes * splits),
+                CubeDim::new_1d(64 * groups as u32),
+                4,
+                q,
+                kv,
+                table,
+                indices,
+                out,
+                lse,
+                max_logit,
+                o_part_arg,
+                lse_part_arg,
+                max_part_arg,
+                rows,
+                rows_per_batch,
+                h_q,
+                s_kv,
+                max_pages,
+                pages,
+                topk,
+                splits,
+                sm_scale,
+                groups,
+                block as usize,
+                mma_stages(variant),
+                source,
+            );
+        }
         if splits > 1 {
             let [out, lse, max_logit] = [buffers[4], buffers[5], buffers[6]].map(|(handle, len)| buffer(handle, len));
             combine_splits_kernel::launch(
@@ -419,6 +481,36 @@ pub fn reference(
 pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: Format) -> KernelDefinition {
     let (heads, block) = tiles(variant);
     let (props, target_props) = nsa_backends::ir_properties(target);
+    if is_wgmma(variant) {
+        let a = slice_arg;
+        return sparse_mla_wgmma_kernel::SparseMlaWgmmaKernel::new(
+            ir_settings(CubeDim::new_1d(256)),
+            props,
+            target_props,
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            (),
+            4,
+            source,
+        )
+        .define();
+    }
     if is_mma(variant) {
         let a = slice_arg;
         let groups = heads as usize / 16;

@@ -1,0 +1,53 @@
+//! What the flash-attention kernels write at the end of a row: the normalized output and the row
+//! statistics, or with split-KV each split's partials for `combine_splits`.
+use super::D_V;
+use super::gather::write_row_stats;
+use cubecl::prelude::*;
+use nsa_dsl::format::pack_bf16x2;
+
+/// Output columns `column`, `column` + 1 of (row, head) `out_row`, already normalized: one bf16 pair word,
+/// or with splits the two f32 partials at `part_row` (split · rows · h_q + out_row).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_out_pair(
+    out: &mut [u32],
+    o_part: &mut [f32],
+    v0: f32,
+    v1: f32,
+    out_row: usize,
+    part_row: usize,
+    column: usize,
+    splits: usize,
+) {
+    if splits == 1 {
+        out[out_row * (D_V / 2) + column / 2] = pack_bf16x2(v0, v1);
+    } else {
+        o_part[part_row * D_V + column] = v0;
+        o_part[part_row * D_V + column + 1] = v1;
+    }
+}
+
+/// lse and max logit of (row, head) `out_row` from its running max `m_log2` (log₂ units) and sum `sum`;
+/// with splits, the split's partials (an empty split weighs nothing: lse −∞).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_split_stats(
+    lse: &mut [f32],
+    max_logit: &mut [f32],
+    lse_part: &mut [f32],
+    max_part: &mut [f32],
+    out_row: usize,
+    part_row: usize,
+    m_log2: f32,
+    sum: f32,
+    splits: usize,
+) {
+    let m_nat = m_log2 * core::f32::consts::LN_2;
+    if splits == 1 {
+        write_row_stats(lse, max_logit, out_row, m_nat, sum);
+    } else {
+        let empty = sum == 0.0f32;
+        lse_part[part_row] = select(empty, f32::reinterpret(0xff80_0000u32), m_nat + f32::ln(sum));
+        max_part[part_row] = select(empty, f32::reinterpret(0xff80_0000u32), m_nat);
+    }
+}
