@@ -21,7 +21,7 @@ use nsa_dsl::format::pack_bf16x2;
 use nsa_dsl::warp_mma::{commit_async_copies, copy_chunk_async, fast_exp2, quad_max, quad_sum};
 use nsa_dsl::wgmma::{
     ATOM_BYTES, Operands, await_stage, first_atom, store_shared_u32, sw128_descriptor, sw128_mn_major_descriptor,
-    swizzled_chunk, wgmma_bf16_shared_accumulate_trans_b, wgmma_fresh,
+    swizzled_chunk, wgmma_bf16_shared_accumulate_trans_b, wgmma_fresh, wgmma_wait,
 };
 
 pub(super) const HEADS: usize = 64;
@@ -49,7 +49,8 @@ fn tile_chunk(row: usize, c: usize) -> usize {
 
 /// Gathers the 64 kv rows whose word offsets are `offsets[slot·64..]` into the swizzled tile at chunk
 /// `tile0`: asynchronous copies for bf16 rows (complete at the next stage wait), dequantizing stores for
-/// the FP8 cache.
+/// the FP8 cache. Four units share a row (chunks u, u + 4, ..: one offset read, a warp reads 64 contiguous
+/// bytes of each of 8 rows per copy), so a unit's 18 copies cost a few instructions each.
 #[cube]
 fn gather_tile<N: Size>(
     kv: &[Vector<u32, N>],
@@ -59,23 +60,26 @@ fn gather_tile<N: Size>(
     tile0: usize,
     #[comptime] source: KvSource,
 ) {
-    let mut i = UNIT_POS as usize;
-    while i < comptime!(BLOCK * ROW_CHUNKS) {
-        let (key, c) = (i / ROW_CHUNKS, i % ROW_CHUNKS);
-        let offset = offsets[slot * BLOCK + key];
-        let dst = tile0 + tile_chunk(key, c);
+    let key = UNIT_POS as usize / 4;
+    let first = UNIT_POS as usize % 4;
+    let offset = offsets[slot * BLOCK + key];
+    let valid = offset != INVALID;
+    let row_start = select(valid, offset as usize / 4, 0usize);
+    let len = select(valid, 1usize, 0usize);
+    let row_dst = tile0 + key * 8;
+    #[unroll]
+    for j in 0..comptime!(ROW_CHUNKS / 4) {
+        let c = first + 4 * j;
+        let dst = row_dst + (c / 8) * COLUMN_BLOCK + ((c % 8) ^ (key % 8));
         match source {
             KvSource::Rows | KvSource::Bf16Paged => {
-                let valid = offset != INVALID;
-                let start = select(valid, offset as usize / 4 + c, 0usize);
-                let len = select(valid, 1usize, 0usize);
+                let start = select(valid, row_start + c, 0usize);
                 copy_chunk_async(&kv[start..start + len], &mut smem[dst..dst + 1]);
             }
             KvSource::Fp8Paged => {
                 smem[dst] = fp8_chunk(kv, offset, c);
             }
         }
-        i += CUBE_DIM as usize;
     }
 }
 
@@ -181,6 +185,20 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
         let slot = tile % 3;
         // Block `tile` landed and is visible to the tensor cores; every unit is done with the last block.
         await_stage(0u32);
+        let kv_tile = base + ((KV_OFFSET + buf * TILE_CHUNKS) * 16) as u32;
+        // S over this warpgroup's 32 keys, issued first so that the tensor cores compute it while the
+        // units start the next block's gather: element 4n + 2r + e is row g + 8r, key 32·half + 8n + 2t + e.
+        let block_bytes = comptime!(COLUMN_BLOCK * 16);
+        let s_in_flight = wgmma_fresh::<Const<16>>(
+            q_desc,
+            sw128_descriptor(kv_tile + (half * 32 * 128) as u32),
+            Operands::Bf16,
+            32usize,
+            comptime!(D_QK / 16),
+            block_bytes,
+            block_bytes,
+            false,
+        );
         if tile + 1 < tiles {
             gather_tile(
                 kv,
@@ -211,20 +229,7 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
                 Format::Bf16,
             );
         }
-        let kv_tile = base + ((KV_OFFSET + buf * TILE_CHUNKS) * 16) as u32;
-
-        // S over this warpgroup's 32 keys: element 4n + 2r + e is row g + 8r, key 32·half + 8n + 2t + e.
-        let block_bytes = comptime!(COLUMN_BLOCK * 16);
-        let s = wgmma_fresh::<Const<16>>(
-            q_desc,
-            sw128_descriptor(kv_tile + (half * 32 * 128) as u32),
-            Operands::Bf16,
-            32usize,
-            comptime!(D_QK / 16),
-            block_bytes,
-            block_bytes,
-            true,
-        );
+        let s = wgmma_wait::<Const<16>>(s_in_flight, 32usize);
         let own_slots = slot * BLOCK + half * 32;
         let mut x = Array::<f32>::new(16usize);
         let mut block_max = Array::<f32>::new(2usize);
