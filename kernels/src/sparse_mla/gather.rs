@@ -119,22 +119,36 @@ pub(super) fn resolve_block(
 ) {
     let unit = UNIT_POS as usize;
     if unit < block {
-        let mut offset = 0xffff_ffffu32;
-        if start + unit < topk {
-            if comptime!(source == KvSource::Bf16Paged) {
-                let position = start + unit;
-                let index = select(
-                    position < dense_limit(indices, row, rows_per_batch),
-                    position as i32,
-                    -1i32,
-                );
-                offset = kv_row_offset(index, block_table, batch, s_kv, max_pages, pages, source, format);
-            } else {
-                let index = indices[row * topk + start + unit];
-                offset = kv_row_offset(index, block_table, batch, s_kv, max_pages, pages, source, format);
-            }
-        }
-        offsets[unit] = offset;
+        let index = block_index(indices, row, rows_per_batch, start, topk, source);
+        offsets[unit] = kv_row_offset(index, block_table, batch, s_kv, max_pages, pages, source, format);
+    }
+}
+
+/// This unit's index of the block starting at `start` of row `row` (−1 past topk): [`resolve_block`]'s
+/// first half, for kernels that load indices early and resolve them later.
+#[cube]
+pub(super) fn block_index(
+    indices: &[i32],
+    row: usize,
+    rows_per_batch: usize,
+    start: usize,
+    topk: usize,
+    #[comptime] source: KvSource,
+) -> i32 {
+    let position = start + UNIT_POS as usize;
+    let in_range = position < topk;
+    if comptime!(source == KvSource::Bf16Paged) {
+        select(
+            in_range && position < dense_limit(indices, row, rows_per_batch),
+            position as i32,
+            -1i32,
+        )
+    } else {
+        select(
+            in_range,
+            indices[select(in_range, row * topk + position, 0usize)],
+            -1i32,
+        )
     }
 }
 

@@ -19,7 +19,7 @@ use super::{D_QK, KvSource};
 use cubecl::prelude::*;
 use half::bf16;
 use nsa_dsl::Format;
-use nsa_dsl::format::e4m3_to_f32;
+use nsa_dsl::format::{e4m3_to_f32, e4m3x4_scaled_to_bf16x4};
 use nsa_dsl::warp_mma::{
     AccPair, Chunk, Pair, accumulators_as_a, b_tile, chunk_to_fragment, commit_async_copies, copy_chunk_async,
     copy_regs, fast_exp2, fragment_to_chunk, load_x4, mma_into, quad_max, quad_sum, wait_async_copies,
@@ -40,8 +40,14 @@ pub(super) fn shared_memory_bytes(heads: usize, block: usize, stages: usize) -> 
 
 /// Chunk `c` (8 bf16) of the FP8 cache token at word `offset`, dequantized: latent bytes 8c..8c+8 (words
 /// 2c, 2c + 1) times group scale c / 16 (words 128..132) for c < 64, else rope words 132 + 4(c − 64)...
+/// With `hardware`, the latent codes go through sm_89+'s FP8 conversion instruction.
 #[cube]
-pub(super) fn fp8_chunk<N: Size>(kv: &[Vector<u32, N>], offset: u32, c: usize) -> Vector<u32, N> {
+pub(super) fn fp8_chunk<N: Size>(
+    kv: &[Vector<u32, N>],
+    offset: u32,
+    c: usize,
+    #[comptime] hardware: bool,
+) -> Vector<u32, N> {
     let mut chunk = Vector::<u32, N>::new(0u32);
     if offset != INVALID {
         let base = offset as usize / 4;
@@ -57,14 +63,23 @@ pub(super) fn fp8_chunk<N: Size>(kv: &[Vector<u32, N>], offset: u32, c: usize) -
                 select(group == 2, scales.extract(2usize), scales.extract(3usize)),
             );
             let scale = f32::reinterpret(scale_bits);
-            let mut values = Chunk::empty();
-            #[unroll]
-            for j in 0..8usize {
-                let word = select(j < 4, lo, hi);
-                let byte = (word >> (8 * (j % 4)) as u32) & 0xff;
-                values.insert(j, bf16::cast_from(e4m3_to_f32(byte) * scale));
+            if hardware {
+                let low = e4m3x4_scaled_to_bf16x4(lo, scale);
+                let high = e4m3x4_scaled_to_bf16x4(hi, scale);
+                chunk.insert(0usize, low.extract(0usize));
+                chunk.insert(1usize, low.extract(1usize));
+                chunk.insert(2usize, high.extract(0usize));
+                chunk.insert(3usize, high.extract(1usize));
+            } else {
+                let mut values = Chunk::empty();
+                #[unroll]
+                for j in 0..8usize {
+                    let word = select(j < 4, lo, hi);
+                    let byte = (word >> (8 * (j % 4)) as u32) & 0xff;
+                    values.insert(j, bf16::cast_from(e4m3_to_f32(byte) * scale));
+                }
+                chunk = Vector::<u32, N>::reinterpret(values);
             }
-            chunk = Vector::<u32, N>::reinterpret(values);
         } else {
             chunk = kv[base + 33 + (c - 64)];
         }
@@ -100,7 +115,7 @@ fn gather_block<N: Size>(
                 copy_chunk_async(&kv[start..start + len], &mut kv_s[dst..dst + 1]);
             }
             KvSource::Fp8Paged => {
-                kv_s[dst] = fp8_chunk(kv, offset, c);
+                kv_s[dst] = fp8_chunk(kv, offset, c, false);
             }
         }
         i += CUBE_DIM as usize;

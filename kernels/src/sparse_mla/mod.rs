@@ -41,6 +41,11 @@ pub const TOKEN_WORDS: usize = 164;
 
 pub const VARIANTS: &[Variant] = &[
     Variant {
+        name: "wgmma_h64",
+        summary: "flash attention on warpgroup MMA: 64 heads (2 warpgroups), 64 indices per block, Q and kv in swizzled shared tiles, gather one block ahead (CUDA sm_90a, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
         name: "mma_h64",
         summary: "flash attention on mma.sync: 64 heads (8 planes, O in registers), 64 indices per block, one kv buffer (CUDA, bf16)",
         needs_plane_ops: true,
@@ -53,11 +58,6 @@ pub const VARIANTS: &[Variant] = &[
     Variant {
         name: "mma_h32",
         summary: "flash attention on mma.sync: 32 heads (4 planes), 64 indices per block, gather one block ahead (CUDA, bf16)",
-        needs_plane_ops: true,
-    },
-    Variant {
-        name: "wgmma_h64",
-        summary: "flash attention on warpgroup MMA: 64 heads (2 warpgroups), 64 indices per block, Q and kv in swizzled shared tiles, gather one block ahead (CUDA sm_90a, bf16)",
         needs_plane_ops: true,
     },
     Variant {

@@ -11,7 +11,7 @@
 //! - each adds P·V over all 64 keys for its 256 of the 512 output columns (m64n256, 4 k16 steps, V read
 //!   MN-major from the same kv tile: the first 8 of its 9 column blocks), O (128 f32 a unit) rescaled by
 //!   row in registers first.
-use super::gather::{dense_limit, resolve_block};
+use super::gather::{block_index, dense_limit, kv_row_offset, resolve_block};
 use super::mma::{INVALID, fp8_chunk};
 use super::output::{write_out_pair, write_split_stats};
 use super::{D_QK, KvSource};
@@ -77,7 +77,7 @@ fn gather_tile<N: Size>(
                 copy_chunk_async(&kv[start..start + len], &mut smem[dst..dst + 1]);
             }
             KvSource::Fp8Paged => {
-                smem[dst] = fp8_chunk(kv, offset, c);
+                smem[dst] = fp8_chunk(kv, offset, c, true);
             }
         }
     }
@@ -185,6 +185,14 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
         let slot = tile % 3;
         // Block `tile` landed and is visible to the tensor cores; every unit is done with the last block.
         await_stage(0u32);
+        // The indices of block `tile` + 2, loaded now and resolved to offsets at the end of the step: the
+        // loads' latency hides under the step instead of stalling two warps before a barrier.
+        let ahead = tile + 2 < tiles && unit < BLOCK;
+        let next_index = select(
+            ahead,
+            block_index(indices, row, rows_per_batch, (first + tile + 2) * BLOCK, topk, source),
+            -1i32,
+        );
         let kv_tile = base + ((KV_OFFSET + buf * TILE_CHUNKS) * 16) as u32;
         // S over this warpgroup's 32 keys, issued first so that the tensor cores compute it while the
         // units start the next block's gather: element 4n + 2r + e is row g + 8r, key 32·half + 8n + 2t + e.
@@ -210,25 +218,6 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
             );
         }
         commit_async_copies();
-        if tile + 2 < tiles {
-            let next = (tile + 2) % 3;
-            resolve_block(
-                indices,
-                block_table,
-                &mut offsets[next * BLOCK..next * BLOCK + BLOCK],
-                row,
-                rows_per_batch,
-                (first + tile + 2) * BLOCK,
-                topk,
-                batch,
-                s_kv,
-                max_pages,
-                pages,
-                BLOCK,
-                source,
-                Format::Bf16,
-            );
-        }
         let s = wgmma_wait::<Const<16>>(s_in_flight, 32usize);
         let own_slots = slot * BLOCK + half * 32;
         let mut x = Array::<f32>::new(16usize);
@@ -250,6 +239,16 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
             }
         }
         sync_cube();
+        let next_offset = kv_row_offset(
+            next_index,
+            block_table,
+            batch,
+            s_kv,
+            max_pages,
+            pages,
+            source,
+            Format::Bf16,
+        );
         let mut alpha = Array::<f32>::new(2usize);
         #[unroll]
         for r in 0..2usize {
@@ -273,17 +272,23 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
                 store_shared_u32(p_tile + (chunk * 16 + 4 * t) as u32, pack_bf16x2(x[i], x[i + 1]));
             }
         }
-        let mut scale = Vector::<f32, Const<128>>::new(0.0f32);
-        #[unroll]
-        for i in 0..128usize {
-            scale.insert(i, alpha[(i % 4) / 2]);
+        // Once the row maxima settle most blocks leave them unchanged: the warp then skips the 128 multiplies.
+        if plane_any(alpha[0] != 1.0f32 || alpha[1] != 1.0f32) {
+            let mut scale = Vector::<f32, Const<128>>::new(0.0f32);
+            #[unroll]
+            for i in 0..128usize {
+                scale.insert(i, alpha[(i % 4) / 2]);
+            }
+            o *= scale;
         }
-        o *= scale;
         await_stage(1u32);
 
         // O += P·V over the block's 64 keys on this warpgroup's columns 256·half.. (kv column blocks 4·half..).
         let v_desc = sw128_mn_major_descriptor(kv_tile + (half * 4 * COLUMN_BLOCK * 16) as u32, block_bytes as u32);
         o = wgmma_bf16_shared_accumulate_trans_b::<Const<128>>(o, p_desc, v_desc, 256usize, 4usize, 2048usize);
+        if ahead {
+            offsets[((tile + 2) % 3) * BLOCK + unit] = next_offset;
+        }
         tile += 1;
     }
 
