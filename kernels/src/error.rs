@@ -53,3 +53,20 @@ pub fn device_reason(error: impl std::fmt::Display) -> String {
         .collect();
     lines.join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::device_reason;
+
+    #[test]
+    fn a_device_reason_keeps_the_compiler_log_and_drops_backtrace_notes() {
+        let error =
+            "Compilation failed\n  ptxas error: Arguments mismatch for instruction 'cvt'  \n\nNo backtrace available";
+        assert_eq!(
+            device_reason(error),
+            "Compilation failed\nptxas error: Arguments mismatch for instruction 'cvt'"
+        );
+        let long: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(device_reason(long).lines().count(), 40);
+    }
+}

@@ -5,7 +5,8 @@
 //!   out[r, h, :] = Σ_i softmax(S)_i · kv_i[:512]
 //!   lse[r, h] = log Σ_i exp(S_i) (natural), max_logit[r, h] = max_i S_i
 //! An empty row gives out = 0, lse = +∞, max_logit = −∞.
-//! Variants: `mma_h64`/`mma_h64_k32`/`mma_h32` ([`mma`]: flash attention on warp `mma.sync` with O in
+//! Variants: `wgmma_h64` ([`wgmma`]: flash attention on Hopper's warpgroup MMA, Q and kv in swizzled shared
+//! tiles, CUDA sm_90a, bf16), `mma_h64`/`mma_h64_k32`/`mma_h32` ([`mma`]: flash attention on warp `mma.sync` with O in
 //! registers, CUDA, bf16), `cmma_h16`/`cmma_h32` ([`cmma`]: 16×16×16 tensor-core tiles, CUDA/HIP, bf16) and
 //! `simt_h16`/`simt_h8` ([`simt`]: scalar FMAs, everywhere). All gather the rows of a block of indices
 //! into shared memory ([`gather`]: FP8 dequantized exactly), keep an online softmax per head, and

@@ -113,7 +113,10 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
     let head0 = (CUBE_POS / splits % head_blocks) * HEADS;
     let unit = UNIT_POS as usize;
     let warp = (UNIT_POS / 32) as usize;
-    let (group, half) = (warp % 4, warp / 4);
+    // The warpgroup through a broadcast, so that ptxas keeps the descriptors built from it in uniform
+    // registers instead of rebuilding them at every k step.
+    let half = plane_broadcast(UNIT_POS / 128, 0u32) as usize;
+    let group = warp % 4;
     let partner = (warp + 4) % 8;
     let lane = UNIT_POS_PLANE as usize;
     let (g, t) = (lane / 4, lane % 4);
