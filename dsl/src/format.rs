@@ -103,6 +103,7 @@ pub fn pack_bf16x2(lo: f32, hi: f32) -> u32 {
 /// scale: an e4m3 value has 4 significant bits), as two bf16 pairs: the hardware conversion of sm_89+
 /// (`cvt.rn.f16x2.e4m3x2`, exact), instead of [`e4m3_to_f32`]'s dozen integer instructions per value.
 #[cube]
+#[allow(clippy::identity_op)] // the × 1 turns a local into a value for the asm
 pub fn e4m3x4_scaled_to_bf16x4(word: u32, scale: f32) -> Vector<u32, Const<2>> {
     // As values, not addresses: a function's result reaches inline PTX as a local's address otherwise.
     // The result is operands %0 and %1 (named once in a comment so the operand list keeps it).

@@ -277,6 +277,7 @@ fn shared_trans_b_steps(n: usize, steps: usize, b_step_bytes: usize) -> String {
 /// Stores the 32-bit `value` at shared-window byte address `address` (e.g. into a swizzled tile whose
 /// words no slice type indexes).
 #[cube]
+#[allow(clippy::identity_op)] // the × 1 turns a local into a value for the asm
 pub fn store_shared_u32(address: u32, value: u32) {
     // As a value, not an address (see wgmma_accumulate): a function's result reaches here as a local.
     let value = value * 1u32;

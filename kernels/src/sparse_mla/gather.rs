@@ -152,6 +152,31 @@ pub(super) fn block_index(
     }
 }
 
+/// Split-KV: the blocks of `block` indices that split `split` of `splits` takes of row `row`, as (first,
+/// count); the dense paged source counts only the blocks below the row's causal limit.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn split_blocks(
+    indices: &[i32],
+    row: usize,
+    rows_per_batch: usize,
+    topk: usize,
+    split: usize,
+    splits: usize,
+    #[comptime] block: usize,
+    #[comptime] source: KvSource,
+) -> (usize, usize) {
+    let mut all_tiles = topk.div_ceil(block);
+    if comptime!(source == KvSource::Bf16Paged) {
+        let limit = dense_limit(indices, row, rows_per_batch);
+        all_tiles = select(limit < topk, limit, topk).div_ceil(block);
+    }
+    let per_split = all_tiles.div_ceil(splits);
+    let first = select(split * per_split < all_tiles, split * per_split, all_tiles);
+    let tiles = select(first + per_split < all_tiles, per_split, all_tiles - first);
+    (first, tiles)
+}
+
 /// Dense decode: how many cache positions row `row` sees. `seqlens[b]` counts the batch's tokens including
 /// its rows_per_batch new ones, and row j of them sees positions 0 ..= seqlens − rows_per_batch + j (causal).
 #[cube]

@@ -13,7 +13,7 @@
 //!   rescaled by row.
 //!
 //! Shared-memory operand fragments are loaded one k-step ahead of the multiplies that use them.
-use super::gather::{dense_limit, resolve_block};
+use super::gather::{resolve_block, split_blocks};
 use super::output::{write_out_pair, write_split_stats};
 use super::{D_QK, KvSource};
 use cubecl::prelude::*;
@@ -170,16 +170,8 @@ pub fn sparse_mla_mma_kernel<N: Size>(
         terminate!();
     }
     let batch = row / rows_per_batch;
-    let mut all_tiles = topk.div_ceil(block);
-    if comptime!(source == KvSource::Bf16Paged) {
-        // Dense: only the blocks below the row's causal limit.
-        let limit = dense_limit(indices, row, rows_per_batch);
-        all_tiles = select(limit < topk, limit, topk).div_ceil(block);
-    }
     // Split-KV: this cube's share of the row's blocks, [first, first + tiles).
-    let per_split = all_tiles.div_ceil(splits);
-    let first = select(split * per_split < all_tiles, split * per_split, all_tiles);
-    let tiles = select(first + per_split < all_tiles, per_split, all_tiles - first);
+    let (first, tiles) = split_blocks(indices, row, rows_per_batch, topk, split, splits, block, source);
 
     let mut q_s = Shared::<[Vector<u32, N>]>::new_aligned_slice(comptime!(heads * ROW_CHUNKS), 16usize);
     let mut kv_s = Shared::<[Vector<u32, N>]>::new_aligned_slice(comptime!(stages * block * ROW_CHUNKS), 16usize);

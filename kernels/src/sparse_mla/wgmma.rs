@@ -11,7 +11,7 @@
 //! - each adds P·V over all 64 keys for its 256 of the 512 output columns (m64n256, 4 k16 steps, V read
 //!   MN-major from the same kv tile: the first 8 of its 9 column blocks), O (128 f32 a unit) rescaled by
 //!   row in registers first.
-use super::gather::{block_index, dense_limit, kv_row_offset, resolve_block};
+use super::gather::{block_index, kv_row_offset, resolve_block, split_blocks};
 use super::mma::{INVALID, fp8_chunk};
 use super::output::{write_out_pair, write_split_stats};
 use super::{D_QK, KvSource};
@@ -124,14 +124,7 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
         terminate!();
     }
     let batch = row / rows_per_batch;
-    let mut all_tiles = topk.div_ceil(BLOCK);
-    if comptime!(source == KvSource::Bf16Paged) {
-        let limit = dense_limit(indices, row, rows_per_batch);
-        all_tiles = select(limit < topk, limit, topk).div_ceil(BLOCK);
-    }
-    let per_split = all_tiles.div_ceil(splits);
-    let first = select(split * per_split < all_tiles, split * per_split, all_tiles);
-    let tiles = select(first + per_split < all_tiles, per_split, all_tiles - first);
+    let (first, tiles) = split_blocks(indices, row, rows_per_batch, topk, split, splits, BLOCK, source);
 
     let mut smem =
         Shared::<[Vector<u32, N>]>::new_aligned_slice(comptime!(TILES_CHUNKS + ATOM_BYTES as usize / 16), 16usize);
