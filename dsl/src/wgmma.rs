@@ -389,3 +389,37 @@ pub fn await_stage(#[comptime] pending: u32) {
     fence_shared_for_wgmma();
     sync_cube();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Operands, following_steps, shared_trans_b_steps};
+
+    #[test]
+    fn shared_trans_b_steps_walk_a_along_its_row_and_b_down_its_keys() {
+        let text = shared_trans_b_steps(256, 4, 2048);
+        assert_eq!(
+            text.matches("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16")
+                .count(),
+            4
+        );
+        // A: 32 bytes (2 in descriptor units) per k16 step; B: 16 rows of 128 bytes (2048 >> 4).
+        assert_eq!(text.matches("add.s64 wg_da, wg_da, 2;").count(), 3);
+        assert_eq!(text.matches("add.s64 wg_db, wg_db, 128;").count(), 3);
+        // Accumulating, with B transposed (MN-major) and A not.
+        assert!(
+            text.lines()
+                .filter(|l| l.starts_with("wgmma"))
+                .all(|l| l.ends_with("wg_p1, 1, 1, 0, 1;"))
+        );
+    }
+
+    #[test]
+    fn following_steps_jump_to_the_next_column_block_after_four_steps() {
+        // 36 steps over 9 column blocks of 8 KiB: after every fourth step the descriptors move on by the
+        // block, less the 96 bytes already walked ((8192 - 96) >> 4 = 506).
+        let text = following_steps(Operands::Bf16, 32, 36, 8192, 8192);
+        assert_eq!(text.matches("wgmma.mma_async").count(), 35);
+        assert_eq!(text.matches("add.s64 wg_da, wg_da, 506;").count(), 8);
+        assert_eq!(text.matches("add.s64 wg_da, wg_da, 2;").count(), 27);
+    }
+}
