@@ -101,6 +101,23 @@ fn v_tile_bytes(block: usize, #[comptime] k_buffers: usize, #[comptime] v_buffer
     ((k_buffers * K_CHUNKS + (block % v_buffers) * V_CHUNKS) * 16) as u32
 }
 
+/// Shared address of warpgroup `w`'s Q tile (`q_shared`: after the K and V buffers).
+#[cube]
+fn q_tile_address(base: u32, w: usize, #[comptime] pipeline: Pipeline) -> u32 {
+    base + ((comptime!(pipeline.q_offset()) + w * K_CHUNKS) * 16) as u32
+}
+
+/// Starts copying `boxes` 64 × 64 boxes of `map` at (column 64c, `head`, `row`) into consecutive 8 KiB
+/// swizzled blocks from shared address `tile`, completing on barrier `full`.
+#[cube]
+fn load_boxes(map: &TensorMap<u32, Tiled>, tile: u32, full: u32, head: i32, row: i32, #[comptime] boxes: u32) {
+    let box_bytes = comptime!(COLUMN_BLOCK * 16) as u32;
+    #[unroll]
+    for c in 0..boxes {
+        tma_load_3d(map, tile + c * box_bytes, full, (64 * c) as i32, head, row);
+    }
+}
+
 /// Shared address of block `block`'s full barrier (its copies' bytes landed).
 #[cube]
 fn full_barrier(base: u32, block: usize, #[comptime] pipeline: Pipeline) -> u32 {
@@ -146,7 +163,6 @@ fn copy_block(
     #[comptime] pipeline: Pipeline,
 ) {
     let (k_buffers, v_buffers) = comptime!((pipeline.k_buffers(), pipeline.v_buffers()));
-    let box_bytes = comptime!(COLUMN_BLOCK * 16) as u32;
     let full = full_barrier(base, block, pipeline);
     let block_bytes = comptime!((K_CHUNKS + V_CHUNKS) * 16) as u32;
     let q_bytes = comptime!(pipeline.groups * K_CHUNKS * 16) as u32;
@@ -156,23 +172,14 @@ fn copy_block(
     let head = head as i32;
     let k_tile = base + k_tile_bytes(block, k_buffers);
     let v_tile = base + v_tile_bytes(block, k_buffers, v_buffers);
-    #[unroll]
-    for c in 0..3u32 {
-        tma_load_3d(k_map, k_tile + c * box_bytes, full, (64 * c) as i32, head, row);
-    }
-    #[unroll]
-    for c in 0..2u32 {
-        tma_load_3d(v_map, v_tile + c * box_bytes, full, (64 * c) as i32, head, row);
-    }
+    load_boxes(k_map, k_tile, full, head, row, 3u32);
+    load_boxes(v_map, v_tile, full, head, row, 2u32);
     if with_q {
         #[unroll]
         for w in 0..pipeline.groups {
-            let q_tile = base + ((comptime!(pipeline.q_offset()) + w * K_CHUNKS) * 16) as u32;
+            let q_tile = q_tile_address(base, w, pipeline);
             let q_row = (q_row0 + w * BLOCK) as i32;
-            #[unroll]
-            for c in 0..3u32 {
-                tma_load_3d(q_map, q_tile + c * box_bytes, full, (64 * c) as i32, head, q_row);
-            }
+            load_boxes(q_map, q_tile, full, head, q_row, 3u32);
         }
     }
 }
@@ -385,7 +392,7 @@ fn mha_prefill_wgmma_kernel(
     // The warpgroup index through a shuffle from lane 0: provably warp-uniform, so the compiler keeps Q's
     // descriptors in uniform registers (one add a k step instead of six instructions).
     let warpgroup = plane_broadcast(UNIT_POS / 128, 0u32) as usize;
-    let q_tile = base + ((comptime!(pipeline.q_offset()) + warpgroup * K_CHUNKS) * 16) as u32;
+    let q_tile = q_tile_address(base, warpgroup, pipeline);
 
     // Barriers: a block's full one completes with the copying unit's arrival and the copies' bytes; the
     // free ones with every unit's release. Then blocks 0 .. depth − 1 (block 0 with the Q tiles).
