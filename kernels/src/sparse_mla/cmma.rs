@@ -1,5 +1,6 @@
 //! The tensor-core sparse MLA kernel: variants `cmma_h16`, `cmma_h32` (CUDA/HIP, bf16).
-use super::gather::{kv_word, resolve_block, write_row_stats};
+use super::gather::{kv_word, resolve_block};
+use super::output::write_row_stats;
 use super::{D_QK, D_V, KvSource};
 use cubecl::prelude::*;
 use half::bf16;

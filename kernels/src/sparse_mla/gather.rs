@@ -1,9 +1,14 @@
 //! The kv side of the sparse MLA kernels: resolving indices to cache rows, reading (and dequantizing) a
-//! row's words, and the per-row statistics written at the end.
+//! row's words, and a split's share of a row's blocks.
 use super::{D_QK, D_V, KvSource, PAGE_SIZE, TOKEN_WORDS};
 use cubecl::prelude::*;
+use half::bf16;
 use nsa_dsl::Format;
-use nsa_dsl::format::{bf16_to_f32, e4m3_to_f32, pack};
+use nsa_dsl::format::{bf16_to_f32, e4m3_to_f32, e4m3x4_scaled_to_bf16x4, pack};
+use nsa_dsl::warp_mma::Chunk;
+
+/// A resolved offset that names no kv row (an invalid index, or past topk).
+pub(super) const INVALID: u32 = 0xffff_ffff;
 
 /// Word offset of the kv row `index` names, or 0xffff_ffff ("invalid": u32, as WGSL has no 64-bit integers).
 /// FP8 cache indices are physical (page · 64 + slot, below `s_kv` = the cache's tokens) when `s_kv` > 0, and
@@ -96,6 +101,55 @@ pub(super) fn kv_word(
     word
 }
 
+/// Chunk `c` (8 bf16) of the FP8 cache token at word `offset`, dequantized: latent bytes 8c..8c+8 (words
+/// 2c, 2c + 1) times group scale c / 16 (words 128..132) for c < 64, else rope words 132 + 4(c − 64)...
+/// With `hardware`, the latent codes go through sm_89+'s FP8 conversion instruction.
+#[cube]
+pub(super) fn fp8_chunk<N: Size>(
+    kv: &[Vector<u32, N>],
+    offset: u32,
+    c: usize,
+    #[comptime] hardware: bool,
+) -> Vector<u32, N> {
+    let mut chunk = Vector::<u32, N>::new(0u32);
+    if offset != INVALID {
+        let base = offset as usize / 4;
+        if c < 64 {
+            let words = kv[base + c / 2];
+            let lo = select(c % 2 == 0, words.extract(0usize), words.extract(2usize));
+            let hi = select(c % 2 == 0, words.extract(1usize), words.extract(3usize));
+            let scales = kv[base + 32];
+            let group = c / 16;
+            let scale_bits = select(
+                group < 2,
+                select(group == 0, scales.extract(0usize), scales.extract(1usize)),
+                select(group == 2, scales.extract(2usize), scales.extract(3usize)),
+            );
+            let scale = f32::reinterpret(scale_bits);
+            if hardware {
+                let low = e4m3x4_scaled_to_bf16x4(lo, scale);
+                let high = e4m3x4_scaled_to_bf16x4(hi, scale);
+                chunk.insert(0usize, low.extract(0usize));
+                chunk.insert(1usize, low.extract(1usize));
+                chunk.insert(2usize, high.extract(0usize));
+                chunk.insert(3usize, high.extract(1usize));
+            } else {
+                let mut values = Chunk::empty();
+                #[unroll]
+                for j in 0..8usize {
+                    let word = select(j < 4, lo, hi);
+                    let byte = (word >> (8 * (j % 4)) as u32) & 0xff;
+                    values.insert(j, bf16::cast_from(e4m3_to_f32(byte) * scale));
+                }
+                chunk = Vector::<u32, N>::reinterpret(values);
+            }
+        } else {
+            chunk = kv[base + 33 + (c - 64)];
+        }
+    }
+    chunk
+}
+
 /// Resolves the block of indices starting at `start` of row `row` to kv row offsets in `offsets`
 /// (0xffff_ffff: invalid, or past topk); units below `block` take one each. For the dense paged source the
 /// indices are implicit: position start + unit while below the row's causal limit (see [`dense_limit`]).
@@ -184,12 +238,4 @@ pub(super) fn dense_limit(seqlens: &[i32], row: usize, rows_per_batch: usize) ->
     let seqlen = seqlens[row / rows_per_batch];
     let visible = seqlen - rows_per_batch as i32 + 1 + (row % rows_per_batch) as i32;
     select(visible > 0, visible, 0i32) as usize
-}
-
-/// lse = m + ln l (natural) and the max logit of one (row, head); an empty row (l = 0) gets +∞ and −∞.
-#[cube]
-pub(super) fn write_row_stats(lse: &mut [f32], max_logit: &mut [f32], out_row: usize, m: f32, l: f32) {
-    let empty = l == 0.0f32;
-    lse[out_row] = select(empty, f32::reinterpret(0x7f80_0000u32), m + f32::ln(l));
-    max_logit[out_row] = select(empty, f32::reinterpret(0xff80_0000u32), m);
 }

@@ -13,22 +13,20 @@
 //!   rescaled by row.
 //!
 //! Shared-memory operand fragments are loaded one k-step ahead of the multiplies that use them.
-use super::gather::{resolve_block, split_blocks};
+use super::gather::{INVALID, fp8_chunk, resolve_block, split_blocks};
 use super::output::{write_out_pair, write_split_stats};
 use super::{D_QK, KvSource};
 use cubecl::prelude::*;
 use half::bf16;
 use nsa_dsl::Format;
-use nsa_dsl::format::{e4m3_to_f32, e4m3x4_scaled_to_bf16x4};
 use nsa_dsl::warp_mma::{
-    AccPair, Chunk, Pair, accumulators_as_a, b_tile, chunk_to_fragment, commit_async_copies, copy_chunk_async,
-    copy_regs, fast_exp2, fragment_to_chunk, load_x4, mma_into, quad_max, quad_sum, wait_async_copies,
+    AccPair, Pair, accumulators_as_a, b_tile, chunk_to_fragment, commit_async_copies, copy_chunk_async, copy_regs,
+    fast_exp2, fragment_to_chunk, load_x4, mma_into, quad_max, quad_sum, wait_async_copies,
 };
 
 /// 16-byte chunks per kv/q row in shared memory: 72 (576 bf16) plus one of padding, so the eight rows an
 /// `ldmatrix` reads start in different banks.
 pub(super) const ROW_CHUNKS: usize = 73;
-pub(super) const INVALID: u32 = 0xffff_ffff;
 const K_STEPS: usize = D_QK / 16;
 
 /// Shared memory of a variant: padded Q and kv rows (`stages` buffers), three blocks of row offsets, and
@@ -36,55 +34,6 @@ const K_STEPS: usize = D_QK / 16;
 pub(super) fn shared_memory_bytes(heads: usize, block: usize, stages: usize) -> usize {
     let planes = heads / 8;
     16 * ROW_CHUNKS * (heads + stages * block) + 4 * 3 * block + 4 * planes * 16 + 16 * planes * (block / 32) * 32
-}
-
-/// Chunk `c` (8 bf16) of the FP8 cache token at word `offset`, dequantized: latent bytes 8c..8c+8 (words
-/// 2c, 2c + 1) times group scale c / 16 (words 128..132) for c < 64, else rope words 132 + 4(c − 64)...
-/// With `hardware`, the latent codes go through sm_89+'s FP8 conversion instruction.
-#[cube]
-pub(super) fn fp8_chunk<N: Size>(
-    kv: &[Vector<u32, N>],
-    offset: u32,
-    c: usize,
-    #[comptime] hardware: bool,
-) -> Vector<u32, N> {
-    let mut chunk = Vector::<u32, N>::new(0u32);
-    if offset != INVALID {
-        let base = offset as usize / 4;
-        if c < 64 {
-            let words = kv[base + c / 2];
-            let lo = select(c % 2 == 0, words.extract(0usize), words.extract(2usize));
-            let hi = select(c % 2 == 0, words.extract(1usize), words.extract(3usize));
-            let scales = kv[base + 32];
-            let group = c / 16;
-            let scale_bits = select(
-                group < 2,
-                select(group == 0, scales.extract(0usize), scales.extract(1usize)),
-                select(group == 2, scales.extract(2usize), scales.extract(3usize)),
-            );
-            let scale = f32::reinterpret(scale_bits);
-            if hardware {
-                let low = e4m3x4_scaled_to_bf16x4(lo, scale);
-                let high = e4m3x4_scaled_to_bf16x4(hi, scale);
-                chunk.insert(0usize, low.extract(0usize));
-                chunk.insert(1usize, low.extract(1usize));
-                chunk.insert(2usize, high.extract(0usize));
-                chunk.insert(3usize, high.extract(1usize));
-            } else {
-                let mut values = Chunk::empty();
-                #[unroll]
-                for j in 0..8usize {
-                    let word = select(j < 4, lo, hi);
-                    let byte = (word >> (8 * (j % 4)) as u32) & 0xff;
-                    values.insert(j, bf16::cast_from(e4m3_to_f32(byte) * scale));
-                }
-                chunk = Vector::<u32, N>::reinterpret(values);
-            }
-        } else {
-            chunk = kv[base + 33 + (c - 64)];
-        }
-    }
-    chunk
 }
 
 /// Gathers the `block` kv rows whose word offsets are `offsets[slot·block..]` into rows

@@ -173,36 +173,21 @@ fn mma_stages(variant: &Variant) -> usize {
 
 /// What the tensor-core variants need beyond the default checks: bf16 tensor cores and bf16 tensors.
 pub fn supports(variant: &Variant, problem: &Problem, features: &DeviceFeatures) -> Result<(), String> {
+    if !(is_cmma(variant) || is_flash(variant)) {
+        return Ok(());
+    }
+    if !problem.dim("h_q").is_multiple_of(tiles(variant).0 as usize) {
+        return Err(format!("needs h_q a multiple of {}", tiles(variant).0));
+    }
     if is_wgmma(variant) {
-        if !problem.dim("h_q").is_multiple_of(wgmma::HEADS) {
-            return Err(format!("needs h_q a multiple of {}", wgmma::HEADS));
-        }
         crate::spec::needs_wgmma(features)?;
-        if problem.format != Format::Bf16 {
-            return Err(format!("needs bf16 tensors, got {}", problem.format));
-        }
+    } else if is_mma(variant) && (!features.mma_m16n8k16_bf16 || features.plane_size != 32) {
+        return Err("needs warp mma.sync m16n8k16 bf16 (CUDA)".into());
+    } else if is_cmma(variant) && !features.cmma_bf16 {
+        return Err("needs bf16 tensor cores (cmma)".into());
     }
-    if is_mma(variant) {
-        if !problem.dim("h_q").is_multiple_of(tiles(variant).0 as usize) {
-            return Err(format!("needs h_q a multiple of {}", tiles(variant).0));
-        }
-        if !features.mma_m16n8k16_bf16 || features.plane_size != 32 {
-            return Err("needs warp mma.sync m16n8k16 bf16 (CUDA)".into());
-        }
-        if problem.format != Format::Bf16 {
-            return Err(format!("needs bf16 tensors, got {}", problem.format));
-        }
-    }
-    if is_cmma(variant) {
-        if !problem.dim("h_q").is_multiple_of(tiles(variant).0 as usize) {
-            return Err(format!("needs h_q a multiple of {}", tiles(variant).0));
-        }
-        if !features.cmma_bf16 {
-            return Err("needs bf16 tensor cores (cmma)".into());
-        }
-        if problem.format != Format::Bf16 {
-            return Err(format!("needs bf16 tensors, got {}", problem.format));
-        }
+    if problem.format != Format::Bf16 {
+        return Err(format!("needs bf16 tensors, got {}", problem.format));
     }
     Ok(())
 }
@@ -295,9 +280,8 @@ pub fn launch(
         let o_part = client.empty(4 * part_len(pairs * D_V));
         let lse_part = client.empty(4 * part_len(pairs));
         let max_part = client.empty(4 * part_len(pairs));
-        let parts = [(&o_part, pairs * D_V), (&lse_part, pairs), (&max_part, pairs)]
+        let [o_part_arg, lse_part_arg, max_part_arg] = [(&o_part, pairs * D_V), (&lse_part, pairs), (&max_part, pairs)]
             .map(|(handle, n)| buffer(handle, part_len(n)));
-        let [o_part_arg, lse_part_arg, max_part_arg] = parts;
         if is_wgmma(variant) {
             sparse_mla_wgmma_kernel::launch(
                 client,

@@ -1,7 +1,6 @@
-//! What the flash-attention kernels write at the end of a row: the normalized output and the row
-//! statistics, or with split-KV each split's partials for `combine_splits`.
+//! What the kernels write at the end of a row: the row statistics (every variant), and for the
+//! flash-attention ones the normalized output, or with split-KV each split's partials for `combine_splits`.
 use super::D_V;
-use super::gather::write_row_stats;
 use cubecl::prelude::*;
 use nsa_dsl::format::pack_bf16x2;
 
@@ -50,4 +49,12 @@ pub(super) fn write_split_stats(
         lse_part[part_row] = select(empty, f32::reinterpret(0xff80_0000u32), m_nat + f32::ln(sum));
         max_part[part_row] = select(empty, f32::reinterpret(0xff80_0000u32), m_nat);
     }
+}
+
+/// lse = m + ln l (natural) and the max logit of one (row, head); an empty row (l = 0) gets +∞ and −∞.
+#[cube]
+pub(super) fn write_row_stats(lse: &mut [f32], max_logit: &mut [f32], out_row: usize, m: f32, l: f32) {
+    let empty = l == 0.0f32;
+    lse[out_row] = select(empty, f32::reinterpret(0x7f80_0000u32), m + f32::ln(l));
+    max_logit[out_row] = select(empty, f32::reinterpret(0xff80_0000u32), m);
 }

@@ -1,5 +1,6 @@
 //! The scalar (SIMT) sparse MLA kernel: variants `simt_h16`, `simt_h8`; runs everywhere, lavapipe included.
-use super::gather::{kv_word, resolve_block, write_row_stats};
+use super::gather::{kv_word, resolve_block};
+use super::output::write_row_stats;
 use super::{D_QK, D_V, KvSource, UNITS};
 use cubecl::prelude::*;
 use nsa_dsl::Format;

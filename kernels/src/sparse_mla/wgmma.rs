@@ -11,8 +11,7 @@
 //! - each adds P·V over all 64 keys for its 256 of the 512 output columns (m64n256, 4 k16 steps, V read
 //!   MN-major from the same kv tile: the first 8 of its 9 column blocks), O (128 f32 a unit) rescaled by
 //!   row in registers first.
-use super::gather::{block_index, kv_row_offset, resolve_block, split_blocks};
-use super::mma::{INVALID, fp8_chunk};
+use super::gather::{INVALID, block_index, fp8_chunk, kv_row_offset, resolve_block, split_blocks};
 use super::output::{write_out_pair, write_split_stats};
 use super::{D_QK, KvSource};
 use cubecl::prelude::*;
@@ -24,8 +23,8 @@ use nsa_dsl::wgmma::{
     swizzled_chunk, wgmma_bf16_shared_accumulate_trans_b, wgmma_fresh, wgmma_wait,
 };
 
-pub(super) const HEADS: usize = 64;
-pub(super) const BLOCK: usize = 64;
+const HEADS: usize = 64;
+const BLOCK: usize = 64;
 /// 16-byte chunks of a row (576 bf16), of one 64-row column block, and of a whole 64-row tile.
 const ROW_CHUNKS: usize = D_QK / 8;
 const COLUMN_BLOCK: usize = 64 * 8;
