@@ -18,16 +18,8 @@ pub struct Timing {
     pub method: &'static str,
 }
 
-fn device_error(kernel: &dyn Kernel, variant: &Variant, error: impl std::fmt::Display) -> KernelError {
-    KernelError::Device {
-        kernel: kernel.name(),
-        variant: variant.name,
-        reason: crate::error::device_reason(error),
-    }
-}
-
 fn sync(kernel: &dyn Kernel, variant: &Variant, device: &Device) -> Result<(), KernelError> {
-    cubecl::future::block_on(device.client.sync()).map_err(|e| device_error(kernel, variant, e))
+    cubecl::future::block_on(device.client.sync()).map_err(|e| KernelError::device(kernel, variant, e))
 }
 
 /// Times `variant` on `problem` with `inputs` (host tensors, uploaded once; outputs reused). Batches
@@ -124,12 +116,12 @@ pub fn time_uploaded(
                 },
                 "nsa bench",
             )
-            .map_err(|e| device_error(kernel, variant, format!("{e:?}")))?;
+            .map_err(|e| KernelError::device(kernel, variant, format!("{e:?}")))?;
         if duration.timing_method() == cubecl::profile::TimingMethod::Device {
             method = "device events";
         }
         let ticks = cubecl::future::block_on(duration.resolve())
-            .ok_or_else(|| device_error(kernel, variant, "the profiler returned no measurement"))?;
+            .ok_or_else(|| KernelError::device(kernel, variant, "the profiler returned no measurement"))?;
         samples.push(ticks.duration().as_secs_f64() * 1e3 / per_batch as f64);
     }
     sync(kernel, variant, device)?;

@@ -151,11 +151,9 @@ pub fn run(
         .zip(output_handles)
         .map(|(spec, handle)| {
             // A kernel that failed to compile or launch surfaces here, as an error rather than a panic.
-            let bytes = client.read_one(handle).map_err(|e| KernelError::Device {
-                kernel: kernel.name(),
-                variant: variant.name,
-                reason: crate::error::device_reason(e),
-            })?;
+            let bytes = client
+                .read_one(handle)
+                .map_err(|e| KernelError::device(kernel, variant, e))?;
             let words: Vec<u32> = bytemuck::cast_slice::<u8, u32>(&bytes)[..spec.words(problem)].to_vec();
             Ok(HostTensor {
                 name: spec.name.into(),

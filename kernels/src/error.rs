@@ -41,6 +41,17 @@ pub enum KernelError {
     Backend(#[from] nsa_backends::BackendError),
 }
 
+impl KernelError {
+    /// `variant` of `kernel` failed on the device with `error` (its message as [`device_reason`] keeps it).
+    pub fn device(kernel: &dyn crate::Kernel, variant: &crate::Variant, error: impl std::fmt::Display) -> Self {
+        KernelError::Device {
+            kernel: kernel.name(),
+            variant: variant.name,
+            reason: device_reason(error),
+        }
+    }
+}
+
 /// A device error's message for [`KernelError::Device`]: its lines without the backtrace notes (a
 /// compiler's log included), trimmed, at most 40.
 pub fn device_reason(error: impl std::fmt::Display) -> String {
