@@ -140,10 +140,32 @@ pub fn wgmma_accumulate<NC: Size>(
     #[comptime] n: usize,
     #[comptime] steps: usize,
 ) -> Vector<f32, NC> {
-    let instruction = comptime!(operands.instruction(n));
-    let immediates = comptime!(operands.immediates());
-    let copies = comptime!(copy_accumulator(n / 2));
     let rest = comptime!(following_steps(operands, n, steps, 0, 0));
+    accumulate_shared::<NC>(
+        c,
+        a,
+        b,
+        n,
+        operands.instruction(n),
+        operands.immediates().to_string(),
+        rest,
+    )
+}
+
+/// The asm of the accumulating products with both operands in shared memory: `c` copied into the result,
+/// then `instruction` (an m64n`n` wgmma) with `immediates` as the first k step and the PTX `rest` (the
+/// following steps, descriptors advanced), waited for.
+#[cube]
+fn accumulate_shared<NC: Size>(
+    c: Vector<f32, NC>,
+    a: u64,
+    b: u64,
+    #[comptime] n: usize,
+    #[comptime] instruction: String,
+    #[comptime] immediates: String,
+    #[comptime] rest: String,
+) -> Vector<f32, NC> {
+    let copies = comptime!(copy_accumulator(n / 2));
     // A mutable vector reaches inline PTX as its address; an arithmetic result is a value (× 1 folds away).
     let c = c * Vector::<f32, NC>::new(1.0f32);
     let d: Vector<f32, NC>;
@@ -239,37 +261,25 @@ pub fn wgmma_bf16_shared_accumulate_trans_b<NC: Size>(
     #[comptime] steps: usize,
     #[comptime] b_step_bytes: usize,
 ) -> Vector<f32, NC> {
-    let copies = comptime!(copy_accumulator(n / 2));
-    let products = comptime!(shared_trans_b_steps(n, steps, b_step_bytes));
-    let c = c * Vector::<f32, NC>::new(1.0f32);
-    let d: Vector<f32, NC>;
-    gpu_asm!(
-        "{{\n// {d} {c}\n{copies}.reg .b64 wg_da, wg_db;\n.reg .pred wg_p1;\nmov.b64 wg_da, {a};\nmov.b64 wg_db, {b};",
-        "setp.eq.b64 wg_p1, wg_db, wg_db;\nwgmma.fence.sync.aligned;",
-        "{products}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
-        d = out(_) d,
-        c = in(_) c,
-        a = in(_) a,
-        b = in(_) b,
-    );
-    d
+    let rest = comptime!(trans_b_following_steps(n, steps, b_step_bytes));
+    accumulate_shared::<NC>(c, a, b, n, Operands::Bf16.instruction(n), TRANS_B.to_string(), rest)
 }
 
-/// The PTX of [`wgmma_bf16_shared_accumulate_trans_b`]'s multiplies: A advanced 32 bytes and B
-/// `b_step_bytes` per step.
-fn shared_trans_b_steps(n: usize, steps: usize, b_step_bytes: usize) -> String {
+/// A bf16 product's immediates with B transposed (MN-major) and A not.
+const TRANS_B: &str = "1, 1, 0, 1";
+
+/// The PTX of [`wgmma_bf16_shared_accumulate_trans_b`]'s multiplies after the first: A advanced 32 bytes
+/// and B `b_step_bytes` per step.
+fn trans_b_following_steps(n: usize, steps: usize, b_step_bytes: usize) -> String {
     assert!(steps <= 4, "A must stay within one 128-byte row");
+    let instruction = Operands::Bf16.instruction(n);
     let mut text = String::new();
-    for j in 0..steps {
-        if j > 0 {
-            text.push_str(&format!(
-                "add.s64 wg_da, wg_da, 2;\nadd.s64 wg_db, wg_db, {};\n",
-                b_step_bytes >> 4
-            ));
-        }
+    for _ in 1..steps {
         text.push_str(&format!(
-            "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 $0, wg_da, wg_db, wg_p1, 1, 1, 0, 1;\n"
+            "add.s64 wg_da, wg_da, 2;\nadd.s64 wg_db, wg_db, {};\n",
+            b_step_bytes >> 4
         ));
+        text.push_str(&format!("{instruction} $0, wg_da, wg_db, wg_p1, {TRANS_B};\n"));
     }
     text
 }
@@ -392,15 +402,16 @@ pub fn await_stage(#[comptime] pending: u32) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Operands, following_steps, shared_trans_b_steps};
+    use super::{Operands, following_steps, trans_b_following_steps};
 
     #[test]
-    fn shared_trans_b_steps_walk_a_along_its_row_and_b_down_its_keys() {
-        let text = shared_trans_b_steps(256, 4, 2048);
+    fn trans_b_steps_walk_a_along_its_row_and_b_down_its_keys() {
+        // The three products after the first (which the asm template holds).
+        let text = trans_b_following_steps(256, 4, 2048);
         assert_eq!(
             text.matches("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16")
                 .count(),
-            4
+            3
         );
         // A: 32 bytes (2 in descriptor units) per k16 step; B: 16 rows of 128 bytes (2048 >> 4).
         assert_eq!(text.matches("add.s64 wg_da, wg_da, 2;").count(), 3);

@@ -65,11 +65,10 @@ fn gather_tile<N: Size>(
     let valid = offset != INVALID;
     let row_start = select(valid, offset as usize / 4, 0usize);
     let len = select(valid, 1usize, 0usize);
-    let row_dst = tile0 + key * 8;
     #[unroll]
     for j in 0..comptime!(ROW_CHUNKS / 4) {
         let c = first + 4 * j;
-        let dst = row_dst + (c / 8) * COLUMN_BLOCK + ((c % 8) ^ (key % 8));
+        let dst = tile0 + tile_chunk(key, c);
         match source {
             KvSource::Rows | KvSource::Bf16Paged => {
                 let start = select(valid, row_start + c, 0usize);
