@@ -11,6 +11,7 @@
 //! - [`wgmma`]: Hopper warpgroup multiplies from swizzled shared-memory tiles (sm_90a inline PTX).
 //! - [`mbarrier`]: shared-memory barriers with separate arrive and wait, for pipelines without cube barriers.
 //! - [`tma`]: Hopper tensor-map copies of whole tiles by one unit, completing on an mbarrier.
+//! - [`warpgroup`]: named barriers between the roles of a warp-specialized cube.
 //! - [`select`]: order-preserving keys for radix select, cube-wide prefix sums for compaction.
 //!
 //! Every buffer is addressed as 32-bit words (`&[u32]`): a bf16 word holds two elements, an e4m3 word four.
@@ -24,6 +25,7 @@ pub mod select;
 pub mod softmax;
 pub mod tma;
 pub mod warp_mma;
+pub mod warpgroup;
 pub mod wgmma;
 
 pub use format::Format;

@@ -24,10 +24,20 @@ pub fn mbarrier_arrive(address: u32) {
     );
 }
 
+/// Makes the barrier at `address` also wait for this unit's asynchronous copies (`cp.async`) issued so
+/// far: its pending arrivals grow by one now and shrink when they land, so the phase completes only after
+/// them (the unit still arrives itself, e.g. with [`mbarrier_arrive`] once its ordinary stores are done).
+#[cube]
+pub fn mbarrier_track_async_copies(address: u32) {
+    gpu_asm!("cp.async.mbarrier.arrive.shared::cta.b64 [{a}];", a = in(_) address);
+}
+
 /// Waits until the phase of parity `parity` (0 or 1) of the barrier at `address` has completed (acquire).
 /// Returns at once when it already has; a barrier must not run two phases ahead of its waiters.
 #[cube]
+#[allow(clippy::identity_op)] // the × 1 turns a mutable local (a loop's phase) into a value for the asm
 pub fn mbarrier_wait(address: u32, parity: u32) {
+    let parity = parity * 1u32;
     gpu_asm!(
         "{{\n.reg .pred mb_done;\nmb_wait:\nmbarrier.try_wait.parity.shared::cta.b64 mb_done, [{a}], {p};",
         "@!mb_done bra mb_wait;\n}}",

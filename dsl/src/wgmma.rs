@@ -130,8 +130,10 @@ fn copy_accumulator(values: usize) -> String {
         .collect()
 }
 
-/// `c` + Σ over `steps` (≤ 4) k steps of A·Bᵀ (as [`wgmma_fresh`], accumulating onto `c`).
+/// `c` + Σ over `steps` k steps of A·Bᵀ (as [`wgmma_fresh`], accumulating onto `c`; K past 128 bytes in
+/// column blocks `a_block_bytes` / `b_block_bytes` apart, unused when `steps` ≤ 4). Waits for the products.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 pub fn wgmma_accumulate<NC: Size>(
     c: Vector<f32, NC>,
     a: u64,
@@ -139,8 +141,10 @@ pub fn wgmma_accumulate<NC: Size>(
     #[comptime] operands: Operands,
     #[comptime] n: usize,
     #[comptime] steps: usize,
+    #[comptime] a_block_bytes: usize,
+    #[comptime] b_block_bytes: usize,
 ) -> Vector<f32, NC> {
-    let rest = comptime!(following_steps(operands, n, steps, 0, 0));
+    let rest = comptime!(following_steps(operands, n, steps, a_block_bytes, b_block_bytes));
     accumulate_shared::<NC>(
         c,
         a,

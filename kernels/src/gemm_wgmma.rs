@@ -51,7 +51,7 @@ fn gemm_wgmma_kernel(
     let mut acc = Vector::<f32, Const<64>>::new(0.0f32);
     for ks in 0..steps {
         let (a_desc, b_desc) = advance_ring(a, b, &mut smem, skip, base, ks, steps, tm, tn, m, n, row_chunks);
-        acc = wgmma_accumulate::<Const<64>>(acc, a_desc, b_desc, Operands::Bf16, 128usize, 4usize);
+        acc = wgmma_accumulate::<Const<64>>(acc, a_desc, b_desc, Operands::Bf16, 128usize, 4usize, 0usize, 0usize);
     }
     store_bf16_tile(c, acc, tm, tn, m, n);
 }

@@ -227,6 +227,8 @@ fn grouped_product(
             Operands::Bf16,
             128usize,
             4usize,
+            0usize,
+            0usize,
         );
         if comptime!(fp8) {
             if next < steps {

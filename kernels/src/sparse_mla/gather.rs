@@ -189,7 +189,20 @@ pub(super) fn block_index(
     topk: usize,
     #[comptime] source: KvSource,
 ) -> i32 {
-    let position = start + UNIT_POS as usize;
+    key_index(indices, row, rows_per_batch, start + UNIT_POS as usize, topk, source)
+}
+
+/// The index at `position` of row `row`'s list (−1 past topk); for the dense paged source the position itself
+/// while below the row's causal limit.
+#[cube]
+pub(super) fn key_index(
+    indices: &[i32],
+    row: usize,
+    rows_per_batch: usize,
+    position: usize,
+    topk: usize,
+    #[comptime] source: KvSource,
+) -> i32 {
     let in_range = position < topk;
     if comptime!(source == KvSource::Bf16Paged) {
         select(

@@ -18,6 +18,7 @@ mod mma;
 mod output;
 mod simt;
 mod wgmma;
+mod wgmma_pair;
 
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::spec::TensorSpec;
@@ -32,6 +33,7 @@ use nsa_dsl::Format;
 use serde::{Deserialize, Serialize};
 use simt::sparse_mla_kernel;
 use wgmma::sparse_mla_wgmma_kernel;
+use wgmma_pair::sparse_mla_wgmma_pair_kernel;
 
 pub const UNITS: u32 = 128;
 pub const D_QK: usize = 576;
@@ -44,6 +46,11 @@ pub const VARIANTS: &[Variant] = &[
     Variant {
         name: "wgmma_h64",
         summary: "flash attention on warpgroup MMA: 64 heads (2 warpgroups), 64 indices per block, Q and kv in swizzled shared tiles, gather one block ahead (CUDA sm_90a, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "wgmma_h64_pair",
+        summary: "flash attention on warpgroup MMA over pairs of 64-index blocks: each of 2 warpgroups (64 heads) takes S of one block and half of O, halves of the kv buffers refilled by their last reader behind mbarriers (CUDA sm_90a, bf16)",
         needs_plane_ops: true,
     },
     Variant {
@@ -86,7 +93,7 @@ pub const VARIANTS: &[Variant] = &[
 /// (heads per cube, indices per block) of a variant.
 pub fn tiles(variant: &Variant) -> (u32, u32) {
     match variant.name {
-        "mma_h64" | "wgmma_h64" => (64, 64),
+        "mma_h64" | "wgmma_h64" | "wgmma_h64_pair" => (64, 64),
         "mma_h64_k32" => (64, 32),
         "mma_h32" => (32, 64),
         "cmma_h32" => (32, 16),
@@ -99,6 +106,9 @@ pub fn tiles(variant: &Variant) -> (u32, u32) {
 /// Shared memory of a variant: the kv tile (storage words), row offsets, P, and three floats per head; for
 /// `cmma_h16`, bf16 Q and kv tiles, P, the split-k scores and the block's P·V.
 pub fn shared_memory_bytes(variant: &Variant, format: Format) -> usize {
+    if variant.name == "wgmma_h64_pair" {
+        return wgmma_pair::shared_memory_bytes();
+    }
     if is_wgmma(variant) {
         return wgmma::shared_memory_bytes();
     }
@@ -282,64 +292,51 @@ pub fn launch(
         let max_part = client.empty(4 * part_len(pairs));
         let [o_part_arg, lse_part_arg, max_part_arg] = [(&o_part, pairs * D_V), (&lse_part, pairs), (&max_part, pairs)]
             .map(|(handle, n)| buffer(handle, part_len(n)));
-        if is_wgmma(variant) {
-            sparse_mla_wgmma_kernel::launch(
-                client,
-                grid(cubes * splits),
-                CubeDim::new_1d(256),
-                4,
-                q,
-                kv,
-                table,
-                indices,
-                out,
-                lse,
-                max_logit,
-                o_part_arg,
-                lse_part_arg,
-                max_part_arg,
-                rows,
-                rows_per_batch,
-                h_q,
-                s_kv,
-                max_pages,
-                pages,
-                topk,
-                splits,
-                sm_scale,
-                source,
-            );
+        // The flash kernels take the same arguments; the mma one adds its tile shape before `source`.
+        macro_rules! launch_flash {
+            ($kernel:ident, $units:expr $(, $extra:expr)*) => {
+                $kernel::launch(
+                    client,
+                    grid(cubes * splits),
+                    CubeDim::new_1d($units),
+                    4,
+                    q,
+                    kv,
+                    table,
+                    indices,
+                    out,
+                    lse,
+                    max_logit,
+                    o_part_arg,
+                    lse_part_arg,
+                    max_part_arg,
+                    rows,
+                    rows_per_batch,
+                    h_q,
+                    s_kv,
+                    max_pages,
+                    pages,
+                    topk,
+                    splits,
+                    sm_scale,
+                    $($extra,)*
+                    source,
+                )
+            };
+        }
+        if variant.name == "wgmma_h64_pair" {
+            launch_flash!(sparse_mla_wgmma_pair_kernel, wgmma_pair::UNITS);
+        } else if is_wgmma(variant) {
+            launch_flash!(sparse_mla_wgmma_kernel, 256);
         } else {
             // Two planes (output halves) per 16-head group; q and kv read as 16-byte vectors.
             let groups = heads as usize / 16;
-            sparse_mla_mma_kernel::launch(
-                client,
-                grid(cubes * splits),
-                CubeDim::new_1d(64 * groups as u32),
-                4,
-                q,
-                kv,
-                table,
-                indices,
-                out,
-                lse,
-                max_logit,
-                o_part_arg,
-                lse_part_arg,
-                max_part_arg,
-                rows,
-                rows_per_batch,
-                h_q,
-                s_kv,
-                max_pages,
-                pages,
-                topk,
-                splits,
-                sm_scale,
+            launch_flash!(
+                sparse_mla_mma_kernel,
+                64 * groups as u32,
                 groups,
                 block as usize,
-                mma_stages(variant),
-                source,
+                mma_stages(variant)
             );
         }
         if splits > 1 {
@@ -466,69 +463,58 @@ pub fn reference(
 pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: Format) -> KernelDefinition {
     let (heads, block) = tiles(variant);
     let (props, target_props) = nsa_backends::ir_properties(target);
+    // The flash kernels take the same arguments; the mma one adds its tile shape before `source`.
+    macro_rules! define_flash {
+        ($kernel:path, $units:expr $(, $extra:expr)*) => {{
+            let a = slice_arg;
+            $kernel(
+                ir_settings(CubeDim::new_1d($units)),
+                props,
+                target_props,
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                a(),
+                (),
+                (),
+                (),
+                (),
+                (),
+                (),
+                (),
+                (),
+                (),
+                4,
+                $($extra,)*
+                source,
+            )
+            .define()
+        }};
+    }
+    if variant.name == "wgmma_h64_pair" {
+        return define_flash!(
+            sparse_mla_wgmma_pair_kernel::SparseMlaWgmmaPairKernel::new,
+            wgmma_pair::UNITS
+        );
+    }
     if is_wgmma(variant) {
-        let a = slice_arg;
-        return sparse_mla_wgmma_kernel::SparseMlaWgmmaKernel::new(
-            ir_settings(CubeDim::new_1d(256)),
-            props,
-            target_props,
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            (),
-            (),
-            (),
-            (),
-            (),
-            (),
-            (),
-            (),
-            (),
-            4,
-            source,
-        )
-        .define();
+        return define_flash!(sparse_mla_wgmma_kernel::SparseMlaWgmmaKernel::new, 256);
     }
     if is_mma(variant) {
-        let a = slice_arg;
         let groups = heads as usize / 16;
-        return sparse_mla_mma_kernel::SparseMlaMmaKernel::new(
-            ir_settings(CubeDim::new_1d(64 * groups as u32)),
-            props,
-            target_props,
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            a(),
-            (),
-            (),
-            (),
-            (),
-            (),
-            (),
-            (),
-            (),
-            (),
-            4,
+        return define_flash!(
+            sparse_mla_mma_kernel::SparseMlaMmaKernel::new,
+            64 * groups as u32,
             groups,
             block as usize,
-            mma_stages(variant),
-            source,
-        )
-        .define();
+            mma_stages(variant)
+        );
     }
     if is_cmma(variant) {
         let a = slice_arg;

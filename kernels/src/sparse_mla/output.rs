@@ -58,3 +58,45 @@ pub(super) fn write_row_stats(lse: &mut [f32], max_logit: &mut [f32], out_row: u
     lse[out_row] = select(empty, f32::reinterpret(0x7f80_0000u32), m + f32::ln(l));
     max_logit[out_row] = select(empty, f32::reinterpret(0xff80_0000u32), m);
 }
+
+/// The end of a warpgroup's rows in the warpgroup-MMA kernels: its 64 × 256 O (a unit's rows g, g + 8 of its
+/// warp's 16, from `first_row` / `first_part_row`; columns 256·`half` + 8n + 2t, + 1) divided by the rows'
+/// sums, and with `stats` their lse and max logit (from the running maxima `m`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_o_half(
+    o: &Vector<f32, Const<128>>,
+    sum: &Array<f32>,
+    m: &Array<f32>,
+    out: &mut [u32],
+    lse: &mut [f32],
+    max_logit: &mut [f32],
+    o_part: &mut [f32],
+    lse_part: &mut [f32],
+    max_part: &mut [f32],
+    first_row: usize,
+    first_part_row: usize,
+    half: usize,
+    splits: usize,
+    stats: bool,
+) {
+    let t = UNIT_POS_PLANE as usize % 4;
+    #[unroll]
+    for r in 0..2usize {
+        let inv = select(sum[r] > 0.0f32, 1.0f32 / sum[r], 0.0f32);
+        let out_row = first_row + 8 * r;
+        let part_row = first_part_row + 8 * r;
+        #[unroll]
+        for n in 0..32usize {
+            let column = half * 256 + n * 8 + 2 * t;
+            let v0 = o.extract(4 * n + 2 * r) * inv;
+            let v1 = o.extract(4 * n + 2 * r + 1) * inv;
+            write_out_pair(out, o_part, v0, v1, out_row, part_row, column, splits);
+        }
+        if stats && t == 0 {
+            write_split_stats(
+                lse, max_logit, lse_part, max_part, out_row, part_row, m[r], sum[r], splits,
+            );
+        }
+    }
+}

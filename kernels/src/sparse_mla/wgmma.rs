@@ -12,7 +12,7 @@
 //!   MN-major from the same kv tile: the first 8 of its 9 column blocks), O (128 f32 a unit) rescaled by
 //!   row in registers first.
 use super::gather::{INVALID, block_index, fp8_chunk, kv_row_offset, resolve_block, split_blocks};
-use super::output::{write_out_pair, write_split_stats};
+use super::output::write_o_half;
 use super::{D_QK, KvSource};
 use cubecl::prelude::*;
 use nsa_dsl::Format;
@@ -23,14 +23,14 @@ use nsa_dsl::wgmma::{
     swizzled_chunk, wgmma_bf16_shared_accumulate_trans_b, wgmma_fresh, wgmma_wait,
 };
 
-const HEADS: usize = 64;
-const BLOCK: usize = 64;
+pub(super) const HEADS: usize = 64;
+pub(super) const BLOCK: usize = 64;
 /// 16-byte chunks of a row (576 bf16), of one 64-row column block, and of a whole 64-row tile.
-const ROW_CHUNKS: usize = D_QK / 8;
-const COLUMN_BLOCK: usize = 64 * 8;
-const TILE_CHUNKS: usize = 9 * COLUMN_BLOCK;
+pub(super) const ROW_CHUNKS: usize = D_QK / 8;
+pub(super) const COLUMN_BLOCK: usize = 64 * 8;
+pub(super) const TILE_CHUNKS: usize = 9 * COLUMN_BLOCK;
 /// Chunk offsets from the aligned base: Q, the two kv buffers, then P (64 × 64 bf16: one column block).
-const KV_OFFSET: usize = TILE_CHUNKS;
+pub(super) const KV_OFFSET: usize = TILE_CHUNKS;
 const P_OFFSET: usize = 3 * TILE_CHUNKS;
 const TILES_CHUNKS: usize = P_OFFSET + COLUMN_BLOCK;
 
@@ -42,8 +42,19 @@ pub(super) fn shared_memory_bytes() -> usize {
 
 /// Chunk index, from a tile's start, of chunk `c` (0..72) of row `row` of a swizzled 64-row tile.
 #[cube]
-fn tile_chunk(row: usize, c: usize) -> usize {
+pub(super) fn tile_chunk(row: usize, c: usize) -> usize {
     (c / 8) * COLUMN_BLOCK + swizzled_chunk(row, c % 8)
+}
+
+/// Q of 64 heads from (row, head) `first` on into the swizzled tile at chunk `skip` (every unit of the cube).
+#[cube]
+pub(super) fn load_q<N: Size>(q: &[Vector<u32, N>], smem: &mut [Vector<u32, N>], skip: usize, first: usize) {
+    let mut i = UNIT_POS as usize;
+    while i < comptime!(HEADS * ROW_CHUNKS) {
+        let (h, c) = (i / ROW_CHUNKS, i % ROW_CHUNKS);
+        smem[skip + tile_chunk(h, c)] = q[(first + h) * ROW_CHUNKS + c];
+        i += CUBE_DIM as usize;
+    }
 }
 
 /// Gathers the 64 kv rows whose word offsets are `offsets[slot·64..]` into the swizzled tile at chunk
@@ -131,12 +142,7 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
     let (skip, base) = first_atom(&smem);
 
     // Q of the cube's heads into its swizzled tile, once; the row offsets of the first two blocks.
-    let mut i = unit;
-    while i < comptime!(HEADS * ROW_CHUNKS) {
-        let (h, c) = (i / ROW_CHUNKS, i % ROW_CHUNKS);
-        smem[skip + tile_chunk(h, c)] = q[(row * h_q + head0 + h) * ROW_CHUNKS + c];
-        i += CUBE_DIM as usize;
-    }
+    load_q(q, &mut smem, skip, row * h_q + head0);
     #[unroll]
     for slot in 0..2usize {
         resolve_block(
@@ -296,21 +302,26 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
         }
     }
     sync_cube();
+    let mut sum = Array::<f32>::new(2usize);
     #[unroll]
     for r in 0..2usize {
-        let sum = l[r] + row_stats[partner * 16 + g + 8 * r];
-        let inv = select(sum > 0.0f32, 1.0f32 / sum, 0.0f32);
-        let out_row = row * h_q + head0 + group * 16 + g + 8 * r;
-        let part_row = split * rows * h_q + out_row;
-        #[unroll]
-        for n in 0..32usize {
-            let column = half * 256 + n * 8 + 2 * t;
-            let v0 = o.extract(4 * n + 2 * r) * inv;
-            let v1 = o.extract(4 * n + 2 * r + 1) * inv;
-            write_out_pair(out, o_part, v0, v1, out_row, part_row, column, splits);
-        }
-        if half == 0 && t == 0 {
-            write_split_stats(lse, max_logit, lse_part, max_part, out_row, part_row, m[r], sum, splits);
-        }
+        sum[r] = l[r] + row_stats[partner * 16 + g + 8 * r];
     }
+    let first_row = row * h_q + head0 + group * 16 + g;
+    write_o_half(
+        &o,
+        &sum,
+        &m,
+        out,
+        lse,
+        max_logit,
+        o_part,
+        lse_part,
+        max_part,
+        first_row,
+        split * rows * h_q + first_row,
+        half,
+        splits,
+        half == 0,
+    );
 }
