@@ -200,20 +200,32 @@ pub fn bucket_of(problem: &Problem) -> BTreeMap<String, usize> {
 /// The kernel's version: an FNV-1a hash of its variants' generated code (CUDA, else WGSL; names alone for a
 /// kernel without IR of its own), so a changed kernel does not inherit old measurements.
 pub fn kernel_version(kernel: &dyn Kernel) -> String {
+    fnv1a(version_text(kernel).as_bytes())
+}
+
+/// What [`kernel_version`] hashes: the kernel's name, then each variant's name and code, generated for the
+/// first of the kernel's formats the variant supports (a bf16-only tensor-core variant is covered too).
+pub fn version_text(kernel: &dyn Kernel) -> String {
     let mut text = kernel.name().to_string();
-    let format = kernel.formats().first().copied().unwrap_or(Format::F32);
+    let formats = match kernel.formats() {
+        [] => vec![Format::F32],
+        formats => formats.to_vec(),
+    };
     for variant in kernel.variants() {
         text.push_str(variant.name);
-        let target = [IrTarget::Cuda, IrTarget::Wgsl]
-            .into_iter()
-            .find(|t| kernel.supports_target(variant, *t) && kernel.supports_format(variant, format));
-        if let Some(target) = target
+        let code = formats.iter().find_map(|&format| {
+            [IrTarget::Cuda, IrTarget::Wgsl]
+                .into_iter()
+                .find(|t| kernel.supports_target(variant, *t) && kernel.supports_format(variant, format))
+                .map(|target| (target, format))
+        });
+        if let Some((target, format)) = code
             && let Ok(source) = crate::ir::emit(kernel, variant, target, &kernel.ir_problem(format))
         {
             text.push_str(&source);
         }
     }
-    fnv1a(text.as_bytes())
+    text
 }
 
 /// FNV-1a, 64-bit, as 16 hex digits.

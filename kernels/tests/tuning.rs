@@ -3,7 +3,7 @@ use nsa_backends::DeviceFeatures;
 use nsa_kernels::find_kernel;
 use nsa_kernels::strategy::{STRATEGIES, find_strategy, strategy_version, table_name};
 use nsa_kernels::tuning::{
-    Choice, DeviceKey, Dispatch, Entry, TuningTable, bucket_of, config_label, kernel_version, parse_label,
+    Choice, DeviceKey, Dispatch, Entry, TuningTable, bucket_of, config_label, kernel_version, parse_label, version_text,
 };
 
 fn features() -> DeviceFeatures {
@@ -180,4 +180,21 @@ fn strategies_follow_sglang_rules_without_a_table_and_the_measurement_with_one()
     // A strategy the table never measured keeps its rule.
     assert_eq!(dispatch.decide(mha, &short), ("sparse", Choice::Default));
     std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn the_version_covers_variants_that_lack_the_first_format() {
+    // Sparse MLA's tensor-core variants take bf16 only, the kernel lists f32 first: their code must still
+    // be hashed, or a changed wgmma kernel would inherit the old one's measurements.
+    let kernel = find_kernel("sparse_mla_prefill").unwrap();
+    assert_eq!(kernel.formats().first(), Some(&nsa_dsl::Format::F32));
+    let text = version_text(kernel);
+    assert!(
+        text.contains("wgmma.mma_async"),
+        "the wgmma variants' CUDA is not in the version"
+    );
+    assert!(
+        text.contains("bar.arrive"),
+        "wgmma_h64_pair's CUDA is not in the version"
+    );
 }
