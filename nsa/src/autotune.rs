@@ -6,6 +6,7 @@ use nsa_kernels::strategy::{STRATEGIES, Strategy, find_strategy, strategy_versio
 use nsa_kernels::tuning::{DeviceKey, TuningTable, config_label, default_variant, kernel_version, parse_label};
 use nsa_kernels::{KERNELS, Kernel, Problem, Variant, bench, check, find_kernel};
 use rand::SeedableRng;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -91,7 +92,19 @@ fn show(path: &std::path::Path) -> Result<(), Failure> {
         "{:<30} {:<16} {:>10}  {:<16} {:>10}  gain  bucket",
         "kernel", "best", "ms", "default/rule", "ms"
     );
+    // The versions this build's kernels have: entries measured on other code are kept in the file but
+    // ignored by dispatch, and a rerun of `nsa autotune` re-measures them.
+    let mut versions: HashMap<String, Option<String>> = HashMap::new();
+    let mut stale = 0;
     for entry in &table.entries {
+        let current = versions
+            .entry(entry.kernel.clone())
+            .or_insert_with(|| match find_strategy(&entry.kernel) {
+                Some(strategy) => Some(strategy_version(strategy)),
+                None => find_kernel(&entry.kernel).ok().map(kernel_version),
+            });
+        let is_stale = current.as_deref() != Some(entry.version.as_str());
+        stale += usize::from(is_stale);
         // The default is the family's first listed variant among those measured; for a strategy, the
         // option SGLang's rule picks at that bucket.
         let (default_name, default_ms) = match find_strategy(&entry.kernel) {
@@ -107,7 +120,9 @@ fn show(path: &std::path::Path) -> Result<(), Failure> {
         };
         let best_ms = entry.times_ms.get(&entry.best).copied().unwrap_or(f64::NAN);
         let bucket: Vec<String> = entry.bucket.iter().map(|(n, s)| format!("{n}={s}")).collect();
-        let overrides = if entry.kernel.starts_with("strategy:") && entry.best != default_name {
+        let overrides = if is_stale {
+            "  (stale: measured on older code, ignored)"
+        } else if entry.kernel.starts_with("strategy:") && entry.best != default_name {
             "  (overrides the rule)"
         } else {
             ""
@@ -127,6 +142,15 @@ fn show(path: &std::path::Path) -> Result<(), Failure> {
     }
     for strategy in STRATEGIES {
         let _ = writeln!(out, "rule of {}: {}", table_name(*strategy), strategy.rule_text());
+    }
+    if stale > 0 {
+        let _ = writeln!(
+            out,
+            "{stale} of {} entries are stale (their kernel changed since); `nsa autotune --out {}` on this device \
+             re-measures them",
+            table.entries.len(),
+            path.display()
+        );
     }
     Ok(())
 }

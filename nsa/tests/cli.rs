@@ -302,10 +302,29 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
     let entries = json["entries"].as_array().unwrap();
     assert!(entries.iter().all(|e| e["times_ms"]["shared"].is_number()));
-    std::fs::write(&table, original).unwrap();
+    std::fs::write(&table, &original).unwrap();
     let plot = dir.join("plot.svg");
     let show = nsa(&["autotune", "--show", "--out", out, "--plot", plot.to_str().unwrap()]);
-    assert!(show.status.success() && String::from_utf8_lossy(&show.stdout).contains("rms_norm"));
+    let listing = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.status.success() && listing.contains("rms_norm") && !listing.contains("stale"),
+        "{listing}"
+    );
+    // An entry measured on other code is marked, and counted at the end.
+    let mut json: serde_json::Value = serde_json::from_str(&original).unwrap();
+    json["entries"][0]["version"] = "0000000000000000".into();
+    let older = dir.join("older.json");
+    std::fs::write(&older, json.to_string()).unwrap();
+    let show_older = nsa(&["autotune", "--show", "--out", older.to_str().unwrap()]);
+    let listing = String::from_utf8_lossy(&show_older.stdout);
+    assert!(
+        listing.matches("(stale: measured on older code, ignored)").count() == 1
+            && listing.contains(&format!(
+                "1 of {} entries are stale",
+                json["entries"].as_array().unwrap().len()
+            )),
+        "{listing}"
+    );
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("<polyline") && svg.trim_end().ends_with("</svg>"));
     // bench follows the table: the nearest bucket's fastest variant, labelled as tuned.
