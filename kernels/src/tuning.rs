@@ -155,9 +155,13 @@ impl TuningTable {
             .find(|e| e.kernel == kernel && e.version == version && e.format == format && e.bucket == bucket)
     }
 
-    /// The entry for this kernel version, format and bucket, created empty when missing.
+    /// The entry for this kernel version, format and bucket, created empty when missing; a new entry replaces
+    /// the bucket's entries measured on an older version of the kernel.
     pub fn entry_or_insert(&mut self, kernel: &str, version: &str, problem: &Problem) -> &mut Entry {
         if self.entry_mut(kernel, version, problem).is_none() {
+            let (format, bucket) = (problem.format.to_string(), bucket_of(problem));
+            self.entries
+                .retain(|e| !(e.kernel == kernel && e.format == format && e.bucket == bucket));
             self.entries.push(Entry {
                 kernel: kernel.into(),
                 version: version.into(),

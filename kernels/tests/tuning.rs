@@ -92,6 +92,23 @@ fn dispatch_picks_the_nearest_bucket_and_ignores_stale_versions() {
             .name
     );
 
+    // A new measurement of the bucket replaces the older version's entry; other buckets stay.
+    stale.entries.push(entry(large, "simt_h16", "0000000000000000"));
+    stale.entry_or_insert(kernel.name(), &version, small).best = "simt_h16".into();
+    assert_eq!(stale.entries.len(), 2);
+    assert!(
+        stale
+            .entries
+            .iter()
+            .any(|e| e.version == version && e.bucket == bucket_of(small))
+    );
+    assert!(
+        stale
+            .entries
+            .iter()
+            .any(|e| e.version != version && e.bucket == bucket_of(large))
+    );
+
     // Another device's table: the defaults and a warning naming both devices.
     let (_, warning) = Dispatch::load(
         &path,
