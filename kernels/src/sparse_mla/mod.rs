@@ -327,7 +327,7 @@ pub fn launch(
         if variant.name == "wgmma_h64_pair" {
             launch_flash!(sparse_mla_wgmma_pair_kernel, wgmma_pair::UNITS);
         } else if is_wgmma(variant) {
-            launch_flash!(sparse_mla_wgmma_kernel, 256);
+            launch_flash!(sparse_mla_wgmma_kernel, wgmma::UNITS);
         } else {
             // Two planes (output halves) per 16-head group; q and kv read as 16-byte vectors.
             let groups = heads as usize / 16;
@@ -504,7 +504,7 @@ pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: For
         );
     }
     if is_wgmma(variant) {
-        return define_flash!(sparse_mla_wgmma_kernel::SparseMlaWgmmaKernel::new, 256);
+        return define_flash!(sparse_mla_wgmma_kernel::SparseMlaWgmmaKernel::new, wgmma::UNITS);
     }
     if is_mma(variant) {
         let groups = heads as usize / 16;

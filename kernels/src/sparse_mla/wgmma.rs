@@ -24,9 +24,11 @@ use nsa_dsl::wgmma::{
 };
 
 pub(super) const HEADS: usize = 64;
+/// Units a cube: two warpgroups.
+pub(super) const UNITS: u32 = 256;
 pub(super) const BLOCK: usize = 64;
 /// 16-byte chunks of a row (576 bf16), of one 64-row column block, and of a whole 64-row tile.
-pub(super) const ROW_CHUNKS: usize = D_QK / 8;
+const ROW_CHUNKS: usize = D_QK / 8;
 pub(super) const COLUMN_BLOCK: usize = 64 * 8;
 pub(super) const TILE_CHUNKS: usize = 9 * COLUMN_BLOCK;
 /// Chunk offsets from the aligned base: Q, the two kv buffers, then P (64 × 64 bf16: one column block).
@@ -42,7 +44,7 @@ pub(super) fn shared_memory_bytes() -> usize {
 
 /// Chunk index, from a tile's start, of chunk `c` (0..72) of row `row` of a swizzled 64-row tile.
 #[cube]
-pub(super) fn tile_chunk(row: usize, c: usize) -> usize {
+fn tile_chunk(row: usize, c: usize) -> usize {
     (c / 8) * COLUMN_BLOCK + swizzled_chunk(row, c % 8)
 }
 
@@ -272,15 +274,7 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
                 store_shared_u32(p_tile + (chunk * 16 + 4 * t) as u32, pack_bf16x2(x[i], x[i + 1]));
             }
         }
-        // Once the row maxima settle most blocks leave them unchanged: the warp then skips the 128 multiplies.
-        if plane_any(alpha[0] != 1.0f32 || alpha[1] != 1.0f32) {
-            let mut scale = Vector::<f32, Const<128>>::new(0.0f32);
-            #[unroll]
-            for i in 0..128usize {
-                scale.insert(i, alpha[(i % 4) / 2]);
-            }
-            o *= scale;
-        }
+        rescale(&mut o, &alpha);
         await_stage(1u32);
 
         // O += P·V over the block's 64 keys on this warpgroup's columns 256·half.. (kv column blocks 4·half..).
@@ -324,4 +318,18 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
         splits,
         half == 0,
     );
+}
+
+/// O's rows times `factor` (row g: elements 4n, 4n + 1; row g + 8: 4n + 2, 4n + 3); skipped by the warp when
+/// no factor differs from 1 (once the maxima settle, most blocks).
+#[cube]
+pub(super) fn rescale(o: &mut Vector<f32, Const<128>>, factor: &Array<f32>) {
+    if plane_any(factor[0] != 1.0f32 || factor[1] != 1.0f32) {
+        let mut scale = Vector::<f32, Const<128>>::new(0.0f32);
+        #[unroll]
+        for i in 0..128usize {
+            scale.insert(i, factor[(i % 4) / 2]);
+        }
+        *o *= scale;
+    }
 }

@@ -22,7 +22,7 @@
 use super::KvSource;
 use super::gather::{INVALID, fp8_chunk, key_index, kv_row_offset, split_blocks};
 use super::output::write_o_half;
-use super::wgmma::{BLOCK, COLUMN_BLOCK, HEADS, KV_OFFSET, TILE_CHUNKS, load_q};
+use super::wgmma::{BLOCK, COLUMN_BLOCK, HEADS, KV_OFFSET, TILE_CHUNKS, load_q, rescale};
 use cubecl::prelude::*;
 use nsa_dsl::Format;
 use nsa_dsl::format::pack_bf16x2;
@@ -528,20 +528,6 @@ fn consume<N: Size>(
         splits,
         wg == 0,
     );
-}
-
-/// O's rows times `factor` (row g: elements 4n, 4n + 1; row g + 8: 4n + 2, 4n + 3); skipped by the warp when
-/// no factor differs from 1 (once the maxima settle, most blocks).
-#[cube]
-fn rescale(o: &mut Vector<f32, Const<128>>, factor: &Array<f32>) {
-    if plane_any(factor[0] != 1.0f32 || factor[1] != 1.0f32) {
-        let mut scale = Vector::<f32, Const<128>>::new(0.0f32);
-        #[unroll]
-        for i in 0..128usize {
-            scale.insert(i, factor[(i % 4) / 2]);
-        }
-        *o *= scale;
-    }
 }
 
 /// Stores P (`a`: bf16 pairs in the A layout, pair 2n + r = row g + 8r, keys 8n + 2t, + 1), times `factor` by
