@@ -144,7 +144,8 @@ pub fn sparse_mla_wgmma_pair_kernel<N: Size>(
     let (skip, base) = first_atom(&smem);
     let barriers = base + comptime!((BARRIER_OFFSET * 16) as u32);
 
-    load_q(q, &mut smem, skip, row * h_q + head0);
+    let out_row0 = row * h_q + head0;
+    load_q(q, &mut smem, skip, out_row0);
     if unit == 0 {
         // Each half is filled by one warpgroup.
         #[unroll]
@@ -156,7 +157,6 @@ pub fn sparse_mla_wgmma_pair_kernel<N: Size>(
     fence_shared_for_wgmma();
     sync_cube();
 
-    let out_row0 = row * h_q + head0;
     let part_row0 = split * rows * h_q + out_row0;
     if wg == 0 {
         consume(
