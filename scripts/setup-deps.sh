@@ -3,6 +3,7 @@
 #  - Mesa's lavapipe Vulkan driver, the software GPU the wgpu runtime uses when no real GPU is present;
 #  - Debian's LLVM 22, pointed to by a shim where cubecl's LLVM bundler looks, so the cuda/hip runtimes build
 #    offline (the bundler would otherwise download LLVM 23.1 at build time);
+#  - the patched CubeCL crate Cargo.toml points at (scripts/patch-deps.sh: deps/cubecl-cpp);
 #  - curl and a Python virtual environment with the `openai` package ($HOME/.cache/nsa-venv), the real
 #    clients the server's tests drive `nsa serve` with.
 # Idempotent: safe to run again.
@@ -11,7 +12,7 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-pkgs="mesa-vulkan-drivers libvulkan1 llvm-22-dev libpolly-22-dev liblld-22-dev xz-utils pkg-config curl python3-venv"
+pkgs="mesa-vulkan-drivers libvulkan1 llvm-22-dev libpolly-22-dev liblld-22-dev xz-utils pkg-config curl python3-venv patch"
 missing=""
 for p in $pkgs; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
@@ -49,4 +50,5 @@ if ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q "openai>=1.50"
 fi
+"$(dirname "$0")/patch-deps.sh"
 echo "setup-deps: ok (LLVM shim at $shim_dir, Python clients in $venv)"

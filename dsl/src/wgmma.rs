@@ -122,14 +122,6 @@ pub fn wgmma_fresh<NC: Size>(
     d
 }
 
-/// PTX copying the accumulator inputs into the result registers first (inline PTX has no read-write
-/// operands here): results are operands 0..values, the accumulator values..2·values.
-fn copy_accumulator(values: usize) -> String {
-    (0..values)
-        .map(|i| format!("mov.f32 %{i}, %{};\n", values + i))
-        .collect()
-}
-
 /// `c` + Σ over `steps` k steps of A·Bᵀ (as [`wgmma_fresh`], accumulating onto `c`; K past 128 bytes in
 /// column blocks `a_block_bytes` / `b_block_bytes` apart, unused when `steps` ≤ 4). Waits for the products.
 #[cube]
@@ -149,37 +141,35 @@ pub fn wgmma_accumulate<NC: Size>(
         c,
         a,
         b,
-        n,
         operands.instruction(n),
         operands.immediates().to_string(),
         rest,
     )
 }
 
-/// The asm of the accumulating products with both operands in shared memory: `c` copied into the result,
-/// then `instruction` (an m64n`n` wgmma) with `immediates` as the first k step and the PTX `rest` (the
+/// The asm of the accumulating products with both operands in shared memory, in place on `c`:
+/// `instruction` (an m64n`n` wgmma) with `immediates` as the first k step and the PTX `rest` (the
 /// following steps, descriptors advanced), waited for.
 #[cube]
 fn accumulate_shared<NC: Size>(
     c: Vector<f32, NC>,
     a: u64,
     b: u64,
-    #[comptime] n: usize,
     #[comptime] instruction: String,
     #[comptime] immediates: String,
     #[comptime] rest: String,
 ) -> Vector<f32, NC> {
-    let copies = comptime!(copy_accumulator(n / 2));
     // A mutable vector reaches inline PTX as its address; an arithmetic result is a value (× 1 folds away).
+    // `c` is tied: the result starts as `c`, in the same registers (the products accumulate in place).
     let c = c * Vector::<f32, NC>::new(1.0f32);
     let d: Vector<f32, NC>;
     gpu_asm!(
-        "{{\n// accumulator {c}\n{copies}.reg .b64 wg_da, wg_db;\n.reg .pred wg_p1;\nmov.b64 wg_da, {a};",
+        "{{\n// accumulator {c}\n.reg .b64 wg_da, wg_db;\n.reg .pred wg_p1;\nmov.b64 wg_da, {a};",
         "mov.b64 wg_db, {b};\nsetp.eq.b64 wg_p1, wg_da, wg_da;\nwgmma.fence.sync.aligned;",
         "{instruction} {d}, wg_da, wg_db, wg_p1, {immediates};",
         "{rest}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
         d = out(_) d,
-        c = in(_) c,
+        c = in(tied) c,
         a = in(_) a,
         b = in(_) b,
     );
@@ -226,6 +216,10 @@ fn register_a_steps(
 /// A layout — what [`crate::warp_mma::accumulators_as_a`]'s pairs are), B `n` wide and 16·`steps` deep,
 /// stored MN-major at descriptor `b` ([`sw128_mn_major_descriptor`]) and `b_step_bytes` further per step
 /// (16 rows: 2048 bytes). Flash attention's O += P·V.
+///
+/// With `wait` false the products are only issued, in place on `c`'s registers (the result is tied to
+/// `c`): the result is in flight until [`wgmma_wait_pending`] covers its group, nothing may read it
+/// before, and `a` must not change until then.
 #[cube]
 pub fn wgmma_bf16_register_a_accumulate<NC: Size, NA: Size>(
     c: Vector<f32, NC>,
@@ -234,18 +228,20 @@ pub fn wgmma_bf16_register_a_accumulate<NC: Size, NA: Size>(
     #[comptime] n: usize,
     #[comptime] steps: usize,
     #[comptime] b_step_bytes: usize,
+    #[comptime] wait: bool,
 ) -> Vector<f32, NC> {
-    let copies = comptime!(copy_accumulator(n / 2));
-    let products = comptime!(register_a_steps(n, steps, n, false, true, |_| b_step_bytes >> 4));
+    let wait = comptime!(if wait { "wgmma.wait_group.sync.aligned 0;\n" } else { "" });
+    // The result and `c` share registers (tied), so the first product's A operand is %n/2 onwards.
+    let products = comptime!(register_a_steps(n, steps, n / 2, false, true, |_| b_step_bytes >> 4));
     let c = c * Vector::<f32, NC>::new(1.0f32);
     let a = a * Vector::<u32, NA>::new(1u32);
     let d: Vector<f32, NC>;
     gpu_asm!(
-        "{{\n// {d} {c} {a}\n{copies}.reg .b64 wg_db;\n.reg .pred wg_p1;\nmov.b64 wg_db, {b};",
+        "{{\n// {d} {c} {a}\n.reg .b64 wg_db;\n.reg .pred wg_p1;\nmov.b64 wg_db, {b};",
         "setp.eq.b64 wg_p1, wg_db, wg_db;\nwgmma.fence.sync.aligned;",
-        "{products}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
+        "{products}wgmma.commit_group.sync.aligned;\n{wait}}}",
         d = out(_) d,
-        c = in(_) c,
+        c = in(tied) c,
         a = in(_) a,
         b = in(_) b,
     );
@@ -266,7 +262,7 @@ pub fn wgmma_bf16_shared_accumulate_trans_b<NC: Size>(
     #[comptime] b_step_bytes: usize,
 ) -> Vector<f32, NC> {
     let rest = comptime!(trans_b_following_steps(n, steps, b_step_bytes));
-    accumulate_shared::<NC>(c, a, b, n, Operands::Bf16.instruction(n), TRANS_B.to_string(), rest)
+    accumulate_shared::<NC>(c, a, b, Operands::Bf16.instruction(n), TRANS_B.to_string(), rest)
 }
 
 /// A bf16 product's immediates with B transposed (MN-major) and A not.
@@ -340,15 +336,24 @@ pub fn wgmma_bf16_register_a_fresh<NC: Size, NA: Size>(
 /// waiting) as read after the wait. Nothing may read `d` before this (no copy, no arithmetic): its
 /// registers are still being written by the tensor cores.
 #[cube]
-pub fn wgmma_wait<NC: Size>(d: Vector<f32, NC>, #[comptime] n: usize) -> Vector<f32, NC> {
-    let copies = comptime!(copy_accumulator(n / 2));
+pub fn wgmma_wait<NC: Size>(d: Vector<f32, NC>) -> Vector<f32, NC> {
+    wgmma_wait_pending::<NC>(d, 0u32)
+}
+
+/// Waits until at most the `pending` most recently committed groups of this warpgroup's products are in
+/// flight and returns `d` (the result of a group older than those) as read after the wait — e.g. with
+/// `pending` 1, an O += P·V issued before the latest S settles while that S runs on.
+#[cube]
+pub fn wgmma_wait_pending<NC: Size>(d: Vector<f32, NC>, #[comptime] pending: u32) -> Vector<f32, NC> {
     // As a value, not an address (see wgmma_accumulate); the compiler folds the × 1, so nothing reads d.
+    // Tied: the result is `d`'s registers as they stand after the wait (no copy).
     let d = d * Vector::<f32, NC>::new(1.0f32);
     let result: Vector<f32, NC>;
     gpu_asm!(
-        "{{\n// {result} {d}\nwgmma.wait_group.sync.aligned 0;\n{copies}}}",
+        "{{\n// {result} {d}\nwgmma.wait_group.sync.aligned {n};\n}}",
         result = out(_) result,
-        d = in(_) d,
+        d = in(tied) d,
+        n = const pending,
     );
     result
 }

@@ -343,7 +343,7 @@ fn softmax_and_pv(
     for i in 0..16usize {
         a.insert(i, pack_bf16x2(p[2 * i], p[2 * i + 1]));
     }
-    wgmma_bf16_register_a_accumulate::<Const<64>, Const<16>>(o * scale, a, v_desc, 128usize, 4usize, 2048usize)
+    wgmma_bf16_register_a_accumulate::<Const<64>, Const<16>>(o * scale, a, v_desc, 128usize, 4usize, 2048usize, true)
 }
 
 #[cube(launch)]
@@ -381,7 +381,11 @@ fn mha_prefill_wgmma_kernel(
     let tile_end = select(local0 + BLOCK * groups < q_len, local0 + BLOCK * groups, q_len);
     let tile_keys = select(k_len + tile_end > q_len, k_len + tile_end - q_len, 0usize);
     let blocks = tile_keys.div_ceil(BLOCK);
-    let group_first = local0 + (warp / 4) * BLOCK;
+    // The warpgroup index through a shuffle from lane 0: provably warp-uniform, so the compiler keeps Q's
+    // descriptors in uniform registers (one add a k step instead of six instructions), and the branch on
+    // this warpgroup's key range is uniform.
+    let warpgroup = plane_broadcast(UNIT_POS / 128, 0u32) as usize;
+    let group_first = local0 + warpgroup * BLOCK;
     let group_end = select(group_first + BLOCK < q_len, group_first + BLOCK, q_len);
     let group_keys = select(
         group_first < q_len && k_len + group_end > q_len,
@@ -389,9 +393,6 @@ fn mha_prefill_wgmma_kernel(
         0usize,
     );
     let unmasked_keys = select(k_len + group_first + 1 > q_len, k_len + group_first + 1 - q_len, 0usize);
-    // The warpgroup index through a shuffle from lane 0: provably warp-uniform, so the compiler keeps Q's
-    // descriptors in uniform registers (one add a k step instead of six instructions).
-    let warpgroup = plane_broadcast(UNIT_POS / 128, 0u32) as usize;
     let q_tile = q_tile_address(base, warpgroup, pipeline);
 
     // Barriers: a block's full one completes with the copying unit's arrival and the copies' bytes; the
@@ -455,7 +456,7 @@ fn mha_prefill_wgmma_kernel(
         let s0 = begin_step(
             k_map, v_map, q_map, base, qa, q_tile, 0usize, blocks, k0, head, pipeline,
         );
-        let mut held = wgmma_wait::<Const<32>>(s0, 64usize);
+        let mut held = wgmma_wait::<Const<32>>(s0);
         mbarrier_arrive(k_free_barrier(base, 0usize, pipeline));
         let mut step = 1usize;
         while step < blocks {
@@ -478,7 +479,7 @@ fn mha_prefill_wgmma_kernel(
                 );
             }
             mbarrier_arrive(v_free_barrier(base, late, pipeline));
-            held = wgmma_wait::<Const<32>>(s, 64usize);
+            held = wgmma_wait::<Const<32>>(s);
             mbarrier_arrive(k_free_barrier(base, step, pipeline));
             step += 1;
         }

@@ -220,7 +220,7 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
             );
         }
         commit_async_copies();
-        let s = wgmma_wait::<Const<16>>(s_in_flight, 32usize);
+        let s = wgmma_wait::<Const<16>>(s_in_flight);
         let own_slots = slot * BLOCK + half * 32;
         let mut x = Array::<f32>::new(16usize);
         let mut block_max = Array::<f32>::new(2usize);

@@ -452,7 +452,7 @@ fn consume<N: Size>(
         for i in 0..16usize {
             a.insert(i, pack_bf16x2(x[2 * i], x[2 * i + 1]));
         }
-        o = wgmma_bf16_register_a_accumulate::<Const<128>, Const<16>>(o, a, own_v, 256usize, 4usize, 2048usize);
+        o = wgmma_bf16_register_a_accumulate::<Const<128>, Const<16>>(o, a, own_v, 256usize, 4usize, 2048usize, true);
         // This warpgroup was the last reader of its own buffer's half `wg`: the next pair's rows go in now.
         if more {
             fill_half(kv, smem, valid, &offsets, barriers, skip, wg, wg, source);
