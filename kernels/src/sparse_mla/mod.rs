@@ -54,6 +54,11 @@ pub const VARIANTS: &[Variant] = &[
         needs_plane_ops: true,
     },
     Variant {
+        name: "wgmma_h64_ws",
+        summary: "wgmma_h64_pair with a producer warpgroup: a third warpgroup gathers every kv half (cp.async or FP8 dequantization) once its last reader frees it, and hands its registers to the two consumers (setmaxnreg: 232 each) (CUDA sm_90a, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
         name: "mma_h64",
         summary: "flash attention on mma.sync: 64 heads (8 planes, O in registers), 64 indices per block, one kv buffer (CUDA, bf16)",
         needs_plane_ops: true,
@@ -93,7 +98,7 @@ pub const VARIANTS: &[Variant] = &[
 /// (heads per cube, indices per block) of a variant.
 pub fn tiles(variant: &Variant) -> (u32, u32) {
     match variant.name {
-        "mma_h64" | "wgmma_h64" | "wgmma_h64_pair" => (64, 64),
+        "mma_h64" | "wgmma_h64" | "wgmma_h64_pair" | "wgmma_h64_ws" => (64, 64),
         "mma_h64_k32" => (64, 32),
         "mma_h32" => (32, 64),
         "cmma_h32" => (32, 16),
@@ -106,7 +111,7 @@ pub fn tiles(variant: &Variant) -> (u32, u32) {
 /// Shared memory of a variant: the kv tile (storage words), row offsets, P, and three floats per head; for
 /// `cmma_h16`, bf16 Q and kv tiles, P, the split-k scores and the block's P·V.
 pub fn shared_memory_bytes(variant: &Variant, format: Format) -> usize {
-    if variant.name == "wgmma_h64_pair" {
+    if is_paired(variant) {
         return wgmma_pair::shared_memory_bytes();
     }
     if is_wgmma(variant) {
@@ -164,6 +169,11 @@ fn is_cmma(variant: &Variant) -> bool {
 /// The flash-attention variants on warp `mma.sync`.
 fn is_mma(variant: &Variant) -> bool {
     variant.name.starts_with("mma")
+}
+
+/// The variants on [`wgmma_pair`]'s kernel.
+fn is_paired(variant: &Variant) -> bool {
+    matches!(variant.name, "wgmma_h64_pair" | "wgmma_h64_ws")
 }
 
 /// The flash-attention variant on warpgroup MMA.
@@ -325,7 +335,9 @@ pub fn launch(
             };
         }
         if variant.name == "wgmma_h64_pair" {
-            launch_flash!(sparse_mla_wgmma_pair_kernel, wgmma_pair::UNITS);
+            launch_flash!(sparse_mla_wgmma_pair_kernel, wgmma_pair::UNITS, false);
+        } else if variant.name == "wgmma_h64_ws" {
+            launch_flash!(sparse_mla_wgmma_pair_kernel, wgmma_pair::PRODUCER_UNITS, true);
         } else if is_wgmma(variant) {
             launch_flash!(sparse_mla_wgmma_kernel, wgmma::UNITS);
         } else {
@@ -500,7 +512,15 @@ pub fn define(variant: &Variant, target: IrTarget, source: KvSource, format: For
     if variant.name == "wgmma_h64_pair" {
         return define_flash!(
             sparse_mla_wgmma_pair_kernel::SparseMlaWgmmaPairKernel::new,
-            wgmma_pair::UNITS
+            wgmma_pair::UNITS,
+            false
+        );
+    }
+    if variant.name == "wgmma_h64_ws" {
+        return define_flash!(
+            sparse_mla_wgmma_pair_kernel::SparseMlaWgmmaPairKernel::new,
+            wgmma_pair::PRODUCER_UNITS,
+            true
         );
     }
     if is_wgmma(variant) {

@@ -1,4 +1,4 @@
-//! The paired sparse MLA kernel on Hopper: variant `wgmma_h64_pair` (CUDA sm_90a, bf16).
+//! The paired sparse MLA kernels on Hopper: variants `wgmma_h64_pair` and `wgmma_h64_ws` (CUDA sm_90a, bf16).
 //!
 //! A cube holds one query row and 64 heads as two warpgroups. Q sits in a swizzled shared tile for the
 //! whole row (as in [`super::wgmma`]); blocks of 64 indices go in pairs into two kv buffers, the even block
@@ -14,11 +14,11 @@
 //!   copies land under the rest of the pair: 0L by warpgroup 0 after its own P·V, 1R by warpgroup 1 after
 //!   its own, 1L and 0R after the products with the other's P.
 //!
-//! Why not FlashMLA's producer warpgroup: a consumer needs ~200 registers (O alone takes 128), and 384 units
-//! (or 288: a multiprocessor quarter then holds 3 warps) leave 168 each. Handing registers from a producer
-//! to the consumers (`setmaxnreg`) needs launch bounds with a minimum of cubes per multiprocessor, which
-//! CubeCL 0.11 does not emit; ptxas then ignores it (measured: 168 registers, 340–800 bytes of spills,
-//! 0.56–0.64× the `wgmma_h64` speed).
+//!
+//! `wgmma_h64_ws` (`producer`) is FlashMLA's warp specialization of the same schedule: a third warpgroup
+//! resolves the indices and fills every half, the consumers only arrive on the half's "free" barrier where
+//! they would have filled it. A consumer needs ~230 registers (O alone takes 128) and 384 units leave 168
+//! each, so the producer hands its registers over (`setmaxnreg`: 40 for it, 232 for each consumer).
 use super::KvSource;
 use super::gather::{INVALID, fp8_chunk, key_index, kv_row_offset, split_blocks};
 use super::output::write_o_half;
@@ -30,23 +30,31 @@ use nsa_dsl::mbarrier::{
     fence_barrier_init, mbarrier_arrive, mbarrier_init, mbarrier_track_async_copies, mbarrier_wait,
 };
 use nsa_dsl::warp_mma::{copy_chunk_async, fast_exp2, quad_max, quad_sum};
-use nsa_dsl::warpgroup::{named_barrier_arrive, named_barrier_sync};
+use nsa_dsl::warpgroup::{
+    named_barrier_arrive, named_barrier_sync, set_max_registers_decrease, set_max_registers_increase,
+};
 use nsa_dsl::wgmma::{
     ATOM_BYTES, Operands, fence_shared_for_wgmma, first_atom, store_shared_u32, sw128_descriptor,
     sw128_mn_major_descriptor, swizzled_chunk, wgmma_accumulate, wgmma_bf16_register_a_accumulate,
     wgmma_bf16_shared_accumulate_trans_b, wgmma_fresh,
 };
 
-/// Units a cube: two warpgroups.
+/// Units a cube: two warpgroups, or three with the producer.
 pub(super) const UNITS: u32 = 256;
+pub(super) const PRODUCER_UNITS: u32 = 384;
+/// Registers a unit of the producer and of each consumer after the hand-over: 128 · (40 + 2 · 232) fits
+/// the 65536 of a multiprocessor.
+const PRODUCER_REGISTERS: u32 = 40;
+const CONSUMER_REGISTERS: u32 = 232;
 /// kv rows of a block each unit of a warpgroup copies (8 units a row: a 16-byte chunk of each column
 /// block), and the rows between them.
 const GATHER_ROWS: usize = 4;
 const ROW_STEP: usize = 16;
-/// Chunk offsets from the aligned base: Q and the two kv buffers, warpgroup 1's P tile, the 4 mbarriers.
+/// Chunk offsets from the aligned base: Q and the two kv buffers, warpgroup 1's P tile, the 8 mbarriers
+/// (ready, then free).
 const P1_OFFSET: usize = 3 * TILE_CHUNKS;
 const BARRIER_OFFSET: usize = P1_OFFSET + COLUMN_BLOCK;
-const TILES_CHUNKS: usize = BARRIER_OFFSET + 2;
+const TILES_CHUNKS: usize = BARRIER_OFFSET + 4;
 /// Named barriers between the warpgroups: warpgroup 0's row maxima, warpgroup 1's (final) ones, each one's
 /// P in shared memory, the row sums at the end.
 const MAX0: u32 = 1;
@@ -65,6 +73,12 @@ pub(super) fn shared_memory_bytes() -> usize {
 /// Byte offset from the barriers of buffer `buf`'s half `half`'s "ready" barrier (its rows landed).
 const fn ready(buf: usize, half: usize) -> u32 {
     (8 * (2 * buf + half)) as u32
+}
+
+/// Byte offset from the barriers of buffer `buf`'s half `half`'s "free" barrier (its last reader is done;
+/// the producer's signal to refill it).
+const fn free(buf: usize, half: usize) -> u32 {
+    (8 * (4 + 2 * buf + half)) as u32
 }
 
 /// Shared byte offsets of warpgroup w's P tile from the base: P0 in buffer 0's rope column block, P1 its own.
@@ -112,6 +126,7 @@ pub fn sparse_mla_wgmma_pair_kernel<N: Size>(
     topk: usize,
     splits: usize,
     sm_scale: f32,
+    #[comptime] producer: bool,
     #[comptime] source: KvSource,
 ) {
     let head_blocks = h_q / HEADS;
@@ -147,9 +162,9 @@ pub fn sparse_mla_wgmma_pair_kernel<N: Size>(
     let out_row0 = row * h_q + head0;
     load_q(q, &mut smem, skip, out_row0);
     if unit == 0 {
-        // Each half is filled by one warpgroup.
+        // Each half is filled by one warpgroup, and (with the producer) freed by one.
         #[unroll]
-        for b in 0..4u32 {
+        for b in 0..8u32 {
             mbarrier_init(barriers + 8 * b, 128u32);
         }
         fence_barrier_init();
@@ -158,7 +173,23 @@ pub fn sparse_mla_wgmma_pair_kernel<N: Size>(
     sync_cube();
 
     let part_row0 = split * rows * h_q + out_row0;
-    if wg == 0 {
+    if comptime!(producer) && wg == 2 {
+        set_max_registers_decrease(PRODUCER_REGISTERS);
+        produce(
+            kv,
+            &mut smem,
+            &mut valid,
+            indices,
+            block_table,
+            barriers,
+            skip,
+            &at,
+            source,
+        );
+    } else if wg == 0 {
+        if comptime!(producer) {
+            set_max_registers_increase(CONSUMER_REGISTERS);
+        }
         consume(
             kv,
             &mut smem,
@@ -181,9 +212,13 @@ pub fn sparse_mla_wgmma_pair_kernel<N: Size>(
             part_row0,
             splits,
             0usize,
+            producer,
             source,
         );
     } else {
+        if comptime!(producer) {
+            set_max_registers_increase(CONSUMER_REGISTERS);
+        }
         consume(
             kv,
             &mut smem,
@@ -206,6 +241,7 @@ pub fn sparse_mla_wgmma_pair_kernel<N: Size>(
             part_row0,
             splits,
             1usize,
+            producer,
             source,
         );
     }
@@ -298,6 +334,79 @@ fn fill_half<N: Size>(
     mbarrier_arrive(ready);
 }
 
+/// The last reader of half `half` of buffer `buf` is done with it: fills it with the next pair's rows
+/// (when there is one), or with the producer, signals that it is free.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn release_half<N: Size>(
+    kv: &[Vector<u32, N>],
+    smem: &mut [Vector<u32, N>],
+    valid: &mut [u32],
+    offsets: &Array<u32>,
+    barriers: u32,
+    skip: usize,
+    more: bool,
+    #[comptime] buf: usize,
+    #[comptime] half: usize,
+    #[comptime] producer: bool,
+    #[comptime] source: KvSource,
+) {
+    if comptime!(producer) {
+        mbarrier_arrive(barriers + comptime!(free(buf, half)));
+    } else if more {
+        fill_half(kv, smem, valid, offsets, barriers, skip, buf, half, source);
+    }
+}
+
+/// The producer warpgroup's loop: each pair's rows resolved, then its halves filled in the order their
+/// last readers free them (0L and 1R after the warpgroups' own products, 1L and 0R after the other's).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn produce<N: Size>(
+    kv: &[Vector<u32, N>],
+    smem: &mut [Vector<u32, N>],
+    valid: &mut [u32],
+    indices: &[i32],
+    block_table: &[i32],
+    barriers: u32,
+    skip: usize,
+    at: &Rows,
+    #[comptime] source: KvSource,
+) {
+    let pairs = at.tiles.div_ceil(2);
+    // Each pair's rows are resolved while the previous pair's last half is awaited (the index and block
+    // table loads are a chain of two global reads).
+    let mut offsets = Array::<u32>::new(comptime!(2 * GATHER_ROWS));
+    resolve_pair(indices, block_table, &mut offsets, 0usize, at, source);
+    let mut phase = 0u32;
+    let mut pair = 0usize;
+    while pair < pairs {
+        let refill = pair > 0;
+        await_free(barriers + comptime!(free(0, 0)), refill, phase);
+        fill_half(kv, smem, valid, &offsets, barriers, skip, 0usize, 0usize, source);
+        await_free(barriers + comptime!(free(1, 1)), refill, phase);
+        fill_half(kv, smem, valid, &offsets, barriers, skip, 1usize, 1usize, source);
+        await_free(barriers + comptime!(free(1, 0)), refill, phase);
+        fill_half(kv, smem, valid, &offsets, barriers, skip, 1usize, 0usize, source);
+        await_free(barriers + comptime!(free(0, 1)), refill, phase);
+        fill_half(kv, smem, valid, &offsets, barriers, skip, 0usize, 1usize, source);
+        resolve_pair(indices, block_table, &mut offsets, pair + 1, at, source);
+        if refill {
+            phase ^= 1;
+        }
+        pair += 1;
+    }
+}
+
+/// Waits for the free barrier at `address` to complete phase `phase` when `refill` (the first pair's
+/// halves are free from the start).
+#[cube]
+fn await_free(address: u32, refill: bool, phase: u32) {
+    if refill {
+        mbarrier_wait(address, phase);
+    }
+}
+
 /// Warpgroup `wg`'s loop over the pairs (filling half `wg` of both buffers for the next), then its half of
 /// the output.
 #[cube]
@@ -324,6 +433,7 @@ fn consume<N: Size>(
     part_row0: usize,
     splits: usize,
     #[comptime] wg: usize,
+    #[comptime] producer: bool,
     #[comptime] source: KvSource,
 ) {
     let warp = (UNIT_POS / 32) as usize % 4;
@@ -357,12 +467,14 @@ fn consume<N: Size>(
     let pairs = at.tiles.div_ceil(2);
     // The rows of pair 0 (this warpgroup's halves), then the offsets of pair 1, loaded under pair 0.
     let mut offsets = Array::<u32>::new(comptime!(2 * GATHER_ROWS));
-    resolve_pair(indices, block_table, &mut offsets, 0usize, at, source);
-    if pairs > 0 {
-        fill_half(kv, smem, valid, &offsets, barriers, skip, wg, wg, source);
-        fill_half(kv, smem, valid, &offsets, barriers, skip, other, wg, source);
+    if comptime!(!producer) {
+        resolve_pair(indices, block_table, &mut offsets, 0usize, at, source);
+        if pairs > 0 {
+            fill_half(kv, smem, valid, &offsets, barriers, skip, wg, wg, source);
+            fill_half(kv, smem, valid, &offsets, barriers, skip, other, wg, source);
+        }
+        resolve_pair(indices, block_table, &mut offsets, 1usize, at, source);
     }
-    resolve_pair(indices, block_table, &mut offsets, 1usize, at, source);
     let mut phase = 0u32;
     let mut pair = 0usize;
     while pair < pairs {
@@ -454,9 +566,9 @@ fn consume<N: Size>(
         }
         o = wgmma_bf16_register_a_accumulate::<Const<128>, Const<16>>(o, a, own_v, 256usize, 4usize, 2048usize, true);
         // This warpgroup was the last reader of its own buffer's half `wg`: the next pair's rows go in now.
-        if more {
-            fill_half(kv, smem, valid, &offsets, barriers, skip, wg, wg, source);
-        }
+        release_half(
+            kv, smem, valid, &offsets, barriers, skip, more, wg, wg, producer, source,
+        );
 
         if comptime!(wg == 0) {
             // The final maxima: P and O (its own block's product included) move to them.
@@ -489,10 +601,12 @@ fn consume<N: Size>(
             4usize,
             2048usize,
         );
-        if more {
-            fill_half(kv, smem, valid, &offsets, barriers, skip, other, wg, source);
+        release_half(
+            kv, smem, valid, &offsets, barriers, skip, more, other, wg, producer, source,
+        );
+        if comptime!(!producer) {
+            resolve_pair(indices, block_table, &mut offsets, pair + 2, at, source);
         }
-        resolve_pair(indices, block_table, &mut offsets, pair + 2, at, source);
         phase ^= 1;
         pair += 1;
     }
