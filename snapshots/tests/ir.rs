@@ -52,3 +52,27 @@ fn value_renumbering_is_consistent_and_leaves_other_names() {
         "float v0 = v1 + v0; bool* flag_v1_store; vec4<u32> uv3 = v2x;"
     );
 }
+
+/// The two things nsa's CubeCL patch (scripts/patches/cubecl-cpp-0.11.3.patch) adds to generated CUDA: a
+/// minimum of one cube per multiprocessor in the launch bounds exactly where registers are handed over
+/// (`setmaxnreg`, else ptxas ignores it), and accumulators as tied read-write operands (no copies of a
+/// product's accumulator; the result takes the input's registers).
+#[test]
+fn patched_cuda_has_min_blocks_for_setmaxnreg_and_tied_accumulators() {
+    let kernel = nsa_kernels::find_kernel("sparse_mla_prefill").unwrap();
+    let problem = kernel.ir_problem(Format::Bf16);
+    let source = |name: &str| {
+        let variant = kernel.variants().iter().find(|v| v.name == name).unwrap();
+        nsa_kernels::ir::emit(kernel, variant, IrTarget::Cuda, &problem).unwrap()
+    };
+    let producer = source("wgmma_h64_ws");
+    assert!(producer.contains("setmaxnreg.inc") && producer.contains("__launch_bounds__(384, 1)"));
+    let paired = source("wgmma_h64_pair");
+    assert!(!paired.contains("setmaxnreg") && paired.contains("__launch_bounds__(256)"));
+    // O += P·V (m64n256: 128 accumulators a unit) accumulates in place: "+f" outputs starting as the input.
+    assert!(paired.contains(r#""+f"(result.i_127)"#));
+    assert!(
+        !paired.contains("mov.f32 %0, %128;"),
+        "an accumulator copied into the result"
+    );
+}

@@ -19,6 +19,8 @@
 //! resolves the indices and fills every half, the consumers only arrive on the half's "free" barrier where
 //! they would have filled it. A consumer needs ~230 registers (O alone takes 128) and 384 units leave 168
 //! each, so the producer hands its registers over (`setmaxnreg`: 40 for it, 232 for each consumer).
+//! Measured slower than the consumers' own refills (spills at 232 registers, one warpgroup's gathers on the
+//! critical path; BENCHMARKS.md): kept for the autotuner and as the base for FlashMLA's schedule.
 use super::KvSource;
 use super::gather::{INVALID, fp8_chunk, key_index, kv_row_offset, split_blocks};
 use super::output::write_o_half;
