@@ -1,22 +1,23 @@
 //! `mha_prefill`'s Hopper variants: flash attention on warpgroup MMA. A cube is `groups` warpgroups
 //! (128 units each) owning 64·groups queries of one head; warpgroup w holds queries 64w.., warp i of it
 //! 16 of them in the accumulator layout of the `mma` variant. Q stays for the whole cube in registers (the
-//! A operand of S = Q·Kᵀ, m64n64 over 12 k16 steps, K read from a swizzled shared tile) or, to free 48
-//! registers a unit so that three warpgroups fit an SM, in a swizzled shared tile of its own. P stays in
-//! registers and O += P·V is m64n128 over 4 k16 steps with V read MN-major ([key][dim] as stored, trans-b),
-//! O rescaled in registers first.
+//! A operand of S = Q·Kᵀ, m64n`keys` over 12 k16 steps, K read from a swizzled shared tile) or, to free 48
+//! registers a unit, in a swizzled shared tile of its own. P stays in registers and O += P·V is m64n128
+//! over keys/16 k16 steps with V read MN-major ([key][dim] as stored, trans-b), O rescaled in registers
+//! first. Blocks have 64 keys or (`keys` 128) 128: half the per-block waits, barriers and O rescales, for
+//! S and P twice as wide.
 //!
-//! K/V blocks of 64 keys (and the Q tiles) are copied by the tensor copy engine (`dsl::tma`): one unit
-//! starts a block's five 64 × 64 boxes `depth` blocks ahead, and they complete on the block's "full"
-//! mbarrier; every unit releases a block's K buffer once its S was computed and its V buffer after its P·V
-//! ("free" mbarriers), and the copying unit waits for those releases before reusing a buffer. No cube
-//! barrier per block: a warpgroup may run ahead of the others by the buffers it has. Rows past the tensor
-//! come in as zeros; rows of the next sequence are masked like any key past a query's causal limit.
+//! K/V blocks (and the Q tiles) are copied by the tensor copy engine (`dsl::tma`) in 64 × 64 boxes: one
+//! unit starts K(b + depth) and V(b + depth − 1) at step b (V is read a step after its K), completing on
+//! their "full" mbarriers; every unit releases a block's K buffer once its S was computed and its V buffer
+//! after its P·V ("free" mbarriers), and the copying unit waits for those releases before reusing a
+//! buffer. No cube barrier per block: a warpgroup may run ahead of the others by the buffers it has. Rows
+//! past the tensor come in as zeros; rows of the next sequence are masked like any key past a query's
+//! causal limit.
 //!
 //! Block b's S is issued without waiting and consumed a step later: while the tensor cores compute it, the
 //! warpgroup runs block b − 1's softmax (FlashAttention-3's intra-warpgroup overlap); block b − 1's P·V
-//! then waits for every product in flight, S included. V keeps one buffer more than K (P·V runs a step
-//! behind S).
+//! then waits for every product in flight, S included.
 //!
 //! Masking costs a compare and a select per score, so only blocks crossing a warpgroup's causal diagonal
 //! are masked; a warpgroup whose queries see none of a block skips it.
@@ -37,14 +38,13 @@ use nsa_dsl::wgmma::{
 
 const D_QK: usize = 192;
 const D_V: usize = 128;
+/// Queries per warpgroup, and rows per tensor-copy box.
 const BLOCK: usize = 64;
-/// 16-byte chunks of one 64-row × 64-column swizzled block (8 KiB): one TMA box.
-const COLUMN_BLOCK: usize = BLOCK * 8;
-const K_CHUNKS: usize = 3 * COLUMN_BLOCK;
-const V_CHUNKS: usize = 2 * COLUMN_BLOCK;
+/// Bytes of one 64-row × 64-column swizzled block: one TMA box.
+const BOX_BYTES: usize = BLOCK * 128;
 
-/// A cube's shape: `groups` warpgroups (64 queries each) sharing K/V blocks copied `depth` blocks ahead,
-/// Q in registers or (`q_shared`) in shared tiles.
+/// A cube's shape: `groups` warpgroups (64 queries each) sharing blocks of `keys` keys copied `depth`
+/// blocks ahead, Q in registers or (`q_shared`) in shared tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Pipeline {
     pub groups: usize,
@@ -52,108 +52,129 @@ pub struct Pipeline {
     /// Q in swizzled shared tiles (S = Q·Kᵀ reads both operands from shared memory) instead of registers:
     /// 48 registers fewer per unit, so three warpgroups fit an SM's registers.
     pub q_shared: bool,
+    /// Keys per block (64 or 128): 128 halves the per-block waits, rescales and barriers, for 48 more
+    /// registers a unit (S and P twice as wide).
+    pub keys: usize,
 }
 
 impl Pipeline {
     /// Blocks are copied at least one ahead (with none, step 0 would wait for a copy never started).
     fn check(self) {
         assert!(
-            self.depth >= 1 && (1..=3).contains(&self.groups),
+            self.depth >= 1 && (1..=3).contains(&self.groups) && matches!(self.keys, 64 | 128),
             "{self:?}: not a pipeline"
         );
     }
 
-    /// K buffers: block b + depth is copied once block b − 1's S is done.
-    fn k_buffers(self) -> usize {
+    /// K and V buffers each: step s copies K(s + depth) over K(s − 1), whose S is done, and V(s + depth − 1)
+    /// over V(s − 2), whose P·V is done (V is read a step after its K, so it is copied a step later).
+    fn buffers(self) -> usize {
         self.depth + 1
     }
 
-    /// V buffers (and full barriers): block b's V is read a step after its K (P·V runs behind S).
-    fn v_buffers(self) -> usize {
-        self.depth + 2
+    /// Bytes of one block's K tile (three 64-column blocks of `keys` rows) and V tile (two).
+    fn k_tile_bytes(self) -> usize {
+        3 * self.keys * 128
     }
 
-    /// Where the Q tiles start (after K and V), in 16-byte chunks.
+    fn v_tile_bytes(self) -> usize {
+        2 * self.keys * 128
+    }
+
+    /// Where the Q tiles start (after K and V), in bytes.
     fn q_offset(self) -> usize {
-        self.k_buffers() * K_CHUNKS + self.v_buffers() * V_CHUNKS
+        self.buffers() * (self.k_tile_bytes() + self.v_tile_bytes())
     }
 
-    /// Bytes of the tiles; the barriers follow them: full (one per V buffer), K free, V free.
+    /// Bytes of the tiles; the barriers follow them: K full, V full, K free, V free (one per buffer each).
     fn tiles_bytes(self) -> usize {
-        16 * (self.q_offset() + if self.q_shared { self.groups * K_CHUNKS } else { 0 })
+        self.q_offset() + if self.q_shared { self.groups * 3 * BOX_BYTES } else { 0 }
     }
 
     pub fn shared_memory_bytes(self) -> usize {
-        let barriers = 8 * (2 * self.v_buffers() + self.k_buffers());
+        let barriers = 8 * 4 * self.buffers();
         (self.tiles_bytes() + barriers).next_multiple_of(16) + ATOM_BYTES as usize
     }
 }
 
 /// Byte offset from the aligned base of block `block`'s K tile (K buffers first).
 #[cube]
-fn k_tile_bytes(block: usize, #[comptime] k_buffers: usize) -> u32 {
-    ((block % k_buffers) * K_CHUNKS * 16) as u32
+fn k_tile_bytes(block: usize, #[comptime] pipeline: Pipeline) -> u32 {
+    ((block % comptime!(pipeline.buffers())) * comptime!(pipeline.k_tile_bytes())) as u32
 }
 
 /// Byte offset from the aligned base of block `block`'s V tile (after the K buffers).
 #[cube]
-fn v_tile_bytes(block: usize, #[comptime] k_buffers: usize, #[comptime] v_buffers: usize) -> u32 {
-    ((k_buffers * K_CHUNKS + (block % v_buffers) * V_CHUNKS) * 16) as u32
+fn v_tile_bytes(block: usize, #[comptime] pipeline: Pipeline) -> u32 {
+    let first = comptime!(pipeline.buffers() * pipeline.k_tile_bytes());
+    (first + (block % comptime!(pipeline.buffers())) * comptime!(pipeline.v_tile_bytes())) as u32
 }
 
 /// Shared address of warpgroup `w`'s Q tile (`q_shared`: after the K and V buffers).
 #[cube]
 fn q_tile_address(base: u32, w: usize, #[comptime] pipeline: Pipeline) -> u32 {
-    base + ((comptime!(pipeline.q_offset()) + w * K_CHUNKS) * 16) as u32
+    base + (comptime!(pipeline.q_offset()) + w * comptime!(3 * BOX_BYTES)) as u32
 }
 
-/// Starts copying `boxes` 64 × 64 boxes of `map` at (column 64c, `head`, `row`) into consecutive 8 KiB
-/// swizzled blocks from shared address `tile`, completing on barrier `full`.
+/// Starts copying `columns` 64-column blocks of `rows` rows of `map` at (column 0, `head`, `row`) into
+/// consecutive swizzled blocks (`rows` · 128 bytes each, in 64-row boxes) from shared address `tile`,
+/// completing on barrier `full`.
 #[cube]
-fn load_boxes(map: &TensorMap<u32, Tiled>, tile: u32, full: u32, head: i32, row: i32, #[comptime] boxes: u32) {
-    let box_bytes = comptime!(COLUMN_BLOCK * 16) as u32;
+#[allow(clippy::too_many_arguments)]
+fn load_boxes(
+    map: &TensorMap<u32, Tiled>,
+    tile: u32,
+    full: u32,
+    head: i32,
+    row: i32,
+    #[comptime] columns: u32,
+    #[comptime] rows: u32,
+) {
     #[unroll]
-    for c in 0..boxes {
-        tma_load_3d(map, tile + c * box_bytes, full, (64 * c) as i32, head, row);
+    for c in 0..columns {
+        #[unroll]
+        for r in 0..comptime!(rows / 64) {
+            let address = tile + (c * rows + r * 64) * 128;
+            tma_load_3d(map, address, full, (64 * c) as i32, head, row + (64 * r) as i32);
+        }
     }
 }
 
-/// Shared address of block `block`'s full barrier (its copies' bytes landed).
+/// Shared address of the `kind`-th barrier array's barrier for block `block` (0 K full, 1 V full, 2 K free,
+/// 3 V free; one barrier per buffer each).
 #[cube]
-fn full_barrier(base: u32, block: usize, #[comptime] pipeline: Pipeline) -> u32 {
-    let first = comptime!(pipeline.tiles_bytes());
-    base + (first + 8 * (block % comptime!(pipeline.v_buffers()))) as u32
+fn barrier(base: u32, block: usize, #[comptime] kind: usize, #[comptime] pipeline: Pipeline) -> u32 {
+    let first = comptime!(pipeline.tiles_bytes() + 8 * kind * pipeline.buffers());
+    base + (first + 8 * (block % comptime!(pipeline.buffers()))) as u32
 }
 
-/// Shared address of the barrier every unit arrives on once done with block `block`'s K buffer.
+const K_FULL: usize = 0;
+const V_FULL: usize = 1;
+const K_FREE: usize = 2;
+const V_FREE: usize = 3;
+
+/// Waits until the barrier of `kind` for block `block` completed `block`'s phase.
 #[cube]
-fn k_free_barrier(base: u32, block: usize, #[comptime] pipeline: Pipeline) -> u32 {
-    let first = comptime!(pipeline.tiles_bytes() + 8 * pipeline.v_buffers());
-    base + (first + 8 * (block % comptime!(pipeline.k_buffers()))) as u32
+fn await_block(base: u32, block: usize, #[comptime] kind: usize, #[comptime] pipeline: Pipeline) {
+    let buffers = comptime!(pipeline.buffers());
+    mbarrier_wait(barrier(base, block, kind, pipeline), ((block / buffers) % 2) as u32);
 }
 
-/// Shared address of the barrier every unit arrives on once done with block `block`'s V buffer.
+/// Waits until the barrier of `kind` for block `block` completed the phase of block `block` − buffers
+/// (the buffer's previous block).
 #[cube]
-fn v_free_barrier(base: u32, block: usize, #[comptime] pipeline: Pipeline) -> u32 {
-    let first = comptime!(pipeline.tiles_bytes() + 8 * (pipeline.v_buffers() + pipeline.k_buffers()));
-    base + (first + 8 * (block % comptime!(pipeline.v_buffers()))) as u32
+fn await_previous_use(base: u32, block: usize, #[comptime] kind: usize, #[comptime] pipeline: Pipeline) {
+    let buffers = comptime!(pipeline.buffers());
+    mbarrier_wait(barrier(base, block, kind, pipeline), ((block / buffers + 1) % 2) as u32);
 }
 
-/// Waits until the barrier at `address`, one of `buffers` used in turn, completed the phase of block
-/// `block` − `buffers` (the buffer's previous block).
-#[cube]
-fn await_previous_use(address: u32, block: usize, #[comptime] buffers: usize) {
-    mbarrier_wait(address, ((block / buffers + 1) % 2) as u32);
-}
-
-/// One unit's start of block `block`'s copies: K as three and V as two 64 × 64 boxes of head `head` from
-/// row `k0` + 64·block, and with block 0 (`q_shared`) every warpgroup's Q tile from row `q_row0` + 64w,
-/// all completing on the block's full barrier.
+/// One unit's start of block `block`'s K copy: three column blocks of head `head` from row `k0` + keys·block,
+/// and with block 0 (`q_shared`) every warpgroup's Q tile from row `q_row0` + 64w, completing on the
+/// block's K full barrier.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn copy_block(
+fn copy_k(
     k_map: &TensorMap<u32, Tiled>,
-    v_map: &TensorMap<u32, Tiled>,
     q_map: &TensorMap<u32, Tiled>,
     base: u32,
     block: usize,
@@ -162,33 +183,62 @@ fn copy_block(
     head: usize,
     #[comptime] pipeline: Pipeline,
 ) {
-    let (k_buffers, v_buffers) = comptime!((pipeline.k_buffers(), pipeline.v_buffers()));
-    let full = full_barrier(base, block, pipeline);
-    let block_bytes = comptime!((K_CHUNKS + V_CHUNKS) * 16) as u32;
-    let q_bytes = comptime!(pipeline.groups * K_CHUNKS * 16) as u32;
+    let keys = comptime!(pipeline.keys);
+    let full = barrier(base, block, K_FULL, pipeline);
+    let k_bytes = comptime!(pipeline.k_tile_bytes()) as u32;
+    let q_bytes = comptime!(pipeline.groups * 3 * BOX_BYTES) as u32;
     let with_q = comptime!(pipeline.q_shared) && block == 0;
-    mbarrier_arrive_expect_tx(full, select(with_q, block_bytes + q_bytes, block_bytes));
-    let row = (k0 + block * BLOCK) as i32;
+    mbarrier_arrive_expect_tx(full, select(with_q, k_bytes + q_bytes, k_bytes));
     let head = head as i32;
-    let k_tile = base + k_tile_bytes(block, k_buffers);
-    let v_tile = base + v_tile_bytes(block, k_buffers, v_buffers);
-    load_boxes(k_map, k_tile, full, head, row, 3u32);
-    load_boxes(v_map, v_tile, full, head, row, 2u32);
+    let k_tile = base + k_tile_bytes(block, pipeline);
+    load_boxes(
+        k_map,
+        k_tile,
+        full,
+        head,
+        (k0 + block * keys) as i32,
+        3u32,
+        comptime!(keys as u32),
+    );
     if with_q {
         #[unroll]
         for w in 0..pipeline.groups {
             let q_tile = q_tile_address(base, w, pipeline);
-            let q_row = (q_row0 + w * BLOCK) as i32;
-            load_boxes(q_map, q_tile, full, head, q_row, 3u32);
+            load_boxes(q_map, q_tile, full, head, (q_row0 + w * BLOCK) as i32, 3u32, 64u32);
         }
     }
 }
 
-/// The start of step `step`: waits until block `step` landed; the copying unit starts block
-/// `step` + depth once its buffers are free; issues block `step`'s S (returned in flight).
+/// One unit's start of block `block`'s V copy (two column blocks), completing on its V full barrier.
+#[cube]
+fn copy_v(
+    v_map: &TensorMap<u32, Tiled>,
+    base: u32,
+    block: usize,
+    k0: usize,
+    head: usize,
+    #[comptime] pipeline: Pipeline,
+) {
+    let keys = comptime!(pipeline.keys);
+    let full = barrier(base, block, V_FULL, pipeline);
+    mbarrier_arrive_expect_tx(full, comptime!(pipeline.v_tile_bytes()) as u32);
+    let v_tile = base + v_tile_bytes(block, pipeline);
+    load_boxes(
+        v_map,
+        v_tile,
+        full,
+        head as i32,
+        (k0 + block * keys) as i32,
+        2u32,
+        comptime!(keys as u32),
+    );
+}
+
+/// The start of step `step`: waits until block `step`'s K landed; the copying unit starts K(step + depth)
+/// and V(step + depth − 1) once their buffers are free; issues block `step`'s S (returned in flight).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn begin_step(
+fn begin_step<NS: Size>(
     k_map: &TensorMap<u32, Tiled>,
     v_map: &TensorMap<u32, Tiled>,
     q_map: &TensorMap<u32, Tiled>,
@@ -200,69 +250,68 @@ fn begin_step(
     k0: usize,
     head: usize,
     #[comptime] pipeline: Pipeline,
-) -> Vector<f32, Const<32>> {
-    let (k_buffers, v_buffers) = comptime!((pipeline.k_buffers(), pipeline.v_buffers()));
-    mbarrier_wait(full_barrier(base, step, pipeline), ((step / v_buffers) % 2) as u32);
-    let ahead = step + comptime!(pipeline.depth);
-    if UNIT_POS == 0 && ahead < blocks {
-        if ahead >= k_buffers {
-            await_previous_use(k_free_barrier(base, ahead, pipeline), ahead, k_buffers);
+) -> Vector<f32, NS> {
+    let (depth, buffers) = comptime!((pipeline.depth, pipeline.buffers()));
+    await_block(base, step, K_FULL, pipeline);
+    if UNIT_POS == 0 {
+        let k_ahead = step + depth;
+        if k_ahead < blocks {
+            if k_ahead >= buffers {
+                await_previous_use(base, k_ahead, K_FREE, pipeline);
+            }
+            copy_k(k_map, q_map, base, k_ahead, k0, 0usize, head, pipeline);
         }
-        if ahead >= v_buffers {
-            await_previous_use(v_free_barrier(base, ahead, pipeline), ahead, v_buffers);
+        let v_ahead = k_ahead - 1;
+        if v_ahead < blocks {
+            if v_ahead >= buffers {
+                await_previous_use(base, v_ahead, V_FREE, pipeline);
+            }
+            copy_v(v_map, base, v_ahead, k0, head, pipeline);
         }
-        copy_block(k_map, v_map, q_map, base, ahead, k0, 0usize, head, pipeline);
     }
     sync_plane();
-    issue_scores(qa, q_tile, base, step, k_buffers, comptime!(pipeline.q_shared))
+    issue_scores::<NS>(qa, q_tile, base, step, pipeline)
 }
 
-/// Issues S = Q·Kᵀ for block `block` (64 queries × 64 keys, K = 192 in three 64-column blocks of the K
+/// Issues S = Q·Kᵀ for block `block` (64 queries × `keys` keys, K = 192 in three 64-column blocks of the K
 /// tile; Q from registers `qa`, or the swizzled tile at shared address `q_tile`) without waiting: the result
 /// is in flight until [`wgmma_wait`].
 #[cube]
-fn issue_scores(
+fn issue_scores<NS: Size>(
     qa: Vector<u32, Const<64>>,
     q_tile: u32,
     base: u32,
     block: usize,
-    #[comptime] k_buffers: usize,
-    #[comptime] q_shared: bool,
-) -> Vector<f32, Const<32>> {
-    let k_desc = sw128_descriptor(base + k_tile_bytes(block, k_buffers));
-    let block_bytes = comptime!(COLUMN_BLOCK * 16);
-    if q_shared {
-        wgmma_fresh::<Const<32>>(
+    #[comptime] pipeline: Pipeline,
+) -> Vector<f32, NS> {
+    let keys = comptime!(pipeline.keys);
+    let k_desc = sw128_descriptor(base + k_tile_bytes(block, pipeline));
+    let k_block_bytes = comptime!(keys * 128);
+    if comptime!(pipeline.q_shared) {
+        wgmma_fresh::<NS>(
             sw128_descriptor(q_tile),
             k_desc,
             Operands::Bf16,
-            64usize,
+            keys,
             comptime!(D_QK / 16),
-            block_bytes,
-            block_bytes,
+            comptime!(BOX_BYTES),
+            k_block_bytes,
             false,
         )
     } else {
-        wgmma_bf16_register_a_fresh::<Const<32>, Const<64>>(
-            qa,
-            k_desc,
-            64usize,
-            comptime!(D_QK / 16),
-            block_bytes,
-            false,
-        )
+        wgmma_bf16_register_a_fresh::<NS, Const<64>>(qa, k_desc, keys, comptime!(D_QK / 16), k_block_bytes, false)
     }
 }
 
-/// Block `block`'s online softmax of `s` (this warpgroup's 64 queries × 64 keys from 64·block; element
-/// 4n + 2r + e: row g + 8r, key 8n + 2t + e) in log₂ units, then O rescaled and O += P·V (V from the
-/// block's buffer past shared address `base`). A block reaching past `unmasked_keys` (warpgroup-uniform)
-/// is masked: keys at or past a row's causal `limit` weigh nothing; blocks left of the diagonal skip the
-/// compares. Maxima and sums are trees, not 16-long chains.
+/// Block `block`'s online softmax of `s` (this warpgroup's 64 queries × `keys` keys from keys·block; element
+/// 4n + 2r + e: row g + 8r, key 8n + 2t + e) in log₂ units, then O rescaled and, once the block's V landed,
+/// O += P·V. A block reaching past `unmasked_keys` (warpgroup-uniform) is masked: keys at or past a row's
+/// causal `limit` weigh nothing; blocks left of the diagonal skip the compares. Maxima and sums are trees,
+/// not chains.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn softmax_and_pv(
-    s: Vector<f32, Const<32>>,
+fn softmax_and_pv<NS: Size, NA: Size>(
+    s: Vector<f32, NS>,
     o: Vector<f32, Const<64>>,
     m: &mut Array<f32>,
     l: &mut Array<f32>,
@@ -272,40 +321,38 @@ fn softmax_and_pv(
     base: u32,
     t: usize,
     scale_log2: f32,
-    #[comptime] k_buffers: usize,
-    #[comptime] v_buffers: usize,
+    #[comptime] pipeline: Pipeline,
 ) -> Vector<f32, Const<64>> {
-    let key0 = block * BLOCK;
-    let v_desc = sw128_mn_major_descriptor(
-        base + v_tile_bytes(block, k_buffers, v_buffers),
-        comptime!(COLUMN_BLOCK as u32 * 16),
-    );
-    let masked = (block + 1) * BLOCK > unmasked_keys;
-    let mut x = Array::<f32>::new(32usize);
+    let keys = comptime!(pipeline.keys);
+    // Values per unit, per row, and tree levels over a row's values.
+    let (values, row_values, levels) = comptime!((keys / 2, keys / 4, (keys / 4).trailing_zeros()));
+    let key0 = block * keys;
+    let masked = (block + 1) * keys > unmasked_keys;
+    let mut x = Array::<f32>::new(values);
     #[unroll]
-    for i in 0..32usize {
+    for i in 0..values {
         x[i] = s.extract(i);
     }
     if masked {
         #[unroll]
-        for i in 0..32usize {
+        for i in 0..values {
             let key = key0 + (i / 4) * 8 + 2 * t + i % 2;
             x[i] = select(key < limit[(i % 4) / 2], x[i], f32::reinterpret(0xff80_0000u32));
         }
     }
     let mut alpha = Array::<f32>::new(2usize);
-    let mut p = Array::<f32>::new(32usize);
+    let mut p = Array::<f32>::new(values);
     #[unroll]
     for r in 0..2usize {
-        // Row r's 16 values are elements 4n + 2r + e.
-        let mut tree = Array::<f32>::new(16usize);
+        // Row r's values are elements 4n + 2r + e.
+        let mut tree = Array::<f32>::new(row_values);
         #[unroll]
-        for i in 0..16usize {
+        for i in 0..row_values {
             tree[i] = x[4 * (i / 2) + 2 * r + i % 2];
         }
         #[unroll]
-        for level in 0..4u32 {
-            let width = comptime!(8usize >> level);
+        for level in 0..levels {
+            let width = comptime!((row_values / 2) >> level);
             #[unroll]
             for i in 0..width {
                 tree[i] = f32::max(tree[i], tree[i + width]);
@@ -315,15 +362,15 @@ fn softmax_and_pv(
         alpha[r] = fast_exp2(m[r] - m_new);
         m[r] = m_new;
         #[unroll]
-        for i in 0..16usize {
+        for i in 0..row_values {
             let index = 4 * (i / 2) + 2 * r + i % 2;
             let pe = fast_exp2(x[index] * scale_log2 - m_new);
             p[index] = pe;
             tree[i] = pe;
         }
         #[unroll]
-        for level in 0..4u32 {
-            let width = comptime!(8usize >> level);
+        for level in 0..levels {
+            let width = comptime!((row_values / 2) >> level);
             #[unroll]
             for i in 0..width {
                 tree[i] += tree[i + width];
@@ -338,17 +385,20 @@ fn softmax_and_pv(
     for i in 0..64usize {
         scale.insert(i, alpha[(i % 4) / 2]);
     }
-    let mut a = Vector::<u32, Const<16>>::new(0u32);
+    let mut a = Vector::<u32, NA>::new(0u32);
     #[unroll]
-    for i in 0..16usize {
+    for i in 0..comptime!(keys / 4) {
         a.insert(i, pack_bf16x2(p[2 * i], p[2 * i + 1]));
     }
-    wgmma_bf16_register_a_accumulate::<Const<64>, Const<16>>(o * scale, a, v_desc, 128usize, 4usize, 2048usize, true)
+    await_block(base, block, V_FULL, pipeline);
+    let v_desc = sw128_mn_major_descriptor(base + v_tile_bytes(block, pipeline), comptime!(keys as u32 * 128));
+    let steps = comptime!(keys / 16);
+    wgmma_bf16_register_a_accumulate::<Const<64>, NA>(o * scale, a, v_desc, 128usize, steps, 2048usize, true)
 }
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn mha_prefill_wgmma_kernel(
+fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     q: &[u32],
     k_map: &TensorMap<u32, Tiled>,
     v_map: &TensorMap<u32, Tiled>,
@@ -363,8 +413,7 @@ fn mha_prefill_wgmma_kernel(
     sm_scale: f32,
     #[comptime] pipeline: Pipeline,
 ) {
-    let groups = comptime!(pipeline.groups);
-    let (k_buffers, v_buffers) = comptime!((pipeline.k_buffers(), pipeline.v_buffers()));
+    let (groups, keys, buffers) = comptime!((pipeline.groups, pipeline.keys, pipeline.buffers()));
     let (head, q_start, q_len, k0, k_len, local0) =
         locate_tile(cu_q, cu_k, heads, seqs, tile_bound, comptime!(BLOCK * groups));
     let warp = (UNIT_POS / 32) as usize;
@@ -380,7 +429,7 @@ fn mha_prefill_wgmma_kernel(
     // queries cannot see (blocks before it need no mask).
     let tile_end = select(local0 + BLOCK * groups < q_len, local0 + BLOCK * groups, q_len);
     let tile_keys = select(k_len + tile_end > q_len, k_len + tile_end - q_len, 0usize);
-    let blocks = tile_keys.div_ceil(BLOCK);
+    let blocks = tile_keys.div_ceil(keys);
     // The warpgroup index through a shuffle from lane 0: provably warp-uniform, so the compiler keeps Q's
     // descriptors in uniform registers (one add a k step instead of six instructions), and the branch on
     // this warpgroup's key range is uniform.
@@ -395,17 +444,16 @@ fn mha_prefill_wgmma_kernel(
     let unmasked_keys = select(k_len + group_first + 1 > q_len, k_len + group_first + 1 - q_len, 0usize);
     let q_tile = q_tile_address(base, warpgroup, pipeline);
 
-    // Barriers: a block's full one completes with the copying unit's arrival and the copies' bytes; the
-    // free ones with every unit's release. Then blocks 0 .. depth − 1 (block 0 with the Q tiles).
+    // Barriers: a full one completes with the copying unit's arrival and the copies' bytes; a free one
+    // with every unit's release. Then K blocks 0 .. depth − 1 (block 0 with the Q tiles) and V blocks
+    // 0 .. depth − 2.
     if UNIT_POS == 0 {
         #[unroll]
-        for i in 0..v_buffers {
-            mbarrier_init(full_barrier(base, i, pipeline), 1u32);
-            mbarrier_init(v_free_barrier(base, i, pipeline), units);
-        }
-        #[unroll]
-        for i in 0..k_buffers {
-            mbarrier_init(k_free_barrier(base, i, pipeline), units);
+        for i in 0..buffers {
+            mbarrier_init(barrier(base, i, K_FULL, pipeline), 1u32);
+            mbarrier_init(barrier(base, i, V_FULL, pipeline), 1u32);
+            mbarrier_init(barrier(base, i, K_FREE, pipeline), units);
+            mbarrier_init(barrier(base, i, V_FREE, pipeline), units);
         }
         fence_barrier_init();
     }
@@ -414,7 +462,10 @@ fn mha_prefill_wgmma_kernel(
         #[unroll]
         for first in 0..comptime!(pipeline.depth) {
             if first < blocks {
-                copy_block(k_map, v_map, q_map, base, first, k0, q_start + local0, head, pipeline);
+                copy_k(k_map, q_map, base, first, k0, q_start + local0, head, pipeline);
+                if comptime!(first + 1 < pipeline.depth) {
+                    copy_v(v_map, base, first, k0, head, pipeline);
+                }
             }
         }
     }
@@ -448,22 +499,22 @@ fn mha_prefill_wgmma_kernel(
     let mut o = Vector::<f32, Const<64>>::new(0.0f32);
     let scale_log2 = sm_scale * core::f32::consts::LOG2_E;
 
-    // Step b (begin_step): block b awaited, block b + depth's copies started, block b's S issued; while the
-    // tensor cores compute it, block b − 1's softmax, then its P·V (whose wait covers S too); then S read
-    // (held for step b + 1) and block b's K buffer released. Step 0 is peeled out of the loop (a loop with
+    // Step b (begin_step): block b's K awaited, K(b + depth) and V(b + depth − 1) copies started, block b's
+    // S issued; while the tensor cores compute it, block b − 1's softmax, then its P·V (whose wait covers S
+    // too); then S read (held for step b + 1) and block b's K buffer released. Step 0 is peeled out of the loop (a loop with
     // an `if step > 0` around the softmax measured 12% slower).
     if blocks > 0 {
-        let s0 = begin_step(
+        let s0 = begin_step::<NS>(
             k_map, v_map, q_map, base, qa, q_tile, 0usize, blocks, k0, head, pipeline,
         );
-        let mut held = wgmma_wait::<Const<32>>(s0);
-        mbarrier_arrive(k_free_barrier(base, 0usize, pipeline));
+        let mut held = wgmma_wait::<NS>(s0);
+        mbarrier_arrive(barrier(base, 0usize, K_FREE, pipeline));
         let mut step = 1usize;
         while step < blocks {
-            let s = begin_step(k_map, v_map, q_map, base, qa, q_tile, step, blocks, k0, head, pipeline);
+            let s = begin_step::<NS>(k_map, v_map, q_map, base, qa, q_tile, step, blocks, k0, head, pipeline);
             let late = step - 1;
-            if late * BLOCK < group_keys {
-                o = softmax_and_pv(
+            if late * keys < group_keys {
+                o = softmax_and_pv::<NS, NA>(
                     held,
                     o,
                     &mut m,
@@ -474,18 +525,17 @@ fn mha_prefill_wgmma_kernel(
                     base,
                     t,
                     scale_log2,
-                    k_buffers,
-                    v_buffers,
+                    pipeline,
                 );
             }
-            mbarrier_arrive(v_free_barrier(base, late, pipeline));
-            held = wgmma_wait::<Const<32>>(s);
-            mbarrier_arrive(k_free_barrier(base, step, pipeline));
+            mbarrier_arrive(barrier(base, late, V_FREE, pipeline));
+            held = wgmma_wait::<NS>(s);
+            mbarrier_arrive(barrier(base, step, K_FREE, pipeline));
             step += 1;
         }
         let late = blocks - 1;
-        if late * BLOCK < group_keys {
-            o = softmax_and_pv(
+        if late * keys < group_keys {
+            o = softmax_and_pv::<NS, NA>(
                 held,
                 o,
                 &mut m,
@@ -496,8 +546,7 @@ fn mha_prefill_wgmma_kernel(
                 base,
                 t,
                 scale_log2,
-                k_buffers,
-                v_buffers,
+                pipeline,
             );
         }
     }
@@ -541,6 +590,8 @@ pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[
         &device.client,
         grid(tiles * h),
         CubeDim::new_1d(128 * pipeline.groups as u32),
+        pipeline.keys / 2,
+        pipeline.keys / 4,
         buffer(&inputs[0], t_q * h * D_QK / 2),
         bf16_head_rows_map(&inputs[1], t_k, h, D_QK),
         bf16_head_rows_map(&inputs[2], t_k, h, D_V),
@@ -577,6 +628,8 @@ pub fn define(target: IrTarget, pipeline: Pipeline) -> KernelDefinition {
         (),
         (),
         (),
+        pipeline.keys / 2,
+        pipeline.keys / 4,
         pipeline,
     )
     .define()
