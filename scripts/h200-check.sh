@@ -2,7 +2,7 @@
 # The GPU checks the open issues wait for, for a CUDA machine without Rust (the lent H200): run from the
 # repository root with a release `nsa` built elsewhere.
 #
-#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest | layer | autotune[=BUDGET] | serve[-fp8|-bf16|-real|-real-bf16] | bench=KERNEL[:VARIANT] | ncu=KERNEL:VARIANT[:DIM=SIZE]
+#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest | layer | autotune[=BUDGET] | serve[-fp8|-bf16|-real|-real-bf16] | bench=KERNEL[:VARIANT] | ncu=KERNEL:VARIANT[:DIM=SIZE,...] | sass=KERNEL:VARIANT[:DIM=SIZE,...]
 #
 # golden    the device model on CUDA against transformers' golden outputs (MHA and sparse-kernel prefill),
 #           then a generation through the device cache (bench/golden_compare.py checks without numpy)
@@ -17,8 +17,12 @@
 #           serve-real-bf16: the same with the routed experts in bf16 (`--dtype bfloat16`)
 # bench=K[:V] `nsa bench K` (variant V, default every one; PyTorch beside), then ptxas on each generated wgmma kernel: its
 #           registers and any C75xx serialization warning (products waiting on each other)
-# ncu=K:V[:DIM=SIZE] Nsight Compute on the first launch of variant V in `nsa bench K` (sizes overridden by DIM=SIZE):
-#           time, tensor-pipe activity, instructions, issue rate and the stall reasons per issued instruction
+# ncu=K:V[:DIM=SIZE,...] Nsight Compute on the first launch of variant V in `nsa bench K` (sizes overridden by
+#           each DIM=SIZE): time, tensor-pipe activity, instructions, issue rate and the stall reasons per issued
+#           instruction
+# sass=K:V[:DIM=SIZE,...] the same launch's warp-stall samples per SASS instruction (ncu source counters),
+#           summarized by code region (block loop, per-tile code) by bench/sass_summary.py; the full table is
+#           kept as OUT/sass-K-V.csv.xz
 set -u
 nsa=$1 out=$2
 shift 2
@@ -99,18 +103,28 @@ for stage in "$@"; do
       done
       rm -rf "$out/ptx"
       ;;
-    ncu=*)
-      spec=${stage#ncu=}
+    ncu=* | sass=*)
+      spec=${stage#*=}
       kernel=${spec%%:*} rest=${spec#*:}
       variant=${rest%%:*} shape=()
-      case $rest in *:*) shape=(--shape "${rest#*:}") ;; esac
+      case $rest in *:*) IFS=, read -ra dims <<<"${rest#*:}" && for dim in "${dims[@]}"; do shape+=(--shape "$dim"); done ;; esac
+      if [ "${stage%%=*}" = sass ]; then
+        report="$out/sass-$kernel-$variant"
+        timeout 300 ncu --clock-control none --launch-count 1 --kernel-name "regex:${kernel%%_*}" \
+          --section SourceCounters -f -o "$report" \
+          "$nsa" bench "$kernel" --variant "$variant" --device cuda "${shape[@]}" 2>&1 | grep -E "^$variant " || status=1
+        ncu -i "$report.ncu-rep" --page source --csv --print-source sass >"$report.csv" &&
+          python3 bench/sass_summary.py "$report.csv" || status=1
+        rm -f "$report.ncu-rep" "$report.csv.xz" && xz -9 "$report.csv"
+        continue
+      fi
       # Kernel names are the #[cube] function's (sparse_mla_wgmma_kernel…): match the variant's family loosely.
       timeout 300 ncu --clock-control none --launch-count 1 --kernel-name "regex:${kernel%%_*}" \
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,smsp__issue_active.avg.per_cycle_active,gpu__time_duration.sum,sm__cycles_elapsed.avg" \
         "$nsa" bench "$kernel" --variant "$variant" --device cuda "${shape[@]}" 2>&1 |
         grep -E "ratio|pct|sum|avg|$variant " | awk '$NF+0 >= 0.05 || $0 ~ /'"$variant"' /' || status=1
       ;;
-    *) echo "unknown stage $stage (golden, selftest, layer, autotune[=BUDGET], serve, serve-fp8, serve-bf16, serve-real[-bf16], bench=KERNEL, ncu=KERNEL:VARIANT)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (golden, selftest, layer, autotune[=BUDGET], serve, serve-fp8, serve-bf16, serve-real[-bf16], bench=KERNEL, ncu=KERNEL:VARIANT, sass=KERNEL:VARIANT)" >&2; exit 2 ;;
   esac
 done
 exit $status
