@@ -99,13 +99,13 @@ impl Pipeline {
 
 /// Byte offset from the aligned base of block `block`'s K tile (K buffers first).
 #[cube]
-fn k_tile_bytes(block: usize, #[comptime] pipeline: Pipeline) -> u32 {
+fn k_tile_offset(block: usize, #[comptime] pipeline: Pipeline) -> u32 {
     ((block % comptime!(pipeline.buffers())) * comptime!(pipeline.k_tile_bytes())) as u32
 }
 
 /// Byte offset from the aligned base of block `block`'s V tile (after the K buffers).
 #[cube]
-fn v_tile_bytes(block: usize, #[comptime] pipeline: Pipeline) -> u32 {
+fn v_tile_offset(block: usize, #[comptime] pipeline: Pipeline) -> u32 {
     let first = comptime!(pipeline.buffers() * pipeline.k_tile_bytes());
     (first + (block % comptime!(pipeline.buffers())) * comptime!(pipeline.v_tile_bytes())) as u32
 }
@@ -138,6 +138,32 @@ fn load_boxes(
             tma_load_3d(map, address, full, (64 * c) as i32, head, row + (64 * r) as i32);
         }
     }
+}
+
+/// Starts copying block `block` (rows `k0` + keys·block ..) of head `head`: `columns` 64-column blocks of
+/// `map` into the tile at shared address `tile`, completing on barrier `full`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_block(
+    map: &TensorMap<u32, Tiled>,
+    tile: u32,
+    full: u32,
+    head: i32,
+    k0: usize,
+    block: usize,
+    #[comptime] columns: u32,
+    #[comptime] pipeline: Pipeline,
+) {
+    let keys = comptime!(pipeline.keys);
+    load_boxes(
+        map,
+        tile,
+        full,
+        head,
+        (k0 + block * keys) as i32,
+        columns,
+        comptime!(keys as u32),
+    );
 }
 
 /// Shared address of the `kind`-th barrier array's barrier for block `block` (0 K full, 1 V full, 2 K free,
@@ -183,23 +209,14 @@ fn copy_k(
     head: usize,
     #[comptime] pipeline: Pipeline,
 ) {
-    let keys = comptime!(pipeline.keys);
     let full = barrier(base, block, K_FULL, pipeline);
     let k_bytes = comptime!(pipeline.k_tile_bytes()) as u32;
     let q_bytes = comptime!(pipeline.groups * 3 * BOX_BYTES) as u32;
     let with_q = comptime!(pipeline.q_shared) && block == 0;
     mbarrier_arrive_expect_tx(full, select(with_q, k_bytes + q_bytes, k_bytes));
     let head = head as i32;
-    let k_tile = base + k_tile_bytes(block, pipeline);
-    load_boxes(
-        k_map,
-        k_tile,
-        full,
-        head,
-        (k0 + block * keys) as i32,
-        3u32,
-        comptime!(keys as u32),
-    );
+    let k_tile = base + k_tile_offset(block, pipeline);
+    load_block(k_map, k_tile, full, head, k0, block, 3u32, pipeline);
     if with_q {
         #[unroll]
         for w in 0..pipeline.groups {
@@ -219,19 +236,10 @@ fn copy_v(
     head: usize,
     #[comptime] pipeline: Pipeline,
 ) {
-    let keys = comptime!(pipeline.keys);
     let full = barrier(base, block, V_FULL, pipeline);
     mbarrier_arrive_expect_tx(full, comptime!(pipeline.v_tile_bytes()) as u32);
-    let v_tile = base + v_tile_bytes(block, pipeline);
-    load_boxes(
-        v_map,
-        v_tile,
-        full,
-        head as i32,
-        (k0 + block * keys) as i32,
-        2u32,
-        comptime!(keys as u32),
-    );
+    let v_tile = base + v_tile_offset(block, pipeline);
+    load_block(v_map, v_tile, full, head as i32, k0, block, 2u32, pipeline);
 }
 
 /// The start of step `step`: waits until block `step`'s K landed; the copying unit starts K(step + depth)
@@ -285,7 +293,7 @@ fn issue_scores<NS: Size>(
     #[comptime] pipeline: Pipeline,
 ) -> Vector<f32, NS> {
     let keys = comptime!(pipeline.keys);
-    let k_desc = sw128_descriptor(base + k_tile_bytes(block, pipeline));
+    let k_desc = sw128_descriptor(base + k_tile_offset(block, pipeline));
     let k_block_bytes = comptime!(keys * 128);
     if comptime!(pipeline.q_shared) {
         wgmma_fresh::<NS>(
@@ -391,7 +399,7 @@ fn softmax_and_pv<NS: Size, NA: Size>(
         a.insert(i, pack_bf16x2(p[2 * i], p[2 * i + 1]));
     }
     await_block(base, block, V_FULL, pipeline);
-    let v_desc = sw128_mn_major_descriptor(base + v_tile_bytes(block, pipeline), comptime!(keys as u32 * 128));
+    let v_desc = sw128_mn_major_descriptor(base + v_tile_offset(block, pipeline), comptime!(keys as u32 * 128));
     let steps = comptime!(keys / 16);
     wgmma_bf16_register_a_accumulate::<Const<64>, NA>(o * scale, a, v_desc, 128usize, steps, 2048usize, true)
 }
