@@ -44,6 +44,12 @@ pub const VARIANTS: &[Variant] = &[
         needs_plane_ops: true,
     },
     Variant {
+        name: "wgmma_k128_tma_store",
+        summary: "`wgmma_k128` whose warpgroups store whole 64-row output blocks through shared memory with the \
+                  tensor copy engine (Hopper, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
         name: "wgmma",
         summary: "flash attention on warpgroup MMA: 192 queries of a head per cube (three warpgroups sharing K/V), \
                   Q in shared memory, P in registers, K/V/Q copied by TMA a block ahead into mbarrier stages \
@@ -76,11 +82,12 @@ pub const VARIANTS: &[Variant] = &[
 
 /// The K/V pipeline of a `wgmma` variant.
 fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
-    let (groups, depth, q_shared, keys) = match variant.name {
-        "wgmma" => (3, 1, true, 64),
-        "wgmma_k128" => (2, 1, true, 128),
-        "wgmma_q128" => (2, 2, false, 64),
-        "wgmma_q64" => (1, 1, false, 64),
+    let (groups, depth, q_shared, keys, tma_store) = match variant.name {
+        "wgmma_k128" => (2, 1, true, 128, false),
+        "wgmma_k128_tma_store" => (2, 1, true, 128, true),
+        "wgmma" => (3, 1, true, 64, false),
+        "wgmma_q128" => (2, 2, false, 64, false),
+        "wgmma_q64" => (1, 1, false, 64, false),
         _ => return None,
     };
     Some(Pipeline {
@@ -88,6 +95,7 @@ fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
         depth,
         q_shared,
         keys,
+        tma_store,
     })
 }
 

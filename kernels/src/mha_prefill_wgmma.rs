@@ -29,11 +29,12 @@ use cubecl::server::Handle;
 use nsa_backends::{Device, IrTarget};
 use nsa_dsl::format::pack_bf16x2;
 use nsa_dsl::mbarrier::{fence_barrier_init, mbarrier_arrive, mbarrier_arrive_expect_tx, mbarrier_init, mbarrier_wait};
-use nsa_dsl::tma::tma_load_3d;
+use nsa_dsl::tma::{fence_shared_to_async, tma_load_3d, tma_store_3d, tma_store_commit, tma_store_wait_read};
 use nsa_dsl::warp_mma::{fast_exp2, quad_max, quad_sum};
+use nsa_dsl::warpgroup::named_barrier_sync;
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, first_atom, sw128_descriptor, sw128_mn_major_descriptor, wgmma_bf16_register_a_accumulate,
-    wgmma_bf16_register_a_fresh, wgmma_fresh, wgmma_wait,
+    ATOM_BYTES, Operands, first_atom, store_shared_u32, sw128_descriptor, sw128_mn_major_descriptor,
+    wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh, wgmma_fresh, wgmma_wait,
 };
 
 const D_QK: usize = 192;
@@ -55,13 +56,19 @@ pub struct Pipeline {
     /// Keys per block (64 or 128): 128 halves the per-block waits, rescales and barriers, for 48 more
     /// registers a unit (S and P twice as wide).
     pub keys: usize,
+    /// A warpgroup whose 64 queries all lie in its sequence writes its output rows into its (then unused) Q
+    /// tile and stores them with two tensor copies (`q_shared` only), instead of 32 four-byte stores a unit.
+    pub tma_store: bool,
 }
 
 impl Pipeline {
     /// Blocks are copied at least one ahead (with none, step 0 would wait for a copy never started).
     fn check(self) {
         assert!(
-            self.depth >= 1 && (1..=3).contains(&self.groups) && matches!(self.keys, 64 | 128),
+            self.depth >= 1
+                && (1..=3).contains(&self.groups)
+                && matches!(self.keys, 64 | 128)
+                && (self.q_shared || !self.tma_store),
             "{self:?}: not a pipeline"
         );
     }
@@ -414,6 +421,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     cu_q: &[i32],
     cu_k: &[i32],
     out: &mut [u32],
+    out_map: &TensorMap<u32, Tiled>,
     lse: &mut [f32],
     heads: usize,
     seqs: usize,
@@ -560,6 +568,9 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     }
 
     // out = O / l (bf16 pairs: row g + 8r, columns 8n + 2t, + 1), lse; rows past the sequence unwritten.
+    // `tma_store`: a warpgroup whose rows all lie in the sequence (uniform) writes them swizzled into its Q
+    // tile (free: its last S is done) as the output map's two 64 × 64 boxes, and one unit stores them.
+    let whole_group = comptime!(pipeline.tma_store) && group_first + BLOCK <= q_len;
     #[unroll]
     for r in 0..2usize {
         let sum = quad_sum(l[r]);
@@ -567,10 +578,23 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
         if local < q_len {
             let pair = (q_start + local) * heads + head;
             let inv = select(sum > 0.0f32, 1.0f32 / sum, 0.0f32);
-            #[unroll]
-            for n in 0..16usize {
-                out[pair * comptime!(D_V / 2) + n * 4 + t] =
-                    pack_bf16x2(o.extract(4 * n + 2 * r) * inv, o.extract(4 * n + 2 * r + 1) * inv);
+            if whole_group {
+                let row = (warp % 4) * 16 + g + 8 * r;
+                #[unroll]
+                for n in 0..16usize {
+                    let chunk = ((n % 8) ^ (row % 8)) as u32;
+                    let address = q_tile + ((n / 8) * BOX_BYTES + row * 128) as u32 + chunk * 16 + (4 * t) as u32;
+                    store_shared_u32(
+                        address,
+                        pack_bf16x2(o.extract(4 * n + 2 * r) * inv, o.extract(4 * n + 2 * r + 1) * inv),
+                    );
+                }
+            } else {
+                #[unroll]
+                for n in 0..16usize {
+                    out[pair * comptime!(D_V / 2) + n * 4 + t] =
+                        pack_bf16x2(o.extract(4 * n + 2 * r) * inv, o.extract(4 * n + 2 * r + 1) * inv);
+                }
             }
             if t == 0 {
                 lse[pair] = select(
@@ -579,6 +603,23 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
                     m[r] * core::f32::consts::LN_2 + f32::ln(sum),
                 );
             }
+        }
+    }
+    if whole_group {
+        fence_shared_to_async();
+        // The warpgroup's four warps wrote their rows (named barrier 1 + w of 128 units).
+        #[unroll]
+        for w in 0..comptime!(pipeline.groups) {
+            if warpgroup == w {
+                named_barrier_sync(comptime!(1 + w as u32), 128u32);
+            }
+        }
+        if UNIT_POS % 128 == 0 {
+            let row = (q_start + group_first) as i32;
+            tma_store_3d(out_map, q_tile, 0i32, head as i32, row);
+            tma_store_3d(out_map, q_tile + BOX_BYTES as u32, 64i32, head as i32, row);
+            tma_store_commit();
+            tma_store_wait_read();
         }
     }
 }
@@ -607,6 +648,7 @@ pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[
         buffer(&inputs[3], seqs + 1),
         buffer(&inputs[4], seqs + 1),
         buffer(&outputs[0], t_q * h * D_V / 2),
+        bf16_head_rows_map(&outputs[0], t_q, h, D_V),
         buffer(&outputs[1], t_q * h),
         h,
         seqs,
@@ -631,6 +673,7 @@ pub fn define(target: IrTarget, pipeline: Pipeline) -> KernelDefinition {
         a(),
         a(),
         a(),
+        (),
         a(),
         (),
         (),
