@@ -6,7 +6,7 @@
 //! sm_scale → out [t_q, h, 128] (q's format), lse [t_q, h] f32 (natural log). Query j of a sequence with
 //! q_len queries and k_len ≥ q_len keys sees its keys 0 ..= k_len − q_len + j (causal, the new tokens last).
 //! A query that sees nothing gets out 0 and lse +∞.
-//! Variants: `wgmma_k128`, `wgmma`, `wgmma_q128` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
+//! Variants: `wgmma_k128_tma_store`, `wgmma_k128`, `wgmma`, `wgmma_q128` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
 //! everywhere) and `mma` (flash attention on warp mma.sync:
 //! 64 queries of one head per cube, 16 per plane, Q fragments in registers, O 16 × 128 per plane, K/V
 //! blocks of 64 keys gathered by cp.async one block ahead; CUDA, bf16).
@@ -37,16 +37,16 @@ const V_CHUNKS: usize = D_V / 8 + 1;
 
 pub const VARIANTS: &[Variant] = &[
     Variant {
+        name: "wgmma_k128_tma_store",
+        summary: "`wgmma_k128` whose warpgroups store whole 64-row output blocks through shared memory with the \
+                  tensor copy engine (Hopper, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
         name: "wgmma_k128",
         summary: "flash attention on warpgroup MMA in 128-key blocks: 128 queries of a head per cube (two \
                   warpgroups sharing K/V), Q in shared memory, P in registers, K/V copied by TMA a block ahead \
                   (Hopper, bf16)",
-        needs_plane_ops: true,
-    },
-    Variant {
-        name: "wgmma_k128_tma_store",
-        summary: "`wgmma_k128` whose warpgroups store whole 64-row output blocks through shared memory with the \
-                  tensor copy engine (Hopper, bf16)",
         needs_plane_ops: true,
     },
     Variant {
