@@ -1,11 +1,12 @@
 //! The kv side of the sparse MLA kernels: resolving indices to cache rows, reading (and dequantizing) a
 //! row's words, and a split's share of a row's blocks.
-use super::{D_QK, D_V, KvSource, PAGE_SIZE, TOKEN_WORDS};
+use super::{COLUMN_BLOCK, D_QK, D_V, KvSource, PAGE_SIZE, TOKEN_WORDS};
 use cubecl::prelude::*;
 use half::bf16;
 use nsa_dsl::Format;
 use nsa_dsl::format::{bf16_to_f32, e4m3_to_f32, e4m3x4_scaled_to_bf16x4, pack};
 use nsa_dsl::warp_mma::Chunk;
+use nsa_dsl::wgmma::swizzled_chunk;
 
 /// A resolved offset that names no kv row (an invalid index, or past topk).
 pub(super) const INVALID: u32 = 0xffff_ffff;
@@ -148,6 +149,62 @@ pub(super) fn fp8_chunk<N: Size>(
         }
     }
     chunk
+}
+
+/// Dequantizes the FP8 cache token at word `offset` (invalid: zeros) into row `key` of the 128-byte-swizzled
+/// 64-row tile at chunk `tile0` (chunk c of a row in column block c / 8), as unit `first` of the four that
+/// share the row: latent words first + 4j (16 codes, chunks 2(first + 4j), + 1; group scale j / 2) and rope
+/// chunks 64 + first, 68 + first. All eleven 16-byte loads are issued before any is used, so a row costs
+/// one memory latency instead of one per chunk (the per-chunk form branches between loads).
+#[cube]
+pub(super) fn dequantize_fp8_share<N: Size>(
+    kv: &[Vector<u32, N>],
+    smem: &mut [Vector<u32, N>],
+    offset: u32,
+    tile0: usize,
+    key: usize,
+    first: usize,
+) {
+    let valid = offset != INVALID;
+    let base = select(valid, offset as usize / 4, 0usize);
+    let mut latent = Array::<Vector<u32, N>>::new(8usize);
+    #[unroll]
+    for j in 0..8usize {
+        latent[j] = kv[base + first + 4 * j];
+    }
+    let scales = kv[base + 32];
+    let mut rope = Array::<Vector<u32, N>>::new(2usize);
+    #[unroll]
+    for j in 0..2usize {
+        rope[j] = kv[base + 33 + first + 4 * j];
+    }
+    #[unroll]
+    for j in 0..8usize {
+        let scale = f32::reinterpret(scales.extract(j / 2));
+        let words = latent[j];
+        #[unroll]
+        for h in 0..2usize {
+            let low = e4m3x4_scaled_to_bf16x4(words.extract(2 * h), scale);
+            let high = e4m3x4_scaled_to_bf16x4(words.extract(2 * h + 1), scale);
+            let mut chunk = Vector::<u32, N>::new(0u32);
+            chunk.insert(0usize, select(valid, low.extract(0usize), 0u32));
+            chunk.insert(1usize, select(valid, low.extract(1usize), 0u32));
+            chunk.insert(2usize, select(valid, high.extract(0usize), 0u32));
+            chunk.insert(3usize, select(valid, high.extract(1usize), 0u32));
+            smem[tile0 + j * COLUMN_BLOCK + swizzled_chunk(key, 2 * first + h)] = chunk;
+        }
+    }
+    #[unroll]
+    for j in 0..2usize {
+        let words = rope[j];
+        let mut chunk = Vector::<u32, N>::new(0u32);
+        #[unroll]
+        for i in 0..4usize {
+            chunk.insert(i, select(valid, words.extract(i), 0u32));
+        }
+        let c = 64 + first + 4 * j;
+        smem[tile0 + (c / 8) * COLUMN_BLOCK + swizzled_chunk(key, c % 8)] = chunk;
+    }
 }
 
 /// Resolves the block of indices starting at `start` of row `row` to kv row offsets in `offsets`

@@ -41,6 +41,8 @@ pub const D_V: usize = 512;
 /// Tokens per page of the FP8 cache, and 32-bit words per cached token (656 bytes).
 pub const PAGE_SIZE: usize = 64;
 pub const TOKEN_WORDS: usize = 164;
+/// 16-byte chunks of one column block (64 rows × 128 bytes) of the tensor-core kernels' swizzled tiles.
+const COLUMN_BLOCK: usize = 64 * 8;
 
 pub const VARIANTS: &[Variant] = &[
     Variant {

@@ -11,9 +11,9 @@
 //! - each adds P·V over all 64 keys for its 256 of the 512 output columns (m64n256, 4 k16 steps, V read
 //!   MN-major from the same kv tile: the first 8 of its 9 column blocks), O (128 f32 a unit) rescaled by
 //!   row in registers first.
-use super::gather::{INVALID, block_index, fp8_chunk, kv_row_offset, resolve_block, split_blocks};
+use super::gather::{INVALID, block_index, dequantize_fp8_share, kv_row_offset, resolve_block, split_blocks};
 use super::output::write_o_half;
-use super::{D_QK, KvSource};
+use super::{COLUMN_BLOCK, D_QK, KvSource};
 use cubecl::prelude::*;
 use nsa_dsl::Format;
 use nsa_dsl::format::pack_bf16x2;
@@ -27,9 +27,8 @@ pub(super) const HEADS: usize = 64;
 /// Units a cube: two warpgroups.
 pub(super) const UNITS: u32 = 256;
 pub(super) const BLOCK: usize = 64;
-/// 16-byte chunks of a row (576 bf16), of one 64-row column block, and of a whole 64-row tile.
+/// 16-byte chunks of a row (576 bf16) and of a whole 64-row tile.
 const ROW_CHUNKS: usize = D_QK / 8;
-pub(super) const COLUMN_BLOCK: usize = 64 * 8;
 pub(super) const TILE_CHUNKS: usize = 9 * COLUMN_BLOCK;
 /// Chunk offsets from the aligned base: Q, the two kv buffers, then P (64 × 64 bf16: one column block).
 pub(super) const KV_OFFSET: usize = TILE_CHUNKS;
@@ -75,22 +74,20 @@ fn gather_tile<N: Size>(
     let key = UNIT_POS as usize / 4;
     let first = UNIT_POS as usize % 4;
     let offset = offsets[slot * BLOCK + key];
-    let valid = offset != INVALID;
-    let row_start = select(valid, offset as usize / 4, 0usize);
-    let len = select(valid, 1usize, 0usize);
-    #[unroll]
-    for j in 0..comptime!(ROW_CHUNKS / 4) {
-        let c = first + 4 * j;
-        let dst = tile0 + tile_chunk(key, c);
-        match source {
-            KvSource::Rows | KvSource::Bf16Paged => {
+    match source {
+        KvSource::Rows | KvSource::Bf16Paged => {
+            let valid = offset != INVALID;
+            let row_start = select(valid, offset as usize / 4, 0usize);
+            let len = select(valid, 1usize, 0usize);
+            #[unroll]
+            for j in 0..comptime!(ROW_CHUNKS / 4) {
+                let c = first + 4 * j;
+                let dst = tile0 + tile_chunk(key, c);
                 let start = select(valid, row_start + c, 0usize);
                 copy_chunk_async(&kv[start..start + len], &mut smem[dst..dst + 1]);
             }
-            KvSource::Fp8Paged => {
-                smem[dst] = fp8_chunk(kv, offset, c, true);
-            }
         }
+        KvSource::Fp8Paged => dequantize_fp8_share(kv, smem, offset, tile0, key, first),
     }
 }
 
