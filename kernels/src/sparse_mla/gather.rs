@@ -151,6 +151,47 @@ pub(super) fn fp8_chunk<N: Size>(
     chunk
 }
 
+/// Chunk `c` of the FP8 cache token at word `offset` (invalid: zeros), as [`fp8_chunk`] with the hardware
+/// conversion, but without branches (`rope`: c ≥ 64, known when the kernel is built), so that the compiler
+/// can issue the loads of a unit's chunks together instead of one memory latency per chunk.
+#[cube]
+pub(super) fn dequantize_fp8_chunk<N: Size>(
+    kv: &[Vector<u32, N>],
+    offset: u32,
+    c: usize,
+    #[comptime] rope: bool,
+) -> Vector<u32, N> {
+    let valid = offset != INVALID;
+    let base = select(valid, offset as usize / 4, 0usize);
+    let mut chunk = Vector::<u32, N>::new(0u32);
+    if comptime!(rope) {
+        let words = kv[base + 33 + (c - 64)];
+        #[unroll]
+        for i in 0..4usize {
+            chunk.insert(i, select(valid, words.extract(i), 0u32));
+        }
+    } else {
+        let words = kv[base + c / 2];
+        let scales = kv[base + 32];
+        let lo = select(c % 2 == 0, words.extract(0usize), words.extract(2usize));
+        let hi = select(c % 2 == 0, words.extract(1usize), words.extract(3usize));
+        let group = c / 16;
+        let scale_bits = select(
+            group < 2,
+            select(group == 0, scales.extract(0usize), scales.extract(1usize)),
+            select(group == 2, scales.extract(2usize), scales.extract(3usize)),
+        );
+        let scale = f32::reinterpret(scale_bits);
+        let low = e4m3x4_scaled_to_bf16x4(lo, scale);
+        let high = e4m3x4_scaled_to_bf16x4(hi, scale);
+        chunk.insert(0usize, select(valid, low.extract(0usize), 0u32));
+        chunk.insert(1usize, select(valid, low.extract(1usize), 0u32));
+        chunk.insert(2usize, select(valid, high.extract(0usize), 0u32));
+        chunk.insert(3usize, select(valid, high.extract(1usize), 0u32));
+    }
+    chunk
+}
+
 /// Dequantizes the FP8 cache token at word `offset` (invalid: zeros) into row `key` of the 128-byte-swizzled
 /// 64-row tile at chunk `tile0` (chunk c of a row in column block c / 8), as unit `first` of the four that
 /// share the row: latent words first + 4j (16 codes, chunks 2(first + 4j), + 1; group scale j / 2) and rope

@@ -22,7 +22,7 @@
 //! Measured slower than the consumers' own refills (spills at 232 registers, one warpgroup's gathers on the
 //! critical path; BENCHMARKS.md): kept for the autotuner and as the base for FlashMLA's schedule.
 use super::{COLUMN_BLOCK, KvSource};
-use super::gather::{INVALID, fp8_chunk, key_index, kv_row_offset, split_blocks};
+use super::gather::{INVALID, dequantize_fp8_chunk, key_index, kv_row_offset, split_blocks};
 use super::output::write_o_half;
 use super::wgmma::{BLOCK, HEADS, KV_OFFSET, TILE_CHUNKS, load_q, rescale};
 use cubecl::prelude::*;
@@ -318,7 +318,7 @@ fn fill_half<N: Size>(
                     copy_chunk_async(&kv[start..start + len], &mut smem[dst..dst + 1]);
                 }
                 KvSource::Fp8Paged => {
-                    smem[dst] = fp8_chunk(kv, offset, c, true);
+                    smem[dst] = dequantize_fp8_chunk(kv, offset, c, comptime!(block == 8));
                 }
             }
         }
