@@ -102,48 +102,45 @@ pub(super) fn kv_word(
     word
 }
 
-/// Chunk `c` (8 bf16) of the FP8 cache token at word `offset`, dequantized: latent bytes 8c..8c+8 (words
-/// 2c, 2c + 1) times group scale c / 16 (words 128..132) for c < 64, else rope words 132 + 4(c − 64)...
-/// With `hardware`, the latent codes go through sm_89+'s FP8 conversion instruction.
+/// Latent chunk `c`'s 8 codes (two words) out of the 16-byte word `words` holding chunks 2⌊c/2⌋ and + 1.
 #[cube]
-pub(super) fn fp8_chunk<N: Size>(
-    kv: &[Vector<u32, N>],
-    offset: u32,
-    c: usize,
-    #[comptime] hardware: bool,
-) -> Vector<u32, N> {
+fn chunk_codes<N: Size>(words: Vector<u32, N>, c: usize) -> (u32, u32) {
+    let lo = select(c % 2 == 0, words.extract(0usize), words.extract(2usize));
+    let hi = select(c % 2 == 0, words.extract(1usize), words.extract(3usize));
+    (lo, hi)
+}
+
+/// The scale of latent chunk `c`: group c / 16 of the four in `scales`.
+#[cube]
+fn chunk_scale<N: Size>(scales: Vector<u32, N>, c: usize) -> f32 {
+    let group = c / 16;
+    let bits = select(
+        group < 2,
+        select(group == 0, scales.extract(0usize), scales.extract(1usize)),
+        select(group == 2, scales.extract(2usize), scales.extract(3usize)),
+    );
+    f32::reinterpret(bits)
+}
+
+/// Chunk `c` (8 bf16) of the FP8 cache token at word `offset`, dequantized in software (any target): latent
+/// bytes 8c..8c+8 (words 2c, 2c + 1) times group scale c / 16 (words 128..132) for c < 64, else rope words
+/// 132 + 4(c − 64)...
+#[cube]
+pub(super) fn fp8_chunk<N: Size>(kv: &[Vector<u32, N>], offset: u32, c: usize) -> Vector<u32, N> {
     let mut chunk = Vector::<u32, N>::new(0u32);
     if offset != INVALID {
         let base = offset as usize / 4;
         if c < 64 {
-            let words = kv[base + c / 2];
-            let lo = select(c % 2 == 0, words.extract(0usize), words.extract(2usize));
-            let hi = select(c % 2 == 0, words.extract(1usize), words.extract(3usize));
-            let scales = kv[base + 32];
-            let group = c / 16;
-            let scale_bits = select(
-                group < 2,
-                select(group == 0, scales.extract(0usize), scales.extract(1usize)),
-                select(group == 2, scales.extract(2usize), scales.extract(3usize)),
-            );
-            let scale = f32::reinterpret(scale_bits);
-            if hardware {
-                let low = e4m3x4_scaled_to_bf16x4(lo, scale);
-                let high = e4m3x4_scaled_to_bf16x4(hi, scale);
-                chunk.insert(0usize, low.extract(0usize));
-                chunk.insert(1usize, low.extract(1usize));
-                chunk.insert(2usize, high.extract(0usize));
-                chunk.insert(3usize, high.extract(1usize));
-            } else {
-                let mut values = Chunk::empty();
-                #[unroll]
-                for j in 0..8usize {
-                    let word = select(j < 4, lo, hi);
-                    let byte = (word >> (8 * (j % 4)) as u32) & 0xff;
-                    values.insert(j, bf16::cast_from(e4m3_to_f32(byte) * scale));
-                }
-                chunk = Vector::<u32, N>::reinterpret(values);
+            let (lo, hi) = chunk_codes(kv[base + c / 2], c);
+            let scale = chunk_scale(kv[base + 32], c);
+            let mut values = Chunk::empty();
+            #[unroll]
+            for j in 0..8usize {
+                let word = select(j < 4, lo, hi);
+                let byte = (word >> (8 * (j % 4)) as u32) & 0xff;
+                values.insert(j, bf16::cast_from(e4m3_to_f32(byte) * scale));
             }
+            chunk = Vector::<u32, N>::reinterpret(values);
         } else {
             chunk = kv[base + 33 + (c - 64)];
         }
@@ -151,9 +148,9 @@ pub(super) fn fp8_chunk<N: Size>(
     chunk
 }
 
-/// Chunk `c` of the FP8 cache token at word `offset` (invalid: zeros), as [`fp8_chunk`] with the hardware
-/// conversion, but without branches (`rope`: c ≥ 64, known when the kernel is built), so that the compiler
-/// can issue the loads of a unit's chunks together instead of one memory latency per chunk.
+/// Chunk `c` of the FP8 cache token at word `offset` (invalid: zeros), as [`fp8_chunk`] but through sm_89+'s
+/// FP8 conversion and without branches (`rope`: c ≥ 64, known when the kernel is built), so that the
+/// compiler can issue the loads of a unit's chunks together instead of one memory latency per chunk.
 #[cube]
 pub(super) fn dequantize_fp8_chunk<N: Size>(
     kv: &[Vector<u32, N>],
@@ -173,15 +170,8 @@ pub(super) fn dequantize_fp8_chunk<N: Size>(
     } else {
         let words = kv[base + c / 2];
         let scales = kv[base + 32];
-        let lo = select(c % 2 == 0, words.extract(0usize), words.extract(2usize));
-        let hi = select(c % 2 == 0, words.extract(1usize), words.extract(3usize));
-        let group = c / 16;
-        let scale_bits = select(
-            group < 2,
-            select(group == 0, scales.extract(0usize), scales.extract(1usize)),
-            select(group == 2, scales.extract(2usize), scales.extract(3usize)),
-        );
-        let scale = f32::reinterpret(scale_bits);
+        let (lo, hi) = chunk_codes(words, c);
+        let scale = chunk_scale(scales, c);
         let low = e4m3x4_scaled_to_bf16x4(lo, scale);
         let high = e4m3x4_scaled_to_bf16x4(hi, scale);
         chunk.insert(0usize, select(valid, low.extract(0usize), 0u32));

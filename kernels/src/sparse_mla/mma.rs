@@ -64,7 +64,7 @@ fn gather_block<N: Size>(
                 copy_chunk_async(&kv[start..start + len], &mut kv_s[dst..dst + 1]);
             }
             KvSource::Fp8Paged => {
-                kv_s[dst] = fp8_chunk(kv, offset, c, false);
+                kv_s[dst] = fp8_chunk(kv, offset, c);
             }
         }
         i += CUBE_DIM as usize;
