@@ -21,10 +21,10 @@
 //! each, so the producer hands its registers over (`setmaxnreg`: 40 for it, 232 for each consumer).
 //! Measured slower than the consumers' own refills (spills at 232 registers, one warpgroup's gathers on the
 //! critical path; BENCHMARKS.md): kept for the autotuner and as the base for FlashMLA's schedule.
-use super::{COLUMN_BLOCK, KvSource};
 use super::gather::{INVALID, dequantize_fp8_chunk, key_index, kv_row_offset, split_blocks};
 use super::output::write_o_half;
 use super::wgmma::{BLOCK, HEADS, KV_OFFSET, TILE_CHUNKS, load_q, rescale};
+use super::{COLUMN_BLOCK, KvSource};
 use cubecl::prelude::*;
 use nsa_dsl::Format;
 use nsa_dsl::format::pack_bf16x2;
