@@ -2,11 +2,12 @@
 # The GPU checks the open issues wait for, for a CUDA machine without Rust (the lent H200): run from the
 # repository root with a release `nsa` built elsewhere.
 #
-#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest | layer | autotune[=BUDGET] | serve[-fp8|-bf16|-real|-real-bf16] | bench=KERNEL[:VARIANT] | ncu=KERNEL:VARIANT[:DIM=SIZE,...] | sass=KERNEL:VARIANT[:DIM=SIZE,...]
+#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest[=KERNEL,...] | layer | autotune[=BUDGET] | serve[-fp8|-bf16|-real|-real-bf16] | bench=KERNEL[:VARIANT] | ncu=KERNEL:VARIANT[:DIM=SIZE,...] | sass=KERNEL:VARIANT[:DIM=SIZE,...]
 #
 # golden    the device model on CUDA against transformers' golden outputs (MHA and sparse-kernel prefill),
 #           then a generation through the device cache (bench/golden_compare.py checks without numpy)
-# selftest  every kernel variant against its f64 reference
+# selftest  every kernel variant against its f64 reference (selftest=K1,K2: only those kernels; the summary
+#           line of each, and every failing check)
 # layer     `nsa bench-layer` (prefill and decode) at DeepSeek-V3.2's shapes, PyTorch beside each step
 # autotune  `nsa autotune` (resumes OUT/table.json; default budget 8m), then --show and --plot
 # serve     `nsa serve --device cuda` (the tiny model) under bench/serve_load.py at concurrency 1, 16, 64
@@ -58,6 +59,13 @@ for stage in "$@"; do
       "$nsa" generate --device cuda --prompt "<｜begin▁of▁sentence｜><｜User｜>Hello" --max-tokens 24 --ignore-eos || status=1
       ;;
     selftest) "$nsa" selftest --device cuda || status=1 ;;
+    selftest=*)
+      for kernel in $(echo "${stage#selftest=}" | tr ',' ' '); do
+        "$nsa" selftest --device cuda --kernel "$kernel" >"$out/selftest-$kernel.log" 2>&1 || status=1
+        echo "$kernel: $(grep -E 'passed' "$out/selftest-$kernel.log" | tail -1)"
+        grep -E 'FAIL' "$out/selftest-$kernel.log"
+      done
+      ;;
     layer)
       table=()
       [ -f "$out/table.json" ] && table=(--table "$out/table.json")
@@ -124,7 +132,7 @@ for stage in "$@"; do
         "$nsa" bench "$kernel" --variant "$variant" --device cuda "${shape[@]}" 2>&1 |
         grep -E "ratio|pct|sum|avg|$variant " | awk '$NF+0 >= 0.05 || $0 ~ /'"$variant"' /' || status=1
       ;;
-    *) echo "unknown stage $stage (golden, selftest, layer, autotune[=BUDGET], serve, serve-fp8, serve-bf16, serve-real[-bf16], bench=KERNEL, ncu=KERNEL:VARIANT, sass=KERNEL:VARIANT)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (golden, selftest[=KERNEL,...], layer, autotune[=BUDGET], serve, serve-fp8, serve-bf16, serve-real[-bf16], bench=KERNEL, ncu=KERNEL:VARIANT, sass=KERNEL:VARIANT)" >&2; exit 2 ;;
   esac
 done
 exit $status
