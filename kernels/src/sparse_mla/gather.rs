@@ -5,7 +5,7 @@ use cubecl::prelude::*;
 use half::bf16;
 use nsa_dsl::Format;
 use nsa_dsl::format::{bf16_to_f32, e4m3_to_f32, e4m3x4_scaled_to_bf16x4, pack};
-use nsa_dsl::warp_mma::Chunk;
+use nsa_dsl::warp_mma::{Chunk, copy_chunk_async};
 use nsa_dsl::wgmma::swizzled_chunk;
 
 /// A resolved offset that names no kv row (an invalid index, or past topk).
@@ -209,6 +209,24 @@ pub(super) fn dequantize_fp8_share<N: Size>(
     for j in 0..2usize {
         rope[j] = kv[base + 33 + first + 4 * j];
     }
+    store_fp8_share(&latent, scales, &rope, valid, smem, tile0, key, first);
+}
+
+/// The second half of [`dequantize_fp8_share`]: a unit's loaded share (latent words first + 4j, the scales,
+/// rope words first, first + 4) converted and stored into row `key` of the swizzled tile at chunk `tile0`
+/// (zeros unless `valid`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_fp8_share<N: Size>(
+    latent: &Array<Vector<u32, N>>,
+    scales: Vector<u32, N>,
+    rope: &Array<Vector<u32, N>>,
+    valid: bool,
+    smem: &mut [Vector<u32, N>],
+    tile0: usize,
+    key: usize,
+    first: usize,
+) {
     #[unroll]
     for j in 0..8usize {
         let scale = f32::reinterpret(scales.extract(j / 2));
@@ -236,6 +254,68 @@ pub(super) fn dequantize_fp8_share<N: Size>(
         let c = 64 + first + 4 * j;
         smem[tile0 + (c / 8) * COLUMN_BLOCK + swizzled_chunk(key, c % 8)] = chunk;
     }
+}
+
+/// 16-byte chunks of one FP8 cache token (656 bytes).
+pub(super) const TOKEN_CHUNKS: usize = TOKEN_WORDS / 4;
+
+/// Starts copying (cp.async) the FP8 cache token at word `offset` unconverted into row `key` of a block of
+/// 656-byte rows at chunk `raw0` (an invalid row zero-filled: it dequantizes to zeros), as unit `first` of
+/// the four that share the row: chunks first + 4j of its 41. Completes at the next wait for copies.
+#[cube]
+pub(super) fn copy_fp8_row_raw<N: Size>(
+    kv: &[Vector<u32, N>],
+    smem: &mut [Vector<u32, N>],
+    offset: u32,
+    raw0: usize,
+    key: usize,
+    first: usize,
+) {
+    let valid = offset != INVALID;
+    let row_start = select(valid, offset as usize / 4, 0usize);
+    let len = select(valid, 1usize, 0usize);
+    let dst_row = raw0 + key * TOKEN_CHUNKS;
+    #[unroll]
+    for j in 0..comptime!(TOKEN_CHUNKS.div_ceil(4)) {
+        let c = first + 4 * j;
+        let start = row_start + c;
+        // The last round has one chunk (40) for four units.
+        if comptime!(4 * j + 4 > TOKEN_CHUNKS) {
+            if c < TOKEN_CHUNKS {
+                copy_chunk_async(&kv[start..start + len], &mut smem[dst_row + c..dst_row + c + 1]);
+            }
+        } else {
+            copy_chunk_async(&kv[start..start + len], &mut smem[dst_row + c..dst_row + c + 1]);
+        }
+    }
+}
+
+/// Dequantizes row `key` of a block staged by [`copy_fp8_row_raw`] at chunk `raw0` into the swizzled tile at
+/// chunk `tile0`, as unit `first` of four (the share of [`dequantize_fp8_share`]). The tile may overlap the
+/// raw rows: every unit of the cube reads its share, meets the others at a cube barrier, then writes — so
+/// all must call it, and the copies must have landed and be visible (a copy wait and a cube barrier before).
+#[cube]
+pub(super) fn dequantize_staged_fp8_share<N: Size>(
+    smem: &mut [Vector<u32, N>],
+    raw0: usize,
+    tile0: usize,
+    key: usize,
+    first: usize,
+) {
+    let row = raw0 + key * TOKEN_CHUNKS;
+    let mut latent = Array::<Vector<u32, N>>::new(8usize);
+    #[unroll]
+    for j in 0..8usize {
+        latent[j] = smem[row + first + 4 * j];
+    }
+    let scales = smem[row + 32];
+    let mut rope = Array::<Vector<u32, N>>::new(2usize);
+    #[unroll]
+    for j in 0..2usize {
+        rope[j] = smem[row + 33 + first + 4 * j];
+    }
+    sync_cube();
+    store_fp8_share(&latent, scales, &rope, true, smem, tile0, key, first);
 }
 
 /// Resolves the block of indices starting at `start` of row `row` to kv row offsets in `offsets`
