@@ -148,6 +148,31 @@ pub(super) fn fp8_chunk<N: Size>(kv: &[Vector<u32, N>], offset: u32, c: usize) -
     chunk
 }
 
+/// Eight e4m3 codes (`lo`, `hi`: four each, lowest byte first) times `scale` as one chunk of 8 bf16 through
+/// sm_89+'s FP8 conversion; zeros unless `valid`.
+#[cube]
+fn scaled_codes_chunk<N: Size>(lo: u32, hi: u32, scale: f32, valid: bool) -> Vector<u32, N> {
+    let low = e4m3x4_scaled_to_bf16x4(lo, scale);
+    let high = e4m3x4_scaled_to_bf16x4(hi, scale);
+    let mut chunk = Vector::<u32, N>::new(0u32);
+    chunk.insert(0usize, select(valid, low.extract(0usize), 0u32));
+    chunk.insert(1usize, select(valid, low.extract(1usize), 0u32));
+    chunk.insert(2usize, select(valid, high.extract(0usize), 0u32));
+    chunk.insert(3usize, select(valid, high.extract(1usize), 0u32));
+    chunk
+}
+
+/// `words` unless not `valid` (zeros).
+#[cube]
+fn valid_or_zero<N: Size>(words: Vector<u32, N>, valid: bool) -> Vector<u32, N> {
+    let mut chunk = Vector::<u32, N>::new(0u32);
+    #[unroll]
+    for i in 0..4usize {
+        chunk.insert(i, select(valid, words.extract(i), 0u32));
+    }
+    chunk
+}
+
 /// Chunk `c` of the FP8 cache token at word `offset` (invalid: zeros), as [`fp8_chunk`] but through sm_89+'s
 /// FP8 conversion and without branches (`rope`: c ≥ 64, known when the kernel is built), so that the
 /// compiler can issue the loads of a unit's chunks together instead of one memory latency per chunk.
@@ -160,26 +185,12 @@ pub(super) fn dequantize_fp8_chunk<N: Size>(
 ) -> Vector<u32, N> {
     let valid = offset != INVALID;
     let base = select(valid, offset as usize / 4, 0usize);
-    let mut chunk = Vector::<u32, N>::new(0u32);
     if comptime!(rope) {
-        let words = kv[base + 33 + (c - 64)];
-        #[unroll]
-        for i in 0..4usize {
-            chunk.insert(i, select(valid, words.extract(i), 0u32));
-        }
+        valid_or_zero(kv[base + 33 + (c - 64)], valid)
     } else {
-        let words = kv[base + c / 2];
-        let scales = kv[base + 32];
-        let (lo, hi) = chunk_codes(words, c);
-        let scale = chunk_scale(scales, c);
-        let low = e4m3x4_scaled_to_bf16x4(lo, scale);
-        let high = e4m3x4_scaled_to_bf16x4(hi, scale);
-        chunk.insert(0usize, select(valid, low.extract(0usize), 0u32));
-        chunk.insert(1usize, select(valid, low.extract(1usize), 0u32));
-        chunk.insert(2usize, select(valid, high.extract(0usize), 0u32));
-        chunk.insert(3usize, select(valid, high.extract(1usize), 0u32));
+        let (lo, hi) = chunk_codes(kv[base + c / 2], c);
+        scaled_codes_chunk(lo, hi, chunk_scale(kv[base + 32], c), valid)
     }
-    chunk
 }
 
 /// Dequantizes the FP8 cache token at word `offset` (invalid: zeros) into row `key` of the 128-byte-swizzled
@@ -233,26 +244,14 @@ fn store_fp8_share<N: Size>(
         let words = latent[j];
         #[unroll]
         for h in 0..2usize {
-            let low = e4m3x4_scaled_to_bf16x4(words.extract(2 * h), scale);
-            let high = e4m3x4_scaled_to_bf16x4(words.extract(2 * h + 1), scale);
-            let mut chunk = Vector::<u32, N>::new(0u32);
-            chunk.insert(0usize, select(valid, low.extract(0usize), 0u32));
-            chunk.insert(1usize, select(valid, low.extract(1usize), 0u32));
-            chunk.insert(2usize, select(valid, high.extract(0usize), 0u32));
-            chunk.insert(3usize, select(valid, high.extract(1usize), 0u32));
+            let chunk = scaled_codes_chunk(words.extract(2 * h), words.extract(2 * h + 1), scale, valid);
             smem[tile0 + j * COLUMN_BLOCK + swizzled_chunk(key, 2 * first + h)] = chunk;
         }
     }
     #[unroll]
     for j in 0..2usize {
-        let words = rope[j];
-        let mut chunk = Vector::<u32, N>::new(0u32);
-        #[unroll]
-        for i in 0..4usize {
-            chunk.insert(i, select(valid, words.extract(i), 0u32));
-        }
         let c = 64 + first + 4 * j;
-        smem[tile0 + (c / 8) * COLUMN_BLOCK + swizzled_chunk(key, c % 8)] = chunk;
+        smem[tile0 + (c / 8) * COLUMN_BLOCK + swizzled_chunk(key, c % 8)] = valid_or_zero(rope[j], valid);
     }
 }
 
