@@ -144,13 +144,15 @@ pub fn wgmma_accumulate<NC: Size>(
         operands.instruction(n),
         operands.immediates().to_string(),
         rest,
+        true,
     )
 }
 
 /// The asm of the accumulating products with both operands in shared memory, in place on `c`:
 /// `instruction` (an m64n`n` wgmma) with `immediates` as the first k step and the PTX `rest` (the
-/// following steps, descriptors advanced), waited for.
+/// following steps, descriptors advanced), waited for when `wait`.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn accumulate_shared<NC: Size>(
     c: Vector<f32, NC>,
     a: u64,
@@ -158,7 +160,9 @@ fn accumulate_shared<NC: Size>(
     #[comptime] instruction: String,
     #[comptime] immediates: String,
     #[comptime] rest: String,
+    #[comptime] wait: bool,
 ) -> Vector<f32, NC> {
+    let wait = comptime!(if wait { "wgmma.wait_group.sync.aligned 0;\n" } else { "" });
     // A mutable vector reaches inline PTX as its address; an arithmetic result is a value (× 1 folds away).
     // `c` is tied: the result starts as `c`, in the same registers (the products accumulate in place).
     let c = c * Vector::<f32, NC>::new(1.0f32);
@@ -167,7 +171,7 @@ fn accumulate_shared<NC: Size>(
         "{{\n// accumulator {c}\n.reg .b64 wg_da, wg_db;\n.reg .pred wg_p1;\nmov.b64 wg_da, {a};",
         "mov.b64 wg_db, {b};\nsetp.eq.b64 wg_p1, wg_da, wg_da;\nwgmma.fence.sync.aligned;",
         "{instruction} {d}, wg_da, wg_db, wg_p1, {immediates};",
-        "{rest}wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}}",
+        "{rest}wgmma.commit_group.sync.aligned;\n{wait}}}",
         d = out(_) d,
         c = in(tied) c,
         a = in(_) a,
@@ -250,8 +254,9 @@ pub fn wgmma_bf16_register_a_accumulate<NC: Size, NA: Size>(
 
 /// `c` + A·B with both operands in shared memory, bf16: A 64 rows K-major and swizzled at descriptor `a`
 /// (one 128-byte row of K: at most 4 k16 steps, 32 bytes apart), B `n` wide stored MN-major at descriptor
-/// `b` ([`sw128_mn_major_descriptor`], read with trans-b) and `b_step_bytes` further per step. Waits for the
-/// products. Flash attention's O += P·V when P is shared between warpgroups.
+/// `b` ([`sw128_mn_major_descriptor`], read with trans-b) and `b_step_bytes` further per step. Flash
+/// attention's O += P·V when P is shared between warpgroups. With `wait` false the products are only issued
+/// (as [`wgmma_bf16_register_a_fresh`]): nothing may read the result before [`wgmma_wait`].
 #[cube]
 pub fn wgmma_bf16_shared_accumulate_trans_b<NC: Size>(
     c: Vector<f32, NC>,
@@ -260,9 +265,10 @@ pub fn wgmma_bf16_shared_accumulate_trans_b<NC: Size>(
     #[comptime] n: usize,
     #[comptime] steps: usize,
     #[comptime] b_step_bytes: usize,
+    #[comptime] wait: bool,
 ) -> Vector<f32, NC> {
     let rest = comptime!(trans_b_following_steps(n, steps, b_step_bytes));
-    accumulate_shared::<NC>(c, a, b, Operands::Bf16.instruction(n), TRANS_B.to_string(), rest)
+    accumulate_shared::<NC>(c, a, b, Operands::Bf16.instruction(n), TRANS_B.to_string(), rest, wait)
 }
 
 /// A bf16 product's immediates with B transposed (MN-major) and A not.

@@ -5,7 +5,7 @@ use cubecl::prelude::*;
 use half::bf16;
 use nsa_dsl::Format;
 use nsa_dsl::format::{bf16_to_f32, e4m3_to_f32, e4m3x4_scaled_to_bf16x4, pack};
-use nsa_dsl::warp_mma::Chunk;
+use nsa_dsl::warp_mma::{Chunk, copy_chunk_async};
 use nsa_dsl::wgmma::swizzled_chunk;
 
 /// A resolved offset that names no kv row (an invalid index, or past topk).
@@ -148,6 +148,31 @@ pub(super) fn fp8_chunk<N: Size>(kv: &[Vector<u32, N>], offset: u32, c: usize) -
     chunk
 }
 
+/// Eight e4m3 codes (`lo`, `hi`: four each, lowest byte first) times `scale` as one chunk of 8 bf16 through
+/// sm_89+'s FP8 conversion; zeros unless `valid`.
+#[cube]
+fn scaled_codes_chunk<N: Size>(lo: u32, hi: u32, scale: f32, valid: bool) -> Vector<u32, N> {
+    let low = e4m3x4_scaled_to_bf16x4(lo, scale);
+    let high = e4m3x4_scaled_to_bf16x4(hi, scale);
+    let mut chunk = Vector::<u32, N>::new(0u32);
+    chunk.insert(0usize, select(valid, low.extract(0usize), 0u32));
+    chunk.insert(1usize, select(valid, low.extract(1usize), 0u32));
+    chunk.insert(2usize, select(valid, high.extract(0usize), 0u32));
+    chunk.insert(3usize, select(valid, high.extract(1usize), 0u32));
+    chunk
+}
+
+/// `words` unless not `valid` (zeros).
+#[cube]
+fn valid_or_zero<N: Size>(words: Vector<u32, N>, valid: bool) -> Vector<u32, N> {
+    let mut chunk = Vector::<u32, N>::new(0u32);
+    #[unroll]
+    for i in 0..4usize {
+        chunk.insert(i, select(valid, words.extract(i), 0u32));
+    }
+    chunk
+}
+
 /// Chunk `c` of the FP8 cache token at word `offset` (invalid: zeros), as [`fp8_chunk`] but through sm_89+'s
 /// FP8 conversion and without branches (`rope`: c ≥ 64, known when the kernel is built), so that the
 /// compiler can issue the loads of a unit's chunks together instead of one memory latency per chunk.
@@ -160,26 +185,12 @@ pub(super) fn dequantize_fp8_chunk<N: Size>(
 ) -> Vector<u32, N> {
     let valid = offset != INVALID;
     let base = select(valid, offset as usize / 4, 0usize);
-    let mut chunk = Vector::<u32, N>::new(0u32);
     if comptime!(rope) {
-        let words = kv[base + 33 + (c - 64)];
-        #[unroll]
-        for i in 0..4usize {
-            chunk.insert(i, select(valid, words.extract(i), 0u32));
-        }
+        valid_or_zero(kv[base + 33 + (c - 64)], valid)
     } else {
-        let words = kv[base + c / 2];
-        let scales = kv[base + 32];
-        let (lo, hi) = chunk_codes(words, c);
-        let scale = chunk_scale(scales, c);
-        let low = e4m3x4_scaled_to_bf16x4(lo, scale);
-        let high = e4m3x4_scaled_to_bf16x4(hi, scale);
-        chunk.insert(0usize, select(valid, low.extract(0usize), 0u32));
-        chunk.insert(1usize, select(valid, low.extract(1usize), 0u32));
-        chunk.insert(2usize, select(valid, high.extract(0usize), 0u32));
-        chunk.insert(3usize, select(valid, high.extract(1usize), 0u32));
+        let (lo, hi) = chunk_codes(kv[base + c / 2], c);
+        scaled_codes_chunk(lo, hi, chunk_scale(kv[base + 32], c), valid)
     }
-    chunk
 }
 
 /// Dequantizes the FP8 cache token at word `offset` (invalid: zeros) into row `key` of the 128-byte-swizzled
@@ -209,33 +220,101 @@ pub(super) fn dequantize_fp8_share<N: Size>(
     for j in 0..2usize {
         rope[j] = kv[base + 33 + first + 4 * j];
     }
+    store_fp8_share(&latent, scales, &rope, valid, smem, tile0, key, first);
+}
+
+/// The second half of [`dequantize_fp8_share`]: a unit's loaded share (latent words first + 4j, the scales,
+/// rope words first, first + 4) converted and stored into row `key` of the swizzled tile at chunk `tile0`
+/// (zeros unless `valid`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_fp8_share<N: Size>(
+    latent: &Array<Vector<u32, N>>,
+    scales: Vector<u32, N>,
+    rope: &Array<Vector<u32, N>>,
+    valid: bool,
+    smem: &mut [Vector<u32, N>],
+    tile0: usize,
+    key: usize,
+    first: usize,
+) {
     #[unroll]
     for j in 0..8usize {
         let scale = f32::reinterpret(scales.extract(j / 2));
         let words = latent[j];
         #[unroll]
         for h in 0..2usize {
-            let low = e4m3x4_scaled_to_bf16x4(words.extract(2 * h), scale);
-            let high = e4m3x4_scaled_to_bf16x4(words.extract(2 * h + 1), scale);
-            let mut chunk = Vector::<u32, N>::new(0u32);
-            chunk.insert(0usize, select(valid, low.extract(0usize), 0u32));
-            chunk.insert(1usize, select(valid, low.extract(1usize), 0u32));
-            chunk.insert(2usize, select(valid, high.extract(0usize), 0u32));
-            chunk.insert(3usize, select(valid, high.extract(1usize), 0u32));
+            let chunk = scaled_codes_chunk(words.extract(2 * h), words.extract(2 * h + 1), scale, valid);
             smem[tile0 + j * COLUMN_BLOCK + swizzled_chunk(key, 2 * first + h)] = chunk;
         }
     }
     #[unroll]
     for j in 0..2usize {
-        let words = rope[j];
-        let mut chunk = Vector::<u32, N>::new(0u32);
-        #[unroll]
-        for i in 0..4usize {
-            chunk.insert(i, select(valid, words.extract(i), 0u32));
-        }
         let c = 64 + first + 4 * j;
-        smem[tile0 + (c / 8) * COLUMN_BLOCK + swizzled_chunk(key, c % 8)] = chunk;
+        smem[tile0 + (c / 8) * COLUMN_BLOCK + swizzled_chunk(key, c % 8)] = valid_or_zero(rope[j], valid);
     }
+}
+
+/// 16-byte chunks of one FP8 cache token (656 bytes).
+pub(super) const TOKEN_CHUNKS: usize = TOKEN_WORDS / 4;
+
+/// Starts copying (cp.async) the FP8 cache token at word `offset` unconverted into row `key` of a block of
+/// 656-byte rows at chunk `raw0` (an invalid row zero-filled: it dequantizes to zeros), as unit `first` of
+/// the four that share the row: chunks first + 4j of its 41. Completes at the next wait for copies.
+#[cube]
+pub(super) fn copy_fp8_row_raw<N: Size>(
+    kv: &[Vector<u32, N>],
+    smem: &mut [Vector<u32, N>],
+    offset: u32,
+    raw0: usize,
+    key: usize,
+    first: usize,
+) {
+    let valid = offset != INVALID;
+    let row_start = select(valid, offset as usize / 4, 0usize);
+    let len = select(valid, 1usize, 0usize);
+    let dst_row = raw0 + key * TOKEN_CHUNKS;
+    #[unroll]
+    for j in 0..comptime!(TOKEN_CHUNKS.div_ceil(4)) {
+        let c = first + 4 * j;
+        let start = row_start + c;
+        // The last round has one chunk (40) for four units.
+        if comptime!(4 * j + 4 > TOKEN_CHUNKS) {
+            if c < TOKEN_CHUNKS {
+                copy_chunk_async(&kv[start..start + len], &mut smem[dst_row + c..dst_row + c + 1]);
+            }
+        } else {
+            copy_chunk_async(&kv[start..start + len], &mut smem[dst_row + c..dst_row + c + 1]);
+        }
+    }
+}
+
+/// Dequantizes row `key` of a block staged by [`copy_fp8_row_raw`] at chunk `raw0` into the swizzled tile at
+/// chunk `tile0`, as unit `first` of four (the share of [`dequantize_fp8_share`]). The tile may overlap the
+/// raw rows: every unit of the cube reads its share, meets the others at a cube barrier, then writes — so
+/// all must call it, and the copies must have landed and be visible (a copy wait and a cube barrier before).
+#[cube]
+pub(super) fn dequantize_staged_fp8_share<N: Size>(
+    smem: &mut [Vector<u32, N>],
+    raw0: usize,
+    tile0: usize,
+    key: usize,
+    first: usize,
+) {
+    let row = raw0 + key * TOKEN_CHUNKS;
+    let mut latent = Array::<Vector<u32, N>>::new(8usize);
+    #[unroll]
+    for j in 0..8usize {
+        latent[j] = smem[row + first + 4 * j];
+    }
+    let scales = smem[row + 32];
+    let mut rope = Array::<Vector<u32, N>>::new(2usize);
+    #[unroll]
+    for j in 0..2usize {
+        rope[j] = smem[row + 33 + first + 4 * j];
+    }
+    sync_cube();
+    store_fp8_share(&latent, scales, &rope, true, smem, tile0, key, first);
 }
 
 /// Resolves the block of indices starting at `start` of row `row` to kv row offsets in `offsets`

@@ -11,7 +11,10 @@
 //! - each adds P·V over all 64 keys for its 256 of the 512 output columns (m64n256, 4 k16 steps, V read
 //!   MN-major from the same kv tile: the first 8 of its 9 column blocks), O (128 f32 a unit) rescaled by
 //!   row in registers first.
-use super::gather::{INVALID, block_index, dequantize_fp8_share, kv_row_offset, resolve_block, split_blocks};
+use super::gather::{
+    INVALID, TOKEN_CHUNKS, block_index, copy_fp8_row_raw, dequantize_fp8_share, dequantize_staged_fp8_share,
+    kv_row_offset, resolve_block, split_blocks,
+};
 use super::output::write_o_half;
 use super::{COLUMN_BLOCK, D_QK, KvSource};
 use cubecl::prelude::*;
@@ -34,6 +37,8 @@ pub(super) const TILE_CHUNKS: usize = 9 * COLUMN_BLOCK;
 pub(super) const KV_OFFSET: usize = TILE_CHUNKS;
 const P_OFFSET: usize = 3 * TILE_CHUNKS;
 const TILES_CHUNKS: usize = P_OFFSET + COLUMN_BLOCK;
+/// Where, from a kv buffer's start, the FP8 cache's raw rows are staged: its last 64 × 41 chunks.
+const RAW_OFFSET: usize = TILE_CHUNKS - BLOCK * TOKEN_CHUNKS;
 
 /// Shared memory: the swizzled tiles (plus one atom to align them), three blocks of row offsets and the
 /// 8 warps' 16 row statistics.
@@ -206,15 +211,26 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
             block_bytes,
             false,
         );
+        // The FP8 cache: the next block's rows are only copied here, unconverted, into the end of its buffer
+        // (they land while S and the softmax run) and dequantized while this block's P·V runs.
         if tile + 1 < tiles {
-            gather_tile(
-                kv,
-                &mut smem,
-                &offsets,
-                (tile + 1) % 3,
-                skip + KV_OFFSET + (1 - buf) * TILE_CHUNKS,
-                source,
-            );
+            match source {
+                KvSource::Fp8Paged => {
+                    let offset = offsets[((tile + 1) % 3) * BLOCK + unit / 4];
+                    let raw0 = skip + KV_OFFSET + (1 - buf) * TILE_CHUNKS + RAW_OFFSET;
+                    copy_fp8_row_raw(kv, &mut smem, offset, raw0, unit / 4, unit % 4);
+                }
+                KvSource::Rows | KvSource::Bf16Paged => {
+                    gather_tile(
+                        kv,
+                        &mut smem,
+                        &offsets,
+                        (tile + 1) % 3,
+                        skip + KV_OFFSET + (1 - buf) * TILE_CHUNKS,
+                        source,
+                    );
+                }
+            }
         }
         commit_async_copies();
         let s = wgmma_wait::<Const<16>>(s_in_flight);
@@ -272,11 +288,26 @@ pub fn sparse_mla_wgmma_kernel<N: Size>(
             }
         }
         rescale(&mut o, &alpha);
-        await_stage(1u32);
+        // P visible to the tensor cores; the FP8 cache also waits for the next block's raw rows.
+        let fp8 = comptime!(source == KvSource::Fp8Paged);
+        await_stage(comptime!(if fp8 { 0u32 } else { 1u32 }));
 
         // O += P·V over the block's 64 keys on this warpgroup's columns 256·half.. (kv column blocks 4·half..).
         let v_desc = sw128_mn_major_descriptor(kv_tile + (half * 4 * COLUMN_BLOCK * 16) as u32, block_bytes as u32);
-        o = wgmma_bf16_shared_accumulate_trans_b::<Const<128>>(o, p_desc, v_desc, 256usize, 4usize, 2048usize);
+        if fp8 {
+            // Issued only: the next block is dequantized meanwhile (after the last block too, into the buffer
+            // no one reads any more: no branch may separate the products from their wait).
+            o = wgmma_bf16_shared_accumulate_trans_b::<Const<128>>(
+                o, p_desc, v_desc, 256usize, 4usize, 2048usize, false,
+            );
+            let next_tile0 = skip + KV_OFFSET + (1 - buf) * TILE_CHUNKS;
+            dequantize_staged_fp8_share(&mut smem, next_tile0 + RAW_OFFSET, next_tile0, unit / 4, unit % 4);
+            o = wgmma_wait::<Const<128>>(o);
+        } else {
+            o = wgmma_bf16_shared_accumulate_trans_b::<Const<128>>(
+                o, p_desc, v_desc, 256usize, 4usize, 2048usize, true,
+            );
+        }
         if ahead {
             offsets[((tile + 2) % 3) * BLOCK + unit] = next_offset;
         }

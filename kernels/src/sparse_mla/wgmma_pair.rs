@@ -602,6 +602,7 @@ fn consume<N: Size>(
             256usize,
             4usize,
             2048usize,
+            true,
         );
         release_half(
             kv, smem, valid, &offsets, barriers, skip, more, other, wg, producer, source,
