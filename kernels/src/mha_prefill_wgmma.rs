@@ -31,7 +31,7 @@ use nsa_dsl::format::pack_bf16x2;
 use nsa_dsl::mbarrier::{fence_barrier_init, mbarrier_arrive, mbarrier_arrive_expect_tx, mbarrier_init, mbarrier_wait};
 use nsa_dsl::tma::{fence_shared_to_async, tma_load_3d, tma_store_3d, tma_store_commit, tma_store_wait_read};
 use nsa_dsl::warp_mma::{fast_exp2, quad_max, quad_sum};
-use nsa_dsl::warpgroup::named_barrier_sync;
+use nsa_dsl::warpgroup::{named_barrier_arrive, named_barrier_sync};
 use nsa_dsl::wgmma::{
     ATOM_BYTES, Operands, first_atom, store_shared_u32, sw128_descriptor, sw128_mn_major_descriptor,
     wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh, wgmma_fresh, wgmma_wait, wgmma_wait_pending,
@@ -64,6 +64,9 @@ pub struct Pipeline {
     /// under a product instead of between S and P·V (all blocks for both warpgroups: masking zeroes a
     /// warpgroup's blocks past its keys, so no branch separates a product from its wait).
     pub pv_first: bool,
+    /// With `pv_first` and two warpgroups: each step's products are issued in turns (named barriers 3 and 4),
+    /// so one warpgroup's softmax runs while the other's products run (FlashAttention-3's ping-pong).
+    pub pingpong: bool,
 }
 
 impl Pipeline {
@@ -73,7 +76,8 @@ impl Pipeline {
             self.depth >= 1
                 && (1..=3).contains(&self.groups)
                 && matches!(self.keys, 64 | 128)
-                && (self.q_shared || !self.tma_store),
+                && (self.q_shared || !self.tma_store)
+                && (!self.pingpong || (self.pv_first && self.groups == 2)),
             "{self:?}: not a pipeline"
         );
     }
@@ -492,6 +496,7 @@ fn pv_first_steps<NS: Size, NA: Size>(
     blocks: usize,
     k0: usize,
     head: usize,
+    warpgroup: usize,
     m: &mut Array<f32>,
     l: &mut Array<f32>,
     limit: &Array<usize>,
@@ -502,9 +507,17 @@ fn pv_first_steps<NS: Size, NA: Size>(
 ) -> Vector<f32, Const<64>> {
     let mut alpha = Array::<f32>::new(2usize);
     let mut p = Array::<f32>::new(comptime!(pipeline.keys / 2));
+    if comptime!(pipeline.pingpong) {
+        // Warpgroup 0 takes the first turn.
+        if warpgroup == 1 {
+            named_barrier_arrive(3u32, 256u32);
+        }
+    }
+    await_turn(warpgroup, pipeline);
     let s0 = begin_step::<NS>(
         k_map, v_map, q_map, base, qa, q_tile, 0usize, blocks, k0, head, pipeline,
     );
+    pass_turn(warpgroup, pipeline);
     let s0 = wgmma_wait::<NS>(s0);
     mbarrier_arrive(barrier(base, 0usize, K_FREE, pipeline));
     block_softmax::<NS>(
@@ -524,10 +537,12 @@ fn pv_first_steps<NS: Size, NA: Size>(
     let mut o = Vector::<f32, Const<64>>::new(0.0f32);
     let mut step = 1usize;
     while step < blocks {
+        await_turn(warpgroup, pipeline);
         let s = begin_step::<NS>(k_map, v_map, q_map, base, qa, q_tile, step, blocks, k0, head, pipeline);
         let late = step - 1;
         await_block(base, late, V_FULL, pipeline);
         o = issue_pv::<NA>(o * row_factors(&alpha), a, base, late, false, pipeline);
+        pass_turn(warpgroup, pipeline);
         let s = wgmma_wait_pending::<NS>(s, 1u32);
         mbarrier_arrive(barrier(base, step, K_FREE, pipeline));
         block_softmax::<NS>(
@@ -549,8 +564,42 @@ fn pv_first_steps<NS: Size, NA: Size>(
         step += 1;
     }
     let late = blocks - 1;
+    await_turn(warpgroup, pipeline);
     await_block(base, late, V_FULL, pipeline);
-    issue_pv::<NA>(o * row_factors(&alpha), a, base, late, true, pipeline)
+    o = issue_pv::<NA>(o * row_factors(&alpha), a, base, late, false, pipeline);
+    pass_turn(warpgroup, pipeline);
+    if comptime!(pipeline.pingpong) {
+        // Warpgroup 1's last pass, so that no arrival is left on a barrier.
+        if warpgroup == 0 {
+            named_barrier_sync(3u32, 256u32);
+        }
+    }
+    wgmma_wait::<Const<64>>(o)
+}
+
+/// Waits for this warpgroup's turn to issue products (`pingpong`: named barrier 3 + warpgroup, which the
+/// other warpgroup's [`pass_turn`] completes).
+#[cube]
+fn await_turn(warpgroup: usize, #[comptime] pipeline: Pipeline) {
+    if comptime!(pipeline.pingpong) {
+        if warpgroup == 0 {
+            named_barrier_sync(3u32, 256u32);
+        } else {
+            named_barrier_sync(4u32, 256u32);
+        }
+    }
+}
+
+/// Hands the turn to the other warpgroup (`pingpong`).
+#[cube]
+fn pass_turn(warpgroup: usize, #[comptime] pipeline: Pipeline) {
+    if comptime!(pipeline.pingpong) {
+        if warpgroup == 0 {
+            named_barrier_arrive(4u32, 256u32);
+        } else {
+            named_barrier_arrive(3u32, 256u32);
+        }
+    }
 }
 
 #[cube(launch)]
@@ -673,6 +722,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
                 blocks,
                 k0,
                 head,
+                warpgroup,
                 &mut m,
                 &mut l,
                 &limit,
