@@ -33,7 +33,7 @@ use nsa_dsl::tma::{fence_shared_to_async, tma_load_3d, tma_store_3d, tma_store_c
 use nsa_dsl::warp_mma::{fast_exp2, quad_max, quad_sum};
 use nsa_dsl::warpgroup::{named_barrier_arrive, named_barrier_sync};
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, first_atom, store_shared_u32, sw128_descriptor, sw128_mn_major_descriptor,
+    ATOM_BYTES, Operands, first_atom, store_shared_u32, sw128_descriptor, sw128_mn_major_descriptor, swizzled_chunk,
     wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh, wgmma_fresh, wgmma_wait, wgmma_wait_pending,
 };
 
@@ -795,8 +795,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
                 let row = (warp % 4) * 16 + g + 8 * r;
                 #[unroll]
                 for n in 0..16usize {
-                    let chunk = ((n % 8) ^ (row % 8)) as u32;
-                    let address = q_tile + ((n / 8) * BOX_BYTES + row * 128) as u32 + chunk * 16 + (4 * t) as u32;
+                    let address = q_tile + ((n / 8) * BOX_BYTES + swizzled_chunk(row, n % 8) * 16 + 4 * t) as u32;
                     store_shared_u32(
                         address,
                         pack_bf16x2(o.extract(4 * n + 2 * r) * inv, o.extract(4 * n + 2 * r + 1) * inv),
