@@ -6,7 +6,7 @@
 //! sm_scale → out [t_q, h, 128] (q's format), lse [t_q, h] f32 (natural log). Query j of a sequence with
 //! q_len queries and k_len ≥ q_len keys sees its keys 0 ..= k_len − q_len + j (causal, the new tokens last).
 //! A query that sees nothing gets out 0 and lse +∞.
-//! Variants: `wgmma_k128_tma_store`, `wgmma_k128`, `wgmma`, `wgmma_q128` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
+//! Variants: `wgmma_k128_pingpong`, `wgmma_k128_pv_first`, `wgmma_k128_tma_store`, `wgmma_k128`, `wgmma`, `wgmma_q128` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
 //! everywhere) and `mma` (flash attention on warp mma.sync:
 //! 64 queries of one head per cube, 16 per plane, Q fragments in registers, O 16 × 128 per plane, K/V
 //! blocks of 64 keys gathered by cp.async one block ahead; CUDA, bf16).
@@ -36,6 +36,18 @@ const QK_CHUNKS: usize = D_QK / 8 + 1;
 const V_CHUNKS: usize = D_V / 8 + 1;
 
 pub const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "wgmma_k128_pv_first",
+        summary: "`wgmma_k128_tma_store` in FlashAttention-3's order: block b − 1's P·V issued before block b's \
+                  softmax and settled after it, so the softmax runs under a product (Hopper, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "wgmma_k128_pingpong",
+        summary: "`wgmma_k128_pv_first` whose two warpgroups take turns issuing their products (named barriers), \
+                  so one's softmax runs under the other's products (FlashAttention-3's ping-pong; Hopper, bf16)",
+        needs_plane_ops: true,
+    },
     Variant {
         name: "wgmma_k128_tma_store",
         summary: "`wgmma_k128` whose warpgroups store whole 64-row output blocks through shared memory with the \
@@ -82,12 +94,14 @@ pub const VARIANTS: &[Variant] = &[
 
 /// The K/V pipeline of a `wgmma` variant.
 fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
-    let (groups, depth, q_shared, keys, tma_store) = match variant.name {
-        "wgmma_k128" => (2, 1, true, 128, false),
-        "wgmma_k128_tma_store" => (2, 1, true, 128, true),
-        "wgmma" => (3, 1, true, 64, false),
-        "wgmma_q128" => (2, 2, false, 64, false),
-        "wgmma_q64" => (1, 1, false, 64, false),
+    let (groups, depth, q_shared, keys, tma_store, pv_first, pingpong) = match variant.name {
+        "wgmma_k128" => (2, 1, true, 128, false, false, false),
+        "wgmma_k128_tma_store" => (2, 1, true, 128, true, false, false),
+        "wgmma_k128_pv_first" => (2, 1, true, 128, true, true, false),
+        "wgmma_k128_pingpong" => (2, 1, true, 128, true, true, true),
+        "wgmma" => (3, 1, true, 64, false, false, false),
+        "wgmma_q128" => (2, 2, false, 64, false, false, false),
+        "wgmma_q64" => (1, 1, false, 64, false, false, false),
         _ => return None,
     };
     Some(Pipeline {
@@ -96,6 +110,8 @@ fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
         q_shared,
         keys,
         tma_store,
+        pv_first,
+        pingpong,
     })
 }
 

@@ -31,10 +31,10 @@ use nsa_dsl::format::pack_bf16x2;
 use nsa_dsl::mbarrier::{fence_barrier_init, mbarrier_arrive, mbarrier_arrive_expect_tx, mbarrier_init, mbarrier_wait};
 use nsa_dsl::tma::{fence_shared_to_async, tma_load_3d, tma_store_3d, tma_store_commit, tma_store_wait_read};
 use nsa_dsl::warp_mma::{fast_exp2, quad_max, quad_sum};
-use nsa_dsl::warpgroup::named_barrier_sync;
+use nsa_dsl::warpgroup::{named_barrier_arrive, named_barrier_sync};
 use nsa_dsl::wgmma::{
-    ATOM_BYTES, Operands, first_atom, store_shared_u32, sw128_descriptor, sw128_mn_major_descriptor,
-    wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh, wgmma_fresh, wgmma_wait,
+    ATOM_BYTES, Operands, first_atom, store_shared_u32, sw128_descriptor, sw128_mn_major_descriptor, swizzled_chunk,
+    wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh, wgmma_fresh, wgmma_wait, wgmma_wait_pending,
 };
 
 const D_QK: usize = 192;
@@ -59,6 +59,14 @@ pub struct Pipeline {
     /// A warpgroup whose 64 queries all lie in its sequence writes its output rows into its (then unused) Q
     /// tile and stores them with two tensor copies (`q_shared` only), instead of 32 four-byte stores a unit.
     pub tma_store: bool,
+    /// FlashAttention-3's order: step b issues S(b), then block b − 1's P·V, settles S(b) alone, runs block
+    /// b's softmax while the P·V runs, then settles it — every product settled in its step, and the softmax
+    /// under a product instead of between S and P·V (all blocks for both warpgroups: masking zeroes a
+    /// warpgroup's blocks past its keys, so no branch separates a product from its wait).
+    pub pv_first: bool,
+    /// With `pv_first` and two warpgroups: each step's products are issued in turns (named barriers 3 and 4),
+    /// so one warpgroup's softmax runs while the other's products run (FlashAttention-3's ping-pong).
+    pub pingpong: bool,
 }
 
 impl Pipeline {
@@ -68,7 +76,8 @@ impl Pipeline {
             self.depth >= 1
                 && (1..=3).contains(&self.groups)
                 && matches!(self.keys, 64 | 128)
-                && (self.q_shared || !self.tma_store),
+                && (self.q_shared || !self.tma_store)
+                && (!self.pingpong || (self.pv_first && self.groups == 2)),
             "{self:?}: not a pipeline"
         );
     }
@@ -338,6 +347,44 @@ fn softmax_and_pv<NS: Size, NA: Size>(
     scale_log2: f32,
     #[comptime] pipeline: Pipeline,
 ) -> Vector<f32, Const<64>> {
+    let mut alpha = Array::<f32>::new(2usize);
+    let mut p = Array::<f32>::new(comptime!(pipeline.keys / 2));
+    block_softmax::<NS>(
+        s,
+        &mut p,
+        &mut alpha,
+        m,
+        l,
+        limit,
+        block,
+        unmasked_keys,
+        t,
+        scale_log2,
+        pipeline,
+    );
+    let scale = row_factors(&alpha);
+    let a = pack_p::<NA>(&p, pipeline);
+    await_block(base, block, V_FULL, pipeline);
+    issue_pv::<NA>(o * scale, a, base, block, true, pipeline)
+}
+
+/// Block `block`'s online softmax of `s` (see [`softmax_and_pv`]): the row maxima `m` and sums `l` updated,
+/// `p` = exp2(S·scale − m) per element of `s`, `alpha` the factor O's rows take for the new maxima.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn block_softmax<NS: Size>(
+    s: Vector<f32, NS>,
+    p: &mut Array<f32>,
+    alpha: &mut Array<f32>,
+    m: &mut Array<f32>,
+    l: &mut Array<f32>,
+    limit: &Array<usize>,
+    block: usize,
+    unmasked_keys: usize,
+    t: usize,
+    scale_log2: f32,
+    #[comptime] pipeline: Pipeline,
+) {
     let keys = comptime!(pipeline.keys);
     // Values per unit, per row, and tree levels over a row's values.
     let (values, row_values, levels) = comptime!((keys / 2, keys / 4, (keys / 4).trailing_zeros()));
@@ -355,8 +402,6 @@ fn softmax_and_pv<NS: Size, NA: Size>(
             x[i] = select(key < limit[(i % 4) / 2], x[i], f32::reinterpret(0xff80_0000u32));
         }
     }
-    let mut alpha = Array::<f32>::new(2usize);
-    let mut p = Array::<f32>::new(values);
     #[unroll]
     for r in 0..2usize {
         // Row r's values are elements 4n + 2r + e.
@@ -393,22 +438,168 @@ fn softmax_and_pv<NS: Size, NA: Size>(
         }
         l[r] = l[r] * alpha[r] + tree[0];
     }
-    // O rescaled per row, then O += P·V with P as bf16 pairs in the m16n8k16 A layout: k step j holds
-    // keys 16j.. = accumulator column groups 2j (pairs 0, 1) and 2j + 1 (pairs 2, 3).
+}
+
+/// O's per-element factors for the row factors `alpha` (element i is row (i % 4) / 2).
+#[cube]
+fn row_factors(alpha: &Array<f32>) -> Vector<f32, Const<64>> {
     let mut scale = Vector::<f32, Const<64>>::new(0.0f32);
     #[unroll]
     for i in 0..64usize {
         scale.insert(i, alpha[(i % 4) / 2]);
     }
+    scale
+}
+
+/// P as bf16 pairs in the m16n8k16 A layout: k step j holds keys 16j.. = accumulator column groups 2j
+/// (pairs 0, 1) and 2j + 1 (pairs 2, 3).
+#[cube]
+fn pack_p<NA: Size>(p: &Array<f32>, #[comptime] pipeline: Pipeline) -> Vector<u32, NA> {
     let mut a = Vector::<u32, NA>::new(0u32);
     #[unroll]
-    for i in 0..comptime!(keys / 4) {
+    for i in 0..comptime!(pipeline.keys / 4) {
         a.insert(i, pack_bf16x2(p[2 * i], p[2 * i + 1]));
     }
-    await_block(base, block, V_FULL, pipeline);
+    a
+}
+
+/// O += P·V for block `block` (V landed), waited for when `wait`; otherwise in flight until [`wgmma_wait`],
+/// and `a` must not change until then.
+#[cube]
+fn issue_pv<NA: Size>(
+    o: Vector<f32, Const<64>>,
+    a: Vector<u32, NA>,
+    base: u32,
+    block: usize,
+    #[comptime] wait: bool,
+    #[comptime] pipeline: Pipeline,
+) -> Vector<f32, Const<64>> {
+    let keys = comptime!(pipeline.keys);
     let v_desc = sw128_mn_major_descriptor(base + v_tile_offset(block, pipeline), comptime!(keys as u32 * 128));
     let steps = comptime!(keys / 16);
-    wgmma_bf16_register_a_accumulate::<Const<64>, NA>(o * scale, a, v_desc, 128usize, steps, 2048usize, true)
+    wgmma_bf16_register_a_accumulate::<Const<64>, NA>(o, a, v_desc, 128usize, steps, 2048usize, wait)
+}
+
+/// The block loop in FlashAttention-3's order ([`Pipeline::pv_first`]) over `blocks` > 0 blocks, from O = 0:
+/// step b issues S(b), rescales O and issues P(b − 1)·V(b − 1), settles S(b) alone (`wait_group 1`),
+/// releases K(b), computes block b's softmax while the P·V runs, settles it and releases V(b − 1), then
+/// packs P(b) (not before: the P·V in flight reads the previous P's registers). Returns O.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn pv_first_steps<NS: Size, NA: Size>(
+    k_map: &TensorMap<u32, Tiled>,
+    v_map: &TensorMap<u32, Tiled>,
+    q_map: &TensorMap<u32, Tiled>,
+    base: u32,
+    qa: Vector<u32, Const<64>>,
+    q_tile: u32,
+    blocks: usize,
+    k0: usize,
+    head: usize,
+    warpgroup: usize,
+    m: &mut Array<f32>,
+    l: &mut Array<f32>,
+    limit: &Array<usize>,
+    unmasked_keys: usize,
+    t: usize,
+    scale_log2: f32,
+    #[comptime] pipeline: Pipeline,
+) -> Vector<f32, Const<64>> {
+    let mut alpha = Array::<f32>::new(2usize);
+    let mut p = Array::<f32>::new(comptime!(pipeline.keys / 2));
+    if comptime!(pipeline.pingpong) {
+        // Warpgroup 0 takes the first turn.
+        if warpgroup == 1 {
+            named_barrier_arrive(3u32, 256u32);
+        }
+    }
+    await_turn(warpgroup, pipeline);
+    let s0 = begin_step::<NS>(
+        k_map, v_map, q_map, base, qa, q_tile, 0usize, blocks, k0, head, pipeline,
+    );
+    pass_turn(warpgroup, pipeline);
+    let s0 = wgmma_wait::<NS>(s0);
+    mbarrier_arrive(barrier(base, 0usize, K_FREE, pipeline));
+    block_softmax::<NS>(
+        s0,
+        &mut p,
+        &mut alpha,
+        m,
+        l,
+        limit,
+        0usize,
+        unmasked_keys,
+        t,
+        scale_log2,
+        pipeline,
+    );
+    let mut a = pack_p::<NA>(&p, pipeline);
+    let mut o = Vector::<f32, Const<64>>::new(0.0f32);
+    let mut step = 1usize;
+    while step < blocks {
+        await_turn(warpgroup, pipeline);
+        let s = begin_step::<NS>(k_map, v_map, q_map, base, qa, q_tile, step, blocks, k0, head, pipeline);
+        let late = step - 1;
+        await_block(base, late, V_FULL, pipeline);
+        o = issue_pv::<NA>(o * row_factors(&alpha), a, base, late, false, pipeline);
+        pass_turn(warpgroup, pipeline);
+        let s = wgmma_wait_pending::<NS>(s, 1u32);
+        mbarrier_arrive(barrier(base, step, K_FREE, pipeline));
+        block_softmax::<NS>(
+            s,
+            &mut p,
+            &mut alpha,
+            m,
+            l,
+            limit,
+            step,
+            unmasked_keys,
+            t,
+            scale_log2,
+            pipeline,
+        );
+        o = wgmma_wait::<Const<64>>(o);
+        mbarrier_arrive(barrier(base, late, V_FREE, pipeline));
+        a = pack_p::<NA>(&p, pipeline);
+        step += 1;
+    }
+    let late = blocks - 1;
+    await_turn(warpgroup, pipeline);
+    await_block(base, late, V_FULL, pipeline);
+    o = issue_pv::<NA>(o * row_factors(&alpha), a, base, late, false, pipeline);
+    pass_turn(warpgroup, pipeline);
+    if comptime!(pipeline.pingpong) {
+        // Warpgroup 1's last pass, so that no arrival is left on a barrier.
+        if warpgroup == 0 {
+            named_barrier_sync(3u32, 256u32);
+        }
+    }
+    wgmma_wait::<Const<64>>(o)
+}
+
+/// Waits for this warpgroup's turn to issue products (`pingpong`: named barrier 3 + warpgroup, which the
+/// other warpgroup's [`pass_turn`] completes).
+#[cube]
+fn await_turn(warpgroup: usize, #[comptime] pipeline: Pipeline) {
+    if comptime!(pipeline.pingpong) {
+        if warpgroup == 0 {
+            named_barrier_sync(3u32, 256u32);
+        } else {
+            named_barrier_sync(4u32, 256u32);
+        }
+    }
+}
+
+/// Hands the turn to the other warpgroup (`pingpong`).
+#[cube]
+fn pass_turn(warpgroup: usize, #[comptime] pipeline: Pipeline) {
+    if comptime!(pipeline.pingpong) {
+        if warpgroup == 0 {
+            named_barrier_arrive(4u32, 256u32);
+        } else {
+            named_barrier_arrive(3u32, 256u32);
+        }
+    }
 }
 
 #[cube(launch)]
@@ -519,7 +710,29 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     // S issued; while the tensor cores compute it, block b − 1's softmax, then its P·V (whose wait covers S
     // too); then S read (held for step b + 1) and block b's K buffer released. Step 0 is peeled out of the loop (a loop with
     // an `if step > 0` around the softmax measured 12% slower).
-    if blocks > 0 {
+    if comptime!(pipeline.pv_first) {
+        if blocks > 0 {
+            o = pv_first_steps::<NS, NA>(
+                k_map,
+                v_map,
+                q_map,
+                base,
+                qa,
+                q_tile,
+                blocks,
+                k0,
+                head,
+                warpgroup,
+                &mut m,
+                &mut l,
+                &limit,
+                unmasked_keys,
+                t,
+                scale_log2,
+                pipeline,
+            );
+        }
+    } else if blocks > 0 {
         let s0 = begin_step::<NS>(
             k_map, v_map, q_map, base, qa, q_tile, 0usize, blocks, k0, head, pipeline,
         );
@@ -582,8 +795,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
                 let row = (warp % 4) * 16 + g + 8 * r;
                 #[unroll]
                 for n in 0..16usize {
-                    let chunk = ((n % 8) ^ (row % 8)) as u32;
-                    let address = q_tile + ((n / 8) * BOX_BYTES + row * 128) as u32 + chunk * 16 + (4 * t) as u32;
+                    let address = q_tile + ((n / 8) * BOX_BYTES + swizzled_chunk(row, n % 8) * 16 + 4 * t) as u32;
                     store_shared_u32(
                         address,
                         pack_bf16x2(o.extract(4 * n + 2 * r) * inv, o.extract(4 * n + 2 * r + 1) * inv),
