@@ -14,6 +14,7 @@ pub mod gemm;
 pub mod gemm_wgmma;
 pub mod indexer;
 pub mod indexer_fp8;
+pub mod indexer_fp8_wgmma;
 pub mod indexer_wgmma;
 pub mod ir;
 pub mod launch;
