@@ -327,41 +327,36 @@ fn issue_scores<NS: Size>(
     }
 }
 
+/// A unit's two query rows (g and g + 8 of its warp's 16) through the block loop: running maxima `m` (log₂
+/// units) and sums `l`, each row's causal key `limit`, the first key any row of the warpgroup cannot see
+/// (`unmasked_keys`: blocks before it skip the mask), the unit's quad lane `t` and the score scale in log₂.
+#[derive(CubeType)]
+struct Rows {
+    m: Array<f32>,
+    l: Array<f32>,
+    limit: Array<usize>,
+    unmasked_keys: usize,
+    t: usize,
+    scale_log2: f32,
+}
+
 /// Block `block`'s online softmax of `s` (this warpgroup's 64 queries × `keys` keys from keys·block; element
 /// 4n + 2r + e: row g + 8r, key 8n + 2t + e) in log₂ units, then O rescaled and, once the block's V landed,
 /// O += P·V. A block reaching past `unmasked_keys` (warpgroup-uniform) is masked: keys at or past a row's
 /// causal `limit` weigh nothing; blocks left of the diagonal skip the compares. Maxima and sums are trees,
 /// not chains.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 fn softmax_and_pv<NS: Size, NA: Size>(
     s: Vector<f32, NS>,
     o: Vector<f32, Const<64>>,
-    m: &mut Array<f32>,
-    l: &mut Array<f32>,
-    limit: &Array<usize>,
+    rows: &mut Rows,
     block: usize,
-    unmasked_keys: usize,
     base: u32,
-    t: usize,
-    scale_log2: f32,
     #[comptime] pipeline: Pipeline,
 ) -> Vector<f32, Const<64>> {
     let mut alpha = Array::<f32>::new(2usize);
     let mut p = Array::<f32>::new(comptime!(pipeline.keys / 2));
-    block_softmax::<NS>(
-        s,
-        &mut p,
-        &mut alpha,
-        m,
-        l,
-        limit,
-        block,
-        unmasked_keys,
-        t,
-        scale_log2,
-        pipeline,
-    );
+    block_softmax::<NS>(s, &mut p, &mut alpha, rows, block, pipeline);
     let scale = row_factors(&alpha);
     let a = pack_p::<NA>(&p, pipeline);
     await_block(base, block, V_FULL, pipeline);
@@ -371,25 +366,19 @@ fn softmax_and_pv<NS: Size, NA: Size>(
 /// Block `block`'s online softmax of `s` (see [`softmax_and_pv`]): the row maxima `m` and sums `l` updated,
 /// `p` = exp2(S·scale − m) per element of `s`, `alpha` the factor O's rows take for the new maxima.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 fn block_softmax<NS: Size>(
     s: Vector<f32, NS>,
     p: &mut Array<f32>,
     alpha: &mut Array<f32>,
-    m: &mut Array<f32>,
-    l: &mut Array<f32>,
-    limit: &Array<usize>,
+    rows: &mut Rows,
     block: usize,
-    unmasked_keys: usize,
-    t: usize,
-    scale_log2: f32,
     #[comptime] pipeline: Pipeline,
 ) {
     let keys = comptime!(pipeline.keys);
     // Values per unit, per row, and tree levels over a row's values.
     let (values, row_values, levels) = comptime!((keys / 2, keys / 4, (keys / 4).trailing_zeros()));
     let key0 = block * keys;
-    let masked = (block + 1) * keys > unmasked_keys;
+    let masked = (block + 1) * keys > rows.unmasked_keys;
     let mut x = Array::<f32>::new(values);
     #[unroll]
     for i in 0..values {
@@ -398,8 +387,8 @@ fn block_softmax<NS: Size>(
     if masked {
         #[unroll]
         for i in 0..values {
-            let key = key0 + (i / 4) * 8 + 2 * t + i % 2;
-            x[i] = select(key < limit[(i % 4) / 2], x[i], f32::reinterpret(0xff80_0000u32));
+            let key = key0 + (i / 4) * 8 + 2 * rows.t + i % 2;
+            x[i] = select(key < rows.limit[(i % 4) / 2], x[i], f32::reinterpret(0xff80_0000u32));
         }
     }
     #[unroll]
@@ -418,13 +407,13 @@ fn block_softmax<NS: Size>(
                 tree[i] = f32::max(tree[i], tree[i + width]);
             }
         }
-        let m_new = f32::max(m[r], quad_max(tree[0]) * scale_log2);
-        alpha[r] = fast_exp2(m[r] - m_new);
-        m[r] = m_new;
+        let m_new = f32::max(rows.m[r], quad_max(tree[0]) * rows.scale_log2);
+        alpha[r] = fast_exp2(rows.m[r] - m_new);
+        rows.m[r] = m_new;
         #[unroll]
         for i in 0..row_values {
             let index = 4 * (i / 2) + 2 * r + i % 2;
-            let pe = fast_exp2(x[index] * scale_log2 - m_new);
+            let pe = fast_exp2(x[index] * rows.scale_log2 - m_new);
             p[index] = pe;
             tree[i] = pe;
         }
@@ -436,7 +425,7 @@ fn block_softmax<NS: Size>(
                 tree[i] += tree[i + width];
             }
         }
-        l[r] = l[r] * alpha[r] + tree[0];
+        rows.l[r] = rows.l[r] * alpha[r] + tree[0];
     }
 }
 
@@ -497,12 +486,7 @@ fn pv_first_steps<NS: Size, NA: Size>(
     k0: usize,
     head: usize,
     warpgroup: usize,
-    m: &mut Array<f32>,
-    l: &mut Array<f32>,
-    limit: &Array<usize>,
-    unmasked_keys: usize,
-    t: usize,
-    scale_log2: f32,
+    rows: &mut Rows,
     #[comptime] pipeline: Pipeline,
 ) -> Vector<f32, Const<64>> {
     let mut alpha = Array::<f32>::new(2usize);
@@ -520,19 +504,7 @@ fn pv_first_steps<NS: Size, NA: Size>(
     pass_turn(warpgroup, pipeline);
     let s0 = wgmma_wait::<NS>(s0);
     mbarrier_arrive(barrier(base, 0usize, K_FREE, pipeline));
-    block_softmax::<NS>(
-        s0,
-        &mut p,
-        &mut alpha,
-        m,
-        l,
-        limit,
-        0usize,
-        unmasked_keys,
-        t,
-        scale_log2,
-        pipeline,
-    );
+    block_softmax::<NS>(s0, &mut p, &mut alpha, rows, 0usize, pipeline);
     let mut a = pack_p::<NA>(&p, pipeline);
     let mut o = Vector::<f32, Const<64>>::new(0.0f32);
     let mut step = 1usize;
@@ -545,19 +517,7 @@ fn pv_first_steps<NS: Size, NA: Size>(
         pass_turn(warpgroup, pipeline);
         let s = wgmma_wait_pending::<NS>(s, 1u32);
         mbarrier_arrive(barrier(base, step, K_FREE, pipeline));
-        block_softmax::<NS>(
-            s,
-            &mut p,
-            &mut alpha,
-            m,
-            l,
-            limit,
-            step,
-            unmasked_keys,
-            t,
-            scale_log2,
-            pipeline,
-        );
+        block_softmax::<NS>(s, &mut p, &mut alpha, rows, step, pipeline);
         o = wgmma_wait::<Const<64>>(o);
         mbarrier_arrive(barrier(base, late, V_FREE, pipeline));
         a = pack_p::<NA>(&p, pipeline);
@@ -705,6 +665,14 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     }
     let mut o = Vector::<f32, Const<64>>::new(0.0f32);
     let scale_log2 = sm_scale * core::f32::consts::LOG2_E;
+    let mut rows = Rows {
+        m,
+        l,
+        limit,
+        unmasked_keys,
+        t,
+        scale_log2,
+    };
 
     // Step b (begin_step): block b's K awaited, K(b + depth) and V(b + depth − 1) copies started, block b's
     // S issued; while the tensor cores compute it, block b − 1's softmax, then its P·V (whose wait covers S
@@ -713,23 +681,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     if comptime!(pipeline.pv_first) {
         if blocks > 0 {
             o = pv_first_steps::<NS, NA>(
-                k_map,
-                v_map,
-                q_map,
-                base,
-                qa,
-                q_tile,
-                blocks,
-                k0,
-                head,
-                warpgroup,
-                &mut m,
-                &mut l,
-                &limit,
-                unmasked_keys,
-                t,
-                scale_log2,
-                pipeline,
+                k_map, v_map, q_map, base, qa, q_tile, blocks, k0, head, warpgroup, &mut rows, pipeline,
             );
         }
     } else if blocks > 0 {
@@ -743,19 +695,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
             let s = begin_step::<NS>(k_map, v_map, q_map, base, qa, q_tile, step, blocks, k0, head, pipeline);
             let late = step - 1;
             if late * keys < group_keys {
-                o = softmax_and_pv::<NS, NA>(
-                    held,
-                    o,
-                    &mut m,
-                    &mut l,
-                    &limit,
-                    late,
-                    unmasked_keys,
-                    base,
-                    t,
-                    scale_log2,
-                    pipeline,
-                );
+                o = softmax_and_pv::<NS, NA>(held, o, &mut rows, late, base, pipeline);
             }
             mbarrier_arrive(barrier(base, late, V_FREE, pipeline));
             held = wgmma_wait::<NS>(s);
@@ -764,19 +704,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
         }
         let late = blocks - 1;
         if late * keys < group_keys {
-            o = softmax_and_pv::<NS, NA>(
-                held,
-                o,
-                &mut m,
-                &mut l,
-                &limit,
-                late,
-                unmasked_keys,
-                base,
-                t,
-                scale_log2,
-                pipeline,
-            );
+            o = softmax_and_pv::<NS, NA>(held, o, &mut rows, late, base, pipeline);
         }
     }
 
@@ -786,33 +714,34 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     let whole_group = comptime!(pipeline.tma_store) && group_first + BLOCK <= q_len;
     #[unroll]
     for r in 0..2usize {
-        let sum = quad_sum(l[r]);
+        let sum = quad_sum(rows.l[r]);
         let local = local0 + warp * 16 + g + 8 * r;
         if local < q_len {
             let pair = (q_start + local) * heads + head;
             let inv = select(sum > 0.0f32, 1.0f32 / sum, 0.0f32);
+            let mut packed = Array::<u32>::new(16usize);
+            #[unroll]
+            for n in 0..16usize {
+                packed[n] = pack_bf16x2(o.extract(4 * n + 2 * r) * inv, o.extract(4 * n + 2 * r + 1) * inv);
+            }
             if whole_group {
                 let row = (warp % 4) * 16 + g + 8 * r;
                 #[unroll]
                 for n in 0..16usize {
                     let address = q_tile + ((n / 8) * BOX_BYTES + swizzled_chunk(row, n % 8) * 16 + 4 * t) as u32;
-                    store_shared_u32(
-                        address,
-                        pack_bf16x2(o.extract(4 * n + 2 * r) * inv, o.extract(4 * n + 2 * r + 1) * inv),
-                    );
+                    store_shared_u32(address, packed[n]);
                 }
             } else {
                 #[unroll]
                 for n in 0..16usize {
-                    out[pair * comptime!(D_V / 2) + n * 4 + t] =
-                        pack_bf16x2(o.extract(4 * n + 2 * r) * inv, o.extract(4 * n + 2 * r + 1) * inv);
+                    out[pair * comptime!(D_V / 2) + n * 4 + t] = packed[n];
                 }
             }
             if t == 0 {
                 lse[pair] = select(
                     sum == 0.0f32,
                     f32::reinterpret(0x7f80_0000u32),
-                    m[r] * core::f32::consts::LN_2 + f32::ln(sum),
+                    rows.m[r] * core::f32::consts::LN_2 + f32::ln(sum),
                 );
             }
         }
@@ -826,7 +755,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
                 named_barrier_sync(comptime!(1 + w as u32), 128u32);
             }
         }
-        if UNIT_POS % 128 == 0 {
+        if UNIT_POS.is_multiple_of(128) {
             let row = (q_start + group_first) as i32;
             tma_store_3d(out_map, q_tile, 0i32, head as i32, row);
             tma_store_3d(out_map, q_tile + BOX_BYTES as u32, 64i32, head as i32, row);
