@@ -120,10 +120,10 @@ pub(super) fn topk_candidates_kernel(
         select_digit(&histogram, &mut choice, k as u32, 2048u32);
         sync_cube();
         let top = choice[0];
-        let mut remaining = choice[1];
+        let remaining = choice[1];
         let bucket = histogram[top as usize].load() as usize;
-        let mut prefix = top << 21;
-        let mut mask = 0xffe0_0000u32;
+        let prefix = top << 21;
+        let mask = 0xffe0_0000u32;
         let from_candidates = bucket <= CANDIDATES;
         sync_cube();
         if from_candidates {
@@ -141,85 +141,116 @@ pub(super) fn topk_candidates_kernel(
             sync_cube();
         }
         let count = select(from_candidates, bucket, allowed);
-        // The remaining 21 bits: 8, 8 and 5 at a time, over the candidates or (fallback) all scores.
-        #[unroll]
-        for pass in 0..3u32 {
-            let shift = comptime!([13u32, 5, 0][pass as usize]);
-            let bins = comptime!([256u32, 256, 32][pass as usize]);
-            if unit < 256 {
-                histogram[unit].store(0u32);
-            }
-            sync_cube();
-            if from_candidates {
-                count_digits(
-                    scores,
-                    base,
-                    &candidates,
-                    count,
-                    prefix,
-                    mask,
-                    shift,
-                    bins,
-                    true,
-                    &histogram,
-                );
-            } else {
-                count_digits(
-                    scores,
-                    base,
-                    &candidates,
-                    count,
-                    prefix,
-                    mask,
-                    shift,
-                    bins,
-                    false,
-                    &histogram,
-                );
-            }
-            sync_cube();
-            select_digit(&histogram, &mut choice, remaining, 256u32);
-            sync_cube();
-            prefix |= choice[0] << shift;
-            mask |= (bins - 1) << shift;
-            remaining = choice[1];
-            sync_cube();
+        finish_select(
+            scores,
+            indices,
+            row,
+            k,
+            base,
+            first,
+            allowed,
+            &candidates,
+            count,
+            from_candidates,
+            prefix,
+            mask,
+            remaining,
+            &histogram,
+            &mut choice,
+            &counters,
+        );
+    }
+}
+
+/// Finishes row `row`'s selection once its top 11 bits are known (`prefix` under `mask`, `remaining` keys
+/// still to take at that digit): three more digit passes (8, 8, 5 bits) over the `count` positions in
+/// `candidates` (`from_candidates`) or over all `allowed` scores, then the keys above the threshold and the
+/// `remaining` lowest positions equal to it — appended after the `written[0]` already written from the
+/// candidates, or (fallback) the whole selection in position order.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn finish_select(
+    scores: &[f32],
+    indices: &mut [i32],
+    row: usize,
+    k: usize,
+    base: usize,
+    first: usize,
+    allowed: usize,
+    candidates: &[u32],
+    count: usize,
+    from_candidates: bool,
+    prefix: u32,
+    mask: u32,
+    remaining: u32,
+    histogram: &[Atomic<u32>],
+    choice: &mut [u32],
+    written: &[Atomic<u32>],
+) {
+    let unit = UNIT_POS as usize;
+    let mut prefix = prefix;
+    let mut mask = mask;
+    let mut remaining = remaining;
+    // The remaining 21 bits: 8, 8 and 5 at a time, over the candidates or (fallback) all scores.
+    #[unroll]
+    for pass in 0..3u32 {
+        let shift = comptime!([13u32, 5, 0][pass as usize]);
+        let bins = comptime!([256u32, 256, 32][pass as usize]);
+        if unit < 256 {
+            histogram[unit].store(0u32);
         }
+        sync_cube();
         if from_candidates {
-            // Candidates above the threshold, then the `remaining` lowest positions equal to it.
-            let mut c = unit;
-            while c < count {
-                let position = candidates[c];
-                let key = ordered_key(scores[base + position as usize]);
-                let mut take = key > prefix;
-                if key == prefix {
-                    let mut rank = 0u32;
-                    for other in 0..count {
-                        let p = candidates[other];
-                        if p < position && ordered_key(scores[base + p as usize]) == prefix {
-                            rank += 1;
-                        }
-                    }
-                    take = rank < remaining;
-                }
-                if take {
-                    indices[row * k + counters[0].fetch_add(1u32) as usize] = (first + position as usize) as i32;
-                }
-                c += CUBE_DIM as usize;
-            }
+            count_digits(
+                scores, base, candidates, count, prefix, mask, shift, bins, true, histogram,
+            );
         } else {
-            write_selection(
-                scores,
-                indices,
-                row,
-                base,
-                first,
-                allowed,
-                k,
-                false,
-                prefix,
-                remaining as usize,
+            count_digits(
+                scores, base, candidates, count, prefix, mask, shift, bins, false, histogram,
             );
         }
+        sync_cube();
+        select_digit(histogram, choice, remaining, 256u32);
+        sync_cube();
+        prefix |= choice[0] << shift;
+        mask |= (bins - 1) << shift;
+        remaining = choice[1];
+        sync_cube();
+    }
+    if from_candidates {
+        // Candidates above the threshold, then the `remaining` lowest positions equal to it.
+        let mut c = unit;
+        while c < count {
+            let position = candidates[c];
+            let key = ordered_key(scores[base + position as usize]);
+            let mut take = key > prefix;
+            if key == prefix {
+                let mut rank = 0u32;
+                for other in 0..count {
+                    let p = candidates[other];
+                    if p < position && ordered_key(scores[base + p as usize]) == prefix {
+                        rank += 1;
+                    }
+                }
+                take = rank < remaining;
+            }
+            if take {
+                indices[row * k + written[0].fetch_add(1u32) as usize] = (first + position as usize) as i32;
+            }
+            c += CUBE_DIM as usize;
+        }
+    } else {
+        write_selection(
+            scores,
+            indices,
+            row,
+            base,
+            first,
+            allowed,
+            k,
+            false,
+            prefix,
+            remaining as usize,
+        );
     }
 }

@@ -4,12 +4,15 @@
 //! optional, default 0), limit [t] i32 (last allowed position, inclusive; −1 = none; optional, default
 //! s − 1) → indices [t, k] i32 (positions in the row), unordered. A row with ≤ k allowed positions returns all of them. Ties (equal f32
 //! bits) go to the lower position; values are ordered by IEEE total order (−0 < +0).
-//! Variant `radix256`: one cube per row; 4 passes of 8-bit digit histograms (shared-memory atomics)
+//! Variant `candidates`: one cube per row; an 11-bit digit histogram, then the threshold bucket's positions
+//! gathered in shared memory and searched there (`candidates_split`: the same with each row's two reads
+//! spread over several cubes, for few long rows). Variant `radix256`: one cube per row; 4 passes of 8-bit digit histograms (shared-memory atomics)
 //! narrow the k-th largest key down, then the same compaction. Variants `radix2*`: one cube per row; a bit-by-bit radix select finds the k-th largest key (32 counting
 //! passes, each a cube reduction), then an in-order compaction (cube prefix sums) writes the selection.
 //! Exact: index sets must equal the reference's. Rows of up to 2²⁴ scores (counts are summed in f32).
 mod candidates;
 mod radix;
+mod split;
 
 use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use crate::spec::{Storage, TensorSpec};
@@ -28,6 +31,11 @@ pub const VARIANTS: &[Variant] = &[
     Variant {
         name: "candidates",
         summary: "11-bit bucket, then radix select over its positions in shared memory",
+        needs_plane_ops: false,
+    },
+    Variant {
+        name: "candidates_split",
+        summary: "candidates with each row's reads split over cubes (few long rows: decode)",
         needs_plane_ops: false,
     },
     Variant {
@@ -156,7 +164,8 @@ impl Kernel for TopK {
     }
     fn problems(&self) -> Vec<Problem> {
         // (t, s, k, data): tie-free, s < k, the model's k = 2048 over 8K keys, ties, negative/denormal scores,
-        // and one narrow range.
+        // one narrow range; then rows long enough for `candidates_split` to split (ties across segments,
+        // the narrow range's whole-row fallback).
         [
             (9, 300, 16, 0),
             (6, 1000, 2048, 0),
@@ -164,6 +173,9 @@ impl Kernel for TopK {
             (5, 3000, 100, 1),
             (5, 2000, 64, 2),
             (3, 8192, 2048, 4),
+            (3, 40000, 2048, 0),
+            (3, 30000, 512, 1),
+            (2, 20000, 2048, 4),
         ]
         .into_iter()
         .map(|(t, s, k, data)| Problem::new(Format::F32, &[("t", t), ("s", s), ("k", k)], &[("data", data as f64)]))
@@ -173,10 +185,11 @@ impl Kernel for TopK {
         &[Format::F32]
     }
     fn bench_problems(&self) -> Vec<Problem> {
-        // 2048 prefill rows over 8K / 32K / 128K keys, k = 2048, every position allowed.
-        [8192, 32768, 131072]
+        // 2048 prefill rows over 8K / 32K / 128K keys, then a decode step's 128 rows over 32K / 128K; k = 2048,
+        // every position allowed.
+        [(2048, 8192), (2048, 32768), (2048, 131072), (128, 32768), (128, 131072)]
             .into_iter()
-            .map(|s| Problem::new(Format::F32, &[("t", 2048), ("s", s), ("k", 2048)], &[("data", 3.0)]))
+            .map(|(t, s)| Problem::new(Format::F32, &[("t", t), ("s", s), ("k", 2048)], &[("data", 3.0)]))
             .collect()
     }
     fn ir_problem(&self, _: Format) -> Problem {
@@ -201,7 +214,7 @@ impl Kernel for TopK {
     fn shared_memory_bytes(&self, variant: &Variant, _: &Problem) -> usize {
         match variant.name {
             // Histogram, candidate positions, and the scans' arrays (one per call site).
-            "candidates" => 4 * (2048 + CANDIDATES + 2 + 2) + 6 * 4 * UNITS as usize,
+            "candidates" | "candidates_split" => 4 * (2048 + CANDIDATES + 2 + 2) + 6 * 4 * UNITS as usize,
             "radix256" => 4 * (256 + 2) + 3 * 4 * UNITS as usize,
             _ => 2 * 4 * UNITS as usize,
         }
@@ -308,6 +321,9 @@ impl Kernel for TopK {
                 k,
             );
         }
+        if variant.name == "candidates_split" {
+            return split::launch(device, t, s, k, inputs, outputs);
+        }
         if variant.name == "radix256" {
             return topk_radix256_kernel::launch(
                 &device.client,
@@ -348,6 +364,26 @@ impl Kernel for TopK {
                 slice_arg(),
                 slice_arg(),
                 slice_arg(),
+                (),
+                (),
+                (),
+            )
+            .define();
+        }
+        if variant.name == "candidates_split" {
+            // The collect pass (the second read of the scores) stands for the variant's four kernels.
+            return split::topk_split_collect_kernel::TopkSplitCollectKernel::new(
+                settings,
+                props,
+                target_props,
+                slice_arg(),
+                slice_arg(),
+                slice_arg(),
+                slice_arg(),
+                slice_arg(),
+                slice_arg(),
+                slice_arg(),
+                (),
                 (),
                 (),
                 (),

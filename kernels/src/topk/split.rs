@@ -1,0 +1,329 @@
+//! The `candidates_split` variant: `candidates` with each row's two reads of the scores spread over
+//! `splits` cubes, for few long rows (a decode step: 128 rows of 128K keys kept 128 cubes of 256 units
+//! busy, each reading half a megabyte twice). Four launches:
+//! 1. histogram (rows × splits cubes): the 11-bit digit histogram of the cube's segment of its row;
+//! 2. select (a cube per row): the digit of the k-th largest key from the row's segment histograms, and
+//!    the mode: take the whole row, finish from candidates, or fall back to passes over the whole row;
+//! 3. collect (rows × splits cubes): keys above that digit written, the digit's positions gathered as
+//!    candidates (global atomics give the slots);
+//! 4. finish (a cube per row): the remaining 21 bits as in `candidates`.
+use super::candidates::{finish_select, select_digit};
+use super::{CANDIDATES, UNITS, row_window, write_selection};
+use crate::launch::{buffer, grid};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use nsa_backends::Device;
+use nsa_dsl::select::ordered_key;
+
+/// Per row in `choice`: the top digit, keys still to take at it, and the mode.
+const CHOICE: usize = 4;
+const TAKE_ALL: u32 = 0;
+const FROM_CANDIDATES: u32 = 1;
+const WHOLE_ROW: u32 = 2;
+/// Loads a unit has in flight in the segment loops (the reads are latency-bound otherwise).
+const UNROLL: usize = 4;
+
+/// Cubes per row: enough for ~1024 cubes in all, each segment at least 8192 scores.
+pub(super) fn splits(rows: usize, s: usize) -> usize {
+    1024usize.div_ceil(rows.max(1)).min(s.div_ceil(8192)).max(1)
+}
+
+/// Positions begin..end of a row's `allowed` that segment `split` of `splits` covers.
+#[cube]
+fn segment(allowed: usize, split: usize, splits: usize) -> (usize, usize) {
+    let length = allowed.div_ceil(splits);
+    let begin = select(split * length < allowed, split * length, allowed);
+    let end = select(begin + length < allowed, begin + length, allowed);
+    (begin, end)
+}
+
+/// The keys of positions c + j·CUBE_DIM (j < UNROLL) of the row at `base`, loaded together; `valid[j]`:
+/// whether that position is before `end` (if not, `keys[j]` is position c's key again).
+#[cube]
+fn load_keys(scores: &[f32], base: usize, c: usize, end: usize, keys: &mut Array<u32>, valid: &mut Array<bool>) {
+    #[unroll]
+    for j in 0..UNROLL {
+        let position = c + j * CUBE_DIM as usize;
+        valid[j] = position < end;
+        keys[j] = ordered_key(scores[base + select(position < end, position, c)]);
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn topk_split_histogram_kernel(
+    scores: &[f32],
+    starts: &[i32],
+    limits: &[i32],
+    histograms: &mut [u32],
+    rows: usize,
+    s: usize,
+    k: usize,
+    splits: usize,
+) {
+    let cube = CUBE_POS as usize;
+    let row = cube / splits;
+    if row >= rows {
+        terminate!();
+    }
+    let unit = UNIT_POS as usize;
+    let (first, allowed) = row_window(starts, limits, row, s);
+    let histogram = Shared::<[Atomic<u32>]>::new_slice(2048usize);
+    #[unroll]
+    for g in 0..8usize {
+        histogram[unit * 8 + g].store(0u32);
+    }
+    sync_cube();
+    if allowed > k {
+        let (begin, end) = segment(allowed, cube % splits, splits);
+        let mut keys = Array::<u32>::new(UNROLL);
+        let mut valid = Array::<bool>::new(UNROLL);
+        let mut c = begin + unit;
+        while c < end {
+            load_keys(scores, row * s + first, c, end, &mut keys, &mut valid);
+            #[unroll]
+            for j in 0..UNROLL {
+                if valid[j] {
+                    histogram[(keys[j] >> 21) as usize].fetch_add(1u32);
+                }
+            }
+            c += comptime!(UNROLL) * CUBE_DIM as usize;
+        }
+    }
+    sync_cube();
+    #[unroll]
+    for g in 0..8usize {
+        histograms[cube * 2048 + unit * 8 + g] = histogram[unit * 8 + g].load();
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn topk_split_select_kernel(
+    starts: &[i32],
+    limits: &[i32],
+    histograms: &[u32],
+    choice: &mut [u32],
+    counters: &mut [Atomic<u32>],
+    rows: usize,
+    s: usize,
+    k: usize,
+    splits: usize,
+) {
+    let row = CUBE_POS as usize;
+    if row >= rows {
+        terminate!();
+    }
+    let unit = UNIT_POS as usize;
+    let (_, allowed) = row_window(starts, limits, row, s);
+    let histogram = Shared::<[Atomic<u32>]>::new_slice(2048usize);
+    let mut digit = Shared::<[u32]>::new_slice(2usize);
+    #[unroll]
+    for g in 0..8usize {
+        let bin = unit * 8 + g;
+        let mut sum = 0u32;
+        for split in 0..splits {
+            sum += histograms[(row * splits + split) * 2048 + bin];
+        }
+        histogram[bin].store(sum);
+    }
+    if unit == 0 {
+        // A row with ≤ k allowed keys has an empty histogram: no unit picks a digit.
+        digit[0] = 0u32;
+        digit[1] = 0u32;
+    }
+    sync_cube();
+    select_digit(&histogram, &mut digit, k as u32, 2048u32);
+    sync_cube();
+    if unit == 0 {
+        let bucket = histogram[digit[0] as usize].load() as usize;
+        choice[row * CHOICE] = digit[0];
+        choice[row * CHOICE + 1] = digit[1];
+        choice[row * CHOICE + 2] = select(
+            allowed <= k,
+            TAKE_ALL,
+            select(bucket <= CANDIDATES, FROM_CANDIDATES, WHOLE_ROW),
+        );
+        counters[row * 2].store(0u32);
+        counters[row * 2 + 1].store(0u32);
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn topk_split_collect_kernel(
+    scores: &[f32],
+    starts: &[i32],
+    limits: &[i32],
+    choice: &[u32],
+    counters: &mut [Atomic<u32>],
+    candidates: &mut [u32],
+    indices: &mut [i32],
+    rows: usize,
+    s: usize,
+    k: usize,
+    splits: usize,
+) {
+    let cube = CUBE_POS as usize;
+    let row = cube / splits;
+    if row >= rows {
+        terminate!();
+    }
+    if choice[row * CHOICE + 2] != FROM_CANDIDATES {
+        terminate!();
+    }
+    let top = choice[row * CHOICE];
+    let (first, allowed) = row_window(starts, limits, row, s);
+    let (begin, end) = segment(allowed, cube % splits, splits);
+    let mut keys = Array::<u32>::new(UNROLL);
+    let mut valid = Array::<bool>::new(UNROLL);
+    let mut c = begin + UNIT_POS as usize;
+    while c < end {
+        load_keys(scores, row * s + first, c, end, &mut keys, &mut valid);
+        #[unroll]
+        for j in 0..UNROLL {
+            let digit = keys[j] >> 21;
+            let position = c + j * CUBE_DIM as usize;
+            if valid[j] && digit > top {
+                indices[row * k + counters[row * 2].fetch_add(1u32) as usize] = (first + position) as i32;
+            } else if valid[j] && digit == top {
+                candidates[row * CANDIDATES + counters[row * 2 + 1].fetch_add(1u32) as usize] = position as u32;
+            }
+        }
+        c += comptime!(UNROLL) * CUBE_DIM as usize;
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn topk_split_finish_kernel(
+    scores: &[f32],
+    starts: &[i32],
+    limits: &[i32],
+    choice: &[u32],
+    counters: &[Atomic<u32>],
+    candidates: &[u32],
+    indices: &mut [i32],
+    rows: usize,
+    s: usize,
+    k: usize,
+) {
+    let row = CUBE_POS as usize;
+    if row >= rows {
+        terminate!();
+    }
+    let unit = UNIT_POS as usize;
+    let (first, allowed) = row_window(starts, limits, row, s);
+    let base = row * s + first;
+    let mode = choice[row * CHOICE + 2];
+    let histogram = Shared::<[Atomic<u32>]>::new_slice(256usize);
+    let written = Shared::<[Atomic<u32>]>::new_slice(1usize);
+    let mut local = Shared::<[u32]>::new_slice(CANDIDATES);
+    let mut digit = Shared::<[u32]>::new_slice(2usize);
+    if mode == TAKE_ALL {
+        write_selection(scores, indices, row, base, first, allowed, k, true, 0u32, 0usize);
+    } else {
+        let from_candidates = mode == FROM_CANDIDATES;
+        let mut count = allowed;
+        if from_candidates {
+            count = counters[row * 2 + 1].load() as usize;
+            let mut c = unit;
+            while c < count {
+                local[c] = candidates[row * CANDIDATES + c];
+                c += CUBE_DIM as usize;
+            }
+            if unit == 0 {
+                written[0].store(counters[row * 2].load());
+            }
+        }
+        sync_cube();
+        finish_select(
+            scores,
+            indices,
+            row,
+            k,
+            base,
+            first,
+            allowed,
+            &local,
+            count,
+            from_candidates,
+            choice[row * CHOICE] << 21,
+            0xffe0_0000u32,
+            choice[row * CHOICE + 1],
+            &histogram,
+            &mut digit,
+            &written,
+        );
+    }
+}
+
+/// Launches the four kernels over `t` rows of `s` scores (workspace from the device's pool).
+pub(super) fn launch(device: &Device, t: usize, s: usize, k: usize, inputs: &[Handle], outputs: &[Handle]) {
+    let client = &device.client;
+    let splits = splits(t, s);
+    let histograms = client.empty(4 * t * splits * 2048);
+    let choice = client.empty(4 * t * CHOICE);
+    let counters = client.empty(4 * t * 2);
+    let candidates = client.empty(4 * t * CANDIDATES);
+    let cube = CubeDim::new_1d(UNITS);
+    let (scores, starts, limits) = (&inputs[0], &inputs[1], &inputs[2]);
+    topk_split_histogram_kernel::launch(
+        client,
+        grid(t * splits),
+        cube,
+        buffer(scores, t * s),
+        buffer(starts, t),
+        buffer(limits, t),
+        buffer(&histograms, t * splits * 2048),
+        t,
+        s,
+        k,
+        splits,
+    );
+    topk_split_select_kernel::launch(
+        client,
+        grid(t),
+        cube,
+        buffer(starts, t),
+        buffer(limits, t),
+        buffer(&histograms, t * splits * 2048),
+        buffer(&choice, t * CHOICE),
+        buffer(&counters, t * 2),
+        t,
+        s,
+        k,
+        splits,
+    );
+    topk_split_collect_kernel::launch(
+        client,
+        grid(t * splits),
+        cube,
+        buffer(scores, t * s),
+        buffer(starts, t),
+        buffer(limits, t),
+        buffer(&choice, t * CHOICE),
+        buffer(&counters, t * 2),
+        buffer(&candidates, t * CANDIDATES),
+        buffer(&outputs[0], t * k),
+        t,
+        s,
+        k,
+        splits,
+    );
+    topk_split_finish_kernel::launch(
+        client,
+        grid(t),
+        cube,
+        buffer(scores, t * s),
+        buffer(starts, t),
+        buffer(limits, t),
+        buffer(&choice, t * CHOICE),
+        buffer(&counters, t * 2),
+        buffer(&candidates, t * CANDIDATES),
+        buffer(&outputs[0], t * k),
+        t,
+        s,
+        k,
+    );
+}
