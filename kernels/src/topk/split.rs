@@ -61,7 +61,7 @@ pub(super) fn topk_split_histogram_kernel(
     k: usize,
     splits: usize,
 ) {
-    let cube = CUBE_POS as usize;
+    let cube = CUBE_POS;
     let row = cube / splits;
     if row >= rows {
         terminate!();
@@ -110,7 +110,7 @@ pub(super) fn topk_split_select_kernel(
     k: usize,
     splits: usize,
 ) {
-    let row = CUBE_POS as usize;
+    let row = CUBE_POS;
     if row >= rows {
         terminate!();
     }
@@ -164,7 +164,7 @@ pub(super) fn topk_split_collect_kernel(
     k: usize,
     splits: usize,
 ) {
-    let cube = CUBE_POS as usize;
+    let cube = CUBE_POS;
     let row = cube / splits;
     if row >= rows {
         terminate!();
@@ -208,7 +208,7 @@ pub(super) fn topk_split_finish_kernel(
     s: usize,
     k: usize,
 ) {
-    let row = CUBE_POS as usize;
+    let row = CUBE_POS;
     if row >= rows {
         terminate!();
     }
