@@ -56,6 +56,8 @@ pub const VARIANTS: &[Variant] = &[
 ];
 
 pub(super) const UNITS: u32 = 256;
+/// Loads a unit has in flight in the `candidates*` loops over scores (they are latency-bound otherwise).
+pub(super) const UNROLL: usize = 4;
 /// Shared-memory capacity for the positions of the threshold's 11-bit bucket (`candidates` variant).
 pub(super) const CANDIDATES: usize = 3584;
 
@@ -71,6 +73,25 @@ pub(super) fn row_window(starts: &[i32], limits: &[i32], row: usize, s: usize) -
         count = end - first;
     }
     (first, count)
+}
+
+/// The keys of positions c + j·CUBE_DIM (j < UNROLL) of the row at `base`, loaded together; `valid[j]`:
+/// whether that position is before `end` (if not, `keys[j]` is position c's key again).
+#[cube]
+pub(super) fn load_keys(
+    scores: &[f32],
+    base: usize,
+    c: usize,
+    end: usize,
+    keys: &mut Array<u32>,
+    valid: &mut Array<bool>,
+) {
+    #[unroll]
+    for j in 0..UNROLL {
+        let position = c + j * CUBE_DIM as usize;
+        valid[j] = position < end;
+        keys[j] = ordered_key(scores[base + select(position < end, position, c)]);
+    }
 }
 
 /// Writes row `row`'s selection (positions `first + i` of the window at `base`) in position order: every allowed key above `threshold` and the first

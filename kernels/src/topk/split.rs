@@ -5,23 +5,21 @@
 //! 2. select (a cube per row): the digit of the k-th largest key from the row's segment histograms, and
 //!    the mode: take the whole row, finish from candidates, or fall back to passes over the whole row;
 //! 3. collect (rows × splits cubes): keys above that digit written, the digit's positions gathered as
-//!    candidates (global atomics give the slots);
+//!    candidates (each segment's slots start after the earlier segments' counts, from their histograms);
 //! 4. finish (a cube per row): the remaining 21 bits as in `candidates`.
 use super::candidates::{finish_select, select_digit};
-use super::{CANDIDATES, UNITS, row_window, write_selection};
+use super::{CANDIDATES, UNITS, UNROLL, load_keys, row_window, write_selection};
 use crate::launch::{buffer, grid};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nsa_backends::Device;
-use nsa_dsl::select::ordered_key;
+use nsa_dsl::select::cube_exclusive_scan;
 
-/// Per row in `choice`: the top digit, keys still to take at it, and the mode.
+/// Per row in `choice`: the top digit, keys still to take at it, the mode, and the keys at the top digit.
 const CHOICE: usize = 4;
 const TAKE_ALL: u32 = 0;
 const FROM_CANDIDATES: u32 = 1;
 const WHOLE_ROW: u32 = 2;
-/// Loads a unit has in flight in the segment loops (the reads are latency-bound otherwise).
-const UNROLL: usize = 4;
 
 /// Cubes per row: enough for ~1024 cubes in all, each segment at least 8192 scores.
 pub(super) fn splits(rows: usize, s: usize) -> usize {
@@ -37,18 +35,6 @@ fn segment(allowed: usize, split: usize, splits: usize) -> (usize, usize) {
     (begin, end)
 }
 
-/// The keys of positions c + j·CUBE_DIM (j < UNROLL) of the row at `base`, loaded together; `valid[j]`:
-/// whether that position is before `end` (if not, `keys[j]` is position c's key again).
-#[cube]
-fn load_keys(scores: &[f32], base: usize, c: usize, end: usize, keys: &mut Array<u32>, valid: &mut Array<bool>) {
-    #[unroll]
-    for j in 0..UNROLL {
-        let position = c + j * CUBE_DIM as usize;
-        valid[j] = position < end;
-        keys[j] = ordered_key(scores[base + select(position < end, position, c)]);
-    }
-}
-
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn topk_split_histogram_kernel(
@@ -61,7 +47,7 @@ pub(super) fn topk_split_histogram_kernel(
     k: usize,
     splits: usize,
 ) {
-    let cube = CUBE_POS as usize;
+    let cube = CUBE_POS;
     let row = cube / splits;
     if row >= rows {
         terminate!();
@@ -104,13 +90,12 @@ pub(super) fn topk_split_select_kernel(
     limits: &[i32],
     histograms: &[u32],
     choice: &mut [u32],
-    counters: &mut [Atomic<u32>],
     rows: usize,
     s: usize,
     k: usize,
     splits: usize,
 ) {
-    let row = CUBE_POS as usize;
+    let row = CUBE_POS;
     if row >= rows {
         terminate!();
     }
@@ -118,14 +103,21 @@ pub(super) fn topk_split_select_kernel(
     let (_, allowed) = row_window(starts, limits, row, s);
     let histogram = Shared::<[Atomic<u32>]>::new_slice(2048usize);
     let mut digit = Shared::<[u32]>::new_slice(2usize);
+    // A unit's 8 bins summed over the splits, the 8 loads of a split in flight together.
+    let mut sums = Array::<u32>::new(8usize);
     #[unroll]
     for g in 0..8usize {
-        let bin = unit * 8 + g;
-        let mut sum = 0u32;
-        for split in 0..splits {
-            sum += histograms[(row * splits + split) * 2048 + bin];
+        sums[g] = 0u32;
+    }
+    for split in 0..splits {
+        #[unroll]
+        for g in 0..8usize {
+            sums[g] += histograms[(row * splits + split) * 2048 + unit * 8 + g];
         }
-        histogram[bin].store(sum);
+    }
+    #[unroll]
+    for g in 0..8usize {
+        histogram[unit * 8 + g].store(sums[g]);
     }
     if unit == 0 {
         // A row with ≤ k allowed keys has an empty histogram: no unit picks a digit.
@@ -144,8 +136,7 @@ pub(super) fn topk_split_select_kernel(
             TAKE_ALL,
             select(bucket <= CANDIDATES, FROM_CANDIDATES, WHOLE_ROW),
         );
-        counters[row * 2].store(0u32);
-        counters[row * 2 + 1].store(0u32);
+        choice[row * CHOICE + 3] = bucket as u32;
     }
 }
 
@@ -155,8 +146,8 @@ pub(super) fn topk_split_collect_kernel(
     scores: &[f32],
     starts: &[i32],
     limits: &[i32],
+    histograms: &[u32],
     choice: &[u32],
-    counters: &mut [Atomic<u32>],
     candidates: &mut [u32],
     indices: &mut [i32],
     rows: usize,
@@ -164,7 +155,7 @@ pub(super) fn topk_split_collect_kernel(
     k: usize,
     splits: usize,
 ) {
-    let cube = CUBE_POS as usize;
+    let cube = CUBE_POS;
     let row = cube / splits;
     if row >= rows {
         terminate!();
@@ -172,12 +163,36 @@ pub(super) fn topk_split_collect_kernel(
     if choice[row * CHOICE + 2] != FROM_CANDIDATES {
         terminate!();
     }
+    let unit = UNIT_POS as usize;
+    let split = cube % splits;
     let top = choice[row * CHOICE];
+    // This segment's keys go after those the segments before it hold above / at the top digit (from
+    // their histograms); slots within the segment come from shared counters. (Global atomics on one
+    // counter a row serialized: 134 µs of 330 at 128 rows × 128K.)
+    let mut above = 0u32;
+    let mut at = 0u32;
+    for earlier in 0..split {
+        #[unroll]
+        for g in 0..8usize {
+            let bin = unit * 8 + g;
+            let n = histograms[(row * splits + earlier) * 2048 + bin];
+            above += select(bin as u32 > top, n, 0u32);
+            at += select(bin as u32 == top, n, 0u32);
+        }
+    }
+    let above_before = cube_exclusive_scan(above, UNITS).total;
+    let at_before = cube_exclusive_scan(at, UNITS).total;
+    let slots = Shared::<[Atomic<u32>]>::new_slice(2usize);
+    if unit == 0 {
+        slots[0].store(above_before);
+        slots[1].store(at_before);
+    }
+    sync_cube();
     let (first, allowed) = row_window(starts, limits, row, s);
-    let (begin, end) = segment(allowed, cube % splits, splits);
+    let (begin, end) = segment(allowed, split, splits);
     let mut keys = Array::<u32>::new(UNROLL);
     let mut valid = Array::<bool>::new(UNROLL);
-    let mut c = begin + UNIT_POS as usize;
+    let mut c = begin + unit;
     while c < end {
         load_keys(scores, row * s + first, c, end, &mut keys, &mut valid);
         #[unroll]
@@ -185,9 +200,9 @@ pub(super) fn topk_split_collect_kernel(
             let digit = keys[j] >> 21;
             let position = c + j * CUBE_DIM as usize;
             if valid[j] && digit > top {
-                indices[row * k + counters[row * 2].fetch_add(1u32) as usize] = (first + position) as i32;
+                indices[row * k + slots[0].fetch_add(1u32) as usize] = (first + position) as i32;
             } else if valid[j] && digit == top {
-                candidates[row * CANDIDATES + counters[row * 2 + 1].fetch_add(1u32) as usize] = position as u32;
+                candidates[row * CANDIDATES + slots[1].fetch_add(1u32) as usize] = position as u32;
             }
         }
         c += comptime!(UNROLL) * CUBE_DIM as usize;
@@ -201,14 +216,13 @@ pub(super) fn topk_split_finish_kernel(
     starts: &[i32],
     limits: &[i32],
     choice: &[u32],
-    counters: &[Atomic<u32>],
     candidates: &[u32],
     indices: &mut [i32],
     rows: usize,
     s: usize,
     k: usize,
 ) {
-    let row = CUBE_POS as usize;
+    let row = CUBE_POS;
     if row >= rows {
         terminate!();
     }
@@ -226,14 +240,15 @@ pub(super) fn topk_split_finish_kernel(
         let from_candidates = mode == FROM_CANDIDATES;
         let mut count = allowed;
         if from_candidates {
-            count = counters[row * 2 + 1].load() as usize;
+            count = choice[row * CHOICE + 3] as usize;
             let mut c = unit;
             while c < count {
                 local[c] = candidates[row * CANDIDATES + c];
                 c += CUBE_DIM as usize;
             }
             if unit == 0 {
-                written[0].store(counters[row * 2].load());
+                // The collect pass wrote every key above the top digit: all but the `remaining` to take at it.
+                written[0].store(k as u32 - choice[row * CHOICE + 1]);
             }
         }
         sync_cube();
@@ -264,7 +279,6 @@ pub(super) fn launch(device: &Device, t: usize, s: usize, k: usize, inputs: &[Ha
     let splits = splits(t, s);
     let histograms = client.empty(4 * t * splits * 2048);
     let choice = client.empty(4 * t * CHOICE);
-    let counters = client.empty(4 * t * 2);
     let candidates = client.empty(4 * t * CANDIDATES);
     let cube = CubeDim::new_1d(UNITS);
     let (scores, starts, limits) = (&inputs[0], &inputs[1], &inputs[2]);
@@ -289,7 +303,6 @@ pub(super) fn launch(device: &Device, t: usize, s: usize, k: usize, inputs: &[Ha
         buffer(limits, t),
         buffer(&histograms, t * splits * 2048),
         buffer(&choice, t * CHOICE),
-        buffer(&counters, t * 2),
         t,
         s,
         k,
@@ -302,8 +315,8 @@ pub(super) fn launch(device: &Device, t: usize, s: usize, k: usize, inputs: &[Ha
         buffer(scores, t * s),
         buffer(starts, t),
         buffer(limits, t),
+        buffer(&histograms, t * splits * 2048),
         buffer(&choice, t * CHOICE),
-        buffer(&counters, t * 2),
         buffer(&candidates, t * CANDIDATES),
         buffer(&outputs[0], t * k),
         t,
@@ -319,7 +332,6 @@ pub(super) fn launch(device: &Device, t: usize, s: usize, k: usize, inputs: &[Ha
         buffer(starts, t),
         buffer(limits, t),
         buffer(&choice, t * CHOICE),
-        buffer(&counters, t * 2),
         buffer(&candidates, t * CANDIDATES),
         buffer(&outputs[0], t * k),
         t,
