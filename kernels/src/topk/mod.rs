@@ -373,6 +373,12 @@ impl Kernel for TopK {
             reduction(variant),
         );
     }
+    fn later_launches(&self, variant: &Variant, target: IrTarget, _: &Problem) -> Vec<KernelDefinition> {
+        match variant.name {
+            "candidates_split" => split::definitions(target).split_off(1),
+            _ => Vec::new(),
+        }
+    }
     fn define(&self, variant: &Variant, target: IrTarget, _: &Problem) -> KernelDefinition {
         let (props, target_props) = nsa_backends::ir_properties(target);
         let settings = ir_settings(CubeDim::new_1d(UNITS));
@@ -392,24 +398,7 @@ impl Kernel for TopK {
             .define();
         }
         if variant.name == "candidates_split" {
-            // The collect pass (the second read of the scores) stands for the variant's four kernels.
-            return split::topk_split_collect_kernel::TopkSplitCollectKernel::new(
-                settings,
-                props,
-                target_props,
-                slice_arg(),
-                slice_arg(),
-                slice_arg(),
-                slice_arg(),
-                slice_arg(),
-                slice_arg(),
-                slice_arg(),
-                (),
-                (),
-                (),
-                (),
-            )
-            .define();
+            return split::definitions(target).remove(0);
         }
         if variant.name == "radix256" {
             return topk_radix256_kernel::TopkRadix256Kernel::new(

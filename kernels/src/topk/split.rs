@@ -9,10 +9,10 @@
 //! 4. finish (a cube per row): the remaining 21 bits as in `candidates`.
 use super::candidates::{finish_select, select_digit};
 use super::{CANDIDATES, UNITS, UNROLL, load_keys, row_window, write_selection};
-use crate::launch::{buffer, grid};
+use crate::launch::{buffer, grid, ir_settings, slice_arg};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use nsa_backends::Device;
+use nsa_backends::{Device, IrTarget};
 use nsa_dsl::select::cube_exclusive_scan;
 
 /// Per row in `choice`: the top digit, keys still to take at it, the mode, and the keys at the top digit.
@@ -338,4 +338,73 @@ pub(super) fn launch(device: &Device, t: usize, s: usize, k: usize, inputs: &[Ha
         s,
         k,
     );
+}
+
+/// The four kernels' definitions for `target`, in launch order.
+pub(super) fn definitions(target: IrTarget) -> Vec<KernelDefinition> {
+    let (props, target_props) = nsa_backends::ir_properties(target);
+    let settings = || ir_settings(CubeDim::new_1d(UNITS));
+    let (p, tp) = (&props, &target_props);
+    vec![
+        topk_split_histogram_kernel::TopkSplitHistogramKernel::new(
+            settings(),
+            p.clone(),
+            tp.clone(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            (),
+            (),
+            (),
+            (),
+        )
+        .define(),
+        topk_split_select_kernel::TopkSplitSelectKernel::new(
+            settings(),
+            p.clone(),
+            tp.clone(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            (),
+            (),
+            (),
+            (),
+        )
+        .define(),
+        topk_split_collect_kernel::TopkSplitCollectKernel::new(
+            settings(),
+            p.clone(),
+            tp.clone(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            (),
+            (),
+            (),
+            (),
+        )
+        .define(),
+        topk_split_finish_kernel::TopkSplitFinishKernel::new(
+            settings(),
+            p.clone(),
+            tp.clone(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            slice_arg(),
+            (),
+            (),
+            (),
+        )
+        .define(),
+    ]
 }
