@@ -226,10 +226,39 @@ pub fn version_text(kernel: &dyn Kernel) -> String {
         if let Some((target, format)) = code
             && let Ok(source) = crate::ir::emit(kernel, variant, target, &kernel.ir_problem(format))
         {
-            text.push_str(&source);
+            text.push_str(&without_entry_hashes(&source));
         }
     }
     text
+}
+
+/// `source` with the hash CubeCL appends to each entry point's name (`…_kernel_n_4_fead24a2`) replaced by
+/// `<hash>`: it comes from the kernel's type id, which moves with the build (checkout path, test or binary
+/// crate), so a version including it made a table measured by one build stale in every other.
+pub fn without_entry_hashes(source: &str) -> String {
+    let bytes = source.as_bytes();
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut out = String::with_capacity(source.len());
+    let mut copied = 0;
+    let mut i = 1;
+    while i + 9 <= bytes.len() {
+        let hash = &bytes[i + 1..i + 9];
+        let before = bytes[i - 1];
+        if bytes[i] == b'_'
+            && (before.is_ascii_lowercase() || before.is_ascii_digit())
+            && hash.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+            && bytes.get(i + 9).is_none_or(|b| !word(*b))
+        {
+            out.push_str(&source[copied..i + 1]);
+            out.push_str("<hash>");
+            copied = i + 9;
+            i += 9;
+        } else {
+            i += 1;
+        }
+    }
+    out.push_str(&source[copied..]);
+    out
 }
 
 /// FNV-1a, 64-bit, as 16 hex digits.

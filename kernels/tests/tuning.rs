@@ -3,7 +3,8 @@ use nsa_backends::DeviceFeatures;
 use nsa_kernels::find_kernel;
 use nsa_kernels::strategy::{STRATEGIES, find_strategy, strategy_version, table_name};
 use nsa_kernels::tuning::{
-    Choice, DeviceKey, Dispatch, Entry, TuningTable, bucket_of, config_label, kernel_version, parse_label, version_text,
+    Choice, DeviceKey, Dispatch, Entry, TuningTable, bucket_of, config_label, kernel_version, parse_label,
+    version_text, without_entry_hashes,
 };
 
 fn features() -> DeviceFeatures {
@@ -213,5 +214,26 @@ fn the_version_covers_variants_that_lack_the_first_format() {
     assert!(
         text.contains("bar.arrive"),
         "wgmma_h64_pair's CUDA is not in the version"
+    );
+}
+
+#[test]
+fn the_version_ignores_the_entry_name_hash_and_nothing_else() {
+    // CubeCL names an entry point after the kernel's type id, which differs between builds of the same
+    // code (checkout path, test or binary crate): a version including it made every table stale elsewhere.
+    let a = "__global__ void rms_norm_kernel_n_4_fead24a2(uint32_t_4 const* v0) { x_1 = 0xdeadbeef; }";
+    let b = "__global__ void rms_norm_kernel_n_4_368ec926(uint32_t_4 const* v0) { x_1 = 0xdeadbeef; }";
+    assert_eq!(without_entry_hashes(a), without_entry_hashes(b));
+    assert!(without_entry_hashes(a).contains("rms_norm_kernel_n_4_<hash>("));
+    // Code, literals and names that merely look alike stay.
+    let c = "__global__ void rms_norm_kernel_n_4_368ec926(uint32_t_4 const* v0) { x_1 = 0xdeadbeee; }";
+    assert_ne!(without_entry_hashes(b), without_entry_hashes(c));
+    for kept in ["v_0123abcd_x", "V_0123ABCD(", "a_0123abc(", "0xdeadbeef", "_0123abcd("] {
+        assert_eq!(without_entry_hashes(kept), kept);
+    }
+    let text = version_text(find_kernel("rms_norm").unwrap());
+    assert!(
+        text.contains("_<hash>"),
+        "the entry names in the version are not normalized"
     );
 }
