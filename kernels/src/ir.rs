@@ -9,5 +9,12 @@ pub fn emit(
     problem: &Problem,
 ) -> Result<String, KernelError> {
     kernel.validate(problem)?;
-    Ok(emit_ir(target, kernel.define(variant, target, problem))?)
+    let mut source = emit_ir(target, kernel.define(variant, target, problem))?;
+    for (i, definition) in kernel.later_launches(variant, target, problem).into_iter().enumerate() {
+        // A comment line in the target's syntax (SPIR-V assembly comments start with `;`).
+        let comment = if target == IrTarget::Spirv { ";" } else { "//" };
+        source.push_str(&format!("\n{comment} ---- launch {} of {} ----\n", i + 2, variant.name));
+        source.push_str(&emit_ir(target, definition)?);
+    }
+    Ok(source)
 }

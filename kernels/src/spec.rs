@@ -289,6 +289,11 @@ pub trait Kernel: Sync {
     }
     fn launch(&self, variant: &Variant, device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[Handle]);
     fn define(&self, variant: &Variant, target: IrTarget, problem: &Problem) -> KernelDefinition;
+    /// The kernels a variant launches after [`Kernel::define`]'s, in launch order (e.g. a split's select and
+    /// finish passes): `nsa ir`, the snapshots and the tuning table's kernel version cover them too.
+    fn later_launches(&self, _variant: &Variant, _target: IrTarget, _problem: &Problem) -> Vec<KernelDefinition> {
+        Vec::new()
+    }
 
     fn spec(&self, variant: &Variant, problem: &Problem) -> KernelSpec {
         let inputs = self.inputs().to_vec();

@@ -1,5 +1,5 @@
 //! The `candidates` variant: two reads of the scores, the rest of the search in shared memory.
-use super::{CANDIDATES, UNITS, row_window, write_selection};
+use super::{CANDIDATES, UNITS, UNROLL, load_keys, row_window, write_selection};
 use cubecl::prelude::*;
 use nsa_dsl::select::{cube_exclusive_scan, ordered_key};
 
@@ -53,17 +53,27 @@ pub(super) fn count_digits(
     #[comptime] from_candidates: bool,
     histogram: &[Atomic<u32>],
 ) {
+    let stride = CUBE_DIM as usize;
+    let mut keys = Array::<u32>::new(UNROLL);
     let mut c = UNIT_POS as usize;
     while c < count {
-        let mut position = c;
-        if from_candidates {
-            position = candidates[c] as usize;
+        // UNROLL loads in flight (a unit past the end reads its first one again).
+        #[unroll]
+        for j in 0..UNROLL {
+            let i = select(c + j * stride < count, c + j * stride, c);
+            let mut position = i;
+            if from_candidates {
+                position = candidates[i] as usize;
+            }
+            keys[j] = ordered_key(scores[base + position]);
         }
-        let key = ordered_key(scores[base + position]);
-        if (key & mask) == prefix {
-            histogram[((key >> shift) & (bins - 1)) as usize].fetch_add(1u32);
+        #[unroll]
+        for j in 0..UNROLL {
+            if c + j * stride < count && (keys[j] & mask) == prefix {
+                histogram[((keys[j] >> shift) & (bins - 1)) as usize].fetch_add(1u32);
+            }
         }
-        c += CUBE_DIM as usize;
+        c += comptime!(UNROLL) * stride;
     }
 }
 
@@ -128,15 +138,22 @@ pub(super) fn topk_candidates_kernel(
         sync_cube();
         if from_candidates {
             // Pass 2: keys above the bucket are selected; the bucket's positions become candidates.
-            let mut i = unit;
-            while i < allowed {
-                let digit = ordered_key(scores[base + i]) >> 21;
-                if digit > top {
-                    indices[row * k + counters[0].fetch_add(1u32) as usize] = (first + i) as i32;
-                } else if digit == top {
-                    candidates[counters[1].fetch_add(1u32) as usize] = i as u32;
+            let mut keys = Array::<u32>::new(UNROLL);
+            let mut valid = Array::<bool>::new(UNROLL);
+            let mut c = unit;
+            while c < allowed {
+                load_keys(scores, base, c, allowed, &mut keys, &mut valid);
+                #[unroll]
+                for j in 0..UNROLL {
+                    let digit = keys[j] >> 21;
+                    let i = c + j * CUBE_DIM as usize;
+                    if valid[j] && digit > top {
+                        indices[row * k + counters[0].fetch_add(1u32) as usize] = (first + i) as i32;
+                    } else if valid[j] && digit == top {
+                        candidates[counters[1].fetch_add(1u32) as usize] = i as u32;
+                    }
                 }
-                i += CUBE_DIM as usize;
+                c += comptime!(UNROLL) * CUBE_DIM as usize;
             }
             sync_cube();
         }
@@ -191,6 +208,8 @@ pub(super) fn finish_select(
     let mut prefix = prefix;
     let mut mask = mask;
     let mut remaining = remaining;
+    // Keys equal to the final threshold (the last pass's digit count).
+    let mut equal_total = 0u32;
     // The remaining 21 bits: 8, 8 and 5 at a time, over the candidates or (fallback) all scores.
     #[unroll]
     for pass in 0..3u32 {
@@ -212,6 +231,7 @@ pub(super) fn finish_select(
         sync_cube();
         select_digit(histogram, choice, remaining, 256u32);
         sync_cube();
+        equal_total = histogram[choice[0] as usize].load();
         prefix |= choice[0] << shift;
         mask |= (bins - 1) << shift;
         remaining = choice[1];
@@ -224,7 +244,8 @@ pub(super) fn finish_select(
             let position = candidates[c];
             let key = ordered_key(scores[base + position as usize]);
             let mut take = key > prefix;
-            if key == prefix {
+            if key == prefix && remaining < equal_total {
+                // Only some of the keys equal to the threshold are taken: the lowest positions.
                 let mut rank = 0u32;
                 for other in 0..count {
                     let p = candidates[other];
@@ -233,6 +254,8 @@ pub(super) fn finish_select(
                     }
                 }
                 take = rank < remaining;
+            } else if key == prefix {
+                take = true;
             }
             if take {
                 indices[row * k + written[0].fetch_add(1u32) as usize] = (first + position as usize) as i32;

@@ -56,6 +56,8 @@ pub const VARIANTS: &[Variant] = &[
 ];
 
 pub(super) const UNITS: u32 = 256;
+/// Loads a unit has in flight in the `candidates*` loops over scores (they are latency-bound otherwise).
+pub(super) const UNROLL: usize = 4;
 /// Shared-memory capacity for the positions of the threshold's 11-bit bucket (`candidates` variant).
 pub(super) const CANDIDATES: usize = 3584;
 
@@ -71,6 +73,25 @@ pub(super) fn row_window(starts: &[i32], limits: &[i32], row: usize, s: usize) -
         count = end - first;
     }
     (first, count)
+}
+
+/// The keys of positions c + j·CUBE_DIM (j < UNROLL) of the row at `base`, loaded together; `valid[j]`:
+/// whether that position is before `end` (if not, `keys[j]` is position c's key again).
+#[cube]
+pub(super) fn load_keys(
+    scores: &[f32],
+    base: usize,
+    c: usize,
+    end: usize,
+    keys: &mut Array<u32>,
+    valid: &mut Array<bool>,
+) {
+    #[unroll]
+    for j in 0..UNROLL {
+        let position = c + j * CUBE_DIM as usize;
+        valid[j] = position < end;
+        keys[j] = ordered_key(scores[base + select(position < end, position, c)]);
+    }
 }
 
 /// Writes row `row`'s selection (positions `first + i` of the window at `base`) in position order: every allowed key above `threshold` and the first
@@ -352,6 +373,12 @@ impl Kernel for TopK {
             reduction(variant),
         );
     }
+    fn later_launches(&self, variant: &Variant, target: IrTarget, _: &Problem) -> Vec<KernelDefinition> {
+        match variant.name {
+            "candidates_split" => split::definitions(target).split_off(1),
+            _ => Vec::new(),
+        }
+    }
     fn define(&self, variant: &Variant, target: IrTarget, _: &Problem) -> KernelDefinition {
         let (props, target_props) = nsa_backends::ir_properties(target);
         let settings = ir_settings(CubeDim::new_1d(UNITS));
@@ -371,24 +398,7 @@ impl Kernel for TopK {
             .define();
         }
         if variant.name == "candidates_split" {
-            // The collect pass (the second read of the scores) stands for the variant's four kernels.
-            return split::topk_split_collect_kernel::TopkSplitCollectKernel::new(
-                settings,
-                props,
-                target_props,
-                slice_arg(),
-                slice_arg(),
-                slice_arg(),
-                slice_arg(),
-                slice_arg(),
-                slice_arg(),
-                slice_arg(),
-                (),
-                (),
-                (),
-                (),
-            )
-            .define();
+            return split::definitions(target).remove(0);
         }
         if variant.name == "radix256" {
             return topk_radix256_kernel::TopkRadix256Kernel::new(
