@@ -44,8 +44,8 @@ pub const VARIANTS: &[Variant] = &[
     },
     Variant {
         name: "wgmma_k128_producer",
-        summary: "`wgmma_k128_pv_first` with a producer warp issuing the K / V copies as soon as their \
-                  buffers are free (Hopper, bf16)",
+        summary: "`wgmma_k128_pv_first` with a producer warpgroup issuing the K / V copies as soon as their \
+                  buffers are free, its registers handed to the consumers (setmaxnreg 24 / 240) (Hopper, bf16)",
         needs_plane_ops: true,
     },
     Variant {

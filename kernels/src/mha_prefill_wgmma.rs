@@ -31,7 +31,7 @@ use nsa_dsl::format::pack_bf16x2;
 use nsa_dsl::mbarrier::{fence_barrier_init, mbarrier_arrive, mbarrier_arrive_expect_tx, mbarrier_init, mbarrier_wait};
 use nsa_dsl::tma::{fence_shared_to_async, tma_load_3d, tma_store_3d, tma_store_commit, tma_store_wait_read};
 use nsa_dsl::warp_mma::{fast_exp2, quad_max, quad_sum};
-use nsa_dsl::warpgroup::named_barrier_sync;
+use nsa_dsl::warpgroup::{named_barrier_sync, set_max_registers_decrease, set_max_registers_increase};
 use nsa_dsl::wgmma::{
     ATOM_BYTES, Operands, first_atom, store_shared_u32, sw128_descriptor, sw128_mn_major_descriptor, swizzled_chunk,
     wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh, wgmma_fresh, wgmma_wait,
@@ -42,6 +42,10 @@ use pv_first::pv_first_steps;
 
 const D_QK: usize = 192;
 const D_V: usize = 128;
+/// Registers a unit of the producer warpgroup keeps, and a consumer's: 128 · (2 · 240 + 24) ≤ 64K.
+const PRODUCER_REGISTERS: u32 = 24;
+const CONSUMER_REGISTERS: u32 = 240;
+
 /// Queries per warpgroup, and rows per tensor-copy box.
 const BLOCK: usize = 64;
 /// Bytes of one 64-row × 64-column swizzled block: one TMA box.
@@ -70,9 +74,11 @@ pub struct Pipeline {
     /// With `pv_first` and two warpgroups: each step's products are issued in turns (named barriers 3 and 4),
     /// so one warpgroup's softmax runs while the other's products run (FlashAttention-3's ping-pong).
     pub pingpong: bool,
-    /// One more warp (the cube's last) issues every K / V copy after the first as soon as its buffer is
+    /// One more warpgroup (the cube's last) issues every K / V copy after the first as soon as its buffer is
     /// free, instead of warpgroup 0's first unit at the start of each step (which waits for both
-    /// warpgroups' releases and holds its warp, so its warpgroup's S, back).
+    /// warpgroups' releases and holds its warp, so its warpgroup's S, back). It keeps
+    /// [`PRODUCER_REGISTERS`] a unit and hands the rest to the consumers (`setmaxnreg`; one producer warp
+    /// would leave 168 a unit to all under the 288-unit launch bound, and the consumers need ~220).
     pub producer: bool,
 }
 
@@ -85,7 +91,7 @@ impl Pipeline {
                 && matches!(self.keys, 64 | 128)
                 && (self.q_shared || !self.tma_store)
                 && (!self.pingpong || (self.pv_first && self.groups == 2))
-                && (!self.producer || self.pv_first),
+                && (!self.producer || (self.pv_first && self.groups == 2)),
             "{self:?}: not a pipeline"
         );
     }
@@ -115,9 +121,9 @@ impl Pipeline {
         self.q_offset() + if self.q_shared { self.groups * 3 * BOX_BYTES } else { 0 }
     }
 
-    /// Units a cube: 128 a warpgroup, and the producer warp.
+    /// Units a cube: 128 a warpgroup, the producer's included.
     pub fn units(self) -> u32 {
-        128 * self.groups as u32 + if self.producer { 32 } else { 0 }
+        128 * (self.groups + self.producer as usize) as u32
     }
 
     pub fn shared_memory_bytes(self) -> usize {
@@ -577,10 +583,12 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     }
     sync_plane();
     if comptime!(pipeline.producer) {
-        // The producer warp runs every step's copies as soon as their buffers are free, then leaves (no
-        // cube barrier follows; the free barriers count the consumers only).
+        // The producer warpgroup hands its registers to the consumers, and its first unit runs every
+        // step's copies as soon as their buffers are free, then leaves (no cube barrier follows; the free
+        // barriers count the consumers only).
         if warpgroup == groups {
-            if lane == 0 {
+            set_max_registers_decrease(PRODUCER_REGISTERS);
+            if UNIT_POS == comptime!(128 * groups) as u32 {
                 let mut step = 0usize;
                 while step < blocks {
                     copy_ahead(k_map, v_map, q_map, base, step, blocks, k0, head, pipeline);
@@ -589,6 +597,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
             }
             terminate!();
         }
+        set_max_registers_increase(CONSUMER_REGISTERS);
     }
 
     // Q as the A operand of S = Q·Kᵀ, k step j in registers 4j..4j + 3: rows g and g + 8 of this warp's
