@@ -6,7 +6,7 @@
 //! sm_scale → out [t_q, h, 128] (q's format), lse [t_q, h] f32 (natural log). Query j of a sequence with
 //! q_len queries and k_len ≥ q_len keys sees its keys 0 ..= k_len − q_len + j (causal, the new tokens last).
 //! A query that sees nothing gets out 0 and lse +∞.
-//! Variants: `wgmma_k128_pingpong`, `wgmma_k128_pv_first`, `wgmma_k128_tma_store`, `wgmma_k128`, `wgmma`, `wgmma_q128` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
+//! Variants: `wgmma_k128_pingpong`, `wgmma_k128_pv_first`, `wgmma_k128_producer`, `wgmma_k128_tma_store`, `wgmma_k128`, `wgmma`, `wgmma_q128` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
 //! everywhere) and `mma` (flash attention on warp mma.sync:
 //! 64 queries of one head per cube, 16 per plane, Q fragments in registers, O 16 × 128 per plane, K/V
 //! blocks of 64 keys gathered by cp.async one block ahead; CUDA, bf16).
@@ -40,6 +40,12 @@ pub const VARIANTS: &[Variant] = &[
         name: "wgmma_k128_pv_first",
         summary: "`wgmma_k128_tma_store` in FlashAttention-3's order: block b − 1's P·V issued before block b's \
                   softmax and settled after it, so the softmax runs under a product (Hopper, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "wgmma_k128_producer",
+        summary: "`wgmma_k128_pv_first` with a producer warpgroup issuing the K / V copies as soon as their \
+                  buffers are free, its registers handed to the consumers (setmaxnreg 24 / 240) (Hopper, bf16)",
         needs_plane_ops: true,
     },
     Variant {
@@ -94,14 +100,15 @@ pub const VARIANTS: &[Variant] = &[
 
 /// The K/V pipeline of a `wgmma` variant.
 fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
-    let (groups, depth, q_shared, keys, tma_store, pv_first, pingpong) = match variant.name {
-        "wgmma_k128" => (2, 1, true, 128, false, false, false),
-        "wgmma_k128_tma_store" => (2, 1, true, 128, true, false, false),
-        "wgmma_k128_pv_first" => (2, 1, true, 128, true, true, false),
-        "wgmma_k128_pingpong" => (2, 1, true, 128, true, true, true),
-        "wgmma" => (3, 1, true, 64, false, false, false),
-        "wgmma_q128" => (2, 2, false, 64, false, false, false),
-        "wgmma_q64" => (1, 1, false, 64, false, false, false),
+    let (groups, depth, q_shared, keys, tma_store, pv_first, pingpong, producer) = match variant.name {
+        "wgmma_k128" => (2, 1, true, 128, false, false, false, false),
+        "wgmma_k128_tma_store" => (2, 1, true, 128, true, false, false, false),
+        "wgmma_k128_pv_first" => (2, 1, true, 128, true, true, false, false),
+        "wgmma_k128_producer" => (2, 1, true, 128, true, true, false, true),
+        "wgmma_k128_pingpong" => (2, 1, true, 128, true, true, true, false),
+        "wgmma" => (3, 1, true, 64, false, false, false, false),
+        "wgmma_q128" => (2, 2, false, 64, false, false, false, false),
+        "wgmma_q64" => (1, 1, false, 64, false, false, false, false),
         _ => return None,
     };
     Some(Pipeline {
@@ -112,6 +119,7 @@ fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
         tma_store,
         pv_first,
         pingpong,
+        producer,
     })
 }
 

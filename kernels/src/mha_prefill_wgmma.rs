@@ -31,7 +31,7 @@ use nsa_dsl::format::pack_bf16x2;
 use nsa_dsl::mbarrier::{fence_barrier_init, mbarrier_arrive, mbarrier_arrive_expect_tx, mbarrier_init, mbarrier_wait};
 use nsa_dsl::tma::{fence_shared_to_async, tma_load_3d, tma_store_3d, tma_store_commit, tma_store_wait_read};
 use nsa_dsl::warp_mma::{fast_exp2, quad_max, quad_sum};
-use nsa_dsl::warpgroup::named_barrier_sync;
+use nsa_dsl::warpgroup::{named_barrier_sync, set_max_registers_decrease, set_max_registers_increase};
 use nsa_dsl::wgmma::{
     ATOM_BYTES, Operands, first_atom, store_shared_u32, sw128_descriptor, sw128_mn_major_descriptor, swizzled_chunk,
     wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh, wgmma_fresh, wgmma_wait,
@@ -42,6 +42,10 @@ use pv_first::pv_first_steps;
 
 const D_QK: usize = 192;
 const D_V: usize = 128;
+/// Registers a unit of the producer warpgroup keeps, and a consumer's: 128 · (2 · 240 + 24) ≤ 64K.
+const PRODUCER_REGISTERS: u32 = 24;
+const CONSUMER_REGISTERS: u32 = 240;
+
 /// Queries per warpgroup, and rows per tensor-copy box.
 const BLOCK: usize = 64;
 /// Bytes of one 64-row × 64-column swizzled block: one TMA box.
@@ -70,6 +74,12 @@ pub struct Pipeline {
     /// With `pv_first` and two warpgroups: each step's products are issued in turns (named barriers 3 and 4),
     /// so one warpgroup's softmax runs while the other's products run (FlashAttention-3's ping-pong).
     pub pingpong: bool,
+    /// One more warpgroup (the cube's last) issues every K / V copy after the first as soon as its buffer is
+    /// free, instead of warpgroup 0's first unit at the start of each step (which waits for both
+    /// warpgroups' releases and holds its warp, so its warpgroup's S, back). It keeps
+    /// [`PRODUCER_REGISTERS`] a unit and hands the rest to the consumers (`setmaxnreg`; one producer warp
+    /// would leave 168 a unit to all under the 288-unit launch bound, and the consumers need ~220).
+    pub producer: bool,
 }
 
 impl Pipeline {
@@ -80,7 +90,8 @@ impl Pipeline {
                 && (1..=3).contains(&self.groups)
                 && matches!(self.keys, 64 | 128)
                 && (self.q_shared || !self.tma_store)
-                && (!self.pingpong || (self.pv_first && self.groups == 2)),
+                && (!self.pingpong || (self.pv_first && self.groups == 2))
+                && (!self.producer || (self.pv_first && self.groups == 2)),
             "{self:?}: not a pipeline"
         );
     }
@@ -108,6 +119,11 @@ impl Pipeline {
     /// Bytes of the tiles; the barriers follow them: K full, V full, K free, V free (one per buffer each).
     fn tiles_bytes(self) -> usize {
         self.q_offset() + if self.q_shared { self.groups * 3 * BOX_BYTES } else { 0 }
+    }
+
+    /// Units a cube: 128 a warpgroup, the producer's included.
+    pub fn units(self) -> u32 {
+        128 * (self.groups + self.producer as usize) as u32
     }
 
     pub fn shared_memory_bytes(self) -> usize {
@@ -278,26 +294,45 @@ fn begin_step<NS: Size>(
     head: usize,
     #[comptime] pipeline: Pipeline,
 ) -> Vector<f32, NS> {
-    let (depth, buffers) = comptime!((pipeline.depth, pipeline.buffers()));
     await_block(base, step, K_FULL, pipeline);
-    if UNIT_POS == 0 {
-        let k_ahead = step + depth;
-        if k_ahead < blocks {
-            if k_ahead >= buffers {
-                await_previous_use(base, k_ahead, K_FREE, pipeline);
-            }
-            copy_k(k_map, q_map, base, k_ahead, k0, 0usize, head, pipeline);
-        }
-        let v_ahead = k_ahead - 1;
-        if v_ahead < blocks {
-            if v_ahead >= buffers {
-                await_previous_use(base, v_ahead, V_FREE, pipeline);
-            }
-            copy_v(v_map, base, v_ahead, k0, head, pipeline);
+    if comptime!(!pipeline.producer) {
+        if UNIT_POS == 0 {
+            copy_ahead(k_map, v_map, q_map, base, step, blocks, k0, head, pipeline);
         }
     }
     sync_plane();
     issue_scores::<NS>(qa, q_tile, base, step, pipeline)
+}
+
+/// The copies step `step` starts: K(step + depth) and V(step + depth − 1), each once its buffer is free.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn copy_ahead(
+    k_map: &TensorMap<u32, Tiled>,
+    v_map: &TensorMap<u32, Tiled>,
+    q_map: &TensorMap<u32, Tiled>,
+    base: u32,
+    step: usize,
+    blocks: usize,
+    k0: usize,
+    head: usize,
+    #[comptime] pipeline: Pipeline,
+) {
+    let (depth, buffers) = comptime!((pipeline.depth, pipeline.buffers()));
+    let k_ahead = step + depth;
+    if k_ahead < blocks {
+        if k_ahead >= buffers {
+            await_previous_use(base, k_ahead, K_FREE, pipeline);
+        }
+        copy_k(k_map, q_map, base, k_ahead, k0, 0usize, head, pipeline);
+    }
+    let v_ahead = k_ahead - 1;
+    if v_ahead < blocks {
+        if v_ahead >= buffers {
+            await_previous_use(base, v_ahead, V_FREE, pipeline);
+        }
+        copy_v(v_map, base, v_ahead, k0, head, pipeline);
+    }
 }
 
 /// Issues S = Q·Kᵀ for block `block` (64 queries × `keys` keys, K = 192 in three 64-column blocks of the K
@@ -547,6 +582,23 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
         }
     }
     sync_plane();
+    if comptime!(pipeline.producer) {
+        // The producer warpgroup hands its registers to the consumers, and its first unit runs every
+        // step's copies as soon as their buffers are free, then leaves (no cube barrier follows; the free
+        // barriers count the consumers only).
+        if warpgroup == groups {
+            set_max_registers_decrease(PRODUCER_REGISTERS);
+            if UNIT_POS == comptime!(128 * groups) as u32 {
+                let mut step = 0usize;
+                while step < blocks {
+                    copy_ahead(k_map, v_map, q_map, base, step, blocks, k0, head, pipeline);
+                    step += 1;
+                }
+            }
+            terminate!();
+        }
+        set_max_registers_increase(CONSUMER_REGISTERS);
+    }
 
     // Q as the A operand of S = Q·Kᵀ, k step j in registers 4j..4j + 3: rows g and g + 8 of this warp's
     // 16 (register + r), columns 16j + 2t, + 1 (register + 2h: + 8h); rows past the sequence zero. 48 are
@@ -689,7 +741,7 @@ pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[
     mha_prefill_wgmma_kernel::launch(
         &device.client,
         grid(tiles * h),
-        CubeDim::new_1d(128 * pipeline.groups as u32),
+        CubeDim::new_1d(pipeline.units()),
         pipeline.keys / 2,
         pipeline.keys / 4,
         buffer(&inputs[0], t_q * h * D_QK / 2),
@@ -714,7 +766,7 @@ pub fn define(target: IrTarget, pipeline: Pipeline) -> KernelDefinition {
     let (props, target_props) = nsa_backends::ir_properties(target);
     let a = slice_arg;
     mha_prefill_wgmma_kernel::MhaPrefillWgmmaKernel::new(
-        ir_settings(CubeDim::new_1d(128 * pipeline.groups as u32)),
+        ir_settings(CubeDim::new_1d(pipeline.units())),
         props,
         target_props,
         a(),
