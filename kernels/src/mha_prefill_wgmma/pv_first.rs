@@ -90,7 +90,12 @@ pub(super) fn pv_first_steps<NS: Size, NA: Size>(
             named_barrier_sync(3u32, 256u32);
         }
     }
-    wgmma_wait::<Const<64>>(o)
+    let o = wgmma_wait::<Const<64>>(o);
+    if comptime!(pipeline.persistent) {
+        // The next tile's blocks reuse this buffer (a cube per tile never refills it).
+        mbarrier_arrive(barrier(base, late, V_FREE, pipeline));
+    }
+    o
 }
 
 /// Waits for this warpgroup's turn to issue products (`pingpong`: named barrier 3 + warpgroup, which the
