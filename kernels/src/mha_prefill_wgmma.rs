@@ -840,6 +840,8 @@ pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[
     let tiles = t_q.div_ceil(BLOCK * pipeline.groups) + seqs;
     if pipeline.persistent {
         let sms = device.features().multiprocessors.unwrap_or(1) as usize;
+        // The work counter (tickets handed out after each cube's first item), zero for each launch.
+        let work = device.client.create_from_slice(&[0u8; 4]);
         persistent::mha_prefill_persistent_kernel::launch(
             &device.client,
             grid((tiles * h).min(sms)),
@@ -854,6 +856,7 @@ pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[
             buffer(&outputs[0], t_q * h * D_V / 2),
             bf16_head_rows_map(&outputs[0], t_q, h, D_V),
             buffer(&outputs[1], t_q * h),
+            buffer(&work, 1),
             h,
             seqs,
             tiles,
@@ -901,6 +904,7 @@ pub fn define(target: IrTarget, pipeline: Pipeline) -> KernelDefinition {
             a(),
             a(),
             (),
+            a(),
             a(),
             (),
             (),

@@ -1,5 +1,6 @@
-//! `Pipeline::persistent`: one cube per SM walks the work items (item CUBE_POS, then + CUBE_COUNT, in
-//! [`tile_at`]'s heaviest-first order). The blocks of a cube's successive tiles go round the same K / V
+//! `Pipeline::persistent`: one cube per SM walks the work items ([`tile_at`]'s heaviest-first order), each
+//! cube taking the next unclaimed one when its producer is ready for it (a static stride over the items
+//! measured 14% slower at 2K tokens: the heaviest cube got 1.27× the mean work). The blocks of a cube's successive tiles go round the same K / V
 //! buffers (ring position = blocks of the cube's earlier tiles + block), so the producer warpgroup copies the
 //! next tile's first K and, once the current tile's last S has read them, its Q tiles, while the consumers
 //! still run the current tile's last softmax, P·V and output stores — the per-tile start that a cube per
@@ -11,7 +12,7 @@ use super::{
 };
 use crate::mha_prefill::tile_at;
 use cubecl::prelude::*;
-use nsa_dsl::mbarrier::{fence_barrier_init, mbarrier_arrive_expect_tx, mbarrier_init, mbarrier_wait};
+use nsa_dsl::mbarrier::{fence_barrier_init, mbarrier_arrive, mbarrier_arrive_expect_tx, mbarrier_init, mbarrier_wait};
 use nsa_dsl::warpgroup::{set_max_registers_decrease, set_max_registers_increase};
 use nsa_dsl::wgmma::first_atom;
 
@@ -26,6 +27,7 @@ pub(super) fn mha_prefill_persistent_kernel<NS: Size, NA: Size>(
     out: &mut [u32],
     out_map: &TensorMap<u32, Tiled>,
     lse: &mut [f32],
+    work: &mut [Atomic<u32>],
     heads: usize,
     seqs: usize,
     tile_bound: usize,
@@ -37,6 +39,8 @@ pub(super) fn mha_prefill_persistent_kernel<NS: Size, NA: Size>(
     let smem =
         Shared::<[Vector<u32, Const<4>>]>::new_aligned_slice(comptime!(pipeline.shared_memory_bytes() / 16), 1024usize);
     let (_, base) = first_atom(&smem);
+    // The work item the producer hands over with each Q full phase.
+    let mut slot = Shared::<[u32]>::new_slice(1usize);
     if UNIT_POS == 0 {
         #[unroll]
         for i in 0..buffers {
@@ -54,7 +58,9 @@ pub(super) fn mha_prefill_persistent_kernel<NS: Size, NA: Size>(
     if warpgroup == groups {
         set_max_registers_decrease(PRODUCER_REGISTERS);
         if UNIT_POS == consumers {
-            produce(k_map, v_map, q_map, cu_q, cu_k, base, heads, seqs, tile_bound, pipeline);
+            produce(
+                k_map, v_map, q_map, cu_q, cu_k, work, &mut slot, base, heads, seqs, tile_bound, pipeline,
+            );
         }
         terminate!();
     }
@@ -65,47 +71,51 @@ pub(super) fn mha_prefill_persistent_kernel<NS: Size, NA: Size>(
     let qa = Vector::<u32, Const<64>>::new(0u32);
     let mut ring = 0usize;
     let mut q_phase = 0u32;
-    let mut item = CUBE_POS;
-    while item < heads * tile_bound {
-        let (valid, head, q_start, q_len, k0, k_len, local0) =
-            tile_at(cu_q, cu_k, heads, seqs, tile_bound, item, comptime!(BLOCK * groups));
-        if valid {
-            let blocks = tile_blocks(q_len, k_len, local0, pipeline);
-            let group_first = local0 + warpgroup * BLOCK;
-            let mut rows = new_rows(q_len, k_len, group_first, sm_scale);
-            let mut o = Vector::<f32, Const<64>>::new(0.0f32);
-            if blocks > 0 {
-                mbarrier_wait(q_barrier(base, Q_FULL, pipeline), q_phase);
-                o = pv_first_steps::<NS, NA>(
-                    k_map, v_map, q_map, base, qa, q_tile, ring, blocks, k0, head, warpgroup, &mut rows, pipeline,
-                );
-                ring += blocks;
-                q_phase ^= 1u32;
-            }
-            write_output(
-                o,
-                &rows,
-                out,
-                out_map,
-                lse,
-                q_tile,
-                q_start,
-                q_len,
-                local0,
-                group_first,
-                heads,
-                head,
-                warpgroup,
-                pipeline,
-            );
+    loop {
+        mbarrier_wait(q_barrier(base, Q_FULL, pipeline), q_phase);
+        q_phase ^= 1u32;
+        let item = slot[0] as usize;
+        if item >= heads * tile_bound {
+            break;
         }
-        item += CUBE_COUNT;
+        let (_, head, q_start, q_len, k0, k_len, local0) =
+            tile_at(cu_q, cu_k, heads, seqs, tile_bound, item, comptime!(BLOCK * groups));
+        let blocks = tile_blocks(q_len, k_len, local0, pipeline);
+        let group_first = local0 + warpgroup * BLOCK;
+        let mut rows = new_rows(q_len, k_len, group_first, sm_scale);
+        let mut o = Vector::<f32, Const<64>>::new(0.0f32);
+        if blocks > 0 {
+            o = pv_first_steps::<NS, NA>(
+                k_map, v_map, q_map, base, qa, q_tile, ring, blocks, k0, head, warpgroup, &mut rows, pipeline,
+            );
+            ring += blocks;
+        } else {
+            mbarrier_arrive(q_barrier(base, Q_FREE, pipeline));
+        }
+        write_output(
+            o,
+            &rows,
+            out,
+            out_map,
+            lse,
+            q_tile,
+            q_start,
+            q_len,
+            local0,
+            group_first,
+            heads,
+            head,
+            warpgroup,
+            pipeline,
+        );
     }
 }
 
-/// The producer's walk over the same work items as the consumers: per tile with keys, its first K (once
-/// that buffer is free), its Q tiles (once the previous tile's last S read them), then every step's copies
-/// as its buffers free up.
+/// The producer: claims work items (its cube's index first, then CUBE_COUNT + the `work` counter's tickets,
+/// so the cubes that finish first take the next tiles), skipping slots past a sequence's last tile; per
+/// item, its first K (once that buffer is free), then — once the previous item's last S read the Q tiles —
+/// the item in `slot` and its Q tiles on the Q full barrier, then every step's copies as buffers free up.
+/// An item past the last ends the consumers' walk.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn produce(
@@ -114,6 +124,8 @@ fn produce(
     q_map: &TensorMap<u32, Tiled>,
     cu_q: &[i32],
     cu_k: &[i32],
+    work: &mut [Atomic<u32>],
+    slot: &mut [u32],
     base: u32,
     heads: usize,
     seqs: usize,
@@ -121,34 +133,47 @@ fn produce(
     #[comptime] pipeline: Pipeline,
 ) {
     let (groups, keys, buffers) = comptime!((pipeline.groups, pipeline.keys, pipeline.buffers()));
+    let items = heads * tile_bound;
+    let q_full = q_barrier(base, Q_FULL, pipeline);
     let mut ring = 0usize;
-    let mut q_uses = 0u32;
+    let mut handed = 0u32;
     let mut item = CUBE_POS;
-    while item < heads * tile_bound {
+    loop {
         let (valid, head, q_start, q_len, k0, k_len, local0) =
             tile_at(cu_q, cu_k, heads, seqs, tile_bound, item, comptime!(BLOCK * groups));
-        let blocks = tile_blocks(q_len, k_len, local0, pipeline);
-        if valid && blocks > 0 {
+        if item < items && !valid {
+            item = CUBE_COUNT + work[0].fetch_add(1u32) as usize;
+        } else {
+            let blocks = select(valid, tile_blocks(q_len, k_len, local0, pipeline), 0usize);
             // The copies address ring position r at key row k_base + r·keys = k0 + (r − ring)·keys; the
             // subtraction wraps, the sum does not (r ≥ ring).
             let k_base = k0 - ring * keys;
-            if ring >= buffers {
-                await_previous_use(base, ring, K_FREE, pipeline);
+            if blocks > 0 {
+                if ring >= buffers {
+                    await_previous_use(base, ring, K_FREE, pipeline);
+                }
+                copy_k(k_map, q_map, base, ring, k_base, 0usize, head, pipeline);
             }
-            copy_k(k_map, q_map, base, ring, k_base, 0usize, head, pipeline);
-            if q_uses > 0 {
-                mbarrier_wait(q_barrier(base, Q_FREE, pipeline), (q_uses - 1) % 2);
+            if handed > 0 {
+                mbarrier_wait(q_barrier(base, Q_FREE, pipeline), (handed - 1) % 2);
             }
-            let q_full = q_barrier(base, Q_FULL, pipeline);
-            mbarrier_arrive_expect_tx(q_full, comptime!(pipeline.q_bytes()) as u32);
-            load_q_tiles(q_map, base, q_full, q_start + local0, head, pipeline);
-            q_uses += 1;
+            slot[0] = item as u32;
+            if blocks > 0 {
+                mbarrier_arrive_expect_tx(q_full, comptime!(pipeline.q_bytes()) as u32);
+                load_q_tiles(q_map, base, q_full, q_start + local0, head, pipeline);
+            } else {
+                mbarrier_arrive(q_full);
+            }
+            handed += 1;
+            if item >= items {
+                break;
+            }
             let end = ring + blocks;
             while ring < end {
                 copy_ahead(k_map, v_map, q_map, base, ring, end, k_base, head, pipeline);
                 ring += 1;
             }
+            item = CUBE_COUNT + work[0].fetch_add(1u32) as usize;
         }
-        item += CUBE_COUNT;
     }
 }
