@@ -104,30 +104,63 @@ pub const VARIANTS: &[Variant] = &[
     },
 ];
 
-/// The K/V pipeline of a `wgmma` variant.
+/// The K/V pipeline of a `wgmma` variant, each stated by what it changes.
 fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
-    let (groups, depth, q_shared, keys, tma_store, pv_first, pingpong, producer, persistent) = match variant.name {
-        "wgmma_k128" => (2, 1, true, 128, false, false, false, false, false),
-        "wgmma_k128_tma_store" => (2, 1, true, 128, true, false, false, false, false),
-        "wgmma_k128_pv_first" => (2, 1, true, 128, true, true, false, false, false),
-        "wgmma_k128_producer" => (2, 1, true, 128, true, true, false, true, false),
-        "wgmma_k128_persistent" => (2, 1, true, 128, false, true, false, true, true),
-        "wgmma_k128_pingpong" => (2, 1, true, 128, true, true, true, false, false),
-        "wgmma" => (3, 1, true, 64, false, false, false, false, false),
-        "wgmma_q128" => (2, 2, false, 64, false, false, false, false, false),
-        "wgmma_q64" => (1, 1, false, 64, false, false, false, false, false),
-        _ => return None,
+    let k128 = Pipeline {
+        groups: 2,
+        depth: 1,
+        q_shared: true,
+        keys: 128,
+        tma_store: false,
+        pv_first: false,
+        pingpong: false,
+        producer: false,
+        persistent: false,
     };
-    Some(Pipeline {
-        groups,
-        depth,
-        q_shared,
-        keys,
-        tma_store,
-        pv_first,
-        pingpong,
-        producer,
-        persistent,
+    let pv_first = Pipeline {
+        tma_store: true,
+        pv_first: true,
+        ..k128
+    };
+    Some(match variant.name {
+        "wgmma_k128" => k128,
+        "wgmma_k128_tma_store" => Pipeline {
+            tma_store: true,
+            ..k128
+        },
+        "wgmma_k128_pv_first" => pv_first,
+        "wgmma_k128_producer" => Pipeline {
+            producer: true,
+            ..pv_first
+        },
+        "wgmma_k128_persistent" => Pipeline {
+            tma_store: false,
+            producer: true,
+            persistent: true,
+            ..pv_first
+        },
+        "wgmma_k128_pingpong" => Pipeline {
+            pingpong: true,
+            ..pv_first
+        },
+        "wgmma" => Pipeline {
+            groups: 3,
+            keys: 64,
+            ..k128
+        },
+        "wgmma_q128" => Pipeline {
+            depth: 2,
+            q_shared: false,
+            keys: 64,
+            ..k128
+        },
+        "wgmma_q64" => Pipeline {
+            groups: 1,
+            q_shared: false,
+            keys: 64,
+            ..k128
+        },
+        _ => return None,
     })
 }
 

@@ -96,8 +96,7 @@ impl Pipeline {
                 && (1..=3).contains(&self.groups)
                 && matches!(self.keys, 64 | 128)
                 && (self.q_shared || !self.tma_store)
-                && (!self.pingpong || (self.pv_first && self.groups == 2))
-                && (!self.producer || (self.pv_first && self.groups == 2))
+                && (!(self.pingpong || self.producer) || (self.pv_first && self.groups == 2))
                 && (!self.persistent || (self.producer && self.q_shared && !self.tma_store)),
             "{self:?}: not a pipeline"
         );
