@@ -6,7 +6,7 @@
 //! sm_scale → out [t_q, h, 128] (q's format), lse [t_q, h] f32 (natural log). Query j of a sequence with
 //! q_len queries and k_len ≥ q_len keys sees its keys 0 ..= k_len − q_len + j (causal, the new tokens last).
 //! A query that sees nothing gets out 0 and lse +∞.
-//! Variants: `wgmma_k128_pingpong`, `wgmma_k128_pv_first`, `wgmma_k128_producer`, `wgmma_k128_tma_store`, `wgmma_k128`, `wgmma`, `wgmma_q128` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
+//! Variants: `wgmma_k128_pingpong`, `wgmma_k128_pv_first`, `wgmma_k128_producer`, `wgmma_k128_persistent`, `wgmma_k128_tma_store`, `wgmma_k128`, `wgmma`, `wgmma_q128` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
 //! everywhere) and `mma` (flash attention on warp mma.sync:
 //! 64 queries of one head per cube, 16 per plane, Q fragments in registers, O 16 × 128 per plane, K/V
 //! blocks of 64 keys gathered by cp.async one block ahead; CUDA, bf16).
@@ -46,6 +46,12 @@ pub const VARIANTS: &[Variant] = &[
         name: "wgmma_k128_producer",
         summary: "`wgmma_k128_pv_first` with a producer warpgroup issuing the K / V copies as soon as their \
                   buffers are free, its registers handed to the consumers (setmaxnreg 24 / 240) (Hopper, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "wgmma_k128_persistent",
+        summary: "`wgmma_k128_producer` with one cube per SM walking the tiles, so the producer copies the next \
+                  tile's Q and first K while the consumers finish the current one (Hopper, bf16)",
         needs_plane_ops: true,
     },
     Variant {
@@ -109,6 +115,7 @@ fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
         pv_first: false,
         pingpong: false,
         producer: false,
+        persistent: false,
     };
     let pv_first = Pipeline {
         tma_store: true,
@@ -124,6 +131,12 @@ fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
         "wgmma_k128_pv_first" => pv_first,
         "wgmma_k128_producer" => Pipeline {
             producer: true,
+            ..pv_first
+        },
+        "wgmma_k128_persistent" => Pipeline {
+            tma_store: false,
+            producer: true,
+            persistent: true,
             ..pv_first
         },
         "wgmma_k128_pingpong" => Pipeline {
@@ -302,14 +315,8 @@ fn gather_kv<N: Size>(
     );
 }
 
-/// The query tile of this cube for the tensor-core variants, which cover query tile c (of `tile_rows`
-/// queries) of the batch for one head: the head, the tile's sequence (its first query row, query count,
-/// first key row, key count) and the tile's first query within the sequence. Cubes go by chunks of
-/// [`HEAD_CHUNK`] heads, so the cubes running at once read the K/V of a few heads, which stays in L2 (with
-/// all heads innermost all of them were live and K/V came from DRAM); within a chunk tiles go in reverse,
-/// heads innermost — a causal sequence's last tiles see the most keys, so every head's longest tiles start
-/// first and the chunk ends with short ones (head by head, a long tile started last left the other SMs
-/// idle: 10% of the time at 2K tokens by a list-scheduling count). Cubes past the last tile terminate.
+/// The query tile of this cube for the tensor-core variants (tile [`CUBE_POS`] in [`tile_at`]'s order);
+/// cubes past the last tile terminate.
 #[cube]
 pub(crate) fn locate_tile(
     cu_q: &[i32],
@@ -319,27 +326,59 @@ pub(crate) fn locate_tile(
     tile_bound: usize,
     #[comptime] tile_rows: usize,
 ) -> (usize, usize, usize, usize, usize, usize) {
-    let chunk = CUBE_POS / (HEAD_CHUNK * tile_bound);
-    let first_head = chunk * HEAD_CHUNK;
-    if first_head >= heads {
+    let (valid, head, q_start, q_len, k0, k_len, local0) =
+        tile_at(cu_q, cu_k, heads, seqs, tile_bound, CUBE_POS, tile_rows);
+    if !valid {
         terminate!();
     }
-    let width = select(heads - first_head < HEAD_CHUNK, heads - first_head, HEAD_CHUNK);
-    let local = CUBE_POS - first_head * tile_bound;
-    if local >= width * tile_bound {
-        terminate!();
+    (head, q_start, q_len, k0, k_len, local0)
+}
+
+/// Work item `index` (of `heads` · `tile_bound`) of the tensor-core variants, which cover query tile c (of
+/// `tile_rows` queries) of the batch for one head: whether it exists, the head, the tile's sequence (its
+/// first query row, query count, first key row, key count) and the tile's first query within the sequence.
+/// Items go by chunks of [`HEAD_CHUNK`] heads, so the cubes running at once read the K/V of a few heads,
+/// which stays in L2 (with all heads innermost all of them were live and K/V came from DRAM); within a chunk
+/// tiles go in reverse, heads innermost — a causal sequence's last tiles see the most keys, so every head's
+/// longest tiles start first and the chunk ends with short ones (head by head, a long tile started last left
+/// the other SMs idle: 10% of the time at 2K tokens by a list-scheduling count).
+#[cube]
+#[allow(clippy::type_complexity)]
+pub(crate) fn tile_at(
+    cu_q: &[i32],
+    cu_k: &[i32],
+    heads: usize,
+    seqs: usize,
+    tile_bound: usize,
+    index: usize,
+    #[comptime] tile_rows: usize,
+) -> (bool, usize, usize, usize, usize, usize, usize) {
+    let mut valid = false;
+    let mut head = 0usize;
+    let mut q_start = 0usize;
+    let mut q_len = 0usize;
+    let mut k0 = 0usize;
+    let mut k_len = 0usize;
+    let mut local0 = 0usize;
+    let first_head = (index / (HEAD_CHUNK * tile_bound)) * HEAD_CHUNK;
+    if first_head < heads {
+        let width = select(heads - first_head < HEAD_CHUNK, heads - first_head, HEAD_CHUNK);
+        let local = index - first_head * tile_bound;
+        if local < width * tile_bound {
+            head = first_head + local % width;
+            let tile = tile_bound - 1 - local / width;
+            let (seq, first_tile) = query_tile(cu_q, seqs, tile, tile_rows);
+            if seq < seqs {
+                valid = true;
+                q_start = cu_q[seq] as usize;
+                q_len = (cu_q[seq + 1] - cu_q[seq]) as usize;
+                k0 = cu_k[seq] as usize;
+                k_len = (cu_k[seq + 1] - cu_k[seq]) as usize;
+                local0 = (tile - first_tile) * tile_rows;
+            }
+        }
     }
-    let head = first_head + local % width;
-    let tile = tile_bound - 1 - local / width;
-    let (seq, first_tile) = query_tile(cu_q, seqs, tile, tile_rows);
-    if seq >= seqs {
-        terminate!();
-    }
-    let q_start = cu_q[seq] as usize;
-    let q_len = (cu_q[seq + 1] - cu_q[seq]) as usize;
-    let k0 = cu_k[seq] as usize;
-    let k_len = (cu_k[seq + 1] - cu_k[seq]) as usize;
-    (head, q_start, q_len, k0, k_len, (tile - first_tile) * tile_rows)
+    (valid, head, q_start, q_len, k0, k_len, local0)
 }
 
 /// The sequence of query tile `tile` (sequences contribute ⌈q_len / tile_rows⌉ tiles each, in order) and its
@@ -633,8 +672,15 @@ impl Kernel for MhaPrefill {
         let mut problems = Vec::new();
         for format in Format::ALL {
             // (t_q, t_k, h, sequences): ragged with prefixes, one sequence across several tiles, no prefix,
-            // heads past one chunk of the tensor-core variants' cube order.
-            for (t_q, t_k, h, seqs) in [(70, 150, 4, 3), (130, 130, 2, 1), (40, 97, 3, 5), (200, 230, 20, 2)] {
+            // heads past one chunk of the tensor-core variants' cube order, more work items than an H200's 132
+            // SMs (a persistent cube takes several tiles).
+            for (t_q, t_k, h, seqs) in [
+                (70, 150, 4, 3),
+                (130, 130, 2, 1),
+                (40, 97, 3, 5),
+                (200, 230, 20, 2),
+                (300, 420, 48, 3),
+            ] {
                 problems.push(Problem::new(
                     format,
                     &dims(t_q, t_k, h, seqs),

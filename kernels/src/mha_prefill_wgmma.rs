@@ -37,6 +37,7 @@ use nsa_dsl::wgmma::{
     wgmma_bf16_register_a_accumulate, wgmma_bf16_register_a_fresh, wgmma_fresh, wgmma_wait,
 };
 
+mod persistent;
 mod pv_first;
 use pv_first::pv_first_steps;
 
@@ -80,6 +81,11 @@ pub struct Pipeline {
     /// [`PRODUCER_REGISTERS`] a unit and hands the rest to the consumers (`setmaxnreg`; one producer warp
     /// would leave 168 a unit to all under the 288-unit launch bound, and the consumers need ~220).
     pub producer: bool,
+    /// With `producer`: one cube per SM walks the tiles (work item CUBE_POS, then + CUBE_COUNT ..), the
+    /// blocks of successive tiles going round the same buffers, and Q on barriers of its own, so the producer
+    /// copies the next tile's Q (once the last S read it) and first K / V while the consumers finish the
+    /// current tile. Outputs are stored from registers (the Q tile is refilled meanwhile).
+    pub persistent: bool,
 }
 
 impl Pipeline {
@@ -90,7 +96,8 @@ impl Pipeline {
                 && (1..=3).contains(&self.groups)
                 && matches!(self.keys, 64 | 128)
                 && (self.q_shared || !self.tma_store)
-                && (!(self.pingpong || self.producer) || (self.pv_first && self.groups == 2)),
+                && (!(self.pingpong || self.producer) || (self.pv_first && self.groups == 2))
+                && (!self.persistent || (self.producer && self.q_shared && !self.tma_store)),
             "{self:?}: not a pipeline"
         );
     }
@@ -115,9 +122,15 @@ impl Pipeline {
         self.buffers() * (self.k_tile_bytes() + self.v_tile_bytes())
     }
 
-    /// Bytes of the tiles; the barriers follow them: K full, V full, K free, V free (one per buffer each).
+    /// Bytes of the tiles; the barriers follow them: K full, V full, K free, V free (one per buffer each),
+    /// and (`persistent`) Q full, Q free.
     fn tiles_bytes(self) -> usize {
-        self.q_offset() + if self.q_shared { self.groups * 3 * BOX_BYTES } else { 0 }
+        self.q_offset() + if self.q_shared { self.q_bytes() } else { 0 }
+    }
+
+    /// Bytes of the Q tiles (`q_shared`).
+    fn q_bytes(self) -> usize {
+        self.groups * 3 * BOX_BYTES
     }
 
     /// Units a cube: 128 a warpgroup, the producer's included.
@@ -126,7 +139,7 @@ impl Pipeline {
     }
 
     pub fn shared_memory_bytes(self) -> usize {
-        let barriers = 8 * 4 * self.buffers();
+        let barriers = 8 * 4 * self.buffers() + if self.persistent { 16 } else { 0 };
         (self.tiles_bytes() + barriers).next_multiple_of(16) + ATOM_BYTES as usize
     }
 }
@@ -208,6 +221,14 @@ fn barrier(base: u32, block: usize, #[comptime] kind: usize, #[comptime] pipelin
     base + (first + 8 * (block % comptime!(pipeline.buffers()))) as u32
 }
 
+/// Shared address of the Q full (`kind` 0) or Q free (1) barrier (`persistent`).
+#[cube]
+fn q_barrier(base: u32, #[comptime] kind: usize, #[comptime] pipeline: Pipeline) -> u32 {
+    base + comptime!(pipeline.tiles_bytes() + 8 * 4 * pipeline.buffers() + 8 * kind) as u32
+}
+
+const Q_FULL: usize = 0;
+const Q_FREE: usize = 1;
 const K_FULL: usize = 0;
 const V_FULL: usize = 1;
 const K_FREE: usize = 2;
@@ -245,18 +266,38 @@ fn copy_k(
 ) {
     let full = barrier(base, block, K_FULL, pipeline);
     let k_bytes = comptime!(pipeline.k_tile_bytes()) as u32;
-    let q_bytes = comptime!(pipeline.groups * 3 * BOX_BYTES) as u32;
-    let with_q = comptime!(pipeline.q_shared) && block == 0;
+    let q_bytes = comptime!(pipeline.q_bytes()) as u32;
+    let with_q = comptime!(pipeline.q_shared && !pipeline.persistent) && block == 0;
     mbarrier_arrive_expect_tx(full, select(with_q, k_bytes + q_bytes, k_bytes));
-    let head = head as i32;
     let k_tile = base + k_tile_offset(block, pipeline);
-    load_block(k_map, k_tile, full, head, k0, block, 3u32, pipeline);
+    load_block(k_map, k_tile, full, head as i32, k0, block, 3u32, pipeline);
     if with_q {
-        #[unroll]
-        for w in 0..pipeline.groups {
-            let q_tile = q_tile_address(base, w, pipeline);
-            load_boxes(q_map, q_tile, full, head, (q_row0 + w * BLOCK) as i32, 3u32, 64u32);
-        }
+        load_q_tiles(q_map, base, full, q_row0, head, pipeline);
+    }
+}
+
+/// Starts copying every warpgroup's Q tile (rows `q_row0` + 64w of head `head`), completing on `full`.
+#[cube]
+fn load_q_tiles(
+    q_map: &TensorMap<u32, Tiled>,
+    base: u32,
+    full: u32,
+    q_row0: usize,
+    head: usize,
+    #[comptime] pipeline: Pipeline,
+) {
+    #[unroll]
+    for w in 0..pipeline.groups {
+        let q_tile = q_tile_address(base, w, pipeline);
+        load_boxes(
+            q_map,
+            q_tile,
+            full,
+            head as i32,
+            (q_row0 + w * BLOCK) as i32,
+            3u32,
+            64u32,
+        );
     }
 }
 
@@ -375,6 +416,42 @@ struct Rows {
     unmasked_keys: usize,
     t: usize,
     scale_log2: f32,
+}
+
+/// A unit's rows at the start of a tile whose warpgroup holds queries `group_first`.. of a sequence of
+/// `q_len` queries and `k_len` keys.
+#[cube]
+fn new_rows(q_len: usize, k_len: usize, group_first: usize, sm_scale: f32) -> Rows {
+    let lane = UNIT_POS_PLANE as usize;
+    let (g, t) = (lane / 4, lane % 4);
+    let first = group_first + ((UNIT_POS / 32) % 4) as usize * 16 + g;
+    let mut m = Array::<f32>::new(2usize);
+    let mut l = Array::<f32>::new(2usize);
+    let mut limit = Array::<usize>::new(2usize);
+    #[unroll]
+    for r in 0..2usize {
+        m[r] = -1073741824.0f32;
+        l[r] = 0.0f32;
+        let local = first + 8 * r;
+        limit[r] = select(k_len + local + 1 > q_len, k_len + local + 1 - q_len, 0usize);
+    }
+    Rows {
+        m,
+        l,
+        limit,
+        unmasked_keys: select(k_len + group_first + 1 > q_len, k_len + group_first + 1 - q_len, 0usize),
+        t,
+        scale_log2: sm_scale * core::f32::consts::LOG2_E,
+    }
+}
+
+/// Blocks of keys the tile of queries `local0`.. needs (those its last query sees).
+#[cube]
+fn tile_blocks(q_len: usize, k_len: usize, local0: usize, #[comptime] pipeline: Pipeline) -> usize {
+    let rows = comptime!(BLOCK * pipeline.groups);
+    let tile_end = select(local0 + rows < q_len, local0 + rows, q_len);
+    let tile_keys = select(k_len + tile_end > q_len, k_len + tile_end - q_len, 0usize);
+    tile_keys.div_ceil(comptime!(pipeline.keys))
 }
 
 /// Block `block`'s online softmax of `s` (this warpgroup's 64 queries × `keys` keys from keys·block; element
@@ -538,9 +615,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
 
     // Keys the whole tile needs; those this warpgroup's last query needs, and the first key any of its
     // queries cannot see (blocks before it need no mask).
-    let tile_end = select(local0 + BLOCK * groups < q_len, local0 + BLOCK * groups, q_len);
-    let tile_keys = select(k_len + tile_end > q_len, k_len + tile_end - q_len, 0usize);
-    let blocks = tile_keys.div_ceil(keys);
+    let blocks = tile_blocks(q_len, k_len, local0, pipeline);
     // The warpgroup index through a shuffle from lane 0: provably warp-uniform, so the compiler keeps Q's
     // descriptors in uniform registers (one add a k step instead of six instructions), and the branch on
     // this warpgroup's key range is uniform.
@@ -552,7 +627,6 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
         k_len + group_end - q_len,
         0usize,
     );
-    let unmasked_keys = select(k_len + group_first + 1 > q_len, k_len + group_first + 1 - q_len, 0usize);
     let q_tile = q_tile_address(base, warpgroup, pipeline);
 
     // Barriers: a full one completes with the copying unit's arrival and the copies' bytes; a free one
@@ -603,17 +677,11 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     // 16 (register + r), columns 16j + 2t, + 1 (register + 2h: + 8h); rows past the sequence zero. 48 are
     // used; the vector has 64 because CUDA aligns a vector type to its size, which must be a power of two.
     let mut qa = Vector::<u32, Const<64>>::new(0u32);
-    let mut m = Array::<f32>::new(2usize);
-    let mut l = Array::<f32>::new(2usize);
-    let mut limit = Array::<usize>::new(2usize);
-    #[unroll]
-    for r in 0..2usize {
-        m[r] = -1073741824.0f32;
-        l[r] = 0.0f32;
-        let local = local0 + warp * 16 + g + 8 * r;
-        limit[r] = select(k_len + local + 1 > q_len, k_len + local + 1 - q_len, 0usize);
-        let valid = local < q_len;
-        if comptime!(!pipeline.q_shared) {
+    if comptime!(!pipeline.q_shared) {
+        #[unroll]
+        for r in 0..2usize {
+            let local = local0 + warp * 16 + g + 8 * r;
+            let valid = local < q_len;
             let row = ((q_start + select(valid, local, 0usize)) * heads + head) * comptime!(D_QK / 2) + t;
             #[unroll]
             for j in 0..12usize {
@@ -625,15 +693,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
         }
     }
     let mut o = Vector::<f32, Const<64>>::new(0.0f32);
-    let scale_log2 = sm_scale * core::f32::consts::LOG2_E;
-    let mut rows = Rows {
-        m,
-        l,
-        limit,
-        unmasked_keys,
-        t,
-        scale_log2,
-    };
+    let mut rows = new_rows(q_len, k_len, group_first, sm_scale);
 
     // Step b (begin_step): block b's K awaited, K(b + depth) and V(b + depth − 1) copies started, block b's
     // S issued; while the tensor cores compute it, block b − 1's softmax, then its P·V (whose wait covers S
@@ -642,7 +702,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     if comptime!(pipeline.pv_first) {
         if blocks > 0 {
             o = pv_first_steps::<NS, NA>(
-                k_map, v_map, q_map, base, qa, q_tile, blocks, k0, head, warpgroup, &mut rows, pipeline,
+                k_map, v_map, q_map, base, qa, q_tile, 0usize, blocks, k0, head, warpgroup, &mut rows, pipeline,
             );
         }
     } else if blocks > 0 {
@@ -669,7 +729,47 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
         }
     }
 
-    // out = O / l (bf16 pairs: row g + 8r, columns 8n + 2t, + 1), lse; rows past the sequence unwritten.
+    write_output(
+        o,
+        &rows,
+        out,
+        out_map,
+        lse,
+        q_tile,
+        q_start,
+        q_len,
+        local0,
+        group_first,
+        heads,
+        head,
+        warpgroup,
+        pipeline,
+    );
+}
+
+/// out = O / l (bf16 pairs: row g + 8r, columns 8n + 2t, + 1) and lse for this unit's rows of the tile of
+/// queries `local0`.. (this warpgroup's from `group_first`); rows past the sequence unwritten.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_output(
+    o: Vector<f32, Const<64>>,
+    rows: &Rows,
+    out: &mut [u32],
+    out_map: &TensorMap<u32, Tiled>,
+    lse: &mut [f32],
+    q_tile: u32,
+    q_start: usize,
+    q_len: usize,
+    local0: usize,
+    group_first: usize,
+    heads: usize,
+    head: usize,
+    warpgroup: usize,
+    #[comptime] pipeline: Pipeline,
+) {
+    let warp = (UNIT_POS / 32) as usize;
+    let lane = UNIT_POS_PLANE as usize;
+    let (g, t) = (lane / 4, lane % 4);
     // `tma_store`: a warpgroup whose rows all lie in the sequence (uniform) writes them swizzled into its Q
     // tile (free: its last S is done) as the output map's two 64 × 64 boxes, and one unit stores them.
     let whole_group = comptime!(pipeline.tma_store) && group_first + BLOCK <= q_len;
@@ -737,6 +837,33 @@ pub fn launch(device: &Device, problem: &Problem, inputs: &[Handle], outputs: &[
     );
     // At most one partial tile per sequence beyond the full ones.
     let tiles = t_q.div_ceil(BLOCK * pipeline.groups) + seqs;
+    if pipeline.persistent {
+        let sms = device.features().multiprocessors.unwrap_or(1) as usize;
+        // The work counter (tickets handed out after each cube's first item), zero for each launch.
+        let work = device.client.create_from_slice(&[0u8; 4]);
+        persistent::mha_prefill_persistent_kernel::launch(
+            &device.client,
+            grid((tiles * h).min(sms)),
+            CubeDim::new_1d(pipeline.units()),
+            pipeline.keys / 2,
+            pipeline.keys / 4,
+            bf16_head_rows_map(&inputs[1], t_k, h, D_QK),
+            bf16_head_rows_map(&inputs[2], t_k, h, D_V),
+            bf16_head_rows_map(&inputs[0], t_q, h, D_QK),
+            buffer(&inputs[3], seqs + 1),
+            buffer(&inputs[4], seqs + 1),
+            buffer(&outputs[0], t_q * h * D_V / 2),
+            bf16_head_rows_map(&outputs[0], t_q, h, D_V),
+            buffer(&outputs[1], t_q * h),
+            buffer(&work, 1),
+            h,
+            seqs,
+            tiles,
+            problem.param("sm_scale") as f32,
+            pipeline,
+        );
+        return;
+    }
     mha_prefill_wgmma_kernel::launch(
         &device.client,
         grid(tiles * h),
@@ -764,6 +891,30 @@ pub fn define(target: IrTarget, pipeline: Pipeline) -> KernelDefinition {
     pipeline.check();
     let (props, target_props) = nsa_backends::ir_properties(target);
     let a = slice_arg;
+    if pipeline.persistent {
+        return persistent::mha_prefill_persistent_kernel::MhaPrefillPersistentKernel::new(
+            ir_settings(CubeDim::new_1d(pipeline.units())),
+            props,
+            target_props,
+            (),
+            (),
+            (),
+            a(),
+            a(),
+            a(),
+            (),
+            a(),
+            a(),
+            (),
+            (),
+            (),
+            (),
+            pipeline.keys / 2,
+            pipeline.keys / 4,
+            pipeline,
+        )
+        .define();
+    }
     mha_prefill_wgmma_kernel::MhaPrefillWgmmaKernel::new(
         ir_settings(CubeDim::new_1d(pipeline.units())),
         props,
