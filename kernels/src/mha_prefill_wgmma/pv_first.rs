@@ -11,8 +11,8 @@ use nsa_dsl::wgmma::{wgmma_wait, wgmma_wait_pending};
 
 /// The block loop in FlashAttention-3's order ([`Pipeline::pv_first`]) over `blocks` > 0 blocks, from O = 0:
 /// step b issues S(b), rescales O and issues P(b − 1)·V(b − 1), settles S(b) alone (`wait_group 1`),
-/// releases K(b), computes block b's softmax while the P·V runs, settles it and releases V(b − 1), then
-/// packs P(b) (not before: the P·V in flight reads the previous P's registers). Returns O. The tile's
+/// releases K(b) and computes block b's softmax while the P·V runs; step b + 1 starts by settling it,
+/// releasing V(b − 1) and packing P(b) (not before: the P·V in flight reads the previous P's registers). Returns O. The tile's
 /// blocks use buffers `ring0`.. (`persistent`: the blocks of the cube's earlier tiles came first), and
 /// once its last S settled the Q tile is released (`persistent`).
 #[cube]
@@ -46,10 +46,17 @@ pub(super) fn pv_first_steps<NS: Size, NA: Size>(
     let s0 = wgmma_wait::<NS>(s0);
     mbarrier_arrive(barrier(base, ring0, K_FREE, pipeline));
     block_softmax::<NS>(s0, &mut p, &mut alpha, rows, 0usize, pipeline);
-    let mut a = pack_p::<NA>(&p, pipeline);
     let mut o = Vector::<f32, Const<64>>::new(0.0f32);
     let mut step = 1usize;
     while step < blocks {
+        // P(step − 2)·V settles here, at the top of the step, not after the softmax: ptxas schedules
+        // within a basic block and hoisted the wait above the whole softmax when the two shared one.
+        // (At step 1 nothing is in flight and the wait returns at once.)
+        o = wgmma_wait::<Const<64>>(o);
+        if step > 1 {
+            mbarrier_arrive(barrier(base, ring0 + step - 2, V_FREE, pipeline));
+        }
+        let a = pack_p::<NA>(&p, pipeline);
         await_turn(warpgroup, pipeline);
         let s = begin_step::<NS>(
             k_map,
@@ -71,11 +78,13 @@ pub(super) fn pv_first_steps<NS: Size, NA: Size>(
         let s = wgmma_wait_pending::<NS>(s, 1u32);
         mbarrier_arrive(barrier(base, ring0 + step, K_FREE, pipeline));
         block_softmax::<NS>(s, &mut p, &mut alpha, rows, step, pipeline);
-        o = wgmma_wait::<Const<64>>(o);
-        mbarrier_arrive(barrier(base, late, V_FREE, pipeline));
-        a = pack_p::<NA>(&p, pipeline);
         step += 1;
     }
+    o = wgmma_wait::<Const<64>>(o);
+    if blocks > 1 {
+        mbarrier_arrive(barrier(base, ring0 + blocks - 2, V_FREE, pipeline));
+    }
+    let a = pack_p::<NA>(&p, pipeline);
     if comptime!(pipeline.persistent) {
         mbarrier_arrive(q_barrier(base, Q_FREE, pipeline));
     }
