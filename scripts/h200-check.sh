@@ -4,7 +4,7 @@
 # 79 MB, 15.8 MB xz-compressed, against 41 MB for the stripped release binary, so it and the working tree fit
 # the 64 MiB a device call carries; ~17 min from cold), binary in $CARGO_TARGET_DIR/device/nsa.
 #
-#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest[=KERNEL,...] | layer | autotune[=BUDGET] | serve[-fp8|-bf16|-real|-real-bf16] | bench=KERNEL[:VARIANT] | ncu=KERNEL:VARIANT[:DIM=SIZE,...] | sass=KERNEL:VARIANT[:DIM=SIZE,...]
+#   scripts/h200-check.sh NSA OUT STAGE...      STAGE: golden | selftest[=KERNEL,...] | layer | autotune[=BUDGET] | serve[-fp8|-bf16|-real|-real-bf16] | bench=KERNEL[:VARIANT] | ncu=KERNEL:VARIANT[:DIM=SIZE,...] | sass=KERNEL:VARIANT[:DIM=SIZE,...] | order=KERNEL:VARIANT
 #
 # golden    the device model on CUDA against transformers' golden outputs (MHA and sparse-kernel prefill),
 #           then a generation through the device cache (bench/golden_compare.py checks without numpy)
@@ -26,6 +26,10 @@
 # sass=K:V[:DIM=SIZE,...] the same launch's warp-stall samples per SASS instruction (ncu source counters),
 #           summarized by code region (block loop, per-tile code) by bench/sass_summary.py; the full table is
 #           kept as OUT/sass-K-V.csv.xz
+# order=K:V `nsa ir K --variant V` compiled by nvcc for sm_90a (near what NVRTC builds at run time): ptxas's
+#           registers and spills, and bench/sass_order.py's list of where the waits, products, exponentials
+#           and stores landed in the SASS (OUT/order-K-V.txt; the SASS itself as OUT/order-K-V.sass.xz).
+#           Seconds, no GPU time: how the eighteenth session found a wgmma wait ptxas had hoisted
 set -u
 nsa=$1 out=$2
 shift 2
@@ -113,6 +117,18 @@ for stage in "$@"; do
       done
       rm -rf "$out/ptx"
       ;;
+    order=*)
+      spec=${stage#order=}
+      kernel=${spec%%:*} variant=${spec#*:}
+      src="$out/order-$kernel-$variant"
+      # NVRTC declares the fixed-width integer types itself; nvcc takes them from <cstdint>.
+      { echo "#include <cstdint>"; echo "#include <cstddef>"
+        "$nsa" ir "$kernel" --variant "$variant" | sed -E '/^typedef (un)?signed .*int[0-9]*_t;$/d'; } >"$src.cu"
+      nvcc -cubin -arch=sm_90a -O3 -Xptxas -v -o "$src.cubin" "$src.cu" 2>&1 | grep -E "registers|spill|error" || status=1
+      cuobjdump -sass "$src.cubin" >"$src.sass" && python3 bench/sass_order.py "$src.sass" >"$src.txt" || status=1
+      head -1 "$src.txt"
+      rm -f "$src.cu" "$src.cubin" "$src.sass.xz" && xz -9 "$src.sass"
+      ;;
     ncu=* | sass=*)
       spec=${stage#*=}
       kernel=${spec%%:*} rest=${spec#*:}
@@ -134,7 +150,7 @@ for stage in "$@"; do
         "$nsa" bench "$kernel" --variant "$variant" --device cuda "${shape[@]}" 2>&1 |
         grep -E "ratio|pct|sum|avg|$variant " | awk '$NF+0 >= 0.05 || $0 ~ /'"$variant"' /' || status=1
       ;;
-    *) echo "unknown stage $stage (golden, selftest[=KERNEL,...], layer, autotune[=BUDGET], serve, serve-fp8, serve-bf16, serve-real[-bf16], bench=KERNEL, ncu=KERNEL:VARIANT, sass=KERNEL:VARIANT)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (golden, selftest[=KERNEL,...], layer, autotune[=BUDGET], serve, serve-fp8, serve-bf16, serve-real[-bf16], bench=KERNEL, ncu=KERNEL:VARIANT, sass=KERNEL:VARIANT, order=KERNEL:VARIANT)" >&2; exit 2 ;;
   esac
 done
 exit $status
