@@ -12,9 +12,9 @@ use nsa_dsl::wgmma::{wgmma_wait, wgmma_wait_pending};
 /// The block loop in FlashAttention-3's order ([`Pipeline::pv_first`]) over `blocks` > 0 blocks, from O = 0:
 /// step b issues S(b), rescales O and issues P(b − 1)·V(b − 1), settles S(b) alone (`wait_group 1`),
 /// releases K(b) and computes block b's softmax while the P·V runs; step b + 1 starts by settling it,
-/// releasing V(b − 1) and packing P(b) (not before: the P·V in flight reads the previous P's registers). Returns O. The tile's
-/// blocks use buffers `ring0`.. (`persistent`: the blocks of the cube's earlier tiles came first), and
-/// once its last S settled the Q tile is released (`persistent`).
+/// releasing V(b − 1) and packing P(b) (not before: the P·V in flight reads the previous P's registers).
+/// Returns O. The tile's blocks use buffers `ring0`.. (`persistent`: the blocks of the cube's earlier tiles
+/// came first), and once its last S settled the Q tile is released (`persistent`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn pv_first_steps<NS: Size, NA: Size>(
