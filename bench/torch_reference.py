@@ -4,9 +4,10 @@
 Usage: torch_reference.py KERNEL dtype=bf16 dim=size ...   ->  prints `torch_ms=<median ms>` last.
 Each reference is the straightforward PyTorch formulation (gather + matmul + softmax, torch.topk, einsum),
 on random inputs of the same shapes, timed as `nsa bench` times ours: after warm-up, batches of back-to-back
-launches lasting about 200 ms each, timed by CUDA events, the median batch per launch. (Timing single launches
-with a sync after each, as before, let the GPU idle between them: under sustained load the H200 reaches its
-700 W cap and drops from 1980 to 1300-1700 MHz, so PyTorch ran at higher clocks than our kernels.)
+launches lasting about `batch_ms` each (default 200), timed by CUDA events, the median batch per launch.
+(Timing single launches with a sync after each, as before, let the GPU idle between them: under sustained
+load the H200 reaches its 700 W cap and drops from 1980 to 1300-1700 MHz, so PyTorch ran at higher clocks
+than our kernels.)
 Large intermediates are processed in chunks so the 128K-context shapes fit in memory.
 """
 import sys
@@ -15,9 +16,13 @@ import time
 import torch
 
 
+# Length of a timed batch in ms: `nsa bench --batch-ms` passes its own (`batch_ms=` argument).
+BATCH_MS = 200.0
+
+
 def median_ms(fn, warmup=2):
-    """`nsa bench`'s method: after warm-up, batches of back-to-back launches lasting about 200 ms each,
-    each timed by device events; the median batch divided by its launches (sustained load, as ours)."""
+    """`nsa bench`'s method: after warm-up, batches of back-to-back launches lasting about BATCH_MS each
+    (7 at most, about 2 s in all), each timed by device events; the median batch divided by its launches."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -25,7 +30,7 @@ def median_ms(fn, warmup=2):
     fn()
     torch.cuda.synchronize()
     single = max((time.perf_counter() - t0) * 1e3, 1e-3)
-    per_batch = min(max(int(200.0 / single), 1), 1000)
+    per_batch = min(max(int(BATCH_MS / single), 1), 1000)
     batches = min(max(int(2000.0 / (single * per_batch)), 1), 7)
     times = []
     for _ in range(batches):
@@ -329,6 +334,8 @@ def silu_mul(d, dtype):
 def main():
     kernel = sys.argv[1]
     args = dict(a.split("=", 1) for a in sys.argv[2:])
+    global BATCH_MS
+    BATCH_MS = float(args.pop("batch_ms", BATCH_MS))
     dtype = torch.bfloat16 if args.pop("dtype", "bf16") == "bf16" else torch.float32
     dims = {k: int(v) for k, v in args.items()}
     fn = globals().get(kernel)

@@ -32,6 +32,11 @@ pub struct Args {
     peak_tflops: Option<f64>,
     #[arg(long)]
     peak_gbps: Option<f64>,
+    /// Length of each timed batch of back-to-back launches, in ms (ours and the PyTorch reference alike).
+    /// 200 keeps the GPU under sustained load (on the H200: at its power cap, 1300–1700 MHz); ~20 measures
+    /// near full clock, as `nsa autotune` does.
+    #[arg(long, default_value_t = 200.0)]
+    batch_ms: f64,
 }
 
 /// FP8 tensor-core rate over bf16's as measured on the lent H200: `torch._scaled_mm` e4m3 at 8192³ ran
@@ -65,11 +70,13 @@ fn problems(kernel: &dyn Kernel, overrides: &[String]) -> Result<Vec<Problem>, F
     Ok(problems)
 }
 
-pub(crate) fn torch_ms(script: &str, kernel: &str, problem: &Problem) -> Result<f64, String> {
+/// The PyTorch reference's time per launch from `script`, timed in batches of about `batch_ms` like ours.
+pub(crate) fn torch_ms(script: &str, kernel: &str, problem: &Problem, batch_ms: f64) -> Result<f64, String> {
     let mut args = vec![
         script.to_string(),
         kernel.to_string(),
         format!("dtype={}", problem.format),
+        format!("batch_ms={batch_ms}"),
     ];
     args.extend(problem.dims.iter().map(|(n, v)| format!("{n}={v}")));
     let output = Command::new("python3")
@@ -92,6 +99,12 @@ pub(crate) fn torch_ms(script: &str, kernel: &str, problem: &Problem) -> Result<
 
 pub fn run(args: Args) -> Result<(), Failure> {
     let kernel = find_kernel(&args.kernel).map_err(usage)?;
+    if !(args.batch_ms > 0.0 && args.batch_ms.is_finite()) {
+        return Err(usage(format!(
+            "--batch-ms must be a positive number of milliseconds, not {}",
+            args.batch_ms
+        )));
+    }
     let tuned = args.variant == "tuned";
     let variants: Vec<_> = match args.variant.as_str() {
         "all" | "tuned" => kernel.variants().iter().collect(),
@@ -138,7 +151,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let torch = args
             .torch
             .as_deref()
-            .map(|script| torch_ms(script, kernel.name(), problem));
+            .map(|script| torch_ms(script, kernel.name(), problem, args.batch_ms));
         let pick = dispatch.choose(kernel, problem, device.features());
         if args.table.is_some()
             && let Some(pick) = &pick
@@ -155,7 +168,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             kernel.supports(v, problem, device.features()).is_ok()
                 && (!tuned || pick.as_ref().is_some_and(|p| p.variant.name == v.name))
         }) {
-            let timing = nsa_kernels::bench::time(kernel, variant, &device, problem, &inputs, 200.0)?;
+            let timing = nsa_kernels::bench::time(kernel, variant, &device, problem, &inputs, args.batch_ms)?;
             if !method_shown {
                 println!("(times: median of batches, measured by {})", timing.method);
                 method_shown = true;

@@ -11,6 +11,9 @@ use nsa_kernels::tuning::{DeviceKey, TuningTable, kernel_version};
 use rand::SeedableRng;
 use std::collections::BTreeMap;
 
+/// Batch length of each step's timing, ours and PyTorch's (short: a layer has ~20 steps per context).
+const BATCH_MS: f64 = 20.0;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// `prefill` (a chunk of --tokens new tokens) or `decode` (one step of --batch sequences over paged
@@ -108,10 +111,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 Some(measured) => *measured,
                 None => {
                     let inputs = kernel.random_inputs(&problem, &mut rng);
-                    let ms = bench::time(kernel, variant, &device, &problem, &inputs, 20.0)?.median_ms;
+                    let ms = bench::time(kernel, variant, &device, &problem, &inputs, BATCH_MS)?.median_ms;
                     drop(inputs);
                     let torch = args.torch.as_deref().and_then(|script| {
-                        crate::bench::torch_ms(script, kernel.name(), &problem)
+                        crate::bench::torch_ms(script, kernel.name(), &problem, BATCH_MS)
                             .map_err(|e| eprintln!("torch reference of {} failed: {e}", step.name))
                             .ok()
                     });

@@ -230,7 +230,16 @@ fn run_kernel_takes_scalars_and_optional_inputs() {
 
 #[test]
 fn bench_prints_a_row_per_supported_variant() {
-    let output = nsa(&["bench", "rms_norm", "--shape", "rows=2", "--shape", "hidden=128"]);
+    let output = nsa(&[
+        "bench",
+        "rms_norm",
+        "--shape",
+        "rows=2",
+        "--shape",
+        "hidden=128",
+        "--batch-ms",
+        "5",
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let table = stdout(&output);
     let rows: Vec<&str> = table.lines().filter(|l| l.contains("rows=2 hidden=128")).collect();
@@ -242,6 +251,9 @@ fn bench_prints_a_row_per_supported_variant() {
     let bad = nsa(&["bench", "rms_norm", "--shape", "width=3"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("rows, hidden"), "{}", stderr(&bad));
+    let no_batch = nsa(&["bench", "rms_norm", "--batch-ms", "0"]);
+    assert_eq!(no_batch.status.code(), Some(2));
+    assert!(stderr(&no_batch).contains("--batch-ms"), "{}", stderr(&no_batch));
 }
 
 #[test]
