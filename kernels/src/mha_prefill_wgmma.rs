@@ -221,6 +221,19 @@ fn barrier(base: u32, block: usize, #[comptime] kind: usize, #[comptime] pipelin
     base + (first + 8 * (block % comptime!(pipeline.buffers()))) as u32
 }
 
+/// Initializes every buffer's barriers: a full one completes with the copying unit's arrival and the
+/// copies' bytes, a free one with the release of each of the `consumers` units. One unit calls it.
+#[cube]
+fn init_buffer_barriers(base: u32, consumers: u32, #[comptime] pipeline: Pipeline) {
+    #[unroll]
+    for i in 0..comptime!(pipeline.buffers()) {
+        mbarrier_init(barrier(base, i, K_FULL, pipeline), 1u32);
+        mbarrier_init(barrier(base, i, V_FULL, pipeline), 1u32);
+        mbarrier_init(barrier(base, i, K_FREE, pipeline), consumers);
+        mbarrier_init(barrier(base, i, V_FREE, pipeline), consumers);
+    }
+}
+
 /// Shared address of the Q full (`kind` 0) or Q free (1) barrier (`persistent`).
 #[cube]
 fn q_barrier(base: u32, #[comptime] kind: usize, #[comptime] pipeline: Pipeline) -> u32 {
@@ -601,7 +614,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     sm_scale: f32,
     #[comptime] pipeline: Pipeline,
 ) {
-    let (groups, keys, buffers) = comptime!((pipeline.groups, pipeline.keys, pipeline.buffers()));
+    let (groups, keys) = comptime!((pipeline.groups, pipeline.keys));
     let (head, q_start, q_len, k0, k_len, local0) =
         locate_tile(cu_q, cu_k, heads, seqs, tile_bound, comptime!(BLOCK * groups));
     let warp = (UNIT_POS / 32) as usize;
@@ -633,13 +646,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     // with every unit's release. Then K blocks 0 .. depth − 1 (block 0 with the Q tiles) and V blocks
     // 0 .. depth − 2.
     if UNIT_POS == 0 {
-        #[unroll]
-        for i in 0..buffers {
-            mbarrier_init(barrier(base, i, K_FULL, pipeline), 1u32);
-            mbarrier_init(barrier(base, i, V_FULL, pipeline), 1u32);
-            mbarrier_init(barrier(base, i, K_FREE, pipeline), units);
-            mbarrier_init(barrier(base, i, V_FREE, pipeline), units);
-        }
+        init_buffer_barriers(base, units, pipeline);
         fence_barrier_init();
     }
     sync_cube();

@@ -6,9 +6,9 @@
 //! still run the current tile's last softmax, P·V and output stores — the per-tile start that a cube per
 //! tile leaves exposed (its first K / Q wait).
 use super::{
-    BLOCK, CONSUMER_REGISTERS, K_FREE, K_FULL, PRODUCER_REGISTERS, Pipeline, Q_FREE, Q_FULL, V_FREE, V_FULL,
-    await_previous_use, barrier, copy_ahead, copy_k, load_q_tiles, new_rows, pv_first_steps, q_barrier, q_tile_address,
-    tile_blocks, write_output,
+    BLOCK, CONSUMER_REGISTERS, K_FREE, PRODUCER_REGISTERS, Pipeline, Q_FREE, Q_FULL, await_previous_use, copy_ahead,
+    copy_k, init_buffer_barriers, load_q_tiles, new_rows, pv_first_steps, q_barrier, q_tile_address, tile_blocks,
+    write_output,
 };
 use crate::mha_prefill::tile_at;
 use cubecl::prelude::*;
@@ -34,7 +34,7 @@ pub(super) fn mha_prefill_persistent_kernel<NS: Size, NA: Size>(
     sm_scale: f32,
     #[comptime] pipeline: Pipeline,
 ) {
-    let (groups, buffers) = comptime!((pipeline.groups, pipeline.buffers()));
+    let groups = comptime!(pipeline.groups);
     let consumers = comptime!(128 * groups) as u32;
     let smem =
         Shared::<[Vector<u32, Const<4>>]>::new_aligned_slice(comptime!(pipeline.shared_memory_bytes() / 16), 1024usize);
@@ -42,13 +42,7 @@ pub(super) fn mha_prefill_persistent_kernel<NS: Size, NA: Size>(
     // The work item the producer hands over with each Q full phase.
     let mut slot = Shared::<[u32]>::new_slice(1usize);
     if UNIT_POS == 0 {
-        #[unroll]
-        for i in 0..buffers {
-            mbarrier_init(barrier(base, i, K_FULL, pipeline), 1u32);
-            mbarrier_init(barrier(base, i, V_FULL, pipeline), 1u32);
-            mbarrier_init(barrier(base, i, K_FREE, pipeline), consumers);
-            mbarrier_init(barrier(base, i, V_FREE, pipeline), consumers);
-        }
+        init_buffer_barriers(base, consumers, pipeline);
         mbarrier_init(q_barrier(base, Q_FULL, pipeline), 1u32);
         mbarrier_init(q_barrier(base, Q_FREE, pipeline), consumers);
         fence_barrier_init();
