@@ -6,7 +6,8 @@
 //! sm_scale → out [t_q, h, 128] (q's format), lse [t_q, h] f32 (natural log). Query j of a sequence with
 //! q_len queries and k_len ≥ q_len keys sees its keys 0 ..= k_len − q_len + j (causal, the new tokens last).
 //! A query that sees nothing gets out 0 and lse +∞.
-//! Variants: `wgmma_k128_pingpong`, `wgmma_k128_pv_first`, `wgmma_k128_producer`, `wgmma_k128_persistent`, `wgmma_k128_tma_store`, `wgmma_k128`, `wgmma`, `wgmma_q128` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
+//! Variants: `wgmma_k128_pingpong`, `wgmma_k128_pv_first`, `wgmma_k128_pv_first_trim`, `wgmma_k128_producer`,
+//! `wgmma_k128_persistent`, `wgmma_k128_tma_store`, `wgmma_k128`, `wgmma`, `wgmma_q128` and `wgmma_q64` (Hopper, [`crate::mha_prefill_wgmma`]), `simt` (one unit per (query, head),
 //! everywhere) and `mma` (flash attention on warp mma.sync:
 //! 64 queries of one head per cube, 16 per plane, Q fragments in registers, O 16 × 128 per plane, K/V
 //! blocks of 64 keys gathered by cp.async one block ahead; CUDA, bf16).
@@ -40,6 +41,12 @@ pub const VARIANTS: &[Variant] = &[
         name: "wgmma_k128_pv_first",
         summary: "`wgmma_k128_tma_store` in FlashAttention-3's order: block b − 1's P·V issued before block b's \
                   softmax and settled after it, so the softmax runs under a product (Hopper, bf16)",
+        needs_plane_ops: true,
+    },
+    Variant {
+        name: "wgmma_k128_pv_first_trim",
+        summary: "`wgmma_k128_pv_first` whose warpgroup on the causal diagonal's upper side computes only the \
+                  first half of the tile's last 128-key block (Hopper, bf16)",
         needs_plane_ops: true,
     },
     Variant {
@@ -116,6 +123,7 @@ fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
         pingpong: false,
         producer: false,
         persistent: false,
+        trim: false,
     };
     let pv_first = Pipeline {
         tma_store: true,
@@ -129,6 +137,7 @@ fn wgmma_pipeline(variant: &Variant) -> Option<Pipeline> {
             ..k128
         },
         "wgmma_k128_pv_first" => pv_first,
+        "wgmma_k128_pv_first_trim" => Pipeline { trim: true, ..pv_first },
         "wgmma_k128_producer" => Pipeline {
             producer: true,
             ..pv_first

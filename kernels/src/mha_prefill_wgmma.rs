@@ -86,6 +86,10 @@ pub struct Pipeline {
     /// copies the next tile's Q (once the last S read it) and first K / V while the consumers finish the
     /// current tile. Outputs are stored from registers (the Q tile is refilled meanwhile).
     pub persistent: bool,
+    /// With `pv_first` (128-key blocks): a warpgroup whose queries see at most the first 64 keys of the
+    /// tile's last block computes only those (S m64n64, P·V over 4 k steps) instead of masking the other
+    /// 64 — the warpgroup on a causal diagonal's upper side skips a quarter of the diagonal block's work.
+    pub trim: bool,
 }
 
 impl Pipeline {
@@ -97,7 +101,8 @@ impl Pipeline {
                 && matches!(self.keys, 64 | 128)
                 && (self.q_shared || !self.tma_store)
                 && (!(self.pingpong || self.producer) || (self.pv_first && self.groups == 2))
-                && (!self.persistent || (self.producer && self.q_shared && !self.tma_store)),
+                && (!self.persistent || (self.producer && self.q_shared && !self.tma_store))
+                && (!self.trim || (self.pv_first && self.keys == 128)),
             "{self:?}: not a pipeline"
         );
     }
@@ -331,7 +336,8 @@ fn copy_v(
 }
 
 /// The start of step `step`: waits until block `step`'s K landed; the copying unit starts K(step + depth)
-/// and V(step + depth − 1) once their buffers are free; issues block `step`'s S (returned in flight).
+/// and V(step + depth − 1) once their buffers are free; issues block `step`'s S over its first `n_keys`
+/// keys (returned in flight).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn begin_step<NS: Size>(
@@ -345,6 +351,7 @@ fn begin_step<NS: Size>(
     blocks: usize,
     k0: usize,
     head: usize,
+    #[comptime] n_keys: usize,
     #[comptime] pipeline: Pipeline,
 ) -> Vector<f32, NS> {
     await_block(base, step, K_FULL, pipeline);
@@ -354,7 +361,7 @@ fn begin_step<NS: Size>(
         }
     }
     sync_plane();
-    issue_scores::<NS>(qa, q_tile, base, step, pipeline)
+    issue_scores::<NS>(qa, q_tile, base, step, n_keys, pipeline)
 }
 
 /// The copies step `step` starts: K(step + depth) and V(step + depth − 1), each once its buffer is free.
@@ -388,20 +395,20 @@ fn copy_ahead(
     }
 }
 
-/// Issues S = Q·Kᵀ for block `block` (64 queries × `keys` keys, K = 192 in three 64-column blocks of the K
-/// tile; Q from registers `qa`, or the swizzled tile at shared address `q_tile`) without waiting: the result
-/// is in flight until [`wgmma_wait`].
+/// Issues S = Q·Kᵀ for block `block` (64 queries × its first `keys` keys, K = 192 in three 64-column
+/// blocks of the K tile; Q from registers `qa`, or the swizzled tile at shared address `q_tile`) without
+/// waiting: the result is in flight until [`wgmma_wait`].
 #[cube]
 fn issue_scores<NS: Size>(
     qa: Vector<u32, Const<64>>,
     q_tile: u32,
     base: u32,
     block: usize,
+    #[comptime] keys: usize,
     #[comptime] pipeline: Pipeline,
 ) -> Vector<f32, NS> {
-    let keys = comptime!(pipeline.keys);
     let k_desc = sw128_descriptor(base + k_tile_offset(block, pipeline));
-    let k_block_bytes = comptime!(keys * 128);
+    let k_block_bytes = comptime!(pipeline.keys * 128);
     if comptime!(pipeline.q_shared) {
         wgmma_fresh::<NS>(
             sw128_descriptor(q_tile),
@@ -427,8 +434,22 @@ struct Rows {
     l: Array<f32>,
     limit: Array<usize>,
     unmasked_keys: usize,
+    /// Keys the warpgroup's last query sees.
+    keys: usize,
     t: usize,
     scale_log2: f32,
+}
+
+/// Keys the last query of the warpgroup holding queries `group_first`.. sees (a sequence of `q_len` queries
+/// and `k_len` keys).
+#[cube]
+fn group_keys(q_len: usize, k_len: usize, group_first: usize) -> usize {
+    let group_end = select(group_first + BLOCK < q_len, group_first + BLOCK, q_len);
+    select(
+        group_first < q_len && k_len + group_end > q_len,
+        k_len + group_end - q_len,
+        0usize,
+    )
 }
 
 /// A unit's rows at the start of a tile whose warpgroup holds queries `group_first`.. of a sequence of
@@ -453,6 +474,7 @@ fn new_rows(q_len: usize, k_len: usize, group_first: usize, sm_scale: f32) -> Ro
         l,
         limit,
         unmasked_keys: select(k_len + group_first + 1 > q_len, k_len + group_first + 1 - q_len, 0usize),
+        keys: group_keys(q_len, k_len, group_first),
         t,
         scale_log2: sm_scale * core::f32::consts::LOG2_E,
     }
@@ -482,30 +504,33 @@ fn softmax_and_pv<NS: Size, NA: Size>(
     #[comptime] pipeline: Pipeline,
 ) -> Vector<f32, Const<64>> {
     let mut alpha = Array::<f32>::new(2usize);
-    let mut p = Array::<f32>::new(comptime!(pipeline.keys / 2));
-    block_softmax::<NS>(s, &mut p, &mut alpha, rows, block, pipeline);
+    let keys = comptime!(pipeline.keys);
+    let mut p = Array::<f32>::new(comptime!(keys / 2));
+    block_softmax::<NS>(s, &mut p, &mut alpha, rows, block, keys, pipeline);
     let scale = row_factors(&alpha);
-    let a = pack_p::<NA>(&p, pipeline);
+    let a = pack_p::<NA>(&p, keys);
     await_block(base, block, V_FULL, pipeline);
-    issue_pv::<NA>(o * scale, a, base, block, true, pipeline)
+    issue_pv::<NA>(o * scale, a, base, block, keys, true, pipeline)
 }
 
-/// Block `block`'s online softmax of `s` (see [`softmax_and_pv`]): the row maxima `m` and sums `l` updated,
-/// `p` = exp2(S·scale − m) per element of `s`, `alpha` the factor O's rows take for the new maxima.
+/// Block `block`'s online softmax of `s`, its first `keys` keys (see [`softmax_and_pv`]): the row maxima
+/// `m` and sums `l` updated, `p` = exp2(S·scale − m) per element of `s`, `alpha` the factor O's rows take for
+/// the new maxima.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn block_softmax<NS: Size>(
     s: Vector<f32, NS>,
     p: &mut Array<f32>,
     alpha: &mut Array<f32>,
     rows: &mut Rows,
     block: usize,
+    #[comptime] keys: usize,
     #[comptime] pipeline: Pipeline,
 ) {
-    let keys = comptime!(pipeline.keys);
     // Values per unit, per row, and tree levels over a row's values.
     let (values, row_values, levels) = comptime!((keys / 2, keys / 4, (keys / 4).trailing_zeros()));
-    let key0 = block * keys;
-    let masked = (block + 1) * keys > rows.unmasked_keys;
+    let key0 = block * comptime!(pipeline.keys);
+    let masked = key0 + keys > rows.unmasked_keys;
     let mut x = Array::<f32>::new(values);
     #[unroll]
     for i in 0..values {
@@ -567,31 +592,34 @@ fn row_factors(alpha: &Array<f32>) -> Vector<f32, Const<64>> {
     scale
 }
 
-/// P as bf16 pairs in the m16n8k16 A layout: k step j holds keys 16j.. = accumulator column groups 2j
-/// (pairs 0, 1) and 2j + 1 (pairs 2, 3).
+/// P of `keys` keys as bf16 pairs in the m16n8k16 A layout: k step j holds keys 16j.. = accumulator column
+/// groups 2j (pairs 0, 1) and 2j + 1 (pairs 2, 3).
 #[cube]
-fn pack_p<NA: Size>(p: &Array<f32>, #[comptime] pipeline: Pipeline) -> Vector<u32, NA> {
+fn pack_p<NA: Size>(p: &Array<f32>, #[comptime] keys: usize) -> Vector<u32, NA> {
     let mut a = Vector::<u32, NA>::new(0u32);
     #[unroll]
-    for i in 0..comptime!(pipeline.keys / 4) {
+    for i in 0..comptime!(keys / 4) {
         a.insert(i, pack_bf16x2(p[2 * i], p[2 * i + 1]));
     }
     a
 }
 
-/// O += P·V for block `block` (V landed), waited for when `wait`; otherwise in flight until [`wgmma_wait`],
-/// and `a` must not change until then.
+/// O += P·V for block `block`'s first `keys` keys (V landed), waited for when `wait`; otherwise in flight
+/// until [`wgmma_wait`], and `a` must not change until then.
 #[cube]
 fn issue_pv<NA: Size>(
     o: Vector<f32, Const<64>>,
     a: Vector<u32, NA>,
     base: u32,
     block: usize,
+    #[comptime] keys: usize,
     #[comptime] wait: bool,
     #[comptime] pipeline: Pipeline,
 ) -> Vector<f32, Const<64>> {
-    let keys = comptime!(pipeline.keys);
-    let v_desc = sw128_mn_major_descriptor(base + v_tile_offset(block, pipeline), comptime!(keys as u32 * 128));
+    let v_desc = sw128_mn_major_descriptor(
+        base + v_tile_offset(block, pipeline),
+        comptime!(pipeline.keys as u32 * 128),
+    );
     let steps = comptime!(keys / 16);
     wgmma_bf16_register_a_accumulate::<Const<64>, NA>(o, a, v_desc, 128usize, steps, 2048usize, wait)
 }
@@ -634,12 +662,7 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
     // this warpgroup's key range is uniform.
     let warpgroup = plane_broadcast(UNIT_POS / 128, 0u32) as usize;
     let group_first = local0 + warpgroup * BLOCK;
-    let group_end = select(group_first + BLOCK < q_len, group_first + BLOCK, q_len);
-    let group_keys = select(
-        group_first < q_len && k_len + group_end > q_len,
-        k_len + group_end - q_len,
-        0usize,
-    );
+    let group_keys = group_keys(q_len, k_len, group_first);
     let q_tile = q_tile_address(base, warpgroup, pipeline);
 
     // Barriers: a full one completes with the copying unit's arrival and the copies' bytes; a free one
@@ -714,13 +737,15 @@ fn mha_prefill_wgmma_kernel<NS: Size, NA: Size>(
         }
     } else if blocks > 0 {
         let s0 = begin_step::<NS>(
-            k_map, v_map, q_map, base, qa, q_tile, 0usize, blocks, k0, head, pipeline,
+            k_map, v_map, q_map, base, qa, q_tile, 0usize, blocks, k0, head, keys, pipeline,
         );
         let mut held = wgmma_wait::<NS>(s0);
         mbarrier_arrive(barrier(base, 0usize, K_FREE, pipeline));
         let mut step = 1usize;
         while step < blocks {
-            let s = begin_step::<NS>(k_map, v_map, q_map, base, qa, q_tile, step, blocks, k0, head, pipeline);
+            let s = begin_step::<NS>(
+                k_map, v_map, q_map, base, qa, q_tile, step, blocks, k0, head, keys, pipeline,
+            );
             let late = step - 1;
             if late * keys < group_keys {
                 o = softmax_and_pv::<NS, NA>(held, o, &mut rows, late, base, pipeline);
