@@ -61,7 +61,19 @@ pub struct Entry {
 pub struct TuningTable {
     pub format: String,
     pub device: DeviceKey,
+    /// How long each timed batch of back-to-back launches ran, in ms: 20 stays near the GPU's full clock,
+    /// 200 reaches its power cap as sustained serving does (the H200's SM clock falls ~25%). Tables from
+    /// before the field were measured with [`DEFAULT_BATCH_MS`].
+    #[serde(default = "default_batch_ms")]
+    pub batch_ms: f64,
     pub entries: Vec<Entry>,
+}
+
+/// The batch length `nsa autotune` measures with unless told otherwise.
+pub const DEFAULT_BATCH_MS: f64 = 20.0;
+
+fn default_batch_ms() -> f64 {
+    DEFAULT_BATCH_MS
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +97,7 @@ impl TuningTable {
         TuningTable {
             format: TABLE_FORMAT.into(),
             device,
+            batch_ms: DEFAULT_BATCH_MS,
             entries: Vec::new(),
         }
     }

@@ -3,7 +3,9 @@
 //! are saved after every measurement, so Ctrl-C keeps them and a rerun resumes where the last one stopped.
 use crate::{Failure, open_device, usage};
 use nsa_kernels::strategy::{STRATEGIES, Strategy, find_strategy, strategy_version, table_name};
-use nsa_kernels::tuning::{DeviceKey, TuningTable, config_label, default_variant, kernel_version, parse_label};
+use nsa_kernels::tuning::{
+    DEFAULT_BATCH_MS, DeviceKey, TuningTable, config_label, default_variant, kernel_version, parse_label,
+};
 use nsa_kernels::{KERNELS, Kernel, Problem, Variant, bench, check, find_kernel};
 use rand::SeedableRng;
 use std::collections::HashMap;
@@ -38,6 +40,11 @@ pub struct Args {
     /// seconds per launch and cannot win).
     #[arg(long)]
     exhaustive: bool,
+    /// Length of each timed batch of back-to-back launches, in ms (default 20, near the GPU's full clock;
+    /// 200 measures under the sustained load that reaches its power cap, as serving runs). The table
+    /// records it; a resumed table keeps its own, and another value is an error.
+    #[arg(long)]
+    batch_ms: Option<f64>,
 }
 
 /// Past this many times the best of its bucket a configuration cannot win there.
@@ -86,7 +93,13 @@ fn show(path: &std::path::Path) -> Result<(), Failure> {
     let table = TuningTable::load(path).map_err(usage)?;
     // A closed pipe (`--show | head`) ends the listing quietly.
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "tuning table {} for {}", path.display(), table.device);
+    let _ = writeln!(
+        out,
+        "tuning table {} for {}, timed in {} ms batches of launches",
+        path.display(),
+        table.device,
+        table.batch_ms
+    );
     let _ = writeln!(
         out,
         "{:<30} {:<16} {:>10}  {:<16} {:>10}  gain  bucket",
@@ -244,6 +257,7 @@ fn check_once(
 
 /// A strategy option's time at `shape`: the sum of its steps' median times, each step on the variant the
 /// table measured fastest for it so far (the default variant otherwise).
+#[allow(clippy::too_many_arguments)]
 fn time_plan(
     versions: &mut std::collections::BTreeMap<&'static str, String>,
     table: &TuningTable,
@@ -251,6 +265,7 @@ fn time_plan(
     option: &str,
     shape: &Problem,
     device: &nsa_backends::Device,
+    batch_ms: f64,
     rng: &mut rand::rngs::StdRng,
 ) -> Result<f64, Failure> {
     let mut total = 0.0;
@@ -260,7 +275,7 @@ fn time_plan(
         let (variant, problem) = pick(Some(table), version, kernel, &problem, device)
             .map_err(|e| Failure::Run(format!("{}: {e}", strategy.name())))?;
         let inputs = kernel.random_inputs(&problem, rng);
-        total += bench::time(kernel, variant, device, &problem, &inputs, 20.0)?.median_ms;
+        total += bench::time(kernel, variant, device, &problem, &inputs, batch_ms)?.median_ms;
     }
     Ok(total)
 }
@@ -310,14 +325,31 @@ pub fn run(args: Args) -> Result<(), Failure> {
         "model" | "tests" => args.grid.as_str(),
         other => return Err(usage(format!("unknown --grid `{other}`; valid grids: model, tests"))),
     };
+    if let Some(batch_ms) = args.batch_ms {
+        crate::bench::check_batch_ms(batch_ms)?;
+    }
     let (kernels, strategies) = selection(&args.kernels)?;
     let device = open_device(args.device.as_deref())?;
     let key = DeviceKey::of(&device.info);
     let mut table = if args.out.exists() {
-        TuningTable::load_for(&args.out, &key).map_err(|e| usage(format!("{e}; choose another --out")))?
+        let table = TuningTable::load_for(&args.out, &key).map_err(|e| usage(format!("{e}; choose another --out")))?;
+        if let Some(batch_ms) = args.batch_ms.filter(|&ms| ms != table.batch_ms) {
+            return Err(usage(format!(
+                "{} was measured in {} ms batches, not {batch_ms}: resume it without --batch-ms (or with \
+                 --batch-ms {}), or choose another --out",
+                args.out.display(),
+                table.batch_ms,
+                table.batch_ms
+            )));
+        }
+        table
     } else {
-        TuningTable::new(key.clone())
+        TuningTable {
+            batch_ms: args.batch_ms.unwrap_or(DEFAULT_BATCH_MS),
+            ..TuningTable::new(key.clone())
+        }
     };
+    let batch_ms = table.batch_ms;
 
     // The work: every (kernel, configuration, bucket) the device supports and the table lacks. A
     // configuration is a variant with the problem's own parameters (the fixed rule), or with one tunable
@@ -439,7 +471,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                     .and_then(|e| e.times_ms.values().copied().min_by(f64::total_cmp))
                     .unwrap_or(f64::INFINITY);
                 let give_up = (HOPELESS * best).min(TIME_ONCE_MS);
-                let timing = bench::time_uploaded(*kernel, variant, &device, problem, handles, 20.0, give_up)?;
+                let timing = bench::time_uploaded(*kernel, variant, &device, problem, handles, batch_ms, give_up)?;
                 (
                     kernel.name().to_string(),
                     version,
@@ -454,7 +486,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 shape,
                 option,
             } => {
-                let ms = time_plan(&mut versions, &table, *strategy, option, shape, &device, &mut rng)?;
+                let ms = time_plan(
+                    &mut versions,
+                    &table,
+                    *strategy,
+                    option,
+                    shape,
+                    &device,
+                    batch_ms,
+                    &mut rng,
+                )?;
                 (table_name(*strategy), version, shape, option.to_string(), ms)
             }
         };

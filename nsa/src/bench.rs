@@ -70,6 +70,17 @@ fn problems(kernel: &dyn Kernel, overrides: &[String]) -> Result<Vec<Problem>, F
     Ok(problems)
 }
 
+/// A `--batch-ms` value must be a positive number of milliseconds (a usage error otherwise).
+pub(crate) fn check_batch_ms(batch_ms: f64) -> Result<(), Failure> {
+    if batch_ms > 0.0 && batch_ms.is_finite() {
+        Ok(())
+    } else {
+        Err(usage(format!(
+            "--batch-ms must be a positive number of milliseconds, not {batch_ms}"
+        )))
+    }
+}
+
 /// The PyTorch reference's time per launch from `script`, timed in batches of about `batch_ms` like ours.
 pub(crate) fn torch_ms(script: &str, kernel: &str, problem: &Problem, batch_ms: f64) -> Result<f64, String> {
     let mut args = vec![
@@ -99,12 +110,7 @@ pub(crate) fn torch_ms(script: &str, kernel: &str, problem: &Problem, batch_ms: 
 
 pub fn run(args: Args) -> Result<(), Failure> {
     let kernel = find_kernel(&args.kernel).map_err(usage)?;
-    if !(args.batch_ms > 0.0 && args.batch_ms.is_finite()) {
-        return Err(usage(format!(
-            "--batch-ms must be a positive number of milliseconds, not {}",
-            args.batch_ms
-        )));
-    }
+    check_batch_ms(args.batch_ms)?;
     let tuned = args.variant == "tuned";
     let variants: Vec<_> = match args.variant.as_str() {
         "all" | "tuned" => kernel.variants().iter().collect(),

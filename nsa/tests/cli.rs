@@ -57,6 +57,7 @@ fn bad_input_is_one_line_naming_the_choices_with_exit_code_2() {
         (vec!["autotune", "--kernels", "nope"], "rms_norm"),
         (vec!["autotune", "--budget", "5 minutes"], "90s, 10m, 1h"),
         (vec!["autotune", "--grid", "huge"], "model, tests"),
+        (vec!["autotune", "--batch-ms", "0"], "--batch-ms"),
         (
             vec!["ir", "sparse_mla_prefill", "--variant", "mma_h64", "--dtype", "f32"],
             "--dtype bf16",
@@ -262,9 +263,20 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
     std::fs::create_dir_all(&dir).unwrap();
     let table = dir.join("table.json");
     let out = table.to_str().unwrap();
-    let first = nsa(&["autotune", "--kernels", "rms_norm", "--grid", "tests", "--out", out]);
+    let first = nsa(&[
+        "autotune",
+        "--kernels",
+        "rms_norm",
+        "--grid",
+        "tests",
+        "--batch-ms",
+        "5",
+        "--out",
+        out,
+    ]);
     assert!(first.status.success(), "{}", stderr(&first));
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
+    assert_eq!(json["batch_ms"], 5.0);
     let entries = json["entries"].as_array().unwrap();
     assert!(!entries.is_empty());
     assert!(
@@ -272,7 +284,25 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
             .iter()
             .all(|e| e["kernel"] == "rms_norm" && e["times_ms"][e["best"].as_str().unwrap()].is_number())
     );
-    // A rerun resumes: nothing left to measure.
+    // Resuming with another batch length would mix two clocks' measurements in one table.
+    let other_batch = nsa(&[
+        "autotune",
+        "--kernels",
+        "rms_norm",
+        "--grid",
+        "tests",
+        "--batch-ms",
+        "7",
+        "--out",
+        out,
+    ]);
+    assert_eq!(other_batch.status.code(), Some(2), "{}", stderr(&other_batch));
+    assert!(
+        stderr(&other_batch).contains("measured in 5 ms batches"),
+        "{}",
+        stderr(&other_batch)
+    );
+    // A rerun resumes (with the table's batch length): nothing left to measure.
     let again = nsa(&["autotune", "--kernels", "rms_norm", "--grid", "tests", "--out", out]);
     assert!(
         again.status.success() && stderr(&again).contains(" 0 measurements"),
