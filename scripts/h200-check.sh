@@ -18,8 +18,9 @@
 #           weights, `--load-format dummy`; the tiny tokenizer widened to the 129280-token vocabulary), bf16
 #           cache, under bench/serve_load.py at concurrency 1 (8 requests), then 16 and 64 (64 requests);
 #           serve-real-bf16: the same with the routed experts in bf16 (`--dtype bfloat16`)
-# bench=K[:V] `nsa bench K` (variant V, default every one; PyTorch beside), then ptxas on each generated wgmma kernel: its
-#           registers and any C75xx serialization warning (products waiting on each other)
+# bench=K[:V] `nsa bench K` (variant V, default every one; PyTorch beside; BATCH_MS=20 in the environment times
+#           both near full clock instead of the sustained default), then ptxas on each generated wgmma kernel:
+#           its registers and any C75xx serialization warning (products waiting on each other)
 # ncu=K:V[:DIM=SIZE,...] Nsight Compute on the first launch of variant V in `nsa bench K` (sizes overridden by
 #           each DIM=SIZE): time, tensor-pipe activity, instructions, issue rate and the stall reasons per issued
 #           instruction
@@ -30,6 +31,8 @@
 #           registers and spills, and bench/sass_order.py's list of where the waits, products, exponentials
 #           and stores landed in the SASS (OUT/order-K-V.txt; the SASS itself as OUT/order-K-V.sass.xz).
 #           Seconds, no GPU time: how the eighteenth session found a wgmma wait ptxas had hoisted
+# The device tool brings back only a few files from its output folder: pass a scratch OUT and copy what
+# matters (table.json, logs) into $OUT afterwards.
 set -u
 nsa=$1 out=$2
 shift 2
@@ -109,7 +112,7 @@ for stage in "$@"; do
       variant=all
       case $kernel in *:*) variant=${kernel#*:} kernel=${kernel%%:*} ;; esac
       rm -rf "$out/ptx" && mkdir -p "$out/ptx"
-      CUBECL_CUDA_DUMP_PTX="$out/ptx" "$nsa" bench "$kernel" --variant "$variant" --device cuda \
+      CUBECL_CUDA_DUMP_PTX="$out/ptx" "$nsa" bench "$kernel" --variant "$variant" --device cuda --batch-ms "${BATCH_MS:-200}" \
         --torch bench/torch_reference.py || status=1
       for ptx in $(grep -l "wgmma.mma_async" "$out"/ptx/* 2>/dev/null); do
         echo "ptxas $(basename "$ptx" | cut -c1-60):"
