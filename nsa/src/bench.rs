@@ -176,7 +176,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
         }) {
             let timing = nsa_kernels::bench::time(kernel, variant, &device, problem, &inputs, args.batch_ms)?;
             if !method_shown {
-                println!("(times: median of batches, measured by {})", timing.method);
+                println!(
+                    "(times: median of ~{} ms batches of launches, measured by {})",
+                    args.batch_ms, timing.method
+                );
                 method_shown = true;
             }
             let spec = kernel.spec(variant, problem);

@@ -243,6 +243,7 @@ fn bench_prints_a_row_per_supported_variant() {
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let table = stdout(&output);
+    assert!(table.contains("median of ~5 ms batches"), "{table}");
     let rows: Vec<&str> = table.lines().filter(|l| l.contains("rows=2 hidden=128")).collect();
     assert!(!rows.is_empty(), "{table}");
     for row in rows {
