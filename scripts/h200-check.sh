@@ -28,8 +28,9 @@
 #           summarized by code region (block loop, per-tile code) by bench/sass_summary.py; the full table is
 #           kept as OUT/sass-K-V.csv.xz
 # order=K:V `nsa ir K --variant V` compiled by nvcc for sm_90a (near what NVRTC builds at run time): ptxas's
-#           registers and spills, and bench/sass_order.py's list of where the waits, products, exponentials
-#           and stores landed in the SASS (OUT/order-K-V.txt; the SASS itself as OUT/order-K-V.sass.xz).
+#           registers, spills and any C75xx serialization warning, and bench/sass_order.py's list of where
+#           the waits, products, exponentials and stores landed in the SASS (OUT/order-K-V.txt; the SASS itself
+#           as OUT/order-K-V.sass.xz).
 #           Seconds, no GPU time: how the eighteenth session found a wgmma wait ptxas had hoisted
 # The device tool brings back only a few files from its output folder: pass a scratch OUT and copy what
 # matters (table.json, logs) into $OUT afterwards.
@@ -127,7 +128,7 @@ for stage in "$@"; do
       # NVRTC declares the fixed-width integer types itself; nvcc takes them from <cstdint>.
       { echo "#include <cstdint>"; echo "#include <cstddef>"
         "$nsa" ir "$kernel" --variant "$variant" | sed -E '/^typedef (un)?signed .*int[0-9]*_t;$/d'; } >"$src.cu"
-      nvcc -cubin -arch=sm_90a -O3 -Xptxas -v -o "$src.cubin" "$src.cu" 2>&1 | grep -E "registers|spill|error" || status=1
+      nvcc -cubin -arch=sm_90a -O3 -Xptxas -v -o "$src.cubin" "$src.cu" 2>&1 | grep -E "registers|spill|error|C75[0-9][0-9]" || status=1
       cuobjdump -sass "$src.cubin" >"$src.sass" && python3 bench/sass_order.py "$src.sass" >"$src.txt" || status=1
       head -1 "$src.txt"
       rm -f "$src.cu" "$src.cubin" "$src.sass.xz" && xz -9 "$src.sass"
