@@ -264,17 +264,15 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
     std::fs::create_dir_all(&dir).unwrap();
     let table = dir.join("table.json");
     let out = table.to_str().unwrap();
-    let first = nsa(&[
-        "autotune",
-        "--kernels",
-        "rms_norm",
-        "--grid",
-        "tests",
-        "--batch-ms",
-        "5",
-        "--out",
-        out,
-    ]);
+    // `nsa autotune` of rms_norm on the test grid into `out`, with `extra` flags.
+    let tune_rms_norm = |extra: &[&str]| {
+        nsa(&[
+            &["autotune", "--kernels", "rms_norm", "--grid", "tests", "--out", out][..],
+            extra,
+        ]
+        .concat())
+    };
+    let first = tune_rms_norm(&["--batch-ms", "5"]);
     assert!(first.status.success(), "{}", stderr(&first));
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
     assert_eq!(json["batch_ms"], 5.0);
@@ -286,17 +284,7 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
             .all(|e| e["kernel"] == "rms_norm" && e["times_ms"][e["best"].as_str().unwrap()].is_number())
     );
     // Resuming with another batch length would mix two clocks' measurements in one table.
-    let other_batch = nsa(&[
-        "autotune",
-        "--kernels",
-        "rms_norm",
-        "--grid",
-        "tests",
-        "--batch-ms",
-        "7",
-        "--out",
-        out,
-    ]);
+    let other_batch = tune_rms_norm(&["--batch-ms", "7"]);
     assert_eq!(other_batch.status.code(), Some(2), "{}", stderr(&other_batch));
     assert!(
         stderr(&other_batch).contains("measured in 5 ms batches"),
@@ -304,7 +292,7 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
         stderr(&other_batch)
     );
     // A rerun resumes (with the table's batch length): nothing left to measure.
-    let again = nsa(&["autotune", "--kernels", "rms_norm", "--grid", "tests", "--out", out]);
+    let again = tune_rms_norm(&[]);
     assert!(
         again.status.success() && stderr(&again).contains(" 0 measurements"),
         "{}",
@@ -321,7 +309,7 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
         entry["times_ms"].as_object_mut().unwrap().remove("shared");
     }
     std::fs::write(&table, json.to_string()).unwrap();
-    let pruned = nsa(&["autotune", "--kernels", "rms_norm", "--grid", "tests", "--out", out]);
+    let pruned = tune_rms_norm(&[]);
     assert!(pruned.status.success(), "{}", stderr(&pruned));
     assert!(
         stderr(&pruned).contains("skipped, 100× the best at"),
@@ -330,16 +318,7 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
     );
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
     assert!(json["entries"].as_array().unwrap()[1]["times_ms"]["shared"].is_null());
-    let exhaustive = nsa(&[
-        "autotune",
-        "--kernels",
-        "rms_norm",
-        "--grid",
-        "tests",
-        "--exhaustive",
-        "--out",
-        out,
-    ]);
+    let exhaustive = tune_rms_norm(&["--exhaustive"]);
     assert!(exhaustive.status.success(), "{}", stderr(&exhaustive));
     assert!(!stderr(&exhaustive).contains(": skipped"), "{}", stderr(&exhaustive));
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
@@ -392,7 +371,7 @@ fn autotune_measures_resumes_shows_and_rejects_foreign_tables() {
         ),
     ] {
         std::fs::write(&table, content).unwrap();
-        let output = nsa(&["autotune", "--kernels", "rms_norm", "--grid", "tests", "--out", out]);
+        let output = tune_rms_norm(&[]);
         assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
         assert!(stderr(&output).contains(mentions), "{}", stderr(&output));
         assert_eq!(std::fs::read_to_string(&table).unwrap(), content);
